@@ -1,0 +1,1 @@
+"""YAML presets, installed as the data package `dbtrimkv.configs` (see `dbtrimkv.presets`)."""

@@ -1,0 +1,43 @@
+"""Find and read the YAML presets shipped in `configs/` (installed as `dbtrimkv.configs`).
+
+Why: the tiny model sizes, eviction budgets and training recipes are data, kept as YAML files a
+user can read and copy. A preset can be named by file name (`tiny-qwen3-vl.yaml`, or without
+the suffix) or given as a path to any YAML file.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (file names without `.yaml`)."""
+    return sorted(p.name[:-5] for p in resources.files("dbtrimkv.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """Resolve a preset name or a YAML path to an existing file, with a clear error otherwise."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name if path.name.endswith((".yaml", ".yml")) else f"{path.name}.yaml"
+    candidate = resources.files("dbtrimkv.configs").joinpath(name)
+    if candidate.is_file():
+        return Path(str(candidate))
+    raise FileNotFoundError(
+        f"no config file or preset named {str(name_or_path)!r}; shipped presets: {', '.join(preset_names())}"
+    )
+
+
+def load_yaml(name_or_path: str | Path) -> dict[str, Any]:
+    """Parse a preset or YAML file into a dict (safe loader: plain data only)."""
+    path = preset_path(name_or_path)
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
