@@ -118,7 +118,8 @@ def build_processor(tokenizer=None):
     video_processor = Qwen3VLVideoProcessor(
         size={"shortest_edge": proc["video_min_pixels"], "longest_edge": proc["video_max_pixels"]},
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], fps=proc["video_fps"],
-        min_frames=proc["video_min_frames"], max_frames=proc["video_max_frames"], **common,
+        min_frames=proc["video_min_frames"], max_frames=proc["video_max_frames"], cap_pixels_per_frame=True,
+        **common,
     )
     return Qwen3VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,

@@ -1,0 +1,27 @@
+"""Errors a user can act on.
+
+Why: bad input (a missing image, an unreadable video, an unknown model, a budget that cannot
+hold the protected tokens, a wrong checkpoint) must reach the user as one clear sentence, not as
+a traceback from deep inside torch. Everything the library raises for such cases derives from
+`DBTrimKVError`; the CLI prints its message on one line and exits with status 2.
+"""
+
+
+class DBTrimKVError(Exception):
+    """Base class: the message names the problem and, where possible, the fix."""
+
+
+class MediaError(DBTrimKVError, ValueError):
+    """An image or video that is missing, unreadable or corrupt."""
+
+
+class ModelLoadError(DBTrimKVError, OSError):
+    """A model name or directory that cannot be resolved or is not supported."""
+
+
+class CheckpointError(DBTrimKVError, ValueError):
+    """A gate checkpoint in the wrong format (keys, shapes, pickled objects)."""
+
+
+class ConfigError(DBTrimKVError, ValueError):
+    """An invalid eviction or training configuration."""

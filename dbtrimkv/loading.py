@@ -1,0 +1,130 @@
+"""Resolve a model name to `(model, processor)` on the requested device and dtype.
+
+Why: users name models in several ways (the embedded tiny default, a local directory, a hub id
+that may already be in the hub cache) and expect one clear error when a name cannot be resolved
+or the architecture is not supported. Gate checkpoints are handled by `dbtrimkv.checkpoints`,
+which builds on this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# Names of the embedded tiny models (random weights unless a trained default is shipped).
+TINY_ALIASES = {"tiny": "qwen3_vl", "tiny-moe": "qwen3_vl_moe", "tiny-text": "qwen3"}
+DEFAULT_MODEL = "tiny"
+MULTIMODAL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device} requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)} or auto")
+    return names[dtype]
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory for a model name: the path itself, or a hub snapshot (cache first)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model path {path} is a file; expected a model directory")
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        known = ", ".join(sorted(TINY_ALIASES))
+        raise ModelLoadError(
+            f"unknown model {name!r}: not a local directory, not a hub id (org/name), not one of: {known}"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache; try the network below
+        pass
+    try:
+        return Path(snapshot_download(name))
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot find model {name!r}: not a local directory, not in the Hugging Face cache, "
+            f"and downloading it failed ({reason})"
+        ) from None
+
+
+def read_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{directory} is not a model directory: it has no config.json")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_path} is not valid JSON: {exc}") from None
+
+
+def is_supported_text_decoder(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
+    """`(model, processor)` from a transformers model directory (weights + processor files)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    config = read_config(directory)
+    model_type = config.get("model_type", "")
+    if model_type in MULTIMODAL_TYPES:
+        model_cls, processor_cls = AutoModelForImageTextToText, AutoProcessor
+    elif is_supported_text_decoder(model_type):
+        model_cls, processor_cls = AutoModelForCausalLM, AutoTokenizer
+    else:
+        raise ModelLoadError(
+            f"unsupported model type {model_type!r} in {directory}: dbtrimkv runs Qwen3-VL, Qwen3-VL-MoE and "
+            "decoder-only language models"
+        )
+    try:
+        model = model_cls.from_pretrained(directory, dtype=dtype)
+        processor = processor_cls.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the model in {directory}: {exc}") from None
+    return model.to(device).eval(), processor
+
+
+def load_base_model(name_or_path: str | os.PathLike | None = None, device=None, dtype=None):
+    """`(model, processor)` without gates: the tiny default, a local directory or a hub id."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    if name in TINY_ALIASES and not Path(name).exists():
+        from .tiny import build_tiny
+
+        model, processor = build_tiny(TINY_ALIASES[name], dtype=dtype)
+        return model.to(device), processor
+    return load_pretrained(resolve_model_dir(name), device, dtype)

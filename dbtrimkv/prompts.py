@@ -1,0 +1,130 @@
+"""Turn chat messages with images and videos into model inputs.
+
+Why: every entry point (CLI, pipeline, demo, video QA, training data) speaks the same chat format,
+`[{"role": "user", "content": [{"type": "image", "image": ...}, {"type": "text", "text": ...}]}]`,
+where an image is a path, a PIL image or an array and a video is a path, a list of frames or a
+`media.Video`. This module loads the media (clear errors for bad files), renders the chat
+template, and calls the processor with decoded frames and their timing, so the processor never
+tries to read files itself. A batch of conversations is left-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MediaError
+from .media import Video, frames_to_video, load_image, load_video
+
+MODALITIES = ("text", "image", "video")
+
+
+@dataclass
+class VideoOptions:
+    """How video files are sampled before they reach the processor."""
+
+    fps: float = 2.0
+    max_frames: int | None = 64
+
+
+def normalize_messages(messages) -> list[dict]:
+    """Accept a plain string or a chat list; return a chat list with list-of-parts contents."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": [{"type": "text", "text": messages}]}]
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for message in messages:
+        if "role" not in message or "content" not in message:
+            raise ValueError(f"each message needs 'role' and 'content', got keys {sorted(message)}")
+        content = message["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = []
+        for part in content:
+            kind = part.get("type") or next((k for k in MODALITIES if k in part), None)
+            if kind not in MODALITIES:
+                raise ValueError(f"unsupported message part {part!r}: type must be text, image or video")
+            parts.append(dict(part, type=kind))
+        out.append({"role": message["role"], "content": parts})
+    return out
+
+
+def _load_media(messages, video: VideoOptions):
+    images, videos = [], []
+    for message in messages:
+        for part in message["content"]:
+            if part["type"] == "image":
+                images.append(load_image(part.get("image", part.get("path"))))
+            elif part["type"] == "video":
+                videos.append(_as_video(part, video))
+    return images, videos
+
+
+def _as_video(part: dict, options: VideoOptions) -> Video:
+    value = part.get("video", part.get("path"))
+    if isinstance(value, Video):
+        return value
+    if isinstance(value, (list, tuple)):
+        return frames_to_video(list(value), fps=float(part.get("fps", options.fps)))
+    if value is None:
+        raise MediaError("video part has no 'video' value")
+    return load_video(value, fps=float(part.get("fps", options.fps)), max_frames=part.get("max_frames", options.max_frames))
+
+
+def is_multimodal(processor) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def tokenizer_of(processor):
+    return processor.tokenizer if is_multimodal(processor) else processor
+
+
+def build_inputs(processor, conversations, add_generation_prompt: bool = True,
+                 video: VideoOptions | None = None, continue_final_message: bool = False):
+    """Processor outputs (input_ids, attention_mask, mm_token_type_ids, pixels, grids) for a batch.
+
+    `conversations` is one chat (list of messages / string) or a list of chats.
+    """
+    video = video or VideoOptions()
+    if isinstance(conversations, str) or (conversations and isinstance(conversations[0], dict)):
+        conversations = [conversations]
+    chats = [normalize_messages(c) for c in conversations]
+    tokenizer = tokenizer_of(processor)
+    tokenizer.padding_side = "left"
+    template_kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message)
+    texts = [processor.apply_chat_template(_placeholders(chat), **template_kwargs) for chat in chats]
+    media = [_load_media(chat, video) for chat in chats]
+    images = [img for imgs, _ in media for img in imgs]
+    videos = [vid for _, vids in media for vid in vids]
+    if not is_multimodal(processor):
+        if images or videos:
+            raise MediaError("this model is text-only: it cannot take images or videos")
+        return tokenizer(texts, padding=True, return_tensors="pt")
+    kwargs = {}
+    if videos:
+        kwargs = dict(videos=[v.frames for v in videos], video_metadata=[v.metadata() for v in videos],
+                      do_sample_frames=False)
+    return processor(text=texts, images=images or None, padding=True, return_tensors="pt", **kwargs)
+
+
+def _placeholders(chat):
+    """The chat with media parts reduced to their type (the template only needs the type)."""
+    return [
+        {"role": m["role"], "content": [p if p["type"] == "text" else {"type": p["type"]} for p in m["content"]]}
+        for m in chat
+    ]
+
+
+def tokens_by_modality(inputs, batch_index: int | None = None) -> dict[str, int]:
+    """Prompt tokens per modality (text / image / video), padding excluded."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    types = inputs.get("mm_token_type_ids")
+    types = torch.zeros_like(ids) if types is None else types
+    if batch_index is not None:
+        mask, types = mask[batch_index], types[batch_index]
+    return {name: int(((types == code) & mask).sum()) for code, name in enumerate(MODALITIES)}

@@ -1,0 +1,29 @@
+"""`.ci/run` runs the README's install line and test line verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    blocks = _bash_blocks((ROOT / "README.md").read_text())
+    install, test = blocks[0], blocks[1]
+    assert install.startswith("pip install") and "\n" not in install
+    assert "pytest" in test and "\n" not in test
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci_lines
+    assert test in ci_lines
+    assert ci_lines.index(install) < ci_lines.index(test)
+
+
+def test_kernels_is_not_installed_as_a_top_level_module():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"dbtrimkv.kernels" = "kernels"' in pyproject
+    assert not re.search(r'^packages\s*=.*"kernels"', pyproject, flags=re.M)
