@@ -11,3 +11,14 @@ from ._torchvision_compat import ensure_torchvision_importable
 ensure_torchvision_importable()
 
 __version__ = "0.1.0"
+
+from .config import DBTrimKVConfig  # noqa: E402
+from .gates import attach_retention_gates  # noqa: E402
+from .cache import DBTrimKVCache  # noqa: E402
+from .checkpoints import export_released_format, load_model, save_gates  # noqa: E402
+from .generation import generate, prefill  # noqa: E402
+
+__all__ = [
+    "DBTrimKVCache", "DBTrimKVConfig", "attach_retention_gates", "export_released_format", "generate",
+    "load_model", "prefill", "save_gates", "__version__",
+]

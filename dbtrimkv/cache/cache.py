@@ -1,0 +1,366 @@
+"""`DBTrimKVCache`: a transformers `Cache` that keeps each sequence inside a fixed entry budget.
+
+Why: users call `model.generate(..., past_key_values=DBTrimKVCache(model, config))` and expect the
+usual generation features, while KV memory stays bounded. The cache stores entries in a
+`SlotPool` with per-segment `SlotTables` (DESIGN.md, "Storage") and evicts by the configured
+policy (DESIGN.md, "Eviction rule").
+
+Bookkeeping per forward of the language model (driven by the hooks in `dbtrimkv.attention`):
+1. before layer 0: read which new tokens are padding, give the real ones logical positions
+   (`seen[b] + 0, 1, ...`), and if appending them would push sequence b past
+   `budget + L*H*max(buffer_size, n_b)` entries, evict b down to `budget` first (scores use the
+   tokens seen so far, exactly as an eviction at the end of the previous forward would);
+2. each layer appends its new K/V (padding never cached) and attends through the tables.
+So a sequence never holds more than `budget + L*H*max(buffer_size, n)` entries, n = tokens of
+the current forward (1 when decoding, the chunk size when prefilling in chunks).
+
+`get_seq_length()` is the number of token columns processed (the logical length for an unpadded
+sequence), which is what generation and Qwen-VL's M-RoPE decode positions rely on.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..config import DBTrimKVConfig
+from ..errors import ConfigError
+from ..policies import get_policy
+from ..prompts import MODALITIES
+from .pool import SlotPool
+from .tables import SlotTables
+
+
+class RetentionCacheLayer(CacheLayerMixin):
+    """Per-layer view for transformers' generic cache code; storage lives in the parent cache."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, parent: "DBTrimKVCache", layer_idx: int):
+        super().__init__()
+        self.parent, self.layer_idx = parent, layer_idx
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # storage is the parent's pool
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.parent.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.parent.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.parent.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class DBTrimKVCache(Cache):
+    """Bounded KV cache over a slot pool; see the module docstring."""
+
+    def __init__(self, model, config: DBTrimKVConfig | None = None):
+        from ..attention import uses_retention_attention
+        from ..gates import gate_spec_of, text_config_of
+
+        self.config = config if config is not None else DBTrimKVConfig()
+        if not isinstance(self.config, DBTrimKVConfig):
+            raise ConfigError(f"config must be a DBTrimKVConfig, got {type(self.config).__name__}")
+        if not uses_retention_attention(model) or gate_spec_of(model) is None:
+            raise ConfigError(
+                "this model has no retention gates: call dbtrimkv.attach_retention_gates(model) or load it "
+                "with dbtrimkv.load_model(...) before creating a DBTrimKVCache"
+            )
+        text = text_config_of(model)
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.budget = self.config.resolve_budget(self.num_layers, self.num_kv_heads)
+        self.policy = get_policy(self.config.policy)
+        config_ids = model.config
+        self.image_token_id = getattr(config_ids, "image_token_id", None)
+        self.video_token_id = getattr(config_ids, "video_token_id", None)
+        super().__init__(layers=[RetentionCacheLayer(self, i) for i in range(self.num_layers)])
+        self._reset_state()
+
+    # --- state -------------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.pool: SlotPool | None = None
+        self.tables: SlotTables | None = None
+        self._batch_size = 0
+        self.device = None
+        self.columns = 0  # token columns processed (padding included)
+        self.seen: list[int] = []  # real tokens seen per sequence
+        self.entries: list[int] = []  # cached entries per sequence
+        self.since_eviction: list[int] = []
+        self.num_evictions = 0
+        self.evicted_entries = 0
+        self.peak_entries: list[int] = []
+        self.mrope_next: list[int] = []  # next M-RoPE position per sequence (set by the prefill helper)
+        self._pending_modality = None
+        self._staged: dict[int, torch.Tensor] = {}
+        self._forward = None
+        self._token_ids: torch.Tensor | None = None  # ids known to the generation helper
+        self._token_mask: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._reset_state()
+        for layer in self.layers:
+            layer.is_initialized = False
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size if self._batch_size else -1
+
+    @property
+    def segments_per_sequence(self) -> int:
+        return self.num_layers * self.num_kv_heads
+
+    def seen_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.seen, dtype=torch.int64, device=self.device)
+
+    def _initialize(self, batch_size: int, device, dtype) -> None:
+        self._batch_size, self.device = batch_size, device
+        self.pool = SlotPool(self.head_dim, dtype, device)
+        self.tables = SlotTables(batch_size * self.segments_per_sequence, device)
+        self.seen = [0] * batch_size
+        self.entries = [0] * batch_size
+        self.since_eviction = [0] * batch_size
+        self.peak_entries = [0] * batch_size
+        self.mrope_next = [0] * batch_size
+        for layer in self.layers:
+            layer.is_initialized = True
+
+    # --- hooks --------------------------------------------------------------------------------
+    def note_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Remember the modality of the next forward's tokens (from the image / video token ids)."""
+        modality = torch.zeros_like(input_ids, dtype=torch.int8)
+        if self.image_token_id is not None:
+            modality[input_ids == self.image_token_id] = MODALITIES.index("image")
+        if self.video_token_id is not None:
+            modality[input_ids == self.video_token_id] = MODALITIES.index("video")
+        self._pending_modality = modality
+
+    def set_next_modality(self, modality: torch.Tensor) -> None:
+        """Modality codes (0 text, 1 image, 2 video) of the next forward's tokens, `[B, T]`."""
+        self._pending_modality = modality.to(torch.int8)
+
+    def stage(self, layer_idx: int, log_beta: torch.Tensor, padding: torch.Tensor | None,
+              kv_dtype: torch.dtype) -> None:
+        """Called by the attention pre-hook with the layer's gate output `[B, T, H]`."""
+        if layer_idx == 0:
+            self._begin_forward(log_beta, padding, kv_dtype)
+        self._staged[layer_idx] = log_beta
+
+    def _begin_forward(self, log_beta: torch.Tensor, padding: torch.Tensor | None, kv_dtype: torch.dtype) -> None:
+        batch, length, _ = log_beta.shape
+        if self.pool is None:
+            self._initialize(batch, log_beta.device, kv_dtype)
+        elif batch != self._batch_size:
+            raise ConfigError(f"this cache holds {self._batch_size} sequences, but the input has {batch}")
+        device = self.device
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device) if padding is None else padding.to(device)
+        counts = valid.sum(1).tolist()
+        modality = self._pending_modality
+        self._pending_modality = None
+        if modality is None or tuple(modality.shape) != (batch, length):
+            modality = torch.zeros(batch, length, dtype=torch.int8, device=device)
+        self._evict_before_append(counts)
+        rank = torch.cumsum(valid.to(torch.int64), 1) - 1
+        seen = torch.tensor(self.seen, dtype=torch.int64, device=device)
+        tok_b, tok_j = valid.nonzero(as_tuple=True)
+        tok_rank = rank[tok_b, tok_j]
+        q_pos = torch.where(valid, seen[:, None] + rank, torch.full_like(rank, -1))
+        self._forward = {
+            "tok_b": tok_b, "tok_j": tok_j, "tok_rank": tok_rank, "tok_pos": q_pos[tok_b, tok_j],
+            "tok_mod": modality.to(device)[tok_b, tok_j], "q_pos": q_pos,
+            "counts": torch.tensor(counts, dtype=torch.int64, device=device),
+        }
+        lh = self.segments_per_sequence
+        self.pool.ensure_free(sum(counts) * lh, self._pool_limit(counts))
+        per_seg = torch.tensor(counts, dtype=torch.int64, device=device).repeat_interleave(lh)
+        self.tables.reserve(per_seg, headroom=max(self.config.buffer_size, max(counts, default=0)))
+        for b, n in enumerate(counts):
+            self.seen[b] += n
+            self.entries[b] += n * lh
+            self.since_eviction[b] += n
+            self.peak_entries[b] = max(self.peak_entries[b], self.entries[b])
+        self.columns += length
+
+    def _bound(self, n: int) -> int | None:
+        """Most entries a sequence may hold during a forward that adds n tokens."""
+        if self.budget is None:
+            return None
+        return self.budget + self.segments_per_sequence * max(self.config.buffer_size, n)
+
+    def _pool_limit(self, counts: list[int]) -> int | None:
+        if self.budget is None:
+            return None
+        return sum(self._bound(n) for n in counts)
+
+    def _evict_before_append(self, counts: list[int]) -> None:
+        if self.budget is None:
+            return
+        lh = self.segments_per_sequence
+        due = [
+            b for b, n in enumerate(counts)
+            if self.entries[b] + n * lh > self._bound(n)
+            or (self.policy.periodic and self.since_eviction[b] >= max(self.config.buffer_size, 1) and self.entries[b])
+        ]
+        due = [b for b in due if self.entries[b] > 0]
+        if due:
+            self.evict(due)
+
+    @torch.no_grad()
+    def evict(self, sequences: list[int] | None = None) -> int:
+        """Shrink the given sequences (default: all) to their budget now; returns entries evicted."""
+        if self.budget is None or self.pool is None:
+            return 0
+        sequences = list(range(self._batch_size)) if sequences is None else list(sequences)
+        evicted = self.policy.evict(self, sequences)
+        self.pool.released(evicted)
+        lens = self.tables.seg_len.view(self._batch_size, -1).sum(1).tolist()
+        for b in sequences:
+            self.entries[b] = int(lens[b])
+            self.since_eviction[b] = 0
+        self.num_evictions += 1
+        self.evicted_entries += evicted
+        return evicted
+
+    def record_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Remember every token id of the conversation so far (processed or still pending)."""
+        self._token_ids, self._token_mask = ids, mask
+
+    def known_tokens(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of the conversation so far; columns processed by plain `model(...)` calls are
+        unknown and filled with id 0 (they only matter to id-based logits processors)."""
+        ids = self._token_ids if self._token_ids is not None else torch.zeros(batch, 0, dtype=torch.long)
+        mask = self._token_mask if self._token_mask is not None else torch.zeros(batch, 0, dtype=torch.long)
+        ids, mask = ids.to(device), mask.to(device)
+        if ids.shape[1] < self.columns:
+            fill = self.columns - ids.shape[1]
+            ids = torch.cat([torch.zeros(batch, fill, dtype=ids.dtype, device=device), ids], 1)
+            mask = torch.cat([torch.ones(batch, fill, dtype=mask.dtype, device=device), mask], 1)
+        return ids, mask
+
+    # --- transformers Cache API ----------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append the real (non-padding) tokens' K/V of one layer to the pool; returns the inputs."""
+        if self._forward is None or layer_idx not in self._staged:
+            raise RuntimeError(
+                "DBTrimKVCache.update was called without the retention pre-hook: the model's attention "
+                "modules must carry retention gates (dbtrimkv.attach_retention_gates)"
+            )
+        fw = self._forward
+        log_beta = self._staged.pop(layer_idx)
+        tok_b, tok_j = fw["tok_b"], fw["tok_j"]
+        n_tok, heads = tok_b.numel(), self.num_kv_heads
+        if n_tok:
+            slots = self.pool.pop(n_tok * heads).view(n_tok, heads)
+            self.pool.write(
+                slots, key_states[tok_b, :, tok_j], value_states[tok_b, :, tok_j], log_beta[tok_b, tok_j],
+                fw["tok_pos"][:, None].expand(n_tok, heads), fw["tok_mod"][:, None].expand(n_tok, heads),
+            )
+            segments = ((tok_b * self.num_layers + layer_idx) * heads)[:, None] + torch.arange(heads, device=self.device)
+            counts = torch.zeros(self.tables.num_segments, dtype=torch.int64, device=self.device)
+            counts.view(self._batch_size, self.num_layers, heads)[:, layer_idx, :] = fw["counts"][:, None]
+            self.tables.append(segments.flatten(), fw["tok_rank"][:, None].expand(n_tok, heads).flatten(),
+                               slots.flatten(), counts)
+        return key_states, value_states
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of this forward's queries `[B, Hq, T, D]` over the layer's cached entries."""
+        from ..kernels import ragged_attention
+
+        t = self.tables
+        return ragged_attention(query, self._forward["q_pos"], self.pool.k, self.pool.v, self.pool.pos,
+                                t.table, t.seg_start, t.seg_len, layer_idx, self.num_layers, scale)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.columns
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        raise NotImplementedError("beam search is not supported with DBTrimKVCache; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int):
+        if repeats != 1:
+            raise NotImplementedError("num_return_sequences > 1 is not supported with DBTrimKVCache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("DBTrimKVCache cannot be cropped (evicted entries are gone)")
+
+    # --- introspection -------------------------------------------------------------------------
+    def num_entries(self, batch_index: int = 0) -> int:
+        """Entries currently cached for a sequence, over all layers and KV heads."""
+        return int(self.entries[batch_index]) if self.pool is not None else 0
+
+    def storage_bytes(self) -> int:
+        """Bytes of the allocated K/V pool."""
+        return self.pool.storage_bytes() if self.pool is not None else 0
+
+    def full_cache_entries(self, batch_index: int = 0) -> int:
+        """Entries a full (never evicting) cache would hold for this sequence."""
+        return self.seen[batch_index] * self.segments_per_sequence if self.pool is not None else 0
+
+    def entry_bytes(self) -> int:
+        """Bytes of K + V of one entry."""
+        return 2 * self.head_dim * (self.pool.k.element_size() if self.pool is not None else 2)
+
+    def _segment_ids(self, batch_index: int) -> range:
+        if not 0 <= batch_index < max(self._batch_size, 1):
+            raise IndexError(f"batch_index {batch_index} out of range for batch size {self._batch_size}")
+        first = batch_index * self.segments_per_sequence
+        return range(first, first + self.segments_per_sequence)
+
+    def retained_positions(self, batch_index: int = 0) -> list[list[torch.Tensor]]:
+        """Per layer, per KV head: sorted positions still cached (LongTensor on CPU)."""
+        out = [[torch.empty(0, dtype=torch.long) for _ in range(self.num_kv_heads)] for _ in range(self.num_layers)]
+        if self.pool is None:
+            return out
+        for s in self._segment_ids(batch_index):
+            layer, head = divmod(s % self.segments_per_sequence, self.num_kv_heads)
+            out[layer][head] = self.pool.pos[self.tables.entries(s)].to(torch.long).cpu()
+        return out
+
+    def retained_slots(self, batch_index: int = 0) -> torch.Tensor:
+        """Slot ids of every cached entry of a sequence."""
+        if self.pool is None:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat([self.tables.entries(s) for s in self._segment_ids(batch_index)])
+
+    def retained_by_modality(self, batch_index: int = 0) -> dict[str, int]:
+        """Cached entries of a sequence by modality of their token: text / image / video."""
+        if self.pool is None:
+            return {name: 0 for name in MODALITIES}
+        codes = self.pool.modality[self.retained_slots(batch_index)].to(torch.int64)
+        counts = torch.bincount(codes, minlength=len(MODALITIES)).tolist()
+        return {name: int(counts[i]) for i, name in enumerate(MODALITIES)}
+
+    def retained_per_head(self, batch_index: int = 0) -> torch.Tensor:
+        """Entries cached per (layer, KV head): `[L, H]`."""
+        if self.pool is None:
+            return torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.long)
+        lens = self.tables.seg_len[list(self._segment_ids(batch_index))]
+        return lens.to(torch.long).view(self.num_layers, self.num_kv_heads).cpu()
+
+    def clone(self) -> "DBTrimKVCache":
+        """An independent copy (e.g. to ask several questions about one compressed video)."""
+        other = object.__new__(DBTrimKVCache)
+        other.__dict__.update(self.__dict__)
+        other.layers = [RetentionCacheLayer(other, i) for i in range(self.num_layers)]
+        for layer, src in zip(other.layers, self.layers):
+            layer.is_initialized = src.is_initialized
+        if self.pool is not None:
+            other.pool, other.tables = self.pool.clone(), self.tables.clone()
+        for name in ("seen", "entries", "since_eviction", "peak_entries", "mrope_next"):
+            setattr(other, name, list(getattr(self, name)))
+        other._staged, other._forward, other._pending_modality = {}, None, None
+        return other

@@ -1,0 +1,260 @@
+"""Load and save retention gates: released TrimKV / DBTrimKV checkpoints and our own format.
+
+Why: users arrive with (a) a released checkpoint directory (`config.json` = base config plus
+`base_model`, `retention_gate`, `memory_size`, ... and `trimkv_weights.pth`, a state dict of gate
+tensors only), (b) gates trained with `dbtrimkv train` (`save_gates`: safetensors + a small JSON),
+or (c) a plain Qwen3-VL / Qwen3 model. `load_model` handles all three and never unpickles arbitrary
+objects (`torch.load(..., weights_only=True)`); keys or shapes that do not fit, or a pickle holding
+anything but tensors, are clear `CheckpointError`s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import DBTrimKVConfig
+from .errors import CheckpointError
+from .gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of, text_config_of
+from .loading import TINY_ALIASES, load_base_model, read_config, resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+RELEASED_WEIGHTS = "trimkv_weights.pth"
+GATES_JSON = "dbtrimkv_gates.json"
+GATES_WEIGHTS = "dbtrimkv_gates.safetensors"
+FORMAT = "dbtrimkv-gates"
+_GATE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.retention_gate\.([A-Za-z0-9_.]+)$")
+_SHARED = ("linear3.weight", "bias")  # the calibration projection of a tied rg10 gate
+UNTRAINED_WARNING = "retention gates are untrained (freshly initialised): eviction decisions are blind"
+
+
+# --- saving --------------------------------------------------------------------------------------
+def save_gates(model, directory: str | Path, eviction: DBTrimKVConfig | None = None,
+               base_model: str | None = None) -> Path:
+    """Write the gate weights (safetensors) and a JSON describing them; returns the directory."""
+    from safetensors.torch import save_file
+
+    spec = gate_spec_of(model)
+    if spec is None:
+        raise CheckpointError("the model has no retention gates to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().to("cpu").clone().contiguous() for name, p in gate_parameters(model).items()}
+    save_file(tensors, str(directory / GATES_WEIGHTS))
+    text = text_config_of(model)
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        **spec.to_dict(),
+        "base_model": base_model or getattr(model, "_dbtrimkv_base_model", None) or model.config._name_or_path,
+        "num_layers": text.num_hidden_layers,
+        "num_kv_heads": text.num_key_value_heads,
+        "hidden_size": text.hidden_size,
+        "eviction": (eviction or default_eviction_config(model)).to_dict(),
+    }
+    (directory / GATES_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def export_released_format(model, directory: str | Path, eviction: DBTrimKVConfig | None = None,
+                           base_model: str | None = None) -> Path:
+    """Write `config.json` + `trimkv_weights.pth` in the layout of the released checkpoints."""
+    spec = gate_spec_of(model)
+    if spec is None:
+        raise CheckpointError("the model has no retention gates to export")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    eviction = eviction or default_eviction_config(model)
+    text = text_config_of(model)
+    config = model.config.to_dict()
+    memory = eviction.memory_size
+    if memory is None and eviction.budget is not None:
+        memory = eviction.budget // (text.num_hidden_layers * text.num_key_value_heads)
+    config.update(
+        base_model=base_model or getattr(model, "_dbtrimkv_base_model", None) or model.config._name_or_path,
+        retention_gate=spec.gate_type, retention_gate_intermediate_size=spec.intermediate_size,
+        retention_gate_bias_init=spec.bias_init, tie_retention_gate_layers=spec.tie_layers,
+        memory_size=memory, buffer_size=eviction.buffer_size, trainable_params="self_attn.retention_gate",
+    )
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    torch.save({k: p.detach().cpu().clone() for k, p in gate_parameters(model).items()}, directory / RELEASED_WEIGHTS)
+    return directory
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, gate_type: str = "rg10",
+               intermediate_size: int = 512):
+    """`(model, processor)` with retention gates attached and loaded.
+
+    `name_or_path`: a released TrimKV / DBTrimKV checkpoint (directory or hub id), a directory
+    written by `save_gates` (or holding a model plus such gates), a plain Qwen3-VL / Qwen3 model
+    (fresh gates, with a warning), or `tiny` / `tiny-moe` / `tiny-text` / None (embedded default).
+    """
+    name = "tiny" if name_or_path is None else str(name_or_path)
+    directory = None if name in TINY_ALIASES and not Path(name).exists() else resolve_model_dir(name)
+    if directory is not None and (directory / RELEASED_WEIGHTS).is_file():
+        return _load_released(directory, device, dtype)
+    if directory is not None and (directory / GATES_JSON).is_file():
+        return _load_own(directory, device, dtype)
+    model, processor = load_base_model(name, device=device, dtype=dtype)
+    attach_retention_gates(model, gate_type=gate_type, intermediate_size=intermediate_size)
+    model._dbtrimkv_gates_trained = False
+    model._dbtrimkv_base_model = name
+    if name not in TINY_ALIASES:
+        warnings.warn(f"{name}: {UNTRAINED_WARNING}; load a TrimKV/DBTrimKV checkpoint for learned eviction",
+                      stacklevel=2)
+    return model, processor
+
+
+def _resolve_base(directory: Path, base_model) -> str:
+    if not base_model:
+        raise CheckpointError(f"{directory}: the checkpoint does not name its base_model")
+    local = Path(base_model)
+    if not local.is_absolute() and (directory / local).is_dir():
+        return str((directory / local).resolve())
+    return str(base_model)
+
+
+def _load_released(directory: Path, device, dtype):
+    config = read_config(directory)
+    gate_type = config.get("retention_gate")
+    if gate_type not in GATE_TYPES:
+        raise CheckpointError(f"{directory}/config.json: retention_gate must be one of {GATE_TYPES}, got {gate_type!r}")
+    base = _resolve_base(directory, config.get("base_model"))
+    model, processor = load_base_model(base, device=device, dtype=dtype)
+    attach_retention_gates(
+        model, gate_type=gate_type,
+        intermediate_size=int(config.get("retention_gate_intermediate_size", 512)),
+        bias_init=float(config.get("retention_gate_bias_init", 18.0)),
+        tie_layers=bool(config.get("tie_retention_gate_layers", gate_type == "rg10")),
+    )
+    state = read_released_weights(directory / RELEASED_WEIGHTS)
+    load_gate_state(model, state, source=str(directory / RELEASED_WEIGHTS))
+    memory, buffer = config.get("memory_size"), config.get("buffer_size")
+    model._dbtrimkv_default_eviction = DBTrimKVConfig(
+        memory_size=int(memory) if memory else None,
+        buffer_size=int(buffer) if buffer is not None else 32,
+    )
+    _mark_loaded(model, base, directory)
+    return model, processor
+
+
+def _load_own(directory: Path, device, dtype):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / GATES_JSON).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{directory / GATES_JSON} is not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / GATES_JSON}: not a dbtrimkv gates file (format={meta.get('format')!r})")
+    base = _resolve_base(directory, meta.get("base_model"))
+    model, processor = load_base_model(base, device=device, dtype=dtype)
+    attach_retention_gates(model, gate_type=meta["gate_type"], intermediate_size=meta["intermediate_size"],
+                           bias_init=meta.get("bias_init", 18.0), tie_layers=meta.get("tie_layers", True))
+    try:
+        state = load_file(str(directory / GATES_WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read {directory / GATES_WEIGHTS}: {exc}") from None
+    load_gate_state(model, state, source=str(directory / GATES_WEIGHTS))
+    if meta.get("eviction"):
+        model._dbtrimkv_default_eviction = DBTrimKVConfig.from_dict(meta["eviction"])
+    _mark_loaded(model, base, directory)
+    return model, processor
+
+
+def _mark_loaded(model, base: str, directory: Path) -> None:
+    model._dbtrimkv_gates_trained = True
+    model._dbtrimkv_base_model = base
+    model._dbtrimkv_checkpoint = str(directory)
+
+
+def read_released_weights(path: Path) -> dict[str, torch.Tensor]:
+    """`torch.load(weights_only=True)` with clear errors; values must all be tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise CheckpointError(
+            f"{path}: refusing to unpickle it: it holds objects other than tensors ({first})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch state dict ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+    return state
+
+
+def load_gate_state(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy gate tensors into the model's gates, matching by layer index and parameter name."""
+    from .gates import text_attention_modules
+
+    spec = gate_spec_of(model)
+    modules = text_attention_modules(model)
+    expected = {}
+    for layer, module in enumerate(modules):
+        for name, param in module.retention_gate.named_parameters(remove_duplicate=False):
+            expected[(layer, name)] = param
+    given: dict[tuple[int, str], torch.Tensor] = {}
+    unknown = []
+    for key, tensor in state.items():
+        match = _GATE_KEY.search(key)
+        if match is None or (int(match.group(1)), match.group(2)) not in expected:
+            unknown.append(key)
+        else:
+            given[(int(match.group(1)), match.group(2))] = tensor
+    if unknown:
+        raise CheckpointError(f"{source}: keys that match no retention gate of this model: {', '.join(unknown[:5])}"
+                              + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    missing = [f"layers.{l}.self_attn.retention_gate.{n}" for (l, n) in expected if (l, n) not in given]
+    if missing:
+        raise CheckpointError(f"{source}: missing gate weights: {', '.join(missing[:5])}"
+                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    for (layer, name), tensor in given.items():
+        if tuple(tensor.shape) != tuple(expected[(layer, name)].shape):
+            raise CheckpointError(
+                f"{source}: layers.{layer}.self_attn.retention_gate.{name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[(layer, name)].shape)} (gate type {spec.gate_type}, "
+                f"intermediate size {spec.intermediate_size})"
+            )
+    if spec.tie_layers:
+        for name in _SHARED:
+            first = given[(0, name)]
+            if any(not torch.equal(given[(l, name)], first) for l in range(len(modules))):
+                raise CheckpointError(
+                    f"{source}: retention_gate.{name} differs across layers, but the gates are tied "
+                    "(tie_retention_gate_layers): the calibration projection must be shared"
+                )
+    with torch.no_grad():
+        for key, tensor in given.items():
+            param = expected[key]
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+
+def default_eviction_config(model) -> DBTrimKVConfig:
+    """The eviction settings a checkpoint came with (or the library default)."""
+    return getattr(model, "_dbtrimkv_default_eviction", None) or DBTrimKVConfig()
+
+
+def gates_are_trained(model) -> bool:
+    return bool(getattr(model, "_dbtrimkv_gates_trained", False))
+
+
+def describe(model) -> str:
+    """One line on where the model and its gates came from."""
+    base = getattr(model, "_dbtrimkv_base_model", "?")
+    if gates_are_trained(model):
+        return f"{base} with trained gates from {getattr(model, '_dbtrimkv_checkpoint', '?')}"
+    return f"{base} with untrained gates"
+
