@@ -153,7 +153,7 @@ def _new_token_positions(model, cache: DBTrimKVCache, inputs, mask: torch.Tensor
         ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask,
     )
-    offset = torch.tensor(cache.mrope_next or [0] * mask.shape[0], device=mask.device)[None, :, None]
+    offset = torch.tensor(cache.next_mrope_positions(mask.shape[0]), device=mask.device)[None, :, None]
     mrope = torch.where(mask.bool()[None], mrope + offset, torch.zeros_like(mrope))
     return torch.cat([text[None], mrope], 0)
 
@@ -202,16 +202,16 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
 
 
 def _finish_positions(model, cache: DBTrimKVCache, positions: torch.Tensor, mask: torch.Tensor) -> None:
-    """Record where M-RoPE continues, and set `rope_deltas` so decoding positions line up."""
+    """Record how far M-RoPE runs ahead of the text position (`rope_deltas`, constant while decoding
+    text) so later tokens and turns continue at `seen + rope_delta`; set the model's copy for decoding."""
     if not is_vision_language(model) or positions.shape[-1] == 0:
         return
     mrope = positions[1:].masked_fill(~mask.bool()[None], -1)
     last = mrope.amax(dim=(0, 2)).tolist()
     for b, value in enumerate(last):
         if value >= 0:
-            cache.mrope_next[b] = int(value) + 1
-    deltas = torch.tensor([n - s for n, s in zip(cache.mrope_next, cache.seen)], device=positions.device)
-    model.model.rope_deltas = deltas[:, None]
+            cache.rope_deltas[b] = int(value) + 1 - cache.seen[b]
+    model.model.rope_deltas = torch.tensor(cache.rope_deltas, device=positions.device)[:, None]
 
 
 def _progress(progress, total: int, chunk: int):

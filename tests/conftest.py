@@ -16,15 +16,9 @@ import torch  # noqa: E402
 
 import dbtrimkv  # noqa: E402,F401  (declares torchvision's op schemas on CPU torch)
 from dbtrimkv.tiny import build_tiny  # noqa: E402
+from helpers import random_image  # noqa: E402
 
 torch.set_num_threads(2)
-
-
-def random_image(seed: int, height: int = 64, width: int = 96):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
 def write_mp4(path, num_frames: int = 16, fps: int = 8, height: int = 48, width: int = 64, seed: int = 0):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import random_image
+from helpers import random_image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from dbtrimkv.prompts import build_inputs, tokens_by_modality

@@ -98,7 +98,7 @@ class DBTrimKVCache(Cache):
         self.num_evictions = 0
         self.evicted_entries = 0
         self.peak_entries: list[int] = []
-        self.mrope_next: list[int] = []  # next M-RoPE position per sequence (set by the prefill helper)
+        self.rope_deltas: list[int] = []  # M-RoPE position minus text position, per sequence (Qwen-VL)
         self._pending_modality = None
         self._staged: dict[int, torch.Tensor] = {}
         self._forward = None
@@ -129,7 +129,7 @@ class DBTrimKVCache(Cache):
         self.entries = [0] * batch_size
         self.since_eviction = [0] * batch_size
         self.peak_entries = [0] * batch_size
-        self.mrope_next = [0] * batch_size
+        self.rope_deltas = [0] * batch_size
         for layer in self.layers:
             layer.is_initialized = True
 
@@ -228,6 +228,12 @@ class DBTrimKVCache(Cache):
         self.num_evictions += 1
         self.evicted_entries += evicted
         return evicted
+
+    def next_mrope_positions(self, batch: int) -> list[int]:
+        """The M-RoPE position the next token of each sequence gets (its text position + rope delta)."""
+        if self.pool is None:
+            return [0] * batch
+        return [s + d for s, d in zip(self.seen, self.rope_deltas)]
 
     def record_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Remember every token id of the conversation so far (processed or still pending)."""
@@ -360,7 +366,7 @@ class DBTrimKVCache(Cache):
             layer.is_initialized = src.is_initialized
         if self.pool is not None:
             other.pool, other.tables = self.pool.clone(), self.tables.clone()
-        for name in ("seen", "entries", "since_eviction", "peak_entries", "mrope_next"):
+        for name in ("seen", "entries", "since_eviction", "peak_entries", "rope_deltas"):
             setattr(other, name, list(getattr(self, name)))
         other._staged, other._forward, other._pending_modality = {}, None, None
         return other

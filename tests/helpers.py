@@ -1,0 +1,53 @@
+"""Helpers shared by the engine tests: random gates, chats, a brute-force eviction rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dbtrimkv.gates import text_attention_modules
+
+
+def random_image(seed: int, height: int = 64, width: int = 96) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def image_chat(image, text="What is in the image?"):
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+def video_chat(frames, text="What happens?"):
+    return [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": text}]}]
+
+
+def randomize_gates(model, seed: int = 0, scale: float = 0.5, bias: float = -2.0) -> None:
+    """Give the gates varied outputs (fresh gates predict beta ~ 1 everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    seen = set()
+    with torch.no_grad():
+        for module in text_attention_modules(model):
+            for name, p in module.retention_gate.named_parameters(remove_duplicate=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if name == "bias":
+                    p.copy_(bias + torch.randn(p.shape, generator=gen) * 1.5)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale / p.shape[-1] ** 0.5)
+
+
+def brute_force_keep(entries, keep: int, seen: int, lookahead: int = 1):
+    """entries: list of (layer, head, pos, log_beta); returns the set kept by the DESIGN rule."""
+    import math
+
+    def score(e):
+        s = float(np.float32((seen + 1 - e[2])) * np.float32(e[3]))
+        if lookahead > 1:
+            beta = math.exp(e[3])
+            s += math.log(sum(beta**k for k in range(lookahead)))
+        return s
+
+    ranked = sorted(entries, key=lambda e: (-score(e), -e[2], e[0], e[1]))
+    return set((e[0], e[1], e[2]) for e in ranked[:keep]), score
