@@ -182,10 +182,12 @@ def read_released_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
-        raise CheckpointError(
-            f"{path}: refusing to unpickle it: it holds objects other than tensors ({first})"
-        ) from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path}: refusing to unpickle it: it holds objects other than tensors ({found.group(1)})"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable torch state dict (corrupt or not a torch.save file)") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable torch state dict ({exc})") from None
     if not isinstance(state, dict):
