@@ -1,0 +1,1 @@
+"""One module per `dbtrimkv` subcommand, each exposing `add_parser(subparsers)`."""

@@ -1,0 +1,79 @@
+"""Options shared by several subcommands, and turning them into objects."""
+
+from __future__ import annotations
+
+import argparse
+
+TINY_NOTICE = (
+    "Notice: the default tiny model has random weights; its answers are gibberish until a trained "
+    "default exists. Pass --model to use a real Qwen3-VL."
+)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="a local directory, a hub id (e.g. ngocbh/DBTrimKV-Qwen3-VL-4B-Instruct), a directory "
+                        "written by save_gates / dbtrimkv train, or tiny / tiny-moe / tiny-text "
+                        "(default: the embedded tiny model)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    g.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, float16 or auto (default: bf16 on GPU, fp32 on CPU)")
+
+
+def add_media_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("media")
+    g.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    g.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file (repeatable)")
+    g.add_argument("--video-fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
+    g.add_argument("--video-max-frames", type=int, default=64,
+                   help="at most this many frames per video (default: 64)")
+
+
+def add_eviction_args(p: argparse.ArgumentParser) -> None:
+    from ..policies import policy_names
+
+    g = p.add_argument_group("KV budget (defaults: the checkpoint's settings, else configs/default.yaml)")
+    g.add_argument("--config", default=None, metavar="YAML",
+                   help="eviction settings from a YAML/JSON file or a preset name in configs/ (e.g. budget-tight)")
+    g.add_argument("--budget", type=int, default=None,
+                   help="cache entries kept per sequence, summed over all layers and KV heads")
+    g.add_argument("--memory-size", type=int, default=None,
+                   help="entries kept per (layer, KV head) on average: budget = layers x KV heads x this")
+    g.add_argument("--policy", default=None, choices=policy_names(), help="which entries compete for the budget "
+                   "(global = DBTrimKV, head = TrimKV per head; default: global)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="policy threshold: keep entries whose decayed retention beta^age is at least this (0, 1]")
+    g.add_argument("--buffer-size", type=int, default=None,
+                   help="tokens decoded between evictions (default from the config: 32)")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per prefill step; peak memory is budget + layers x heads x chunk")
+    g.add_argument("--full-cache", action="store_true", help="no budget: keep every entry (baseline)")
+
+
+def eviction_config(args, model):
+    """The DBTrimKVConfig the options describe, on top of the model's (or the library's) defaults."""
+    from ..checkpoints import default_eviction_config
+    from ..config import DBTrimKVConfig
+
+    if args.config:
+        config = DBTrimKVConfig.load(args.config)
+    elif getattr(model, "_dbtrimkv_default_eviction", None) is not None:
+        config = default_eviction_config(model)
+    else:
+        config = DBTrimKVConfig.load("default")
+    changes = {k: getattr(args, k) for k in ("budget", "memory_size", "policy", "threshold", "buffer_size", "prefill_chunk")
+               if getattr(args, k, None) is not None}
+    if changes.get("policy", config.policy) != "threshold" and "threshold" not in changes:
+        changes["threshold"] = None
+    if args.full_cache:
+        return DBTrimKVConfig(**{**config.to_dict(), **changes, "budget": None, "memory_size": None})
+    return config.replace(**changes)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
