@@ -277,12 +277,19 @@ class DBTrimKVCache(Cache):
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of this forward's queries `[B, Hq, T, D]` over the layer's cached entries."""
+        """Attention of this forward's queries `[B, Hq, T, D]` over the layer's cached entries.
+        (`query_positions` gives their logical positions, -1 for padding.)"""
         from ..kernels import ragged_attention
 
+        self.policy.observe_attention(self, layer_idx, query)
         t = self.tables
         return ragged_attention(query, self._forward["q_pos"], self.pool.k, self.pool.v, self.pool.pos,
                                 t.table, t.seg_start, t.seg_len, layer_idx, self.num_layers, scale)
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """Logical positions `[B, T]` of the current forward's tokens (-1 for padding)."""
+        return self._forward["q_pos"]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.columns

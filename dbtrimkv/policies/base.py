@@ -80,6 +80,28 @@ class EvictionPolicy:
             lookahead=cache.config.lookahead, floor=cache.config.min_per_head, min_score=self.min_score(cache),
         )
 
+    @torch.no_grad()
+    def evict_by_slot_scores(self, cache: "DBTrimKVCache", sequences: list[int], slot_scores: torch.Tensor) -> int:
+        """Evict like `evict`, but rank entries by a score per pool slot (higher stays) computed by the
+        policy itself; same groups, tie-break, floor and compaction. For policies that do not rank by
+        learned retention (e.g. recency, attention statistics, key norms)."""
+        from ..kernels.select_compact import naive
+
+        t = cache.tables
+        seg, tidx = naive.enumerate_entries(t.table, t.seg_start, t.seg_len)
+        slots = t.table[tidx].to(torch.int64)
+        kept = naive.keep_by_score(
+            slot_scores[slots].to(torch.float32), cache.pool.pos[slots].to(torch.int64), seg,
+            self.keep_tensor(cache, sequences), self.group_size(cache.num_layers, cache.num_kv_heads),
+            t.num_segments, cache.config.min_per_head, None,
+        )
+        return naive.compact_in_place(kept, seg, slots, t.table, t.seg_start, t.seg_len, cache.pool.free_slots,
+                                      cache.pool.free_top)
+
+    def observe_attention(self, cache: "DBTrimKVCache", layer_idx: int, query: torch.Tensor) -> None:
+        """Called before each layer attends (queries `[B, Hq, T, D]`); policies that score entries by
+        attention statistics accumulate them here. Default: nothing."""
+
     def keep_tensor(self, cache: "DBTrimKVCache", sequences: list[int]) -> torch.Tensor:
         """Per-group keep counts for the whole batch; sequences not listed keep everything."""
         per_seq = self.keep_counts(cache.budget, cache.num_layers, cache.num_kv_heads)

@@ -66,11 +66,16 @@ def select_mask(
     lookahead=1, floor=0, min_score=None,
 ):
     """Which entries (in table order) survive; also returns (segment id, table index, slot) of each."""
-    n_seg = seg_len.numel()
     seg, tidx = enumerate_entries(table, seg_start, seg_len)
     slots = table[tidx].to(torch.int64)
     entry_pos = pos[slots].to(torch.int64)
     score = retention_scores(log_beta[slots], entry_pos, seen.to(torch.int64)[seg // segs_per_seq], lookahead)
+    kept = keep_by_score(score, entry_pos, seg, keep, group_size, seg_len.numel(), floor, min_score)
+    return kept, seg, tidx, slots
+
+
+def keep_by_score(score, entry_pos, seg, keep, group_size, n_seg, floor=0, min_score=None):
+    """Keep mask for entries with the given scores: per-group top-k, per-segment floor, min score."""
     group = seg // group_size
     rank, order = rank_in_groups(group, score, entry_pos, seg, n_seg)
     keep = keep.to(torch.int64)
@@ -83,9 +88,8 @@ def select_mask(
         free = (~floored)[order].to(torch.int64)
         sorted_group = group[order]
         csum = torch.cumsum(free, 0)
-        group_first = torch.cumsum(torch.bincount(sorted_group, minlength=n_groups), 0) - torch.bincount(
-            sorted_group, minlength=n_groups
-        )
+        counts = torch.bincount(sorted_group, minlength=n_groups)
+        group_first = torch.cumsum(counts, 0) - counts
         before_group = torch.where(group_first > 0, csum[(group_first - 1).clamp(min=0)], torch.zeros_like(group_first))
         free_rank = torch.empty_like(rank)
         free_rank[order] = csum - free - before_group[sorted_group]
@@ -96,7 +100,7 @@ def select_mask(
         chosen = rank < keep[group]
     if min_score is not None:
         chosen &= score >= min_score
-    return floored | chosen, seg, tidx, slots
+    return floored | chosen
 
 
 @torch.no_grad()
@@ -121,9 +125,14 @@ def select_and_compact(
     Mutates `table` (compacted), `seg_len` (new lengths), `free_slots` / `free_top` (losers pushed).
     `seen[b]`: tokens seen by sequence b; `keep[g]`: entries group g may keep (>= its size: no-op).
     """
-    kept, seg, tidx, slots = select_mask(
+    kept, seg, _, slots = select_mask(
         log_beta, pos, table, seg_start, seg_len, seen, keep, group_size, segs_per_seq, lookahead, floor, min_score
     )
+    return compact_in_place(kept, seg, slots, table, seg_start, seg_len, free_slots, free_top)
+
+
+def compact_in_place(kept, seg, slots, table, seg_start, seg_len, free_slots, free_top) -> int:
+    """Move kept ids to the front of their segment (order kept), push the others on the free stack."""
     n_seg = seg_len.numel()
     lens = seg_len.to(torch.int64)
     first = torch.cumsum(lens, 0) - lens  # index of each segment's first entry in enumeration order
