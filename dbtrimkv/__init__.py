@@ -17,8 +17,12 @@ from .gates import attach_retention_gates  # noqa: E402
 from .cache import DBTrimKVCache  # noqa: E402
 from .checkpoints import export_released_format, load_model, save_gates  # noqa: E402
 from .generation import generate, prefill  # noqa: E402
+from .pipeline import Conversation, DBTrimKVPipeline  # noqa: E402
+from .hf_pipeline import register as _register_pipeline_task  # noqa: E402
+
+_register_pipeline_task()
 
 __all__ = [
-    "DBTrimKVCache", "DBTrimKVConfig", "attach_retention_gates", "export_released_format", "generate",
+    "Conversation", "DBTrimKVCache", "DBTrimKVConfig", "DBTrimKVPipeline", "attach_retention_gates", "export_released_format", "generate",
     "load_model", "prefill", "save_gates", "__version__",
 ]

@@ -18,6 +18,7 @@ streaming, stopping criteria are transformers'), which decodes through the same 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -227,12 +228,14 @@ def _progress(progress, total: int, chunk: int):
 
 @torch.no_grad()
 def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, prefill_chunk: int | None = None,
-             progress: bool | Callable[[int, int], None] = False, **generate_kwargs) -> torch.Tensor:
+             progress: bool | Callable[[int, int], None] = False, timings: dict | None = None,
+             **generate_kwargs) -> torch.Tensor:
     """Chunked prefill of `inputs` into `cache`, then `model.generate`; returns generated ids `[B, N]`.
 
     `inputs` are processor outputs for new tokens; if the cache already holds earlier turns, the
     new tokens are appended to them. Extra keyword arguments go to `model.generate` (do_sample,
-    temperature, top_p, streamer, ...).
+    temperature, top_p, streamer, ...). If `timings` is a dict, it receives `prefill_seconds` and
+    `decode_seconds` (the decode part includes the last prompt token's forward).
     """
     if not isinstance(cache, DBTrimKVCache):
         raise ConfigError("dbtrimkv.generate needs a DBTrimKVCache")
@@ -245,12 +248,16 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
         raise ConfigError("the prompt must end with a text token (e.g. the chat template's generation prompt)")
     processed_ids, processed_mask = cache.known_tokens(ids.shape[0], device)
     processed_ids, processed_mask = processed_ids[:, : cache.columns], processed_mask[:, : cache.columns]
+    start = time.perf_counter()
     prefill(model, inputs, cache, chunk=prefill_chunk, upto=ids.shape[1] - 1, progress=progress)
+    prefilled = time.perf_counter()
     full_ids = torch.cat([processed_ids, ids], 1)
     full_mask = torch.cat([processed_mask, mask], 1)
     out = model.generate(input_ids=full_ids, attention_mask=full_mask, past_key_values=cache,
                          max_new_tokens=max_new_tokens, **generate_kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out
+    if timings is not None:
+        timings.update(prefill_seconds=prefilled - start, decode_seconds=time.perf_counter() - prefilled)
     new_mask = torch.ones(full_ids.shape[0], sequences.shape[1] - full_ids.shape[1], dtype=full_mask.dtype, device=device)
     cache.record_tokens(sequences, torch.cat([full_mask, new_mask], 1))
     return sequences[:, full_ids.shape[1]:]

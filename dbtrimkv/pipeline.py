@@ -1,0 +1,308 @@
+"""`DBTrimKVPipeline`: chat about images, videos and long documents inside a KV budget.
+
+Why: this is what a user touches first. One object loads the model (released checkpoint, our
+gates, or a plain model), builds inputs from chat messages, prefills long prompts in chunks with
+eviction (a progress bar when long), generates (optionally streaming), and reports what the
+budget bought: prompt tokens by modality, entries kept by modality, KV bytes used against what a
+full cache would use, timings and evictions. A `Conversation` keeps the bounded cache between
+turns, so a new user turn is appended without re-prefilling the history.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .cache import DBTrimKVCache
+from .config import DBTrimKVConfig
+from .errors import ConfigError
+from .generation import generate
+from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
+
+
+@dataclass
+class GenerationStats:
+    """What one generation cost and kept (one sequence)."""
+
+    prompt_tokens: dict[str, int]
+    new_tokens: int
+    retained_entries: dict[str, int]
+    kv_entries: int
+    kv_entries_full: int
+    kv_bytes: int
+    kv_bytes_full: int
+    kv_storage_bytes: int
+    peak_kv_entries: int
+    prefill_seconds: float
+    decode_seconds: float
+    evictions: int
+    budget: int | None
+    policy: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def kv_fraction(self) -> float:
+        """Entries kept / entries a full cache would hold."""
+        return self.kv_entries / self.kv_entries_full if self.kv_entries_full else 1.0
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), tokens_per_second=self.tokens_per_second, kv_fraction=self.kv_fraction)
+
+    def summary(self) -> str:
+        from .commands.common import format_bytes
+
+        p, r = self.prompt_tokens, self.retained_entries
+        budget = "none (full cache)" if self.budget is None else f"{self.budget} entries"
+        return (
+            f"prompt tokens: {sum(p.values())} (text {p['text']}, image {p['image']}, video {p['video']}) | "
+            f"new tokens: {self.new_tokens} | prefill {self.prefill_seconds:.2f} s, decode {self.decode_seconds:.2f} s "
+            f"({self.tokens_per_second:.1f} tok/s)\n"
+            f"KV cache: {self.kv_entries} entries kept of {self.kv_entries_full} for a full cache "
+            f"({format_bytes(self.kv_bytes)} of {format_bytes(self.kv_bytes_full)}, {100 * self.kv_fraction:.1f}%) | "
+            f"kept by modality: text {r['text']}, image {r['image']}, video {r['video']} | "
+            f"policy {self.policy}, budget {budget}, evictions {self.evictions}"
+        )
+
+
+@dataclass
+class PipelineOutput:
+    text: str
+    stats: GenerationStats
+    token_ids: list[int] = field(default_factory=list)
+
+
+def collect_stats(cache: DBTrimKVCache, inputs, b: int, new_tokens: int, timings: dict,
+                  evictions_before: int = 0) -> GenerationStats:
+    per_entry = cache.entry_bytes()
+    kept, full = cache.num_entries(b), cache.full_cache_entries(b)
+    return GenerationStats(
+        prompt_tokens=tokens_by_modality(inputs, b), new_tokens=new_tokens,
+        retained_entries=cache.retained_by_modality(b), kv_entries=kept, kv_entries_full=full,
+        kv_bytes=kept * per_entry, kv_bytes_full=full * per_entry, kv_storage_bytes=cache.storage_bytes(),
+        peak_kv_entries=cache.peak_entries[b] if cache.peak_entries else 0,
+        prefill_seconds=timings.get("prefill_seconds", 0.0), decode_seconds=timings.get("decode_seconds", 0.0),
+        evictions=cache.num_evictions - evictions_before, budget=cache.budget, policy=cache.config.policy,
+    )
+
+
+class StreamingOutput:
+    """Iterate to receive text pieces as they are generated; `.text` / `.stats` are set at the end."""
+
+    def __init__(self, pieces: Iterator[str], finish):
+        self._pieces, self._finish = pieces, finish
+        self.text, self.stats = "", None
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self.text += piece
+            yield piece
+        self.stats = self._finish()
+
+
+class DBTrimKVPipeline:
+    """Load once, then call with chat messages (see the module docstring)."""
+
+    def __init__(self, model, processor, config: DBTrimKVConfig | None = None, video: VideoOptions | None = None):
+        from .checkpoints import default_eviction_config
+
+        self.model, self.processor = model, processor
+        self.config = config or _library_default(default_eviction_config(model), model)
+        self.video = video or VideoOptions()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=None, budget: int | None = None, memory_size: int | None = None,
+                        policy: str = "global", device=None, dtype=None, config=None, **kwargs) -> "DBTrimKVPipeline":
+        """`config`: a DBTrimKVConfig, a YAML/JSON path or a preset name; budget / memory_size / policy override it."""
+        from .checkpoints import default_eviction_config, load_model
+
+        model, processor = load_model(name_or_path, device=device, dtype=dtype)
+        if config is None:
+            config = _library_default(default_eviction_config(model), model)
+        elif isinstance(config, (str, Path)):
+            config = DBTrimKVConfig.load(config)
+        elif not isinstance(config, DBTrimKVConfig):
+            raise ConfigError(f"config must be a DBTrimKVConfig, a YAML/JSON path or a preset, got {type(config).__name__}")
+        changes = {"policy": policy}
+        if budget is not None:
+            changes["budget"] = budget
+        if memory_size is not None:
+            changes["memory_size"] = memory_size
+        if policy != "threshold":
+            changes["threshold"] = None
+        return cls(model, processor, config.replace(**changes), **kwargs)
+
+    @property
+    def tokenizer(self):
+        return tokenizer_of(self.processor)
+
+    def new_cache(self, config: DBTrimKVConfig | None = None) -> DBTrimKVCache:
+        return DBTrimKVCache(self.model, config or self.config)
+
+    def build_inputs(self, messages, add_generation_prompt: bool = True):
+        return build_inputs(self.processor, messages, add_generation_prompt=add_generation_prompt, video=self.video)
+
+    def _generation_kwargs(self, do_sample, temperature, top_p, max_new_tokens):
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+        if do_sample:
+            kwargs.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
+        else:  # silence checkpoint sampling defaults when decoding greedily
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def __call__(self, messages, max_new_tokens: int = 128, do_sample: bool = False, temperature: float | None = None,
+                 top_p: float | None = None, stream: bool = False, progress: bool = True):
+        """Answer one chat (a list of messages or a string) or a batch (a list of chats).
+
+        Returns a `PipelineOutput` (a list of them for a batch), or a `StreamingOutput` if `stream`.
+        """
+        batched = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict) \
+            and not isinstance(messages, str)
+        inputs = self.build_inputs(messages)
+        cache = self.new_cache()
+        kwargs = self._generation_kwargs(do_sample, temperature, top_p, max_new_tokens)
+        if stream:
+            if inputs["input_ids"].shape[0] != 1:
+                raise ConfigError("stream=True takes one conversation, not a batch")
+            return self._stream(inputs, cache, kwargs, progress)
+        outputs = self._run(inputs, cache, kwargs, progress)
+        return outputs if batched else outputs[0]
+
+    def chat(self, text: str, images=(), videos=(), **kwargs):
+        """Convenience: one user turn with optional images / videos (paths, PIL images or frame lists)."""
+        return self(user_message(text, images, videos), **kwargs)
+
+    def conversation(self, system: str | None = None) -> "Conversation":
+        return Conversation(self, system=system)
+
+    def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0) -> list[PipelineOutput]:
+        timings: dict = {}
+        with torch.inference_mode():
+            new = generate(self.model, inputs, cache, progress=progress, timings=timings, **kwargs)
+        outputs, stop = [], stop_token_ids(self.model, self.tokenizer)
+        for b in range(new.shape[0]):
+            ids = _strip_padding(new[b], stop)
+            stats = collect_stats(cache, inputs, b, len(ids), timings, evictions_before)
+            outputs.append(PipelineOutput(self.tokenizer.decode(ids, skip_special_tokens=True), stats, ids))
+        return outputs
+
+    def _stream(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
+                on_done=None) -> StreamingOutput:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def work():
+            try:
+                result["outputs"] = self._run(inputs, cache, dict(kwargs, streamer=streamer), progress,
+                                              evictions_before)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
+                result["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+
+        def finish():
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            out = result["outputs"][0]
+            if on_done is not None:
+                on_done(out)
+            return out.stats
+
+        return StreamingOutput(iter(streamer), finish)
+
+
+def user_message(text: str, images=(), videos=()) -> list[dict]:
+    parts = [{"type": "image", "image": image} for image in images]
+    parts += [{"type": "video", "video": video} for video in videos]
+    parts.append({"type": "text", "text": text})
+    return [{"role": "user", "content": parts}]
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids of the model's generation config and tokenizer."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    return (ids | {tokenizer.eos_token_id}) - {None}
+
+
+def _strip_padding(ids: torch.Tensor, stop: set[int]) -> list[int]:
+    """Generated ids up to and including the first end-of-sequence token."""
+    out = []
+    for token in ids.tolist():
+        out.append(token)
+        if token in stop:
+            break
+    return out
+
+
+def _library_default(config: DBTrimKVConfig, model) -> DBTrimKVConfig:
+    if getattr(model, "_dbtrimkv_default_eviction", None) is not None:
+        return config
+    return DBTrimKVConfig.load("default")
+
+
+class Conversation:
+    """A multi-turn chat whose KV cache persists (bounded) between turns."""
+
+    def __init__(self, pipeline: DBTrimKVPipeline, system: str | None = None):
+        self.pipeline = pipeline
+        self.cache = pipeline.new_cache()
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._last_ids: list[int] | None = None
+
+    def _turn_inputs(self, message: list[dict]):
+        """Inputs for the new turn only, prefixed with what closes the previous assistant turn."""
+        pipe = self.pipeline
+        chat = (self.messages if self._last_ids is None else []) + message
+        inputs = pipe.build_inputs(chat)
+        if self._last_ids is None:
+            return inputs
+        tok = pipe.tokenizer
+        ended = bool(self._last_ids) and self._last_ids[-1] in stop_token_ids(pipe.model, tok)
+        closing = "\n" if ended else tok.eos_token + "\n"
+        prefix = torch.tensor([tok.encode(closing, add_special_tokens=False)], dtype=inputs["input_ids"].dtype)
+        out = dict(inputs)
+        out["input_ids"] = torch.cat([prefix, inputs["input_ids"]], 1)
+        out["attention_mask"] = torch.cat([torch.ones_like(prefix), inputs["attention_mask"]], 1)
+        if "mm_token_type_ids" in inputs:
+            out["mm_token_type_ids"] = torch.cat([torch.zeros_like(prefix), inputs["mm_token_type_ids"]], 1)
+        return out
+
+    def send(self, text: str, images=(), videos=(), max_new_tokens: int = 128, do_sample: bool = False,
+             temperature: float | None = None, top_p: float | None = None, stream: bool = False, progress: bool = True):
+        """Add a user turn and answer it; returns a `PipelineOutput` (or a `StreamingOutput`)."""
+        pipe = self.pipeline
+        if (images or videos) and not is_multimodal(pipe.processor):
+            raise ConfigError("this model is text-only: it cannot take images or videos")
+        message = user_message(text, images, videos)
+        inputs = self._turn_inputs(message)
+        kwargs = pipe._generation_kwargs(do_sample, temperature, top_p, max_new_tokens)
+        before = self.cache.num_evictions
+
+        def record(out: PipelineOutput):
+            self.messages += message + [{"role": "assistant", "content": out.text}]
+            self._last_ids = out.token_ids
+
+        if stream:
+            return pipe._stream(inputs, self.cache, kwargs, progress, before, on_done=record)
+        out = pipe._run(inputs, self.cache, kwargs, progress, before)[0]
+        record(out)
+        return out
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m["role"] == "user")
+
+
+__all__ = ["Conversation", "DBTrimKVPipeline", "GenerationStats", "PipelineOutput", "StreamingOutput"]
