@@ -76,6 +76,8 @@ class PipelineOutput:
     text: str
     stats: GenerationStats
     token_ids: list[int] = field(default_factory=list)
+    cache: DBTrimKVCache | None = field(default=None, repr=False)  # what was kept, for retention maps
+    batch_index: int = 0
 
 
 def collect_stats(cache: DBTrimKVCache, inputs, b: int, new_tokens: int, timings: dict,
@@ -189,7 +191,8 @@ class DBTrimKVPipeline:
         for b in range(new.shape[0]):
             ids = _strip_padding(new[b], stop)
             stats = collect_stats(cache, inputs, b, len(ids), timings, evictions_before)
-            outputs.append(PipelineOutput(self.tokenizer.decode(ids, skip_special_tokens=True), stats, ids))
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            outputs.append(PipelineOutput(text, stats, ids, cache=cache, batch_index=b))
         return outputs
 
     def _stream(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
