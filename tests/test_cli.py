@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 
-def run_cli(*args, timeout=300):
+def run_cli(*args, timeout=300, stdin=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "dbtrimkv.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, input=stdin)
 
 
 def test_chat_on_a_generated_png(image_png):
@@ -52,7 +53,27 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_chat_reports_the_kv_budget(image_png):
+    result = run_cli("chat", "--image", str(image_png), "--memory-size", "2", "--buffer-size", "2",
+                     "--prefill-chunk", "8", "--policy", "head", "--max-new-tokens", "6", "What?")
+    assert result.returncode == 0, result.stderr
+    kv = next(line for line in result.stderr.splitlines() if line.startswith("KV cache:"))
+    assert "budget 12 entries" in kv and "policy head" in kv and "kept by modality" in kv
+    kept, full = map(int, re.match(r"KV cache: (\d+) entries kept of (\d+)", kv).groups())
+    assert kept <= 12 + 6 * 8 < full
+
+
+def test_interactive_multi_turn(image_png):
+    script = f"Hello there\n/image {image_png}\nWhat is in the image?\n/stats\n/image /no/such.png\nand?\n/exit\n"
+    result = run_cli("chat", "--max-new-tokens", "4", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 2
+    assert "image not found" in result.stderr  # a bad file is reported; the chat goes on
+    assert "KV cache:" in result.stderr and "image 0, video" not in result.stderr.split("KV cache:")[1].split("\n")[0]
+
+
 def test_help_lists_the_options():
     result = run_cli("chat", "--help")
-    for option in ("--image", "--video", "--model", "--max-new-tokens", "--device", "--dtype"):
+    for option in ("--image", "--video", "--model", "--max-new-tokens", "--device", "--dtype", "--budget",
+                   "--memory-size", "--policy", "--config", "--prefill-chunk", "--full-cache"):
         assert option in result.stdout

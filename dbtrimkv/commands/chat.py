@@ -1,63 +1,95 @@
-"""`dbtrimkv chat`: ask about images and videos inside a KV budget; print the answer and stats."""
+"""`dbtrimkv chat`: ask about images and videos inside a KV budget.
+
+With a question: answer once (answer on stdout, stats on stderr). Without one: an interactive
+multi-turn chat whose bounded cache persists between turns; lines starting with `/` are
+commands (`/image PATH`, `/video PATH` attach media to the next message, `/stats`, `/reset`,
+`/exit`).
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 
-from .common import TINY_NOTICE, add_eviction_args, add_media_args, add_model_args, eviction_config, format_bytes
+from .common import TINY_NOTICE, add_eviction_args, add_media_args, add_model_args, eviction_config
+
+HELP = "commands: /image PATH, /video PATH (attach to the next message), /stats, /reset, /exit"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("chat", help="ask a question about images and videos",
-                       description="Ask one question about images / videos. The answer goes to stdout; prompt "
-                                   "tokens by modality, KV memory kept vs a full cache, and timings go to stderr.")
-    p.add_argument("question", help="the question")
+    p = sub.add_parser(
+        "chat", help="ask about images and videos (one question, or an interactive chat)",
+        description="Ask a question about images / videos inside a fixed KV budget. The answer goes to stdout; "
+                    "prompt tokens by modality, KV memory kept vs a full cache, and timings go to stderr. "
+                    f"Without a question, start an interactive multi-turn chat ({HELP}).",
+    )
+    p.add_argument("question", nargs="?", default=None, help="the question (omit for an interactive chat)")
     add_media_args(p)
     add_model_args(p)
     add_eviction_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most per answer (default: 64)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample)")
     p.set_defaults(func=run)
 
 
-def user_message(question: str, images, videos) -> list[dict]:
-    parts = [{"type": "image", "image": path} for path in images]
-    parts += [{"type": "video", "video": path} for path in videos]
-    parts.append({"type": "text", "text": question})
-    return [{"role": "user", "content": parts}]
-
-
-def run(args) -> int:
-    import torch
-
-    from ..cache import DBTrimKVCache
+def load_pipeline(args):
     from ..checkpoints import load_model
-    from ..generation import generate
-    from ..prompts import VideoOptions, build_inputs, tokenizer_of, tokens_by_modality
+    from ..pipeline import DBTrimKVPipeline
+    from ..prompts import VideoOptions
 
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    config = eviction_config(args, model)
-    messages = user_message(args.question, args.image, args.video)
-    inputs = build_inputs(processor, messages, video=VideoOptions(args.video_fps, args.video_max_frames))
-    cache = DBTrimKVCache(model, config)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        new_tokens = generate(model, inputs, cache, max_new_tokens=args.max_new_tokens, do_sample=False)[0]
-    seconds = time.perf_counter() - start
-    print(tokenizer_of(processor).decode(new_tokens, skip_special_tokens=True))
-    counts = tokens_by_modality(inputs, 0)
-    kept, full = cache.num_entries(0), cache.full_cache_entries(0)
-    per_entry = cache.entry_bytes()
-    modality = cache.retained_by_modality(0)
-    budget = "none (full cache)" if cache.budget is None else f"{cache.budget} entries"
-    print(
-        f"prompt tokens: {sum(counts.values())} (text {counts['text']}, image {counts['image']}, "
-        f"video {counts['video']}) | new tokens: {new_tokens.numel()} | {seconds:.2f} s\n"
-        f"KV cache: {kept} entries kept of {full} for a full cache ({format_bytes(kept * per_entry)} of "
-        f"{format_bytes(full * per_entry)}) | kept by modality: text {modality['text']}, image {modality['image']}, "
-        f"video {modality['video']} | policy {config.policy}, budget {budget}, evictions {cache.num_evictions}",
-        file=sys.stderr,
-    )
-    return 0
+    return DBTrimKVPipeline(model, processor, eviction_config(args, model),
+                            video=VideoOptions(args.video_fps, args.video_max_frames))
+
+
+def run(args) -> int:
+    pipe = load_pipeline(args)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                   top_p=args.top_p)
+    if args.question is not None:
+        out = pipe.chat(args.question, images=args.image, videos=args.video, **options)
+        print(out.text)
+        print(out.stats.summary(), file=sys.stderr)
+        return 0
+    return interactive(pipe, args.image, args.video, options)
+
+
+def interactive(pipe, images, videos, options) -> int:
+    from ..errors import DBTrimKVError
+
+    conversation = pipe.conversation()
+    images, videos, last = list(images), list(videos), None
+    print(f"Interactive chat; {HELP}.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command == "/exit":
+                return 0
+            if command in ("/image", "/video") and arg.strip():
+                (images if command == "/image" else videos).append(arg.strip())
+            elif command == "/stats":
+                print(last.summary() if last else "no answer yet", file=sys.stderr)
+            elif command == "/reset":
+                conversation, images, videos = pipe.conversation(), [], []
+            else:
+                print(HELP, file=sys.stderr)
+            continue
+        try:
+            stream = conversation.send(line, images=images, videos=videos, stream=True, **options)
+            print("assistant> ", end="", flush=True)
+            for piece in stream:
+                print(piece, end="", flush=True)
+            print()
+            last = stream.stats
+        except DBTrimKVError as exc:  # a bad file should not end the conversation
+            print(f"dbtrimkv: error: {exc}", file=sys.stderr)
+        images, videos = [], []
