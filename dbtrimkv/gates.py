@@ -15,6 +15,7 @@ Output: `logsigmoid(...)` in float32, shape `[B, T, H_kv]`.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -138,6 +139,7 @@ def attach_retention_gates(model, gate_type: str = "rg10", intermediate_size: in
                 shared = gate
         module.retention_gate = gate.to(device=param.device, dtype=param.dtype)
     model._dbtrimkv_gate_spec = spec
+    model._dbtrimkv_lock = threading.RLock()  # see generation.model_lock
     install_retention_attention(model)
     return model
 

@@ -18,6 +18,7 @@ streaming, stopping criteria are transformers'), which decodes through the same 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,6 +228,14 @@ def _progress(progress, total: int, chunk: int):
 
 
 @torch.no_grad()
+def model_lock(model) -> threading.RLock:
+    """One generation at a time per model: the retention hooks keep per-forward state on its modules."""
+    lock = getattr(model, "_dbtrimkv_lock", None)
+    if lock is None:
+        lock = model._dbtrimkv_lock = threading.RLock()
+    return lock
+
+
 def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, prefill_chunk: int | None = None,
              progress: bool | Callable[[int, int], None] = False, timings: dict | None = None,
              **generate_kwargs) -> torch.Tensor:
@@ -239,6 +248,11 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     """
     if not isinstance(cache, DBTrimKVCache):
         raise ConfigError("dbtrimkv.generate needs a DBTrimKVCache")
+    with model_lock(model):
+        return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs)
+
+
+def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs):
     device = next(model.parameters()).device
     inputs = _with_pending_tokens(cache, inputs, device)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
