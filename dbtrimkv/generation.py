@@ -227,7 +227,6 @@ def _progress(progress, total: int, chunk: int):
     return lambda done: None
 
 
-@torch.no_grad()
 def model_lock(model) -> threading.RLock:
     """One generation at a time per model: the retention hooks keep per-forward state on its modules."""
     lock = getattr(model, "_dbtrimkv_lock", None)
@@ -236,6 +235,7 @@ def model_lock(model) -> threading.RLock:
     return lock
 
 
+@torch.no_grad()
 def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, prefill_chunk: int | None = None,
              progress: bool | Callable[[int, int], None] = False, timings: dict | None = None,
              **generate_kwargs) -> torch.Tensor:
