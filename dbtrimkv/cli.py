@@ -14,7 +14,7 @@ import sys
 
 from .errors import DBTrimKVError
 
-COMMANDS = ("chat",)
+COMMANDS = ("chat", "video-qa")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,122 @@
+"""`dbtrimkv video-qa`: answer questions about long videos, or run a video QA dataset, in bounded KV memory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config, format_bytes
+
+DESCRIPTION = """\
+Answer questions about a video of any length inside a fixed KV budget. The video is decoded with
+PyAV at --fps and streamed window by window (--window-frames sampled frames at a time) through the
+vision tower and the language model, evicting as it goes: KV memory and decoded frames stay bounded
+however long the video is. Every frame is resized to one fixed size (at most --frame-tokens vision
+tokens per frame group) so windows match whole-video processing. The compressed video cache is
+encoded once and copied for each question. KV memory peaks at budget + layers x KV heads x
+max(buffer size, prefill chunk) entries; for long videos try --config budget-long-video.
+
+Single video:  dbtrimkv video-qa --video clip.mp4 "question 1" "question 2"
+Dataset:       dbtrimkv video-qa --dataset FILE --format videomme|mlvu|jsonl --video-dir DIR --output preds.jsonl
+"""
+
+EPILOG = """\
+dataset formats (JSON list, JSONL, or Parquet with pandas):
+  videomme  Video-MME records: question_id, videoID (video file <video-dir>/<videoID>.mp4), question,
+            options ["A. ...", ...], answer (a letter); accuracy also by duration / task_type
+  mlvu      MLVU records: video, question, candidates (option texts), answer (the right candidate's
+            text), question_type; videos in <video-dir>/<video> or <video-dir>/<annotation stem>/<video>
+  jsonl     {"video": path, "question": ..., "answer": ...} per line; optional "id", "options"
+The dataset run appends one JSON line per question to --output as it goes and skips ids already there,
+so an interrupted run resumes where it stopped; accuracy goes to <output stem>.metrics.json and stdout.
+Single-video answers go to stdout, KV statistics to stderr.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("video-qa", help="answer questions about long videos in bounded KV memory, or run a dataset",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("questions", nargs="*", metavar="QUESTION", help="questions about --video (one or more)")
+    src = p.add_argument_group("input (either --video with questions, or --dataset)")
+    src.add_argument("--video", metavar="PATH", help="a video file to ask QUESTIONs about")
+    src.add_argument("--dataset", metavar="FILE", help="an annotation file (JSON, JSONL or Parquet)")
+    src.add_argument("--format", choices=("videomme", "mlvu", "jsonl"), default=None,
+                     help="annotation format of --dataset (required with it)")
+    src.add_argument("--video-dir", metavar="DIR", default=None,
+                     help="folder relative video paths resolve against (default: the annotation file's folder)")
+    src.add_argument("--output", metavar="FILE", default=None,
+                     help="predictions JSONL for --dataset (required with it; appended to, resumed from)")
+    src.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of --dataset")
+    v = p.add_argument_group("video streaming")
+    v.add_argument("--fps", type=float, default=2.0, metavar="F",
+                   help="frames sampled per second of video; 0 = every frame (default: 2)")
+    v.add_argument("--max-frames", type=int, default=None, metavar="N",
+                   help="stop after this many sampled frames (default: no limit, the whole video streams through)")
+    v.add_argument("--window-frames", type=int, default=32, metavar="N",
+                   help="sampled frames decoded, encoded and prefilled together (default: 32)")
+    v.add_argument("--frame-tokens", type=int, default=128, metavar="N",
+                   help="at most this many vision tokens per frame group; fixes the frame size (default: 128)")
+    add_model_args(p)
+    add_eviction_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate per answer at most (default: 64)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..checkpoints import load_model
+    from ..errors import ConfigError
+    from ..video_qa import StreamOptions, VideoQA
+
+    if (args.video is None) == (args.dataset is None):
+        raise ConfigError("give either --video PATH with questions, or --dataset FILE")
+    if args.video is not None and not args.questions:
+        raise ConfigError("give at least one question after --video PATH")
+    if args.dataset is not None and (args.questions or args.format is None or args.output is None):
+        raise ConfigError("--dataset takes --format and --output, and no questions on the command line")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    options = StreamOptions(fps=args.fps, max_frames=args.max_frames, window_frames=args.window_frames,
+                            frame_tokens=args.frame_tokens)
+    if args.model is None:
+        print(TINY_NOTICE, file=sys.stderr)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    qa = VideoQA(model, processor, eviction_config(args, model), options, args.max_new_tokens,
+                 progress=not args.no_progress)
+    return _single(qa, args) if args.video is not None else _dataset(qa, args)
+
+
+def _single(qa, args) -> int:
+    encoded = qa.encode(args.video)
+    c = encoded.cache
+    print(f"video: {encoded.frames} frames in {encoded.frame_groups} frame groups, "
+          f"{encoded.prompt_tokens['video']} video tokens, encoded in {encoded.seconds:.2f} s | "
+          f"KV after the video: {c.num_entries(0)} entries, peak {max(c.peak_entries)}, "
+          f"storage {format_bytes(c.storage_bytes())}", file=sys.stderr)
+    for question in args.questions:
+        answer = qa.ask(encoded, question)
+        print(f"Q: {question}\nA: {answer.text}", flush=True)
+        s = answer.stats
+        print(f"{s.summary()}\npeak KV entries: {s.peak_kv_entries} | KV storage: {format_bytes(s.kv_storage_bytes)} "
+              f"({s.kv_storage_bytes} bytes)", file=sys.stderr)
+    return 0
+
+
+def _dataset(qa, args) -> int:
+    from ..video_qa import load_dataset, run_dataset
+    from ..video_qa.runner import load_predictions, metrics_path
+
+    items = load_dataset(args.dataset, args.format, args.video_dir)[: args.limit]
+    metrics = run_dataset(qa, items, args.output, progress=not args.no_progress)
+    acc = "n/a" if metrics["accuracy"] is None else f"{100 * metrics['accuracy']:.2f}%"
+    print(f"accuracy: {acc} ({metrics['correct']}/{metrics['total']}) | unparsed answers: {metrics['unparsed']} | "
+          f"errors: {metrics['errors']} | predictions: {args.output} | metrics: {metrics_path(args.output)}")
+    ids = {item.id for item in items}
+    kv = [r["kv"] for i, r in load_predictions(args.output).items() if i in ids and "kv" in r]
+    if kv:
+        print(f"KV: peak entries {max(k['peak_entries'] for k in kv)}, storage "
+              f"{format_bytes(max(k['storage_bytes'] for k in kv))} (max over questions)", file=sys.stderr)
+    return 0

@@ -1,0 +1,141 @@
+"""Run a video QA dataset: each video encoded once, predictions appended as they come, resumable.
+
+Why: a benchmark of long videos takes hours, so an interruption must not lose work. Every answer
+is appended to the predictions JSONL (flushed) as soon as it exists; a rerun skips the ids already
+there. A line cut off by the interruption is dropped and the file repaired before appending.
+Questions are grouped by video, so each video is decoded and prefilled once and its compressed
+cache is forked per question. A video that cannot be read gets an `error` record for each of its
+questions (counted as wrong, retried on the next run) instead of stopping the run.
+
+Accuracy is computed over the dataset's ids from the predictions file, overall and per tag value
+(e.g. Video-MME `duration`, MLVU `question_type`), and written next to the predictions as
+`<name>.metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import MediaError
+from .answers import matches_open_answer, parse_choice
+from .datasets import DatasetError, QAItem
+
+
+def load_predictions(path: str | Path) -> dict[str, dict]:
+    """Records of a predictions file by id (a later record of an id replaces an earlier one).
+
+    A last line without its newline was cut off mid-write: it is removed from the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    records = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records[str(record["id"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DatasetError(f"{path}:{number}: not a prediction record (a JSON object with an id); "
+                               "fix or remove the line to resume") from None
+    return records
+
+
+def score(item: QAItem, prediction: str) -> tuple[str | None, bool | None]:
+    """(parsed answer, correct?): the option letter for multiple choice, the stripped text otherwise;
+    `correct` is None when the item has no gold answer."""
+    if item.options:
+        parsed = parse_choice(prediction, item.options)
+        return parsed, None if item.answer is None else parsed == item.answer
+    parsed = prediction.strip()
+    return parsed, None if item.answer is None else matches_open_answer(parsed, item.answer)
+
+
+def _record(item: QAItem, **fields) -> dict:
+    return {"id": item.id, "video": str(item.video), "question": item.question, "options": item.options,
+            "answer": item.answer, "tags": item.tags, **fields}
+
+
+def _answer_record(item: QAItem, encoded, answer) -> dict:
+    parsed, correct = score(item, answer.text)
+    s = answer.stats
+    return _record(item, prediction=answer.text, parsed=parsed, correct=correct, frames=encoded.frames, kv={
+        "peak_entries": s.peak_kv_entries, "storage_bytes": s.kv_storage_bytes, "entries": s.kv_entries,
+        "entries_full": s.kv_entries_full, "kept_by_modality": s.retained_entries, "evictions": s.evictions,
+        "prompt_tokens": s.prompt_tokens,
+    })
+
+
+def run_dataset(answerer, items: list[QAItem], output: str | Path, progress: bool = True) -> dict:
+    """Answer every item not yet in `output` (JSONL, appended), then write and return the metrics.
+
+    `answerer` has `encode(video_path)` and `ask(encoded, prompt)` (a `VideoQA`).
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = load_predictions(output)
+    todo = [item for item in items if item.id not in done or "error" in done[item.id]]
+    by_video: dict[Path, list[QAItem]] = defaultdict(list)
+    for item in todo:
+        by_video[item.video].append(item)
+    with output.open("a", encoding="utf-8") as out, \
+            tqdm(total=len(items), initial=len(items) - len(todo), unit="question", disable=not progress) as bar:
+        def write(record: dict) -> None:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            bar.update()
+
+        for video, group in by_video.items():
+            try:
+                encoded = answerer.encode(video)
+            except MediaError as exc:
+                bar.write(f"skipping {video}: {exc}")
+                for item in group:
+                    write(_record(item, error=str(exc), correct=False if item.answer is not None else None))
+                continue
+            for item in group:
+                write(_answer_record(item, encoded, answerer.ask(encoded, item.prompt())))
+            del encoded  # one video cache alive at a time
+    metrics = accuracy(items, load_predictions(output))
+    metrics_path(output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def metrics_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + ".metrics.json")
+
+
+def accuracy(items: list[QAItem], records: dict[str, dict]) -> dict:
+    """Accuracy over the items that have a gold answer and a record, overall and per tag value."""
+    overall = {"correct": 0, "total": 0}
+    by_tag: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"correct": 0, "total": 0}))
+    unparsed = errors = missing = 0
+    for item in items:
+        record = records.get(item.id)
+        if record is None:
+            missing += 1
+            continue
+        errors += "error" in record
+        unparsed += bool(item.options) and "error" not in record and record.get("parsed") is None
+        if record.get("correct") is None:
+            continue
+        for counts in (overall, *(by_tag[k][v] for k, v in item.tags.items())):
+            counts["total"] += 1
+            counts["correct"] += bool(record["correct"])
+
+    def rate(counts):
+        return dict(counts, accuracy=counts["correct"] / counts["total"] if counts["total"] else None)
+
+    return {**rate(overall), "answered": len(items) - missing - errors, "missing": missing, "errors": errors,
+            "unparsed": unparsed,
+            "by_tag": {k: {v: rate(c) for v, c in values.items()} for k, values in by_tag.items()}}

@@ -1,0 +1,260 @@
+"""Stream a video of any length into one bounded `DBTrimKVCache`, then answer questions from copies.
+
+Why: a long video cannot be turned into one processor call (every frame and every pixel value
+would be in memory at once) nor into one forward (its K/V would have to fit before anything is
+evicted). Qwen3-VL treats each temporal frame group as its own grid with M-RoPE positions that
+advance group by group, so the prompt can be built piece by piece and fed through
+`generation.prefill` into one cache:
+
+    chat prefix tokens | window 1 of frames | window 2 | ... | question suffix tokens
+
+Each window is decoded (PyAV), run through the processor with its absolute `frames_indices`
+(so the `<t seconds>` stamps are those of the whole video), prefilled with eviction, and dropped.
+KV memory therefore stays at `budget + L*H*max(buffer_size, prefill_chunk)` entries, and the host
+holds one window of frames, whatever the video's length.
+
+Fixed frame size: the Qwen3-VL video processor picks the frame resolution from the number of
+frames it is given, so windows of different lengths would get different resolutions (and the
+result would differ from processing the whole video). We fix the per-frame size up front from
+the first frame (aspect ratio kept, sides multiples of patch x merge size, at most
+`frame_tokens` merged vision tokens per frame group), resize every frame to it ourselves
+(bicubic), and call the processor with `do_resize=False`.
+
+Several questions about one video: the compressed video cache is encoded once and forked with
+`DBTrimKVCache.clone()` per question, so the vision tower and the prefill run once per video.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..cache import DBTrimKVCache
+from ..config import DBTrimKVConfig
+from ..errors import ConfigError
+from ..generation import generate, model_lock, prefill
+from ..media import Video, iter_video_frames, video_info
+from ..pipeline import GenerationStats, collect_stats
+from ..prompts import MODALITIES, tokenizer_of, tokens_by_modality
+
+# qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
+# (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.
+DEFAULT_FRAME_TOKENS = 128
+
+
+@dataclass
+class StreamOptions:
+    """How a video is sampled and cut into windows.
+
+    `fps`: frames sampled per second of video (0: every frame). `max_frames`: stop after this many
+    sampled frames (None: the whole video). `window_frames`: sampled frames per processor call and
+    prefill (rounded up to a multiple of the temporal patch size). `frame_tokens`: at most this
+    many merged vision tokens per frame group, which fixes the per-frame resolution.
+    """
+
+    fps: float = 2.0
+    max_frames: int | None = None
+    window_frames: int = 32
+    frame_tokens: int = DEFAULT_FRAME_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.fps < 0:
+            raise ConfigError(f"fps must be >= 0 (0 keeps every frame), got {self.fps}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"max_frames must be at least 1, got {self.max_frames}")
+        if self.window_frames < 1:
+            raise ConfigError(f"window_frames must be at least 1, got {self.window_frames}")
+        if self.frame_tokens < 1:
+            raise ConfigError(f"frame_tokens must be at least 1, got {self.frame_tokens}")
+
+
+def frame_size(processor, height: int, width: int, frame_tokens: int = DEFAULT_FRAME_TOKENS) -> tuple[int, int]:
+    """(height, width) every frame is resized to: aspect ratio kept, sides multiples of
+    patch_size x merge_size, at most `frame_tokens` merged tokens per frame (Qwen's own rounding)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    vp = processor.video_processor
+    factor = vp.patch_size * vp.merge_size
+    return smart_resize(1, height, width, temporal_factor=1, factor=factor, min_pixels=factor * factor,
+                        max_pixels=frame_tokens * factor * factor)
+
+
+@dataclass
+class Window:
+    """Processor outputs for consecutive sampled frames of one video, and which source frames they are."""
+
+    inputs: dict
+    frames_indices: list[int]
+
+
+def video_windows(processor, path: str | Path, options: StreamOptions | None = None) -> Iterator[Window]:
+    """Decode `path` lazily and yield one `Window` per `window_frames` sampled frames."""
+    options = options or StreamOptions()
+    temporal = processor.video_processor.temporal_patch_size
+    window = math.ceil(options.window_frames / temporal) * temporal  # frame groups never straddle windows
+    total = video_info(path)[1]
+    size, frames, indices, src_fps = None, [], [], 0.0
+    for index, frame, src_fps in iter_video_frames(path, fps=options.fps, max_frames=options.max_frames):
+        if size is None:
+            size = frame_size(processor, frame.shape[0], frame.shape[1], options.frame_tokens)
+        frames.append(_resize(frame, size))
+        indices.append(index)
+        if len(frames) == window:
+            yield _window(processor, frames, indices, src_fps, total)
+            frames, indices = [], []
+    if frames:
+        yield _window(processor, frames, indices, src_fps, total)
+
+
+def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    height, width = size
+    if frame.shape[:2] == (height, width):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+
+
+def _window(processor, frames, indices, fps: float, total: int) -> Window:
+    video = Video(frames=np.stack(frames), fps=fps, frames_indices=list(indices),
+                  total_num_frames=total or indices[-1] + 1)
+    inputs = processor(text=[processor.video_token], videos=[video.frames], video_metadata=[video.metadata()],
+                       do_sample_frames=False, do_resize=False, add_special_tokens=False, return_tensors="pt")
+    return Window(dict(inputs), list(indices))
+
+
+def prompt_parts(processor, question: str) -> tuple[str, str]:
+    """The chat text before and after the video placeholder of `[video, question]` as one user turn."""
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    prefix, found, suffix = text.partition(processor.video_token)
+    if not found:
+        raise ConfigError("the processor's chat template renders no video placeholder")
+    return prefix, suffix
+
+
+def text_inputs(processor, text: str, first: bool) -> dict:
+    """Model inputs for plain text; special tokens (e.g. BOS) only at the very start of the prompt."""
+    ids = tokenizer_of(processor)(text, add_special_tokens=first, return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids)}
+
+
+@dataclass
+class EncodedVideo:
+    """A video prefilled into a bounded cache, ready for questions (each forks the cache)."""
+
+    path: str
+    cache: DBTrimKVCache
+    prefix: str  # chat text before the video, which every question's prompt must share
+    frames: int
+    frame_groups: int
+    prompt_tokens: dict[str, int]
+    seconds: float
+
+
+@dataclass
+class VideoAnswer:
+    question: str
+    text: str
+    stats: GenerationStats
+
+
+def default_config(model) -> DBTrimKVConfig:
+    """The checkpoint's eviction settings, else the library default (a bounded budget)."""
+    from ..checkpoints import default_eviction_config
+
+    if getattr(model, "_dbtrimkv_default_eviction", None) is not None:
+        return default_eviction_config(model)
+    return DBTrimKVConfig.load("default")
+
+
+@torch.no_grad()
+def encode_video(model, processor, path: str | Path, config: DBTrimKVConfig | None = None,
+                 options: StreamOptions | None = None, progress: bool = False) -> EncodedVideo:
+    """Prefill the chat prefix and every window of `path` into a new `DBTrimKVCache`.
+
+    `config`: eviction settings; by default the checkpoint's, else `configs/default.yaml` (a long
+    video must never land in an unbounded cache by accident; pass `DBTrimKVConfig()` for a full one).
+    """
+    options = options or StreamOptions()
+    prefix, _ = prompt_parts(processor, "")
+    cache = DBTrimKVCache(model, config or default_config(model))
+    start = time.perf_counter()
+    with model_lock(model):  # the retention hooks keep per-forward state on the shared model
+        counts, frames, groups = _prefill_video(model, processor, path, cache, prefix, options, progress)
+    return EncodedVideo(str(path), cache, prefix, frames, groups, {m: counts[m] for m in MODALITIES},
+                        time.perf_counter() - start)
+
+
+def _prefill_video(model, processor, path, cache, prefix: str, options: StreamOptions, progress: bool):
+    head = text_inputs(processor, prefix, first=True)
+    prefill(model, head, cache)
+    counts = Counter(tokens_by_modality(head))
+    frames = groups = 0
+    with _frame_bar(path, options, progress) as bar:
+        for window in video_windows(processor, path, options):
+            prefill(model, window.inputs, cache)
+            counts.update(tokens_by_modality(window.inputs))
+            frames += len(window.frames_indices)
+            groups += int(window.inputs["video_grid_thw"][:, 0].sum())
+            bar.update(len(window.frames_indices))
+    return counts, frames, groups
+
+
+def _frame_bar(path, options: StreamOptions, enabled: bool):
+    """A progress bar over sampled frames (its total estimated from the container's frame count)."""
+    from tqdm.auto import tqdm
+
+    if not enabled:
+        return tqdm(disable=True)
+    src_fps, total = video_info(path)
+    expected = math.ceil(total * min(options.fps / src_fps, 1.0)) if total and options.fps else total or None
+    if options.max_frames is not None and expected is not None:
+        expected = min(expected, options.max_frames)
+    return tqdm(total=expected, unit="frame", desc=Path(path).name, leave=False)
+
+
+@torch.no_grad()
+def ask(model, processor, encoded: EncodedVideo, question: str, max_new_tokens: int = 64) -> VideoAnswer:
+    """Answer one question (greedy) from a copy of the video cache; the video cache is left as it was.
+
+    While it answers, the video cache and its copy are both alive: twice the bounded KV memory.
+    """
+    prefix, suffix = prompt_parts(processor, question)
+    if prefix != encoded.prefix:
+        raise ConfigError("the chat template puts question-dependent text before the video; "
+                          "the encoded video cannot be reused for this question")
+    inputs = text_inputs(processor, suffix, first=False)
+    cache = encoded.cache.clone()
+    timings: dict = {}
+    new = generate(model, inputs, cache, max_new_tokens=max_new_tokens, timings=timings,
+                   do_sample=False, temperature=None, top_p=None, top_k=None)[0]
+    text = tokenizer_of(processor).decode(new, skip_special_tokens=True)
+    stats = collect_stats(cache, inputs, 0, new.numel(), timings, encoded.cache.num_evictions)
+    prompt = Counter(encoded.prompt_tokens) + Counter(stats.prompt_tokens)
+    return VideoAnswer(question, text, replace(stats, prompt_tokens={m: prompt[m] for m in MODALITIES}))
+
+
+class VideoQA:
+    """A model, its processor and the settings, bound once: `encode(path)` then `ask(encoded, question)`.
+
+    The dataset runner talks to this interface only, so tests can stand in a fake answerer.
+    """
+
+    def __init__(self, model, processor, config: DBTrimKVConfig | None = None, options: StreamOptions | None = None,
+                 max_new_tokens: int = 64, progress: bool = False):
+        self.model, self.processor = model, processor
+        self.config, self.options = config, options or StreamOptions()
+        self.max_new_tokens, self.progress = max_new_tokens, progress
+
+    def encode(self, path: str | Path) -> EncodedVideo:
+        return encode_video(self.model, self.processor, path, self.config, self.options, progress=self.progress)
+
+    def ask(self, encoded: EncodedVideo, question: str) -> VideoAnswer:
+        return ask(self.model, self.processor, encoded, question, self.max_new_tokens)

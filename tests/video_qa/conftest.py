@@ -1,0 +1,62 @@
+"""Fixtures for the long-video QA tests: a tiny gated model and small generated mp4 clips.
+
+The tests run the model on one thread: the CI machine's two cores are shared, and two torch
+threads fighting over a busy core make the tiny model's many small matmuls ~50x slower.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize_gates
+
+import dbtrimkv
+from dbtrimkv.tiny import build_tiny
+
+
+def write_clip(path, frames: int, fps: int = 8, height: int = 48, width: int = 64, seed: int = 0):
+    """A random mp4 (PyAV, mpeg4). Clips with the same seed share their first frames, so a longer
+    clip is the shorter one continued."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gated():
+    """(model, processor): the tiny Qwen3-VL with retention gates that give varied scores."""
+    model, processor = build_tiny("qwen3_vl")
+    dbtrimkv.attach_retention_gates(model, intermediate_size=32)
+    randomize_gates(model)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Write-once clips by frame count: `clips(16)` is a 2 s clip at 8 fps."""
+    folder = tmp_path_factory.mktemp("clips")
+
+    def clip(frames: int, seed: int = 0):
+        path = folder / f"clip{frames}-{seed}.mp4"
+        return path if path.exists() else write_clip(path, frames, seed=seed)
+
+    return clip
