@@ -1,0 +1,1 @@
+"""Demos, installed as `dbtrimkv.demos`: the Gradio chat app and the long-video QA script."""
