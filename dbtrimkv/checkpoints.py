@@ -36,24 +36,34 @@ UNTRAINED_WARNING = "retention gates are untrained (freshly initialised): evicti
 
 
 # --- saving --------------------------------------------------------------------------------------
-def save_gates(model, directory: str | Path, eviction: DBTrimKVConfig | None = None,
-               base_model: str | None = None) -> Path:
-    """Write the gate weights (safetensors) and a JSON describing them; returns the directory."""
-    from safetensors.torch import save_file
-
+def _prepare_output(model, directory: str | Path):
+    """(gate spec, created directory, CPU copies of the gate tensors by full name)."""
     spec = gate_spec_of(model)
     if spec is None:
         raise CheckpointError("the model has no retention gates to save")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to("cpu").clone().contiguous() for name, p in gate_parameters(model).items()}
+    return spec, directory, tensors
+
+
+def _base_model_name(model, base_model: str | None) -> str:
+    return base_model or getattr(model, "_dbtrimkv_base_model", None) or model.config._name_or_path
+
+
+def save_gates(model, directory: str | Path, eviction: DBTrimKVConfig | None = None,
+               base_model: str | None = None) -> Path:
+    """Write the gate weights (safetensors) and a JSON describing them; returns the directory."""
+    from safetensors.torch import save_file
+
+    spec, directory, tensors = _prepare_output(model, directory)
     save_file(tensors, str(directory / GATES_WEIGHTS))
     text = text_config_of(model)
     meta = {
         "format": FORMAT,
         "version": 1,
         **spec.to_dict(),
-        "base_model": base_model or getattr(model, "_dbtrimkv_base_model", None) or model.config._name_or_path,
+        "base_model": _base_model_name(model, base_model),
         "num_layers": text.num_hidden_layers,
         "num_kv_heads": text.num_key_value_heads,
         "hidden_size": text.hidden_size,
@@ -66,11 +76,7 @@ def save_gates(model, directory: str | Path, eviction: DBTrimKVConfig | None = N
 def export_released_format(model, directory: str | Path, eviction: DBTrimKVConfig | None = None,
                            base_model: str | None = None) -> Path:
     """Write `config.json` + `trimkv_weights.pth` in the layout of the released checkpoints."""
-    spec = gate_spec_of(model)
-    if spec is None:
-        raise CheckpointError("the model has no retention gates to export")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    spec, directory, tensors = _prepare_output(model, directory)
     eviction = eviction or default_eviction_config(model)
     text = text_config_of(model)
     config = model.config.to_dict()
@@ -78,13 +84,13 @@ def export_released_format(model, directory: str | Path, eviction: DBTrimKVConfi
     if memory is None and eviction.budget is not None:
         memory = eviction.budget // (text.num_hidden_layers * text.num_key_value_heads)
     config.update(
-        base_model=base_model or getattr(model, "_dbtrimkv_base_model", None) or model.config._name_or_path,
+        base_model=_base_model_name(model, base_model),
         retention_gate=spec.gate_type, retention_gate_intermediate_size=spec.intermediate_size,
         retention_gate_bias_init=spec.bias_init, tie_retention_gate_layers=spec.tie_layers,
         memory_size=memory, buffer_size=eviction.buffer_size, trainable_params="self_attn.retention_gate",
     )
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    torch.save({k: p.detach().cpu().clone() for k, p in gate_parameters(model).items()}, directory / RELEASED_WEIGHTS)
+    torch.save(tensors, directory / RELEASED_WEIGHTS)
     return directory
 
 
