@@ -53,6 +53,7 @@ class RetentionGate(nn.Module):
         nn.init.normal_(self.linear2.weight, std=std)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.linear1.weight.dtype)  # gates may be kept in float32
         logits = self.linear2(F.silu(self.linear1(hidden_states))) + self.bias
         return F.logsigmoid(logits.float())
 
@@ -77,6 +78,7 @@ class RetentionGate10(nn.Module):
             self.bias = shared.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.linear1.weight.dtype)  # gates may be kept in float32
         h = F.silu(self.linear2(F.silu(self.linear1(hidden_states))))
         return F.logsigmoid((self.linear3(h) + self.bias).float())
 

@@ -27,3 +27,18 @@ def test_kernels_is_not_installed_as_a_top_level_module():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"dbtrimkv.kernels" = "kernels"' in pyproject
     assert not re.search(r'^packages\s*=.*"kernels"', pyproject, flags=re.M)
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists packages explicitly (package-dir maps kernels/, configs/, demos/ into dbtrimkv)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    dirs = {name: ROOT / path for name, path in setuptools["package-dir"].items()}
+    found = set()
+    for name, directory in dirs.items():
+        for init in directory.rglob("__init__.py"):
+            rel = init.parent.relative_to(directory).parts
+            found.add(".".join((name, *rel)) if rel else name)
+    assert found == listed

@@ -1,0 +1,38 @@
+"""Training settings: the shipped presets load, YAML quirks are handled, overrides apply."""
+
+from __future__ import annotations
+
+import pytest
+
+from dbtrimkv.errors import ConfigError
+from dbtrimkv.training.config import TrainConfig
+
+
+def test_shipped_presets_load():
+    tiny = TrainConfig.load("configs/train-tiny.yaml")
+    assert (tiny.model, tiny.memory_size, tiny.capacity, tiny.synthetic_examples) == ("tiny", 8, "global", 32)
+    big = TrainConfig.load("train-qwen3-vl-4b")  # by preset name
+    assert (big.memory_size, big.gate_type, big.capacity, big.attention, big.gradient_checkpointing) == (
+        512, "rg10", "global", "flex", True)
+
+
+def test_exponent_floats_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("synthetic_examples: 2\nlr: 3e-4\nmax_grad_norm: null\n")
+    config = TrainConfig.load(path, max_steps=7, output_dir=None)
+    assert config.lr == pytest.approx(3e-4) and config.max_grad_norm is None
+    assert config.max_steps == 7 and config.output_dir == "runs/gates"  # None overrides change nothing
+
+
+@pytest.mark.parametrize("text, message", [
+    ("synthetic_examples: 2\nlr: fast\n", "lr must be float"),
+    ("synthetic_examples: 2\npacking: yes please\n", "packing must be bool"),
+    ("synthetic_examples: 2\nmemory_size: 0\n", "memory_size must be at least 1"),
+    ("- a list\n", "expected a mapping"),
+    ("seed: 1\n", "set train_data"),
+])
+def test_bad_values(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.load(path)
