@@ -10,5 +10,6 @@ from __future__ import annotations
 
 from .base import EvictionPolicy, get_policy, policy_names, register_policy
 from . import retention  # noqa: F401  (registers the retention policies)
+from . import h2o, knorm, random_evict, snapkv, streaming  # noqa: F401  (registers the baselines)
 
 __all__ = ["EvictionPolicy", "get_policy", "policy_names", "register_policy"]

@@ -1,0 +1,44 @@
+"""`h2o`: heavy hitters plus recent tokens (H2O, Zhang et al. 2023).
+
+Every cached entry accumulates the attention it receives from every query since it was cached
+(summed over the query heads of its KV head). An eviction keeps, per (layer, KV head), the most
+recent half of its share of the budget, and fills the other half with the entries of highest
+accumulated attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import register_policy
+from .scored import PerHeadScorePolicy, attention_mass, layer_entries, slot_state
+
+STATE = "_h2o_scores"
+
+
+@register_policy
+class H2OPolicy(PerHeadScorePolicy):
+    name = "h2o"
+
+    def observe_attention(self, cache, layer_idx, query):
+        q_pos = cache.query_positions
+        slots, key_pos, valid = layer_entries(cache, layer_idx)
+        mass = attention_mass(cache, query, q_pos, slots, key_pos, valid)
+        first = torch.where(q_pos >= 0, q_pos, q_pos.new_full((), torch.iinfo(torch.int64).max)).amin(1)
+        new = valid & (key_pos >= first[:, None, None])  # cached by this forward: its slot may be reused
+        scores = slot_state(cache, STATE).clone()
+        scores[slots[new]] = 0.0
+        scores = scores.index_add(0, slots[valid], mass[valid])
+        setattr(cache, STATE, scores)
+
+    def slot_scores(self, cache):
+        from ..kernels.select_compact import naive
+
+        t = cache.tables
+        seg, tidx = naive.enumerate_entries(t.table, t.seg_start, t.seg_len)
+        slots = t.table[tidx].to(torch.int64)
+        seen = torch.tensor(cache.seen, dtype=torch.int64, device=cache.device)[seg // cache.segments_per_sequence]
+        recent = cache.budget // cache.segments_per_sequence // 2
+        scores = slot_state(cache, STATE).clone()
+        scores[slots[cache.pool.pos[slots].to(torch.int64) >= seen - recent]] = float("inf")
+        return scores

@@ -1,0 +1,21 @@
+"""`knorm`: keep the keys with the lowest L2 norm (Devoto et al. 2024, "A Simple and Effective L2
+Norm-Based Strategy for KV Cache Compression").
+
+Their observation: keys with a low norm tend to draw high attention, so the lowest-norm keys of
+each (layer, KV head) stay. Needs no attention scores, hence works with any attention kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import register_policy
+from .scored import PerHeadScorePolicy
+
+
+@register_policy
+class KeyNormPolicy(PerHeadScorePolicy):
+    name = "knorm"
+
+    def slot_scores(self, cache) -> torch.Tensor:
+        return -torch.linalg.vector_norm(cache.pool.k.to(torch.float32), dim=-1)
