@@ -245,3 +245,17 @@ def test_snapkv_scores_are_the_pooled_window_attention_and_the_top_stay(model):
 def test_baseline_budget_below_one_per_head_is_a_config_error(model):
     with pytest.raises(dbtrimkv.errors.ConfigError, match="one entry per"):
         dbtrimkv.DBTrimKVCache(model[0], dbtrimkv.DBTrimKVConfig(budget=5, policy="knorm"))
+
+
+@pytest.mark.parametrize("policy", BASELINES)
+def test_pipeline_and_cli_accept_every_baseline(policy):
+    from dbtrimkv import DBTrimKVPipeline
+    from dbtrimkv.cli import build_parser
+
+    assert build_parser().parse_args(["chat", "--policy", policy, "hi"]).policy == policy
+
+    pipe = DBTrimKVPipeline.from_pretrained("tiny-text", budget=30, policy=policy, config=dbtrimkv.DBTrimKVConfig(
+        prefill_chunk=8, buffer_size=4))
+    out = pipe.chat(PROMPT, max_new_tokens=5)
+    assert out.stats.kv_entries <= 30 + 6 * 8 and out.stats.kv_entries < out.stats.kv_entries_full
+    assert out.stats.evictions > 0
