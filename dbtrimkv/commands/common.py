@@ -10,12 +10,11 @@ TINY_NOTICE = (
 )
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, default: str = "the embedded tiny model") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="a local directory, a hub id (e.g. ngocbh/DBTrimKV-Qwen3-VL-4B-Instruct), a directory "
-                        "written by save_gates / dbtrimkv train, or tiny / tiny-moe / tiny-text "
-                        "(default: the embedded tiny model)")
+                        f"written by save_gates / dbtrimkv train, or tiny / tiny-moe / tiny-text (default: {default})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     g.add_argument("--dtype", default="auto",
                    help="float32, bfloat16, float16 or auto (default: bf16 on GPU, fp32 on CPU)")

@@ -1,0 +1,111 @@
+"""`dbtrimkv eval`: the synthetic recall benchmark and the recipes behind its model.
+
+- `dbtrimkv eval synthetic --policies global streaming ... --budgets 0.05 0.1 ...` runs eviction
+  policies on held-out synthetic prompts in the same engine and writes JSON, a markdown table and
+  a plot (accuracy vs budget).
+- `dbtrimkv eval train-recall --config configs/recall-tiny.yaml` trains the tiny recall model.
+- `dbtrimkv eval train-gates --config configs/train-recall-gates.yaml` trains its retention gates
+  with `dbtrimkv.training` on recall data and saves them next to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="synthetic recall benchmark and its training recipes",
+                       description="Measure eviction policies on a task with known answers.")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    _add_synthetic(eval_sub)
+    _add_train_recall(eval_sub)
+    _add_train_gates(eval_sub)
+
+
+def _add_synthetic(sub) -> None:
+    from ..policies import policy_names
+    from .common import add_model_args
+
+    p = sub.add_parser("synthetic", help="accuracy of eviction policies vs KV budget on synthetic recall",
+                       description="Answer held-out synthetic recall prompts under each policy and budget (a fraction "
+                                   "of the full cache, converted per prompt to an entry budget). Writes JSON, a "
+                                   "markdown table and a PNG plot.")
+    p.add_argument("--policies", nargs="+", default=["global", "head", "streaming", "snapkv", "h2o", "knorm", "random"],
+                   choices=policy_names(), metavar="POLICY",
+                   help=f"policies to compare (choices: {', '.join(policy_names())})")
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.25, 0.5], metavar="FRACTION",
+                   help="KV budgets as fractions of each prompt's full cache, in (0, 1]")
+    p.add_argument("--kind", choices=("cards", "video"), default="cards", help="card stream or video clip prompts")
+    p.add_argument("--examples", type=int, default=100, help="held-out prompts (seeds 0..N-1; default: 100)")
+    p.add_argument("--num-cards", type=int, default=8)
+    p.add_argument("--filler", type=int, default=32, help="filler characters between cards / around the clip")
+    p.add_argument("--distractors", type=int, default=1, help="distractor images between two cards")
+    p.add_argument("--frames", type=int, default=8, help="video frames (--kind video)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--answer-modality", choices=("image", "text", "any"), default="any")
+    p.add_argument("--needle", type=float, default=None, help="place of the queried card / frame in [0, 1] "
+                   "(default: random)")
+    p.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens per prefill step (default: 32)")
+    p.add_argument("--buffer-size", type=int, default=0, help="tokens between evictions while decoding")
+    p.add_argument("--output", default="bench/synthetic_recall", help="output prefix: writes .json, .md and .png")
+    add_model_args(p, default="the recall model that `dbtrimkv eval train-recall` writes to runs/recall-tiny")
+    p.set_defaults(func=run_synthetic)
+
+
+def _add_train_recall(sub) -> None:
+    p = sub.add_parser("train-recall", help="train the tiny recall Qwen3-VL from scratch",
+                       description="Train the recall model of configs/recall-tiny.yaml from scratch on one CPU "
+                                   "thread and save it (safetensors + processor) to the recipe's output.")
+    p.add_argument("--config", default="recall-tiny", help="recipe YAML or preset name (default: recall-tiny)")
+    p.add_argument("--output", default=None, help="model directory (default: the recipe's output)")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.set_defaults(func=run_train_recall)
+
+
+def _add_train_gates(sub) -> None:
+    p = sub.add_parser("train-gates", help="train retention gates of the recall model on recall data",
+                       description="Distil rg10 gates with a global capacity loss (dbtrimkv.training) on synthetic "
+                                   "recall prompts and save them next to the model (save_gates).")
+    p.add_argument("--config", default="train-recall-gates", help="training YAML (default: train-recall-gates)")
+    p.add_argument("--examples", type=int, default=2000, help="recall chats written as training data (default: 2000)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.set_defaults(func=run_train_gates)
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+
+def run_synthetic(args) -> int:
+    from ..errors import ConfigError
+    from ..eval.harness import BenchmarkSpec, run_benchmark
+    from ..eval.report import write_report
+
+    if any(not 0.0 < b <= 1.0 for b in args.budgets):
+        raise ConfigError(f"--budgets are fractions of the full cache in (0, 1], got {args.budgets}")
+    _log_to_stderr()
+    spec = BenchmarkSpec.from_args(args)
+    results = run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
+    paths = write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def run_train_recall(args) -> int:
+    from ..eval.train_recall import train
+
+    _log_to_stderr()
+    scores = train(args.config, output=args.output, steps=args.steps, threads=args.threads)
+    print(" ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    return 0
+
+
+def run_train_gates(args) -> int:
+    from ..eval.gates import train_gates
+
+    _log_to_stderr()
+    print(train_gates(args.config, examples=args.examples, threads=args.threads))
+    return 0
+

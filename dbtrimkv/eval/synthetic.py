@@ -1,0 +1,315 @@
+"""Synthetic multimodal recall: long prompts whose one-character answer is known.
+
+Why: no real checkpoint can be downloaded here, so eviction quality has to be measured on a task
+where we know which few tokens matter. A prompt is a stream of *cards* (a value followed by its
+key K, an upper-case letter): the value is either a digit drawn as a seven-segment glyph in an
+image, or a digit written as text. Cards are separated by lower-case filler text and distractor images
+(filled shapes, never digits). The prompt ends with a question (`which digit is on card`) that the
+assistant's answer completes with a key, `K`; the token after it, the card's digit, is the answer. Everything else in the prompt is noise, so
+a cache that evicts the needle card's key or value loses the answer.
+
+The video variant is one clip between filler text: every frame shows a distractor shape except
+one, which shows the digit to report.
+
+Everything is a pure function of the seed (`random.Random(seed)`, shapes drawn with PIL), so a
+seed names an example on every machine. Training uses seeds from `TRAIN_SEED_BASE` upwards; the
+evaluation uses small seeds, so held-out examples are never trained on.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+KEYS = string.ascii_uppercase
+DIGITS = string.digits
+MODALITIES = ("image", "text")
+TRAIN_SEED_BASE = 1_000_000
+VIDEO_ANSWER_PREFIX = "video:"
+
+# Seven-segment digits: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle.
+SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg", "5": "acdfg", "6": "acdefg",
+            "7": "abc", "8": "abcdefg", "9": "abcdfg"}
+SHAPES = ("circle", "triangle", "diamond", "cross")
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """Parameters of the card-stream task.
+
+    `answer_modality`: where the needle card keeps its value (`image`, `text`, or `any` = random);
+    the other cards draw theirs at random. `needle`: relative place of the queried card in the
+    stream (0 = first card, 1 = last; None = uniform). `filler`: characters of filler text between
+    two cards; `distractors`: distractor images in each gap; `card_modalities`: what the other
+    cards draw their value's modality from. `questions` > 1 makes a multi-turn
+    chat (a question per turn, the earlier ones answered, about any card), used for training.
+    """
+
+    num_cards: int = 8
+    filler: int = 48
+    image_size: int = 32
+    answer_modality: str = "any"
+    needle: float | None = None
+    distractors: int = 1
+    questions: int = 1
+    card_modalities: tuple[str, ...] = MODALITIES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_cards <= len(KEYS):
+            raise ValueError(f"num_cards must be in [1, {len(KEYS)}], got {self.num_cards}")
+        if self.answer_modality not in (*MODALITIES, "any"):
+            raise ValueError(f"answer_modality must be image, text or any, got {self.answer_modality!r}")
+        if self.needle is not None and not 0.0 <= self.needle <= 1.0:
+            raise ValueError(f"needle must be in [0, 1] or None, got {self.needle}")
+        if not self.card_modalities or not set(self.card_modalities) <= set(MODALITIES):
+            raise ValueError(f"card_modalities must be a non-empty subset of {MODALITIES}, got {self.card_modalities}")
+        if self.questions < 1:
+            raise ValueError(f"questions must be at least 1, got {self.questions}")
+        if self.image_size < 32 or self.filler < 0 or self.distractors < 0:
+            raise ValueError("image_size must be >= 32, filler and distractors >= 0")
+
+
+@dataclass(frozen=True)
+class VideoRecallTask:
+    """Parameters of the video variant: `frames` frames, the one at relative place `needle` shows a digit."""
+
+    frames: int = 16
+    filler: int = 48
+    image_size: int = 32
+    needle: float | None = None
+    fps: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.frames < 2 or self.image_size < 32 or self.filler < 0:
+            raise ValueError("frames must be >= 2, image_size >= 32, filler >= 0")
+        if self.needle is not None and not 0.0 <= self.needle <= 1.0:
+            raise ValueError(f"needle must be in [0, 1] or None, got {self.needle}")
+
+
+@dataclass
+class Card:
+    """One key/value binding. `image` is the seven-segment glyph (image cards) or None (text cards);
+    `box` is where the glyph was drawn (x0, y0, x1, y1), so tests can read the digit back. In the
+    video variant the clip is the one card and `frame` the index of its digit frame."""
+
+    key: str
+    value: str
+    modality: str
+    image: Image.Image | None = None
+    box: tuple[int, int, int, int] | None = None
+    frame: int | None = None
+
+
+@dataclass
+class RecallExample:
+    """A generated prompt. `messages` end with the assistant's answer prefix (`K:` for card K) after the
+    last question, to be continued with the answer (`prompt_inputs`); `answers` holds the gold answer
+    of every question, `answer` the last one (the one to evaluate)."""
+
+    seed: int
+    messages: list[dict]
+    answers: list[str]
+    cards: list[Card] = field(default_factory=list)
+    queried: list[int] = field(default_factory=list)  # card index of each question
+
+    @property
+    def answer(self) -> str:
+        return self.answers[-1]
+
+    @property
+    def answer_modality(self) -> str:
+        """Where the last answer sits: image, text or video."""
+        return self.cards[self.queried[-1]].modality
+
+    def training_messages(self) -> list[dict]:
+        """The chat with the last assistant turn completed by its answer."""
+        *head, last = self.messages
+        return [*head, {"role": "assistant", "content": [_text(last["content"][0]["text"] + self.answer)]}]
+
+
+def answer_prefix(key: str) -> str:
+    """How the assistant starts its answer about `key`: the answer is the single token that follows.
+
+    Cards put the value *before* the key and the answer echoes the key, so answering is one lookup:
+    the answer position holds the key token, attends to the earlier occurrences of that same token,
+    and reads the value that sits just before it. With the key first (`K: value`), a tiny model must
+    first carry each key forward onto its value, a two-step circuit it learns far later on CPU."""
+    return key
+
+
+def prompt_inputs(processor, examples: list["RecallExample"]):
+    """Processor inputs of the prompts (left-padded batch), ending with the answer prefix."""
+    from ..prompts import build_inputs
+
+    return build_inputs(processor, [ex.messages for ex in examples], add_generation_prompt=False,
+                        continue_final_message=True)
+
+
+# --- drawing --------------------------------------------------------------------------------------
+def _colors(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """A light background and a dark foreground colour: always the same contrast sign, so a glyph's
+    segments are visible to a linear patch embedding whatever the colours."""
+    bg = tuple(rng.randrange(150, 256) for _ in range(3))
+    fg = tuple(rng.randrange(0, 100) for _ in range(3))
+    return bg, fg
+
+
+def segment_rects(box: tuple[int, int, int, int], thickness: int) -> dict[str, tuple[int, int, int, int]]:
+    """Rectangles of the seven segments of a digit drawn in `box`."""
+    x0, y0, x1, y1 = box
+    ym = (y0 + y1) // 2
+    t = thickness
+    return {
+        "a": (x0, y0, x1, y0 + t - 1), "g": (x0, ym - t // 2, x1, ym - t // 2 + t - 1), "d": (x0, y1 - t + 1, x1, y1),
+        "f": (x0, y0, x0 + t - 1, ym), "b": (x1 - t + 1, y0, x1, ym),
+        "e": (x0, ym, x0 + t - 1, y1), "c": (x1 - t + 1, ym, x1, y1),
+    }
+
+
+def draw_digit(digit: str, size: int, rng: random.Random) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A `size`x`size` image of a seven-segment `digit` at a jittered place; returns (image, box)."""
+    bg, fg = _colors(rng)
+    image = Image.new("RGB", (size, size), bg)
+    width, height = size * rng.randint(40, 55) // 100, size * rng.randint(60, 75) // 100
+    x0 = rng.randint(size // 8, size - size // 8 - width)
+    y0 = rng.randint(size // 8, size - size // 8 - height)
+    box = (x0, y0, x0 + width, y0 + height)
+    draw = ImageDraw.Draw(image)
+    rects = segment_rects(box, thickness=max(2, size // 10))
+    for name in SEGMENTS[digit]:
+        draw.rectangle(rects[name], fill=fg)
+    return image, box
+
+
+def draw_shape(size: int, rng: random.Random) -> Image.Image:
+    """A distractor: a filled circle, triangle, diamond or diagonal cross (nothing like a digit)."""
+    bg, fg = _colors(rng)
+    image = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(image)
+    r = size * rng.randint(25, 40) // 100
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    shape = rng.choice(SHAPES)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fg)
+    else:
+        width = max(2, size // 10)
+        draw.line((cx - r, cy - r, cx + r, cy + r), fill=fg, width=width)
+        draw.line((cx - r, cy + r, cx + r, cy - r), fill=fg, width=width)
+    return image
+
+
+def filler_text(n: int, rng: random.Random) -> str:
+    """`n` characters of lower-case pseudo-words (no keys, no digits: nothing to confuse with a card)."""
+    words, length = [], 0
+    while length < n:
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7)))
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words)[:n]
+
+
+# --- prompts --------------------------------------------------------------------------------------
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _image(image: Image.Image) -> dict:
+    return {"type": "image", "image": image}
+
+
+def _gap(task: RecallTask, rng: random.Random) -> list[dict]:
+    """Filler text of `task.filler` characters with `task.distractors` distractor images inside."""
+    text = filler_text(task.filler, rng)
+    cuts = sorted(rng.randint(0, len(text)) for _ in range(task.distractors))
+    parts, last = [], 0
+    for cut in cuts:
+        parts += [_text(" " + text[last:cut] + " "), _image(draw_shape(task.image_size, rng))]
+        last = cut
+    parts.append(_text(" " + text[last:] + " "))
+    return parts
+
+
+def _make_card(key: str, modality: str, task: RecallTask, rng: random.Random) -> Card:
+    value = rng.choice(DIGITS)
+    if modality == "text":
+        return Card(key, value, modality)
+    image, box = draw_digit(value, task.image_size, rng)
+    return Card(key, value, modality, image, box)
+
+
+QUESTION = "\nwhich digit is on card"
+
+
+def question_text(key: str) -> str:
+    """The user's question: it does not name the key, the assistant's answer prefix does (see
+    `answer_prefix`): a key written in the question too would be a second match for the lookup,
+    one that carries no value."""
+    return QUESTION
+
+
+def recall_example(seed: int, task: RecallTask | None = None) -> RecallExample:
+    """The card-stream prompt of `seed` (see the module docstring)."""
+    task = task or RecallTask()
+    rng = random.Random(seed)
+    keys = rng.sample(KEYS, task.num_cards)
+    last = task.num_cards - 1
+    needle = rng.randint(0, last) if task.needle is None else round(task.needle * last)
+    needle_modality = rng.choice(MODALITIES) if task.answer_modality == "any" else task.answer_modality
+    cards = [_make_card(k, needle_modality if i == needle else rng.choice(task.card_modalities), task, rng)
+             for i, k in enumerate(keys)]
+    content = _gap(task, rng)
+    for card in cards:
+        content.append(_image(card.image) if card.image is not None else _text(card.value))
+        content.append(_text(card.key))
+        content += _gap(task, rng)
+    # earlier questions ask about any card, repeats allowed: asking each card once would let the last
+    # answers follow by elimination instead of by recall
+    queried = [rng.randrange(task.num_cards) for _ in range(task.questions - 1)] + [needle]
+    messages = [{"role": "user", "content": [*content, _text(question_text(cards[queried[0]].key))]}]
+    for previous, index in zip(queried, queried[1:]):
+        card = cards[previous]
+        messages.append({"role": "assistant", "content": [_text(answer_prefix(card.key) + card.value)]})
+        messages.append({"role": "user", "content": [_text(question_text(cards[index].key))]})
+    messages.append({"role": "assistant", "content": [_text(answer_prefix(cards[needle].key))]})
+    return RecallExample(seed, messages, [cards[i].value for i in queried], cards, queried)
+
+
+VIDEO_QUESTION = "\nwhich digit is in the video?"
+
+
+def video_example(seed: int, task: VideoRecallTask | None = None) -> RecallExample:
+    """A clip of distractor frames with one digit frame, between filler text; answer: the digit."""
+    task = task or VideoRecallTask()
+    rng = random.Random(seed)
+    needle = rng.randint(0, task.frames - 1) if task.needle is None else round(task.needle * (task.frames - 1))
+    digit = rng.choice(DIGITS)
+    frames, box = [], None
+    for i in range(task.frames):
+        if i == needle:
+            frame, box = draw_digit(digit, task.image_size, rng)
+        else:
+            frame = draw_shape(task.image_size, rng)
+        frames.append(frame)
+    content = [
+        _text(filler_text(task.filler, rng) + " "),
+        {"type": "video", "video": frames, "fps": task.fps},
+        _text(" " + filler_text(task.filler, rng)),
+        _text(VIDEO_QUESTION),
+    ]
+    card = Card("video", digit, "video", frames[needle], box, frame=needle)
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [_text(VIDEO_ANSWER_PREFIX)]}]
+    return RecallExample(seed, messages, [digit], [card], [0])
+
+
+def examples(kind: str, seeds, task=None) -> list[RecallExample]:
+    """Examples of `kind` (`cards` or `video`) for the given seeds."""
+    make = {"cards": recall_example, "video": video_example}[kind]
+    return [make(seed, task) for seed in seeds]

@@ -1,0 +1,209 @@
+"""Train the tiny recall Qwen3-VL from scratch on the synthetic task (`dbtrimkv eval train-recall`).
+
+Why: the benchmark is only meaningful with a model that answers correctly when nothing is
+evicted. The recipe (sizes, task mixture, curriculum, optimiser, steps) lives in
+`configs/recall-tiny.yaml`; given the same recipe and seed, the run draws the same examples and
+initial weights. Every training example is a multi-question chat (several keys asked in turn),
+and only the assistant answers are supervised (the digit and the `<|im_end|>` after it), so each
+forward yields several answer tokens.
+
+Curriculum: a small model only finds the retrieval circuit on easy prompts (one or two cards,
+little filler); on long prompts it sits at chance. So training moves through `stages` of growing
+(cards, filler) and advances when teacher-forced accuracy on a fixed check set of the current
+stage reaches `advance_at`; after the last stage it keeps training on the full range. The check
+sets are deterministic, so the run (stage changes included) is reproducible on one machine.
+Held-out accuracy (seeds below `TRAIN_SEED_BASE`) is measured with teacher forcing, which equals
+greedy decoding of the first answer token. The vision tower is unstable at learning rates the
+text model tolerates, hence one moderate rate for all parameters (see the recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..prompts import build_inputs
+from .recall_model import build_model, load_recipe, save_model
+from .synthetic import DIGITS, TRAIN_SEED_BASE, RecallExample, prompt_inputs, RecallTask, VideoRecallTask, recall_example, video_example
+
+logger = logging.getLogger(__name__)
+
+ASSISTANT_PREFIX = "<|im_start|>assistant\n"
+
+
+CHECK_SEED_BASE = 500_000  # curriculum check sets: held out from training, apart from the benchmark's seeds
+
+
+def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallTask | VideoRecallTask:
+    """The task of one training batch (one task per batch keeps padding low): a card stream or (with
+    probability `video`) a clip; `stage` = [max cards, max filler] of the curriculum, or [max cards,
+    max filler, "text"] for card streams whose values are all text (no images, no video)."""
+    rng = random.Random(seed)
+    max_cards, max_filler, *only = stage
+    text_only = only == ["text"]
+    size = rng.choice(mixture["image_sizes"])
+    if rng.random() < mixture["video"] and not text_only:
+        return VideoRecallTask(frames=rng.randint(*mixture["video_frames"]), filler=rng.randint(0, max_filler),
+                               image_size=size)
+    cards = rng.randint(1, max_cards)
+    modalities = dict(answer_modality="text", card_modalities=("text",)) if text_only else {}
+    return RecallTask(num_cards=cards, filler=rng.randint(0, max_filler), image_size=size,
+                      distractors=rng.randint(0, mixture["max_distractors"]), questions=mixture["questions"],
+                      **modalities)
+
+
+def sample_batch(seed: int, size: int, mixture: dict[str, Any], stage: list[int]) -> list[RecallExample]:
+    """`size` examples of one sampled task, from seeds `seed .. seed + size - 1`."""
+    task = sample_task(seed, mixture, stage)
+    make = video_example if isinstance(task, VideoRecallTask) else recall_example
+    return [make(seed + i, task) for i in range(size)]
+
+
+def check_set(mixture: dict[str, Any], stage: list[int], size: int) -> list[RecallExample]:
+    """Fixed single-question examples of one curriculum stage, for deciding when to advance."""
+    out = []
+    for i in range(size):
+        seed = CHECK_SEED_BASE + 1000 * stage[0] + i
+        task = sample_task(seed, mixture, stage)
+        if isinstance(task, RecallTask):
+            out.append(recall_example(seed, dataclasses.replace(task, questions=1)))
+        else:
+            out.append(video_example(seed, task))
+    return out
+
+
+def answer_positions(input_ids: torch.Tensor, header_ids: list[int], digit_ids: list[int]) -> list[tuple[int, int]]:
+    """(row, column) of every answer token: the first digit after the header that opens each assistant
+    turn (`<|im_start|>assistant\nK` -> the digit; answer prefixes hold no digit)."""
+    out = []
+    k = len(header_ids)
+    windows = input_ids.unfold(1, k, 1)  # [B, T - k + 1, k]
+    rows, cols = (windows == torch.tensor(header_ids)).all(-1).nonzero(as_tuple=True)
+    is_digit = torch.isin(input_ids, torch.tensor(digit_ids))
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        digits = is_digit[r, c + k :].nonzero()
+        if len(digits) and c + k + int(digits[0]) + 1 < input_ids.shape[1]:
+            out.append((r, c + k + int(digits[0])))
+    return out
+
+
+def collate(processor, batch: list[RecallExample]):
+    """Model inputs for the chats with their answers, and the (row, column) of every supervised token:
+    each answer digit and the `<|im_end|>` that closes it (the echoed key is given, not learned)."""
+    inputs = build_inputs(processor, [ex.training_messages() for ex in batch], add_generation_prompt=False)
+    tokenizer = processor.tokenizer
+    header = tokenizer(ASSISTANT_PREFIX, add_special_tokens=False).input_ids
+    starts = answer_positions(inputs["input_ids"], header, tokenizer.convert_tokens_to_ids(list(DIGITS)))
+    targets = [(r, c) for r, c in starts] + [(r, c + 1) for r, c in starts]
+    return inputs, targets
+
+
+def answer_loss(model, inputs, targets: list[tuple[int, int]]) -> torch.Tensor:
+    """Cross-entropy of the supervised tokens, each predicted from the position before it."""
+    logits = model(**inputs).logits
+    rows = torch.tensor([r for r, _ in targets])
+    cols = torch.tensor([c for _, c in targets])
+    return F.cross_entropy(logits[rows, cols - 1].float(), inputs["input_ids"][rows, cols])
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, processor, examples: list[RecallExample], batch_size: int = 16) -> float:
+    """Fraction of examples whose last answer is the argmax at the answer position (full cache)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        inputs = prompt_inputs(processor, chunk)
+        logits = model(**inputs).logits[:, -1]
+        predicted = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        correct += sum(p == ex.answer for p, ex in zip(predicted, chunk))
+    model.train()
+    return correct / max(len(examples), 1)
+
+
+def parameter_groups(model, opt_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The vision tower at `vision_lr` (it diverges at rates the text model needs), the rest at `lr`."""
+    vision, text = [], []
+    for name, parameter in model.named_parameters():
+        (vision if ".visual." in f".{name}" else text).append(parameter)
+    vision_lr = opt_cfg.get("vision_lr", opt_cfg["lr"])
+    return [{"params": text, "peak_lr": opt_cfg["lr"]}, {"params": vision, "peak_lr": vision_lr}]
+
+
+def _lr_at(step: int, steps: int, peak: float, warmup: int, decay_fraction: float, final_fraction: float) -> float:
+    """Linear warm-up, constant, then a cosine decay over the last `decay_fraction` of the steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    decay_start = steps * (1 - decay_fraction)
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start) / max(1.0, steps - decay_start)
+    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def heldout_sets(recipe: dict[str, Any]) -> dict[str, list[RecallExample]]:
+    """The held-out examples the run reports on (the benchmark's default tasks, small seeds)."""
+    n = recipe["eval"]["examples"]
+    cards = RecallTask(**recipe["eval"].get("cards", {}))
+    video = VideoRecallTask(**recipe["eval"].get("video", {}))
+    return {"cards": [recall_example(s, cards) for s in range(n)],
+            "video": [video_example(s, video) for s in range(n)]}
+
+
+def train(recipe_path: str | Path, output: str | Path | None = None, steps: int | None = None,
+          threads: int | None = 1) -> dict[str, float]:
+    """Run the recipe; save the final model to `output` (default: the recipe's). Returns held-out accuracy."""
+    recipe = load_recipe(recipe_path)
+    if threads:
+        torch.set_num_threads(threads)
+    opt_cfg, mixture, curriculum = recipe["train"], recipe["mixture"], recipe["curriculum"]
+    steps = steps or opt_cfg["steps"]
+    output = Path(output or recipe["output"])
+    model, processor = build_model(recipe["model"], recipe["seed"])
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, opt_cfg), betas=tuple(opt_cfg["betas"]),
+                                  weight_decay=opt_cfg["weight_decay"])
+    heldout = heldout_sets(recipe)
+    batch_size = opt_cfg["batch_size"]
+    stages = curriculum["stages"]
+    stage = 0
+    checks = check_set(mixture, stages[0], curriculum["check_examples"])
+    seed0 = TRAIN_SEED_BASE + recipe["seed"] * 10_000_000
+    start, smoothed = time.perf_counter(), None
+    for step in range(steps):
+        batch = sample_batch(seed0 + step * batch_size, batch_size, mixture, stages[stage])
+        inputs, targets = collate(processor, batch)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, group["peak_lr"], opt_cfg["warmup"], opt_cfg["decay_fraction"],
+                                 opt_cfg["final_lr_fraction"])
+        loss = answer_loss(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg["grad_clip"])
+        optimizer.step()
+        value = float(loss.detach())
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        if (step + 1) % opt_cfg["log_every"] == 0:
+            logger.info("step %d/%d stage %d %s loss %.3f lr %.2e %.0fs", step + 1, steps, stage, stages[stage],
+                        smoothed, optimizer.param_groups[0]["lr"], time.perf_counter() - start)
+        if stage + 1 < len(stages) and (step + 1) % curriculum["check_every"] == 0:
+            accuracy = teacher_forced_accuracy(model, processor, checks)
+            if accuracy >= curriculum["advance_at"]:
+                stage += 1
+                checks = check_set(mixture, stages[stage], curriculum["check_examples"])
+                logger.info("step %d: stage accuracy %.2f -> stage %d %s", step + 1, accuracy, stage, stages[stage])
+        if (step + 1) % opt_cfg["eval_every"] == 0 or step + 1 == steps:
+            scores = {k: teacher_forced_accuracy(model, processor, v) for k, v in heldout.items()}
+            logger.info("step %d held-out accuracy %s", step + 1, {k: round(v, 3) for k, v in scores.items()})
+            save_model(model.eval(), processor, output)
+            model.train()
+    logger.info("saved %s after %.0fs", output, time.perf_counter() - start)
+    return scores

@@ -1,0 +1,63 @@
+"""`dbtrimkv eval synthetic` end to end in a subprocess: JSON, markdown table and plot agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from dbtrimkv.eval.harness import entry_budget
+
+
+def test_entry_budget_is_a_fraction_of_the_prompt_cache():
+    assert entry_budget(0.1, 400, 6) == 240
+    assert entry_budget(0.5, 33, 6) == 99
+    assert entry_budget(0.001, 100, 6) == 6  # never below one entry per (layer, head)
+
+
+def test_eval_synthetic_runs_end_to_end(tmp_path):
+    """On an untrained recall-architecture model (no trained one ships): the outputs must agree."""
+    from dbtrimkv.eval.recall_model import build_model, load_recipe, save_model
+
+    spec = load_recipe()["model"]
+    spec["text"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    save_model(*build_model(spec, seed=0), tmp_path / "model")
+    prefix = tmp_path / "out" / "recall"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "dbtrimkv.cli", "eval", "synthetic", "--examples", "3", "--num-cards", "3",
+         "--filler", "8", "--policies", "global", "streaming", "--budgets", "0.1", "0.5", "--output", str(prefix),
+         "--model", str(tmp_path / "model")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(prefix.with_suffix(".json").read_text())
+    assert data["command"].startswith("dbtrimkv eval synthetic")
+    assert data["spec"]["task"]["num_cards"] == 3 and len(data["examples"]) == 3
+    cells = {(r["policy"], r["budget"]): r for r in data["results"]}
+    assert set(cells) == {("full", None), ("global", 0.1), ("global", 0.5), ("streaming", 0.1), ("streaming", 0.5)}
+    for (policy, budget), cell in cells.items():
+        key = "full" if policy == "full" else f"{policy}@{budget}"
+        correct = sum(row[key] == row["answer"] for row in data["examples"])
+        assert cell["correct"] == correct and cell["accuracy"] == correct / 3
+    assert data["gates_trained"] is False and "untrained retention gates" in result.stderr
+    table = prefix.with_suffix(".md").read_text()
+    assert "| full cache |" in table and "| streaming |" in table and "| 0.1 | 0.5 |" in table
+    streaming = next(line for line in table.splitlines() if line.startswith("| streaming |"))
+    assert streaming.split("|")[2].strip() == f"{100 * cells[('streaming', 0.1)]['accuracy']:.0f}"
+    assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(prefix.with_suffix(".json")) in result.stdout
+
+
+def test_bad_budget_is_one_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dbtrimkv.cli", "eval", "synthetic", "--budgets", "2",
+                             "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "dbtrimkv: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_without_a_recall_model_the_error_says_how_to_make_one(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dbtrimkv.cli", "eval", "synthetic", "--examples", "1"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no recall model in runs/recall-tiny" in result.stderr and "dbtrimkv eval train-recall" in result.stderr

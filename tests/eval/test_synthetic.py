@@ -1,0 +1,113 @@
+"""The recall generator: deterministic by seed, and its gold answer is what the prompt's cards say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dbtrimkv.eval.synthetic import (
+    DIGITS, KEYS, SEGMENTS, RecallTask, VideoRecallTask, answer_prefix, question_text, recall_example, segment_rects,
+    video_example,
+)
+
+
+def read_digit(image, box) -> str:
+    """Read a seven-segment digit back from its pixels: a segment is lit where its centre has the glyph colour."""
+    pixels = np.asarray(image).astype(int)
+    background = pixels[0, 0]
+    thickness = max(2, image.width // 10)
+    lit = set()
+    for name, (x0, y0, x1, y1) in segment_rects(box, thickness).items():
+        # sample the middle of the segment, away from the corners it shares with its neighbours
+        x, y = (x0 + x1) // 2, (y0 + y1) // 2
+        if np.abs(pixels[y, x] - background).sum() > 0:
+            lit.add(name)
+    matches = [d for d, segments in SEGMENTS.items() if set(segments) == lit]
+    assert len(matches) == 1, lit
+    return matches[0]
+
+
+def prompt_text(example) -> str:
+    """The text parts of the user turns, with images shown as `[img]`."""
+    return "".join(part.get("text", "[img]") for m in example.messages if m["role"] == "user" for part in m["content"])
+
+
+def image_bytes(example) -> list[bytes]:
+    return [part["image"].tobytes() for m in example.messages for part in m["content"] if part["type"] == "image"]
+
+
+def test_same_seed_same_example_and_different_seeds_differ():
+    a, b = recall_example(7), recall_example(7)
+    assert prompt_text(a) == prompt_text(b) and image_bytes(a) == image_bytes(b) and a.answers == b.answers
+    c = recall_example(8)
+    assert prompt_text(c) != prompt_text(a)
+    v1, v2 = video_example(3), video_example(3)
+    frames = lambda v: [f.tobytes() for f in v.messages[0]["content"][1]["video"]]  # noqa: E731
+    assert frames(v1) == frames(v2) and v1.answer == v2.answer
+    assert frames(video_example(4)) != frames(v1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_gold_answer_is_recoverable_from_the_cards(seed):
+    task = RecallTask(num_cards=1 + seed % 12, filler=seed % 50, distractors=seed % 3, questions=1)
+    ex = recall_example(seed, task)
+    keys = [card.key for card in ex.cards]
+    assert len(set(keys)) == len(keys) == task.num_cards and set(keys) <= set(KEYS)
+    needle = ex.cards[ex.queried[-1]]
+    assert ex.answer == needle.value and ex.answer in DIGITS and len(ex.answer) == 1
+    text = prompt_text(ex)
+    assert text.endswith(question_text(needle.key))
+    assert ex.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": answer_prefix(needle.key)}]}
+    body = text[: -len(question_text(needle.key))]
+    for card in ex.cards:  # each card reads its value, as text or as a glyph image, then `K`
+        assert body.count(card.key) == 1
+        if card.modality == "text":
+            assert f"{card.value}{card.key}" in body and card.image is None
+        else:
+            assert f"[img]{card.key}" in body and read_digit(card.image, card.box) == card.value
+    # nothing else in the prompt names a key or a digit: filler is lower-case, distractors are shapes
+    assert sum(ch.isupper() for ch in body) == task.num_cards
+    assert sum(ch.isdigit() for ch in body) == sum(c.modality == "text" for c in ex.cards)
+    n_images = len(image_bytes(ex))
+    assert n_images == sum(c.modality == "image" for c in ex.cards) + task.distractors * (task.num_cards + 1)
+
+
+def test_parameters_place_the_needle_and_its_modality():
+    for modality in ("image", "text"):
+        for needle, index in ((0.0, 0), (1.0, 9), (0.5, 4)):  # round(0.5 * 9) = 4 (banker's rounding)
+            ex = recall_example(11, RecallTask(num_cards=10, needle=needle, answer_modality=modality))
+            assert ex.queried == [index] and ex.cards[index].modality == modality
+    images = [p["image"] for p in recall_example(2, RecallTask(image_size=64)).messages[0]["content"]
+              if p["type"] == "image"]
+    assert images and all(im.size == (64, 64) for im in images)
+    with pytest.raises(ValueError):
+        RecallTask(num_cards=27)
+    with pytest.raises(ValueError):
+        RecallTask(answer_modality="audio")
+
+
+def test_multi_question_chats_answer_every_question():
+    ex = recall_example(5, RecallTask(num_cards=6, questions=4))
+    assert len(ex.answers) == len(ex.queried) == 4
+    users = [m for m in ex.messages if m["role"] == "user"]
+    assistants = [m for m in ex.messages if m["role"] == "assistant"]
+    keys = [ex.cards[i].key for i in ex.queried]
+    assert [a["content"][0]["text"] for a in assistants] == [f"{k}{v}" for k, v in zip(keys, ex.answers[:-1])] + [
+        keys[-1]]
+    for message, key in zip(users, keys):
+        assert message["content"][-1]["text"] == question_text(key)
+    for index, answer in zip(ex.queried, ex.answers):
+        assert ex.cards[index].value == answer
+    last = {"role": "assistant", "content": [{"type": "text", "text": f"{keys[-1]}{ex.answer}"}]}
+    assert ex.training_messages()[-1] == last
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_video_has_one_digit_frame_holding_the_answer(seed):
+    ex = video_example(seed, VideoRecallTask(frames=6 + seed))
+    frames = ex.messages[0]["content"][1]["video"]
+    assert len(frames) == 6 + seed
+    needle = ex.cards[0].frame
+    assert read_digit(frames[needle], ex.cards[0].box) == ex.answer and ex.answer_modality == "video"
+    placed = video_example(seed, VideoRecallTask(frames=9, needle=1.0))
+    assert placed.cards[0].frame == 8
