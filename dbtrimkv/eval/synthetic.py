@@ -1,11 +1,11 @@
 """Synthetic multimodal recall: long prompts whose one-character answer is known.
 
 Why: no real checkpoint can be downloaded here, so eviction quality has to be measured on a task
-where we know which few tokens matter. A prompt is a stream of *cards* (a value followed by its
-key K, an upper-case letter): the value is either a digit drawn as a seven-segment glyph in an
-image, or a digit written as text. Cards are separated by lower-case filler text and distractor images
-(filled shapes, never digits). The prompt ends with a question (`which digit is on card`) that the
-assistant's answer completes with a key, `K`; the token after it, the card's digit, is the answer. Everything else in the prompt is noise, so
+where we know which few tokens matter. A prompt is a stream of *cards* (`K:` then a value, K an upper-case
+key): the value is either a digit drawn as a seven-segment glyph in an image, or a digit written
+as text. Cards are separated by lower-case filler text and distractor images (filled shapes, never
+digits). The prompt ends with a question (`which digit is on card`) that the assistant's answer
+completes with `K:`; the token after it, the card's digit, is the answer. Everything else in the prompt is noise, so
 a cache that evicts the needle card's key or value loses the answer.
 
 The video variant is one clip between filler text: every frame shows a distractor shape except
@@ -28,7 +28,8 @@ KEYS = string.ascii_uppercase
 DIGITS = string.digits
 MODALITIES = ("image", "text")
 TRAIN_SEED_BASE = 1_000_000
-VIDEO_ANSWER_PREFIX = "video:"
+SEPARATOR = ":"  # between a key and its value: on cards, in recalls and in answers
+VIDEO_ANSWER_PREFIX = "video" + SEPARATOR
 
 # Seven-segment digits: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle.
 SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg", "5": "acdfg", "6": "acdefg",
@@ -44,7 +45,8 @@ class RecallTask:
     the other cards draw theirs at random. `needle`: relative place of the queried card in the
     stream (0 = first card, 1 = last; None = uniform). `filler`: characters of filler text between
     two cards; `distractors`: distractor images in each gap; `card_modalities`: what the other
-    cards draw their value's modality from. `questions` > 1 makes a multi-turn
+    cards draw their value's modality from. `recalls` > 0 (training) mentions earlier cards again
+    inside the stream, `K:` and the digit as text, each a recall to supervise. `questions` > 1 makes a multi-turn
     chat (a question per turn, the earlier ones answered, about any card), used for training.
     """
 
@@ -56,6 +58,7 @@ class RecallTask:
     distractors: int = 1
     questions: int = 1
     card_modalities: tuple[str, ...] = MODALITIES
+    recalls: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_cards <= len(KEYS):
@@ -66,6 +69,8 @@ class RecallTask:
             raise ValueError(f"needle must be in [0, 1] or None, got {self.needle}")
         if not self.card_modalities or not set(self.card_modalities) <= set(MODALITIES):
             raise ValueError(f"card_modalities must be a non-empty subset of {MODALITIES}, got {self.card_modalities}")
+        if self.recalls < 0:
+            raise ValueError(f"recalls must be >= 0, got {self.recalls}")
         if self.questions < 1:
             raise ValueError(f"questions must be at least 1, got {self.questions}")
         if self.image_size < 32 or self.filler < 0 or self.distractors < 0:
@@ -132,12 +137,9 @@ class RecallExample:
 
 def answer_prefix(key: str) -> str:
     """How the assistant starts its answer about `key`: the answer is the single token that follows.
-
-    Cards put the value *before* the key and the answer echoes the key, so answering is one lookup:
-    the answer position holds the key token, attends to the earlier occurrences of that same token,
-    and reads the value that sits just before it. With the key first (`K: value`), a tiny model must
-    first carry each key forward onto its value, a two-step circuit it learns far later on CPU."""
-    return key
+    Echoing the key makes the answer a copy of what followed `K:` on the card (an induction step),
+    the same step as every recall inside a training stream."""
+    return key + SEPARATOR
 
 
 def prompt_inputs(processor, examples: list["RecallExample"]):
@@ -249,8 +251,8 @@ QUESTION = "\nwhich digit is on card"
 
 def question_text(key: str) -> str:
     """The user's question: it does not name the key, the assistant's answer prefix does (see
-    `answer_prefix`): a key written in the question too would be a second match for the lookup,
-    one that carries no value."""
+    `answer_prefix`): a key written in the question too would be a second `K` for the lookup to
+    match, one followed by no value."""
     return QUESTION
 
 
@@ -264,14 +266,20 @@ def recall_example(seed: int, task: RecallTask | None = None) -> RecallExample:
     needle_modality = rng.choice(MODALITIES) if task.answer_modality == "any" else task.answer_modality
     cards = [_make_card(k, needle_modality if i == needle else rng.choice(task.card_modalities), task, rng)
              for i, k in enumerate(keys)]
-    content = _gap(task, rng)
-    for card in cards:
-        content.append(_image(card.image) if card.image is not None else _text(card.value))
-        content.append(_text(card.key))
-        content += _gap(task, rng)
+    gaps = [_gap(task, rng)]
+    for _ in cards:
+        gaps.append(_gap(task, rng))
     # earlier questions ask about any card, repeats allowed: asking each card once would let the last
     # answers follow by elimination instead of by recall
     queried = [rng.randrange(task.num_cards) for _ in range(task.questions - 1)] + [needle]
+    for _ in range(task.recalls):  # card j mentioned again at the end of a later gap
+        j = rng.randrange(task.num_cards)
+        gaps[rng.randint(j + 1, task.num_cards)].append(_text(cards[j].key + SEPARATOR + cards[j].value + " "))
+    content = list(gaps[0])
+    for card, gap in zip(cards, gaps[1:]):
+        content.append(_text(card.key + SEPARATOR))
+        content.append(_image(card.image) if card.image is not None else _text(card.value))
+        content += gap
     messages = [{"role": "user", "content": [*content, _text(question_text(cards[queried[0]].key))]}]
     for previous, index in zip(queried, queried[1:]):
         card = cards[previous]

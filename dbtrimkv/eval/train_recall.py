@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
-from .synthetic import DIGITS, TRAIN_SEED_BASE, RecallExample, prompt_inputs, RecallTask, VideoRecallTask, recall_example, video_example
+from .synthetic import DIGITS, KEYS, SEPARATOR, TRAIN_SEED_BASE, RecallExample, prompt_inputs, RecallTask, VideoRecallTask, recall_example, video_example
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
     modalities = dict(answer_modality="text", card_modalities=("text",)) if text_only else {}
     return RecallTask(num_cards=cards, filler=rng.randint(0, max_filler), image_size=size,
                       distractors=rng.randint(0, mixture["max_distractors"]), questions=mixture["questions"],
-                      **modalities)
+                      recalls=round(mixture.get("recalls_per_card", 0) * cards), **modalities)
 
 
 def sample_batch(seed: int, size: int, mixture: dict[str, Any], stage: list[int]) -> list[RecallExample]:
@@ -95,14 +95,34 @@ def answer_positions(input_ids: torch.Tensor, header_ids: list[int], digit_ids: 
     return out
 
 
+def recall_positions(input_ids: torch.Tensor, key_ids: list[int], colon_id: int, digit_ids: list[int]) -> list[tuple[int, int]]:
+    """(row, column) of every digit that follows `K:` for a key K already mentioned earlier in the row
+    (`K:` seen before): the recalls inside a training stream. A card's first mention is not a target."""
+    out = []
+    keys, digits = set(key_ids), set(digit_ids)
+    for r, row in enumerate(input_ids.tolist()):
+        seen = set()
+        for c in range(2, len(row)):
+            if row[c - 1] != colon_id or row[c - 2] not in keys:
+                continue
+            if row[c] in digits and row[c - 2] in seen:
+                out.append((r, c))
+            seen.add(row[c - 2])
+    return out
+
+
 def collate(processor, batch: list[RecallExample]):
     """Model inputs for the chats with their answers, and the (row, column) of every supervised token:
-    each answer digit and the `<|im_end|>` that closes it (the echoed key is given, not learned)."""
+    each answer digit, the `<|im_end|>` that closes it (the echoed key is given, not learned), and the
+    digit of every recall inside the stream."""
     inputs = build_inputs(processor, [ex.training_messages() for ex in batch], add_generation_prompt=False)
     tokenizer = processor.tokenizer
     header = tokenizer(ASSISTANT_PREFIX, add_special_tokens=False).input_ids
-    starts = answer_positions(inputs["input_ids"], header, tokenizer.convert_tokens_to_ids(list(DIGITS)))
-    targets = [(r, c) for r, c in starts] + [(r, c + 1) for r, c in starts]
+    digit_ids = tokenizer.convert_tokens_to_ids(list(DIGITS))
+    starts = answer_positions(inputs["input_ids"], header, digit_ids)
+    recalls = recall_positions(inputs["input_ids"], tokenizer.convert_tokens_to_ids(list(KEYS)),
+                               tokenizer.convert_tokens_to_ids(SEPARATOR), digit_ids)
+    targets = sorted(set(starts) | set(recalls)) + [(r, c + 1) for r, c in starts]
     return inputs, targets
 
 

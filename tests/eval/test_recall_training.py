@@ -22,11 +22,25 @@ def test_collate_supervises_every_answer_digit_and_its_end_token(seed):
         digits = sorted(c for (r, c), tok in tokens.items() if r == row and tok != "<|im_end|>")
         assert [tokens[(row, c)] for c in digits] == example.answers
         assert all(tokens[(row, c + 1)] == "<|im_end|>" for c in digits)
-        # the token before each answer is the echoed key (cards) or the video prefix's colon
-        before = [processor.tokenizer.decode(ids[row, c - 1]) for c in digits]
-        expected = [example.cards[i].key for i in example.queried] if example.answer_modality != "video" else [":"]
+        # the tokens before each answer are the echoed key and its colon (cards) or `o:` (video)
+        before = [processor.tokenizer.decode(ids[row, c - 2 : c]) for c in digits]
+        expected = [example.cards[i].key + ":" for i in example.queried] if example.answer_modality != "video" else ["o:"]
         assert before == expected
     assert len(targets) == 2 * sum(len(ex.answers) for ex in batch)
+
+
+def test_collate_also_supervises_the_recalls_inside_the_stream():
+    processor = build_processor()
+    example = recall_example(4, RecallTask(num_cards=5, filler=10, recalls=7, questions=2))
+    inputs, targets = collate(processor, [example])
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    decoded = [processor.tokenizer.decode(inputs["input_ids"][0, c - 2 : c + 1]) for _, c in targets]
+    recalls = [d for d in decoded if not d.endswith("<|im_end|>")]
+    assert len(recalls) == 7 + 2  # every recall and both answers; never a card's own first mention
+    values = {card.key: card.value for card in example.cards}
+    for piece in recalls:
+        key, value = piece.split(":")
+        assert values[key] == value and text.index(key + ":") < text.rindex(piece)
 
 
 def test_learning_rate_schedule_warms_up_holds_then_decays():
