@@ -61,6 +61,7 @@ def _add_train_recall(sub) -> None:
     p.add_argument("--output", default=None, help="model directory (default: the recipe's output)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.set_defaults(func=run_train_recall)
 
 
@@ -97,7 +98,10 @@ def run_train_recall(args) -> int:
     from ..eval.train_recall import train
 
     _log_to_stderr()
-    scores = train(args.config, output=args.output, steps=args.steps, threads=args.threads)
+    from ..loading import resolve_device
+
+    scores = train(args.config, output=args.output, steps=args.steps, threads=args.threads,
+                   device=str(resolve_device(args.device)))
     print(" ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     return 0
 

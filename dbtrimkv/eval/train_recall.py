@@ -128,9 +128,10 @@ def collate(processor, batch: list[RecallExample]):
 
 def answer_loss(model, inputs, targets: list[tuple[int, int]]) -> torch.Tensor:
     """Cross-entropy of the supervised tokens, each predicted from the position before it."""
+    inputs = inputs.to(model.device)
     logits = model(**inputs).logits
-    rows = torch.tensor([r for r, _ in targets])
-    cols = torch.tensor([c for _, c in targets])
+    rows = torch.tensor([r for r, _ in targets], device=model.device)
+    cols = torch.tensor([c for _, c in targets], device=model.device)
     return F.cross_entropy(logits[rows, cols - 1].float(), inputs["input_ids"][rows, cols])
 
 
@@ -141,7 +142,7 @@ def teacher_forced_accuracy(model, processor, examples: list[RecallExample], bat
     correct = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        inputs = prompt_inputs(processor, chunk)
+        inputs = prompt_inputs(processor, chunk).to(model.device)
         logits = model(**inputs).logits[:, -1]
         predicted = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
         correct += sum(p == ex.answer for p, ex in zip(predicted, chunk))
@@ -179,7 +180,7 @@ def heldout_sets(recipe: dict[str, Any]) -> dict[str, list[RecallExample]]:
 
 
 def train(recipe_path: str | Path, output: str | Path | None = None, steps: int | None = None,
-          threads: int | None = 1) -> dict[str, float]:
+          threads: int | None = 1, device: str = "cpu") -> dict[str, float]:
     """Run the recipe; save the final model to `output` (default: the recipe's). Returns held-out accuracy."""
     recipe = load_recipe(recipe_path)
     if threads:
@@ -188,6 +189,7 @@ def train(recipe_path: str | Path, output: str | Path | None = None, steps: int 
     steps = steps or opt_cfg["steps"]
     output = Path(output or recipe["output"])
     model, processor = build_model(recipe["model"], recipe["seed"])
+    model.to(device)  # float32 everywhere: the run is small, and the recipe's rates were tuned in fp32
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, opt_cfg), betas=tuple(opt_cfg["betas"]),
                                   weight_decay=opt_cfg["weight_decay"])

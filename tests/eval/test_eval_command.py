@@ -61,3 +61,15 @@ def test_without_a_recall_model_the_error_says_how_to_make_one(tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no recall model in runs/recall-tiny" in result.stderr and "dbtrimkv eval train-recall" in result.stderr
+
+
+def test_train_recall_on_a_missing_gpu_is_one_clear_error(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run([sys.executable, "-m", "dbtrimkv.cli", "eval", "train-recall", "--device", "cuda",
+                             "--output", str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "m").exists()
