@@ -20,6 +20,20 @@ from helpers import random_image  # noqa: E402
 
 torch.set_num_threads(2)
 
+ONE_THREAD_FOLDERS = ("eval", "video_qa")  # many small forwards: one torch thread is faster on 2 busy cores
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread_in_small_model_folders(request):
+    """One torch thread for the tests under ONE_THREAD_FOLDERS, restored afterwards."""
+    if request.node.path.parent.name not in ONE_THREAD_FOLDERS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def write_mp4(path, num_frames: int = 16, fps: int = 8, height: int = 48, width: int = 64, seed: int = 0):
     """Write a small random mp4 (mpeg4 codec) with PyAV."""

@@ -1,14 +1,13 @@
 """Fixtures for the long-video QA tests: a tiny gated model and small generated mp4 clips.
 
-The tests run the model on one thread: the CI machine's two cores are shared, and two torch
-threads fighting over a busy core make the tiny model's many small matmuls ~50x slower.
+The tests run the model on one thread (tests/conftest.py): the CI machine's two cores are shared,
+and two torch threads fighting over a busy core make the tiny model's many small matmuls ~50x slower.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from helpers import randomize_gates
 
 import dbtrimkv
@@ -31,14 +30,6 @@ def write_clip(path, frames: int, fps: int = 8, height: int = 48, width: int = 6
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
