@@ -118,10 +118,15 @@ def install_retention_attention(model) -> None:
         module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
         module.register_forward_hook(_attention_post_hook, with_kwargs=True)
     model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+    set_text_attention(model, ATTENTION_NAME)
+
+
+def set_text_attention(model, name: str) -> None:
+    """Switch the text decoder's attention implementation to `name`; a vision tower keeps sdpa."""
     if hasattr(model.config, "vision_config"):
-        model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
+        model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
     else:
-        model.set_attn_implementation(ATTENTION_NAME)
+        model.set_attn_implementation(name)
 
 
 def uses_retention_attention(model) -> bool:

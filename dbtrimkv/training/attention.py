@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
 
-from ..attention import ATTENTION_NAME, LazyCausalMask
+from ..attention import ATTENTION_NAME, LazyCausalMask, set_text_attention
 from ..errors import ConfigError
 from ..gates import text_attention_modules
 from .biased_attention import biased_attention, biased_flex_attention
@@ -104,20 +104,13 @@ def enable_training_attention(model, backend: str = "auto") -> str:
     for module in text_attention_modules(model):
         setattr(module, _BACKEND, backend)
         setattr(module, _TEACHER, False)
-    _set_text_attention(model, TRAIN_ATTENTION_NAME)
+    set_text_attention(model, TRAIN_ATTENTION_NAME)
     return backend
 
 
 def disable_training_attention(model) -> None:
     """Back to the inference attention (`dbtrimkv`) that `attach_retention_gates` installed."""
-    _set_text_attention(model, ATTENTION_NAME)
-
-
-def _set_text_attention(model, name: str) -> None:
-    if hasattr(model.config, "vision_config"):
-        model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
-    else:
-        model.set_attn_implementation(name)
+    set_text_attention(model, ATTENTION_NAME)
 
 
 @contextmanager
