@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..kernels.ragged_attention.naive import gather_rows, layer_segments, segment_slots
 from .base import EvictionPolicy
 
 QUERY_BLOCK = 256  # queries per block when recomputing attention probabilities
@@ -58,14 +59,8 @@ def slot_state(cache, name: str) -> torch.Tensor:
 def layer_entries(cache, layer_idx: int):
     """The cached entries of one layer as padded `[B, H, Lmax]` slot ids, positions and a validity mask."""
     t = cache.tables
-    b = torch.arange(cache.batch_size, device=cache.device)[:, None]
-    h = torch.arange(cache.num_kv_heads, device=cache.device)[None, :]
-    segs = (b * cache.num_layers + layer_idx) * cache.num_kv_heads + h
-    lens = t.seg_len.to(torch.int64)[segs]
-    j = torch.arange(int(lens.max()) if lens.numel() else 0, device=cache.device)
-    valid = j < lens[..., None]
-    index = (t.seg_start[segs][..., None] + j).clamp(max=max(t.table.numel() - 1, 0))
-    slots = torch.where(valid, t.table[index].to(torch.int64), 0)
+    segs = layer_segments(cache.batch_size, layer_idx, cache.num_layers, cache.num_kv_heads, cache.device)
+    slots, valid = segment_slots(t.table, t.seg_start, t.seg_len, segs)
     pos = torch.where(valid, cache.pool.pos[slots].to(torch.int64), -1)
     return slots, pos, valid
 
@@ -75,9 +70,11 @@ def attention_mass(cache, query: torch.Tensor, query_pos: torch.Tensor, slots, k
     heads that share its KV head: `[B, H, Lmax]`. `query`: `[B, Hq, T, D]`; `query_pos` `[B, T]`
     (-1 = not counted). Softmax as in attention (scale 1/sqrt(head_dim), entries with position <= the
     query's), so the sums are exactly what those queries attended with."""
+    counted_columns = (query_pos >= 0).any(0)  # e.g. only SnapKV's window: skip the others' logits
+    query, query_pos = query[:, :, counted_columns], query_pos[:, counted_columns]
     batch, num_q, _, dim = query.shape
     group = num_q // cache.num_kv_heads
-    keys = cache.pool.k[slots].to(torch.float32)  # [B, H, L, D]
+    keys = gather_rows(cache.pool.k, slots).to(torch.float32)  # [B, H, L, D]
     keys = keys.repeat_interleave(group, dim=1)  # [B, Hq, L, D]
     mass = torch.zeros(batch, num_q, keys.shape[2], dtype=torch.float32, device=query.device)
     for start in range(0, query.shape[2], QUERY_BLOCK):

@@ -16,20 +16,28 @@ import torch
 import torch.nn.functional as F
 
 
-def gather_segments(k_pool, v_pool, pos_pool, table, seg_start, seg_len, segs):
-    """Dense copies of the given segments: K, V `[*segs.shape, Lmax, D]`, positions (-1 = none)."""
+def segment_slots(table, seg_start, seg_len, segs):
+    """Slot ids of the given segments, padded to the longest: `[*segs.shape, Lmax]` int64 (0 where
+    not valid) and the validity mask."""
     lens = seg_len.to(torch.int64)[segs]
     lmax = int(lens.max()) if lens.numel() else 0
     j = torch.arange(lmax, device=table.device)
     valid = j < lens[..., None]
     tidx = seg_start.to(torch.int64)[segs][..., None] + j
     slots = torch.where(valid, table[tidx.clamp(max=max(table.numel() - 1, 0))].to(torch.int64), 0)
-    # index_select on the flat slot ids: the same rows as `k_pool[slots]`, ~1.6x faster on CPU
-    flat = slots.flatten()
-    keys = k_pool.index_select(0, flat).view(*slots.shape, *k_pool.shape[1:])
-    values = v_pool.index_select(0, flat).view(*slots.shape, *v_pool.shape[1:])
+    return slots, valid
+
+
+def gather_rows(pool, slots):
+    """`pool[slots]` via index_select on the flat slot ids (same rows, ~1.6x faster on CPU)."""
+    return pool.index_select(0, slots.flatten()).view(*slots.shape, *pool.shape[1:])
+
+
+def gather_segments(k_pool, v_pool, pos_pool, table, seg_start, seg_len, segs):
+    """Dense copies of the given segments: K, V `[*segs.shape, Lmax, D]`, positions (-1 = none)."""
+    slots, valid = segment_slots(table, seg_start, seg_len, segs)
     key_pos = torch.where(valid, pos_pool[slots].to(torch.int64), -1)
-    return keys, values, key_pos, valid
+    return gather_rows(k_pool, slots), gather_rows(v_pool, slots), key_pos, valid
 
 
 def layer_segments(batch: int, layer: int, num_layers: int, num_kv_heads: int, device) -> torch.Tensor:
