@@ -104,7 +104,7 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
     (fresh gates, with a warning), or `tiny` / `tiny-moe` / `tiny-text` / None (embedded default).
     """
     name = "tiny" if name_or_path is None else str(name_or_path)
-    directory = None if name in TINY_ALIASES and not Path(name).exists() else resolve_model_dir(name)
+    directory = _model_directory(name)
     if directory is not None and (directory / RELEASED_WEIGHTS).is_file():
         return _load_released(directory, device, dtype)
     if directory is not None and (directory / GATES_JSON).is_file():
@@ -117,6 +117,17 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
         warnings.warn(f"{name}: {UNTRAINED_WARNING}; load a TrimKV/DBTrimKV checkpoint for learned eviction",
                       stacklevel=2)
     return model, processor
+
+
+def _model_directory(name: str) -> Path | None:
+    """The local directory of a model name; None for the embedded tiny models."""
+    return None if name in TINY_ALIASES and not Path(name).exists() else resolve_model_dir(name)
+
+
+def holds_gates(name: str) -> bool:
+    """Whether `load_model(name)` would load trained gates (a released or a `save_gates` checkpoint)."""
+    directory = _model_directory(name)
+    return directory is not None and ((directory / RELEASED_WEIGHTS).is_file() or (directory / GATES_JSON).is_file())
 
 
 def _resolve_base(directory: Path, base_model) -> str:

@@ -12,17 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import GATES_JSON, RELEASED_WEIGHTS, load_model
+from ..checkpoints import holds_gates, load_model
 from ..gates import attach_retention_gates, gate_parameters, text_attention_modules
-from ..loading import TINY_ALIASES, load_base_model, resolve_model_dir
+from ..loading import load_base_model
 from .attention import enable_training_attention
-
-
-def _holds_gates(name: str) -> bool:
-    if name in TINY_ALIASES and not Path(name).exists():
-        return False
-    directory = resolve_model_dir(name)
-    return (directory / RELEASED_WEIGHTS).is_file() or (directory / GATES_JSON).is_file()
 
 
 def base_model_name(name: str) -> str:
@@ -33,7 +26,7 @@ def base_model_name(name: str) -> str:
 def load_for_training(config, device):
     """`(model, processor, base_model)`: gates attached (fresh, seeded) or loaded from a gate checkpoint."""
     torch.manual_seed(config.seed)
-    if _holds_gates(config.model):
+    if holds_gates(config.model):
         model, processor = load_model(config.model, device=device, dtype=config.dtype)
         return model, processor, model._dbtrimkv_base_model
     model, processor = load_base_model(config.model, device=device, dtype=config.dtype)
