@@ -18,17 +18,17 @@ from dbtrimkv.training.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
-def tiny_vl():
+def gated_vl():
     return gated_model("tiny")
 
 
 @pytest.fixture(scope="module")
-def tiny_text():
+def gated_text():
     return gated_model("tiny-text")
 
 
-def test_only_assistant_turns_are_trained_on(tiny_vl, image_chats):
-    _, processor = tiny_vl
+def test_only_assistant_turns_are_trained_on(gated_vl, image_chats):
+    _, processor = gated_vl
     chat = next(c for c in read_chats(image_chats) if len(c) == 4)  # two user and two assistant turns
     example = encode_example(processor, chat, max_length=512)
     tokenizer = tokenizer_of(processor)
@@ -38,8 +38,8 @@ def test_only_assistant_turns_are_trained_on(tiny_vl, image_chats):
     assert example["mm_token_type_ids"].sum() > 0 and example["image_grid_thw"].shape == (1, 3)
 
 
-def test_long_examples_are_truncated_or_replaced(tiny_vl, tmp_path, caplog):
-    _, processor = tiny_vl
+def test_long_examples_are_truncated_or_replaced(gated_vl, tmp_path, caplog):
+    _, processor = gated_vl
     image = str(write_synthetic_dataset(tmp_path, 1).parent / "images" / "0000.png")
     long_text = [{"role": "user", "content": "x" * 30}, {"role": "assistant", "content": "y" * 200}]
     late_image = [{"role": "user", "content": [{"type": "text", "text": "z" * 80}, {"type": "image", "image": image}]},
@@ -68,8 +68,8 @@ def test_bad_jsonl_names_the_line(tmp_path, content, message):
         read_chats(path)
 
 
-def test_a_missing_image_names_the_example(tiny_vl, tmp_path):
-    _, processor = tiny_vl
+def test_a_missing_image_names_the_example(gated_vl, tmp_path):
+    _, processor = gated_vl
     path = tmp_path / "data.jsonl"
     chat = [{"role": "user", "content": [{"type": "image", "image": "nope.png"}]},
             {"role": "assistant", "content": "b"}]
@@ -89,8 +89,8 @@ def test_synthetic_data_is_deterministic(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["head", "global"])
-def test_packed_rows_give_the_same_losses_as_separate_rows(tiny_text, text_chats, mode):
-    model, tokenizer = tiny_text
+def test_packed_rows_give_the_same_losses_as_separate_rows(gated_text, text_chats, mode):
+    model, tokenizer = gated_text
     examples = ChatDataset(read_chats(text_chats), tokenizer, max_length=256).usable_examples()[:6]
     packed = pack_examples(examples, max_length=256)
     assert len(packed) < len(examples)  # sequences really share rows
