@@ -109,7 +109,8 @@ def run_benchmark(spec: BenchmarkSpec, model_name=None, device="cpu", dtype=None
     for example in spec.prompts():
         inputs = prompt_inputs(processor, [example])
         tokens = int(inputs["input_ids"].shape[1])
-        row = {"seed": example.seed, "answer": example.answer, "modality": example.answer_modality, "prompt_tokens": tokens}
+        row = {"seed": example.seed, "answer": example.answer, "modality": example.answer_modality,
+               "prompt_tokens": tokens}
         row[FULL], _ = answer(model, processor, inputs, DBTrimKVConfig(**base))
         for policy in spec.policies:
             for fraction in spec.budgets:

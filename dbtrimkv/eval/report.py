@@ -35,7 +35,7 @@ def markdown_table(results: dict) -> str:
     full = _cell(results, FULL, None)
     head = "| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |"
     lines = [head, "|" + "---|" * (len(budgets) + 1),
-             f"| full cache | " + " | ".join(_pct(full["accuracy"]) for _ in budgets) + " |"]
+             "| full cache | " + " | ".join(_pct(full["accuracy"]) for _ in budgets) + " |"]
     for policy in _policies(results):
         lines.append(f"| {policy} | " + " | ".join(_pct(_cell(results, policy, b)["accuracy"]) for b in budgets) + " |")
     return "\n".join(lines)

@@ -32,7 +32,10 @@ import torch.nn.functional as F
 
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
-from .synthetic import DIGITS, KEYS, SEPARATOR, TRAIN_SEED_BASE, RecallExample, prompt_inputs, RecallTask, VideoRecallTask, recall_example, video_example
+from .synthetic import (
+    DIGITS, KEYS, SEPARATOR, TRAIN_SEED_BASE, RecallExample, RecallTask, VideoRecallTask, prompt_inputs, recall_example,
+    video_example,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,8 @@ def answer_positions(input_ids: torch.Tensor, header_ids: list[int], digit_ids: 
     return out
 
 
-def recall_positions(input_ids: torch.Tensor, key_ids: list[int], colon_id: int, digit_ids: list[int]) -> list[tuple[int, int]]:
+def recall_positions(input_ids: torch.Tensor, key_ids: list[int], colon_id: int,
+                     digit_ids: list[int]) -> list[tuple[int, int]]:
     """(row, column) of every digit that follows `K:` for a key K already mentioned earlier in the row
     (`K:` seen before): the recalls inside a training stream. A card's first mention is not a target."""
     out = []

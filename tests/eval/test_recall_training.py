@@ -14,7 +14,8 @@ from dbtrimkv.tiny import build_processor
 def test_collate_supervises_every_answer_digit_and_its_end_token(seed):
     processor = build_processor()
     task = RecallTask(num_cards=2 + seed, filler=seed * 5, distractors=seed % 3, questions=1 + seed % 4)
-    batch = [recall_example(seed, task), recall_example(seed + 100, task), video_example(seed, VideoRecallTask(frames=3))]
+    batch = [recall_example(seed, task), recall_example(seed + 100, task),
+             video_example(seed, VideoRecallTask(frames=3))]
     inputs, targets = collate(processor, batch)
     ids = inputs["input_ids"]
     tokens = {(r, c): processor.tokenizer.decode(ids[r, c]) for r, c in targets}
@@ -24,7 +25,8 @@ def test_collate_supervises_every_answer_digit_and_its_end_token(seed):
         assert all(tokens[(row, c + 1)] == "<|im_end|>" for c in digits)
         # the tokens before each answer are the echoed key and its colon (cards) or `o:` (video)
         before = [processor.tokenizer.decode(ids[row, c - 2 : c]) for c in digits]
-        expected = [example.cards[i].key + ":" for i in example.queried] if example.answer_modality != "video" else ["o:"]
+        cards = example.answer_modality != "video"
+        expected = [example.cards[i].key + ":" for i in example.queried] if cards else ["o:"]
         assert before == expected
     assert len(targets) == 2 * sum(len(ex.answers) for ex in batch)
 

@@ -132,7 +132,8 @@ def _recall_mentions(text, example):
     import re
 
     first = {card.key: text.index(f"{card.key}:") for card in example.cards}
-    return [(m.group(1), m.group(2), m.start()) for m in re.finditer(r"([A-Z]):([0-9]) ", text) if m.start() > first[m.group(1)]]
+    return [(m.group(1), m.group(2), m.start()) for m in re.finditer(r"([A-Z]):([0-9]) ", text)
+            if m.start() > first[m.group(1)]]
 
 
 def _without_recalls(text):
