@@ -1,12 +1,13 @@
 """Synthetic multimodal recall: long prompts whose one-character answer is known.
 
 Why: no real checkpoint can be downloaded here, so eviction quality has to be measured on a task
-where we know which few tokens matter. A prompt is a stream of *cards* (`K:` then a value, K an upper-case
-key): the value is either a digit drawn as a seven-segment glyph in an image, or a digit written
-as text. Cards are separated by lower-case filler text and distractor images (filled shapes, never
-digits). The prompt ends with a question (`which digit is on card`) that the assistant's answer
-completes with `K:`; the token after it, the card's digit, is the answer. Everything else in the prompt is noise, so
-a cache that evicts the needle card's key or value loses the answer.
+where we know which few tokens matter. A prompt is a stream of *cards* (an upper-case key `K`
+directly followed by its value): the value is either a digit drawn as a seven-segment glyph in an
+image, or a digit written as text. Cards are separated by lower-case filler text and distractor
+images (filled shapes, never digits). The prompt ends with a question (`which digit is on card`)
+that the assistant's answer starts with the key `K`; the token after it, the card's digit, is the
+answer. Everything else in the prompt is noise, so a cache that evicts the needle card's key or
+value loses the answer.
 
 The video variant is one clip between filler text: every frame shows a distractor shape except
 one, which shows the digit to report.
@@ -28,8 +29,7 @@ KEYS = string.ascii_uppercase
 DIGITS = string.digits
 MODALITIES = ("image", "text")
 TRAIN_SEED_BASE = 1_000_000
-SEPARATOR = ":"  # between a key and its value: on cards, in recalls and in answers
-VIDEO_ANSWER_PREFIX = "video" + SEPARATOR
+VIDEO_ANSWER_PREFIX = "video:"
 
 # Seven-segment digits: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle.
 SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg", "5": "acdfg", "6": "acdefg",
@@ -46,7 +46,7 @@ class RecallTask:
     stream (0 = first card, 1 = last; None = uniform). `filler`: characters of filler text between
     two cards; `distractors`: distractor images in each gap; `card_modalities`: what the other
     cards draw their value's modality from. `recalls` > 0 (training) mentions earlier cards again
-    inside the stream, `K:` and the digit as text, each a recall to supervise. `questions` > 1 makes a multi-turn
+    inside the stream, `K` and the digit as text, each a recall to supervise. `questions` > 1 makes a multi-turn
     chat (a question per turn, the earlier ones answered, about any card), used for training.
     """
 
@@ -110,7 +110,7 @@ class Card:
 
 @dataclass
 class RecallExample:
-    """A generated prompt. `messages` end with the assistant's answer prefix (`K:` for card K) after the
+    """A generated prompt. `messages` end with the assistant's answer prefix (`K` for card K) after the
     last question, to be continued with the answer (`prompt_inputs`); `answers` holds the gold answer
     of every question, `answer` the last one (the one to evaluate)."""
 
@@ -137,9 +137,11 @@ class RecallExample:
 
 def answer_prefix(key: str) -> str:
     """How the assistant starts its answer about `key`: the answer is the single token that follows.
-    Echoing the key makes the answer a copy of what followed `K:` on the card (an induction step),
-    the same step as every recall inside a training stream."""
-    return key + SEPARATOR
+    Echoing the key makes the answer a copy of what followed `K` on the card (an induction step),
+    the same step as every recall inside a training stream. No separator between key and value: a
+    `K:` would make the lookup match two tokens instead of one, a circuit small models find far
+    later (measured: no binding in 3,900 CPU steps with `K:`)."""
+    return key
 
 
 def prompt_inputs(processor, examples: list["RecallExample"]):
@@ -274,10 +276,10 @@ def recall_example(seed: int, task: RecallTask | None = None) -> RecallExample:
     queried = [rng.randrange(task.num_cards) for _ in range(task.questions - 1)] + [needle]
     for _ in range(task.recalls):  # card j mentioned again at the end of a later gap
         j = rng.randrange(task.num_cards)
-        gaps[rng.randint(j + 1, task.num_cards)].append(_text(cards[j].key + SEPARATOR + cards[j].value + " "))
+        gaps[rng.randint(j + 1, task.num_cards)].append(_text(cards[j].key + cards[j].value + " "))
     content = list(gaps[0])
     for card, gap in zip(cards, gaps[1:]):
-        content.append(_text(card.key + SEPARATOR))
+        content.append(_text(card.key))
         content.append(_image(card.image) if card.image is not None else _text(card.value))
         content += gap
     messages = [{"role": "user", "content": [*content, _text(question_text(cards[queried[0]].key))]}]

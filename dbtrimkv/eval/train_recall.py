@@ -7,6 +7,14 @@ initial weights. Every training example is a multi-question chat (several keys a
 and only the assistant answers are supervised (the digit and the `<|im_end|>` after it), so each
 forward yields several answer tokens.
 
+Copy chats: a fraction of the batches are "repeat after me" chats (the user writes a random
+string of keys and digits, the assistant repeats it; every repeated token is supervised). Each
+repeated token is the induction step the recall needs (find the earlier occurrence of the
+current token, copy what followed it), and a chat gives dozens of them instead of one or two.
+Measured on a bare 3-layer Qwen3 text model with key/value recalls: without copy data the recall
+accuracy stayed at chance (~37%) for 1,500 steps; with half the sequences copies it reached 99%
+by step 350, also for values two tokens after their key (as an image is, after `<|vision_start|>`).
+
 Curriculum: a small model only finds the retrieval circuit on easy prompts (one or two cards,
 little filler); on long prompts it sits at chance. So training moves through `stages` of growing
 (cards, filler) and advances when teacher-forced accuracy on a fixed check set of the current
@@ -20,6 +28,7 @@ text model tolerates, hence one moderate rate for all parameters (see the recipe
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import logging
 import math
 import random
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
 from .synthetic import (
-    DIGITS, KEYS, SEPARATOR, TRAIN_SEED_BASE, RecallExample, RecallTask, VideoRecallTask, prompt_inputs, recall_example,
+    DIGITS, KEYS, TRAIN_SEED_BASE, RecallExample, RecallTask, VideoRecallTask, prompt_inputs, recall_example,
     video_example,
 )
 
@@ -63,8 +72,31 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
                       recalls=round(mixture.get("recalls_per_card", 0) * cards), **modalities)
 
 
-def sample_batch(seed: int, size: int, mixture: dict[str, Any], stage: list[int]) -> list[RecallExample]:
-    """`size` examples of one sampled task, from seeds `seed .. seed + size - 1`."""
+@dataclass(frozen=True)
+class CopyChat:
+    """A "repeat after me" chat (training only): the assistant repeats the user's `text`."""
+
+    text: str
+
+    def training_messages(self) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "text", "text": self.text}]},
+                {"role": "assistant", "content": [{"type": "text", "text": self.text}]}]
+
+
+def copy_chat(seed: int, length: int) -> CopyChat:
+    """A random string of `length` keys and digits (repeats allowed: a repeated token's successor
+    differs between its occurrences, so only the current occurrence's place says what to copy)."""
+    rng = random.Random(seed)
+    return CopyChat("".join(rng.choice(KEYS + DIGITS) for _ in range(length)))
+
+
+def sample_batch(seed: int, size: int, mixture: dict[str, Any],
+                 stage: list[int]) -> list[RecallExample] | list[CopyChat]:
+    """`size` examples of one sampled task, from seeds `seed .. seed + size - 1`: copy chats with
+    probability `mixture["copy"]`, else recall prompts of `sample_task`."""
+    rng = random.Random(seed)
+    if rng.random() < mixture.get("copy", 0.0):
+        return [copy_chat(seed + i, rng.randint(*mixture["copy_length"])) for i in range(size)]
     task = sample_task(seed, mixture, stage)
     make = video_example if isinstance(task, VideoRecallTask) else recall_example
     return [make(seed + i, task) for i in range(size)]
@@ -98,35 +130,51 @@ def answer_positions(input_ids: torch.Tensor, header_ids: list[int], digit_ids: 
     return out
 
 
-def recall_positions(input_ids: torch.Tensor, key_ids: list[int], colon_id: int,
-                     digit_ids: list[int]) -> list[tuple[int, int]]:
-    """(row, column) of every digit that follows `K:` for a key K already mentioned earlier in the row
-    (`K:` seen before): the recalls inside a training stream. A card's first mention is not a target."""
+def recall_positions(input_ids: torch.Tensor, key_ids: list[int], digit_ids: list[int]) -> list[tuple[int, int]]:
+    """(row, column) of every digit right after a key K that occurred earlier in the row: the
+    recalls inside a training stream (and the answers). A card's first mention is not a target."""
     out = []
     keys, digits = set(key_ids), set(digit_ids)
     for r, row in enumerate(input_ids.tolist()):
         seen = set()
-        for c in range(2, len(row)):
-            if row[c - 1] != colon_id or row[c - 2] not in keys:
+        for c in range(1, len(row)):
+            if row[c - 1] not in keys:
                 continue
-            if row[c] in digits and row[c - 2] in seen:
+            if row[c] in digits and row[c - 1] in seen:
                 out.append((r, c))
-            seen.add(row[c - 2])
+            seen.add(row[c - 1])
     return out
 
 
-def collate(processor, batch: list[RecallExample]):
+def copy_positions(input_ids: torch.Tensor, header_ids: list[int], end_id: int) -> list[tuple[int, int]]:
+    """(row, column) of every token the assistant writes (its `<|im_end|>` included) in each row."""
+    out = []
+    k = len(header_ids)
+    windows = input_ids.unfold(1, k, 1)
+    rows, cols = (windows == torch.tensor(header_ids)).all(-1).nonzero(as_tuple=True)
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        row = input_ids[r].tolist()
+        end = row.index(end_id, c + k)
+        out += [(r, col) for col in range(c + k, end + 1)]
+    return out
+
+
+def collate(processor, batch: list[RecallExample] | list[CopyChat]):
     """Model inputs for the chats with their answers, and the (row, column) of every supervised token:
-    each answer digit, the `<|im_end|>` that closes it (the echoed key is given, not learned), and the
-    digit of every recall inside the stream."""
+    for recall prompts each answer digit, the `<|im_end|>` that closes it (the echoed key is given,
+    not learned) and the digit of every recall inside the stream; for copy chats every token the
+    assistant repeats."""
     inputs = build_inputs(processor, [ex.training_messages() for ex in batch], add_generation_prompt=False)
     tokenizer = processor.tokenizer
     header = tokenizer(ASSISTANT_PREFIX, add_special_tokens=False).input_ids
+    ids = inputs["input_ids"]
+    copies = {r for r, ex in enumerate(batch) if isinstance(ex, CopyChat)}
+    copied = [t for t in copy_positions(ids, header, tokenizer.convert_tokens_to_ids("<|im_end|>")) if t[0] in copies]
     digit_ids = tokenizer.convert_tokens_to_ids(list(DIGITS))
-    starts = answer_positions(inputs["input_ids"], header, digit_ids)
-    recalls = recall_positions(inputs["input_ids"], tokenizer.convert_tokens_to_ids(list(KEYS)),
-                               tokenizer.convert_tokens_to_ids(SEPARATOR), digit_ids)
-    targets = sorted(set(starts) | set(recalls)) + [(r, c + 1) for r, c in starts]
+    starts = [t for t in answer_positions(ids, header, digit_ids) if t[0] not in copies]
+    recalls = [t for t in recall_positions(ids, tokenizer.convert_tokens_to_ids(list(KEYS)), digit_ids)
+               if t[0] not in copies]
+    targets = sorted(set(starts) | set(recalls)) + [(r, c + 1) for r, c in starts] + copied
     return inputs, targets
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dbtrimkv.eval.recall_model import build_model, load_recipe
-from dbtrimkv.eval.synthetic import RecallTask, VideoRecallTask, recall_example, video_example
-from dbtrimkv.eval.train_recall import _lr_at, collate, parameter_groups, sample_batch
+from dbtrimkv.eval.synthetic import RecallExample, RecallTask, VideoRecallTask, recall_example, video_example
+from dbtrimkv.eval.train_recall import CopyChat, _lr_at, collate, copy_chat, parameter_groups, sample_batch
 from dbtrimkv.tiny import build_processor
 
 
@@ -23,10 +23,10 @@ def test_collate_supervises_every_answer_digit_and_its_end_token(seed):
         digits = sorted(c for (r, c), tok in tokens.items() if r == row and tok != "<|im_end|>")
         assert [tokens[(row, c)] for c in digits] == example.answers
         assert all(tokens[(row, c + 1)] == "<|im_end|>" for c in digits)
-        # the tokens before each answer are the echoed key and its colon (cards) or `o:` (video)
-        before = [processor.tokenizer.decode(ids[row, c - 2 : c]) for c in digits]
+        # the token before each answer is the echoed key (cards) or the `:` of `video:`
+        before = [processor.tokenizer.decode(ids[row, c - 1 : c]) for c in digits]
         cards = example.answer_modality != "video"
-        expected = [example.cards[i].key + ":" for i in example.queried] if cards else ["o:"]
+        expected = [example.cards[i].key for i in example.queried] if cards else [":"]
         assert before == expected
     assert len(targets) == 2 * sum(len(ex.answers) for ex in batch)
 
@@ -36,13 +36,33 @@ def test_collate_also_supervises_the_recalls_inside_the_stream():
     example = recall_example(4, RecallTask(num_cards=5, filler=10, recalls=7, questions=2))
     inputs, targets = collate(processor, [example])
     text = processor.tokenizer.decode(inputs["input_ids"][0])
-    decoded = [processor.tokenizer.decode(inputs["input_ids"][0, c - 2 : c + 1]) for _, c in targets]
+    decoded = [processor.tokenizer.decode(inputs["input_ids"][0, c - 1 : c + 1]) for _, c in targets]
     recalls = [d for d in decoded if not d.endswith("<|im_end|>")]
     assert len(recalls) == 7 + 2  # every recall and both answers; never a card's own first mention
     values = {card.key: card.value for card in example.cards}
-    for piece in recalls:
-        key, value = piece.split(":")
-        assert values[key] == value and text.index(key + ":") < text.rindex(piece)
+    for key, value in recalls:
+        assert values[key] == value and text.index(key) < text.rindex(key + value)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_copy_chats_supervise_every_repeated_token_and_only_those(seed):
+    processor = build_processor()
+    batch = [copy_chat(seed, 5 + seed), copy_chat(seed + 50, 12)]
+    assert batch[0] == copy_chat(seed, 5 + seed) and len(batch[0].text) == 5 + seed
+    inputs, targets = collate(processor, batch)
+    for row, chat in enumerate(batch):
+        columns = sorted(c for r, c in targets if r == row)
+        supervised = [processor.tokenizer.decode(inputs["input_ids"][row, c]) for c in columns]
+        assert supervised == [*chat.text, "<|im_end|>"]
+        assert columns == list(range(columns[0], columns[0] + len(chat.text) + 1))  # one run: the assistant's
+        before = processor.tokenizer.decode(inputs["input_ids"][row, : columns[0]])
+        assert before.endswith(chat.text + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_copy_batches_come_in_the_recipes_share():
+    mixture = dict(load_recipe()["mixture"], copy=0.5, copy_length=[3, 4])
+    kinds = [type(sample_batch(1000 * i, 2, mixture, [2, 0])[0]) for i in range(200)]
+    assert 70 <= kinds.count(CopyChat) <= 130 and set(kinds) == {CopyChat, RecallExample}
 
 
 def test_learning_rate_schedule_warms_up_holds_then_decays():
@@ -66,10 +86,12 @@ def test_vision_tower_gets_its_own_learning_rate():
 
 def test_batches_are_a_pure_function_of_the_seed():
     mixture = load_recipe()["mixture"]
-    a = sample_batch(123, 3, mixture, [4, 8])
-    b = sample_batch(123, 3, mixture, [4, 8])
-    assert [ex.messages[0]["content"][0] for ex in a] == [ex.messages[0]["content"][0] for ex in b]
-    assert [ex.answers for ex in a] == [ex.answers for ex in b]
+    for seed in range(120, 130):  # copy and recall batches alike
+        a = sample_batch(seed, 3, mixture, [4, 8])
+        b = sample_batch(seed, 3, mixture, [4, 8])
+        assert [ex.training_messages()[-1] for ex in a] == [ex.training_messages()[-1] for ex in b]
+        assert [ex.training_messages()[0]["content"][0] for ex in a] == [
+            ex.training_messages()[0]["content"][0] for ex in b]
 
 
 def small_recipe(tmp_path, steps: int = 4):

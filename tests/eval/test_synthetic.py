@@ -59,12 +59,12 @@ def test_gold_answer_is_recoverable_from_the_cards(seed):
     assert text.endswith(question_text(needle.key))
     assert ex.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": answer_prefix(needle.key)}]}
     body = text[: -len(question_text(needle.key))]
-    for card in ex.cards:  # each card reads `K:` then its value, as text or as a glyph image
+    for card in ex.cards:  # each card reads `K` then its value, as text or as a glyph image
         assert body.count(card.key) == 1
         if card.modality == "text":
-            assert f"{card.key}:{card.value}" in body and card.image is None
+            assert f"{card.key}{card.value}" in body and card.image is None
         else:
-            assert f"{card.key}:[img]" in body and read_digit(card.image, card.box) == card.value
+            assert f"{card.key}[img]" in body and read_digit(card.image, card.box) == card.value
     # nothing else in the prompt names a key or a digit: filler is lower-case, distractors are shapes
     assert sum(ch.isupper() for ch in body) == task.num_cards
     assert sum(ch.isdigit() for ch in body) == sum(c.modality == "text" for c in ex.cards)
@@ -92,13 +92,13 @@ def test_multi_question_chats_answer_every_question():
     users = [m for m in ex.messages if m["role"] == "user"]
     assistants = [m for m in ex.messages if m["role"] == "assistant"]
     keys = [ex.cards[i].key for i in ex.queried]
-    assert [a["content"][0]["text"] for a in assistants] == [f"{k}:{v}" for k, v in zip(keys, ex.answers[:-1])] + [
-        f"{keys[-1]}:"]
+    assert [a["content"][0]["text"] for a in assistants] == [f"{k}{v}" for k, v in zip(keys, ex.answers[:-1])] + [
+        keys[-1]]
     for message, key in zip(users, keys):
         assert message["content"][-1]["text"] == question_text(key)
     for index, answer in zip(ex.queried, ex.answers):
         assert ex.cards[index].value == answer
-    last = {"role": "assistant", "content": [{"type": "text", "text": f"{keys[-1]}:{ex.answer}"}]}
+    last = {"role": "assistant", "content": [{"type": "text", "text": f"{keys[-1]}{ex.answer}"}]}
     assert ex.training_messages()[-1] == last
 
 
@@ -119,8 +119,8 @@ def test_recalls_repeat_earlier_cards_and_change_nothing_else(seed):
     plain, recalled = recall_example(seed, task), recall_example(seed, RecallTask(**{**task.__dict__, "recalls": 6}))
     assert plain.answers == recalled.answers and [c.value for c in plain.cards] == [c.value for c in recalled.cards]
     text = prompt_text(recalled)
-    position = {card.key: text.index(f"{card.key}:") for card in recalled.cards}
-    mentions = [(text.index(f"{k}:{v} ", start), k, v) for k, v, start in _recall_mentions(text, recalled)]
+    position = {card.key: text.index(card.key) for card in recalled.cards}
+    mentions = [(text.index(f"{k}{v} ", start), k, v) for k, v, start in _recall_mentions(text, recalled)]
     assert len(mentions) == 6
     for at, key, value in mentions:  # each recall names an earlier card and its true value, as text
         assert at > position[key] and value == next(c.value for c in recalled.cards if c.key == key)
@@ -128,20 +128,20 @@ def test_recalls_repeat_earlier_cards_and_change_nothing_else(seed):
 
 
 def _recall_mentions(text, example):
-    """(key, value, start) of every `K:d ` written after the card K itself."""
+    """(key, value, start) of every `Kd ` written after the card K itself."""
     import re
 
-    first = {card.key: text.index(f"{card.key}:") for card in example.cards}
-    return [(m.group(1), m.group(2), m.start()) for m in re.finditer(r"([A-Z]):([0-9]) ", text)
+    first = {card.key: text.index(card.key) for card in example.cards}
+    return [(m.group(1), m.group(2), m.start()) for m in re.finditer(r"([A-Z])([0-9]) ", text)
             if m.start() > first[m.group(1)]]
 
 
 def _without_recalls(text):
-    """`text` with every mention `K:d ` of an already seen key K cut out."""
+    """`text` with every mention `Kd ` of an already seen key K cut out."""
     import re
 
     seen, out, last = set(), [], 0
-    for m in re.finditer(r"([A-Z]):([0-9] )?", text):
+    for m in re.finditer(r"([A-Z])([0-9] )?", text):
         if m.group(1) in seen and m.group(2):
             out.append(text[last : m.start()])
             last = m.end()
