@@ -291,11 +291,13 @@ def recall_example(seed: int, task: RecallTask | None = None) -> RecallExample:
     return RecallExample(seed, messages, [cards[i].value for i in queried], cards, queried)
 
 
-VIDEO_QUESTION = "\nwhich digit is in the video?"
+VIDEO_QUESTION = "which digit is in the video?"
 
 
 def video_example(seed: int, task: VideoRecallTask | None = None) -> RecallExample:
-    """A clip of distractor frames with one digit frame, between filler text; answer: the digit."""
+    """A clip of distractor frames with one digit frame, between filler text; answer: the digit. The
+    answer prefix `video:` is fixed, so a model can learn to write it: a plain chat about a clip
+    (the CLI, the demo) gets `video:` and the digit."""
     task = task or VideoRecallTask()
     rng = random.Random(seed)
     needle = rng.randint(0, task.frames - 1) if task.needle is None else round(task.needle * (task.frames - 1))
@@ -307,10 +309,12 @@ def video_example(seed: int, task: VideoRecallTask | None = None) -> RecallExamp
         else:
             frame = draw_shape(task.image_size, rng)
         frames.append(frame)
+    # without filler the turn is exactly what `dbtrimkv chat QUESTION --video CLIP` sends: clip, question
+    before, after = filler_text(task.filler, rng), filler_text(task.filler, rng)
     content = [
-        _text(filler_text(task.filler, rng) + " "),
+        *([_text(before + " ")] if before else []),
         {"type": "video", "video": frames, "fps": task.fps},
-        _text(" " + filler_text(task.filler, rng)),
+        *([_text(" " + after + "\n")] if after else []),
         _text(VIDEO_QUESTION),
     ]
     card = Card("video", digit, "video", frames[needle], box, frame=needle)

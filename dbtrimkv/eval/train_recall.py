@@ -63,8 +63,9 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
     text_only = only == ["text"]
     size = rng.choice(mixture["image_sizes"])
     if rng.random() < mixture["video"] and not text_only:
-        return VideoRecallTask(frames=rng.randint(*mixture["video_frames"]), filler=rng.randint(0, max_filler),
-                               image_size=size)
+        # half the clips come without filler: the layout of a plain chat about a clip (CLI, demo)
+        filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)
+        return VideoRecallTask(frames=rng.randint(*mixture["video_frames"]), filler=filler, image_size=size)
     cards = rng.randint(1, max_cards)
     modalities = dict(answer_modality="text", card_modalities=("text",)) if text_only else {}
     return RecallTask(num_cards=cards, filler=rng.randint(0, max_filler), image_size=size,
@@ -161,14 +162,15 @@ def copy_positions(input_ids: torch.Tensor, header_ids: list[int], end_id: int) 
 
 def collate(processor, batch: list[RecallExample] | list[CopyChat]):
     """Model inputs for the chats with their answers, and the (row, column) of every supervised token:
-    for recall prompts each answer digit, the `<|im_end|>` that closes it (the echoed key is given,
-    not learned) and the digit of every recall inside the stream; for copy chats every token the
-    assistant repeats."""
+    for card streams each answer digit, the `<|im_end|>` that closes it (the echoed key is given,
+    not learned) and the digit of every recall inside the stream; for copy chats and clips every
+    token of the assistant's reply."""
     inputs = build_inputs(processor, [ex.training_messages() for ex in batch], add_generation_prompt=False)
     tokenizer = processor.tokenizer
     header = tokenizer(ASSISTANT_PREFIX, add_special_tokens=False).input_ids
     ids = inputs["input_ids"]
-    copies = {r for r, ex in enumerate(batch) if isinstance(ex, CopyChat)}
+    # copy chats and clips: the whole reply is supervised (a clip's answer prefix `video:` is fixed)
+    copies = {r for r, ex in enumerate(batch) if isinstance(ex, CopyChat) or ex.answer_modality == "video"}
     copied = [t for t in copy_positions(ids, header, tokenizer.convert_tokens_to_ids("<|im_end|>")) if t[0] in copies]
     digit_ids = tokenizer.convert_tokens_to_ids(list(DIGITS))
     starts = [t for t in answer_positions(ids, header, digit_ids) if t[0] not in copies]
