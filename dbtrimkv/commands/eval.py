@@ -36,7 +36,8 @@ def _add_synthetic(sub) -> None:
                    help=f"policies to compare (choices: {', '.join(policy_names())})")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.25, 0.5], metavar="FRACTION",
                    help="KV budgets as fractions of each prompt's full cache, in (0, 1]")
-    p.add_argument("--kind", choices=("cards", "video"), default="cards", help="card stream or video clip prompts")
+    p.add_argument("--kind", choices=("cards", "video", "image"), default="cards",
+                   help="card stream, video clip or single image prompts")
     p.add_argument("--examples", type=int, default=100, help="held-out prompts (seeds 0..N-1; default: 100)")
     p.add_argument("--num-cards", type=int, default=8)
     p.add_argument("--filler", type=int, default=32, help="filler characters between cards / around the clip")
@@ -49,7 +50,7 @@ def _add_synthetic(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens per prefill step (default: 32)")
     p.add_argument("--buffer-size", type=int, default=0, help="tokens between evictions while decoding")
     p.add_argument("--output", default="bench/synthetic_recall", help="output prefix: writes .json, .md and .png")
-    add_model_args(p, default="the recall model that `dbtrimkv eval train-recall` writes to runs/recall-tiny")
+    add_model_args(p, default="the shipped tiny-recall model")
     p.set_defaults(func=run_synthetic)
 
 

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from .recall_model import RECALL_MODEL_DIR, load_recipe
-from .synthetic import TRAIN_SEED_BASE, VideoRecallTask, recall_example, video_example
+from .synthetic import TRAIN_SEED_BASE, make_example
 from .train_recall import sample_task
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def write_recall_dataset(path: str | Path, examples: int, mixture: dict, stage: 
     for i in range(examples):
         seed = GATE_DATA_SEED_BASE + i
         task = sample_task(seed, mixture, stage)
-        example = (video_example if isinstance(task, VideoRecallTask) else recall_example)(seed, task)
+        example = make_example(seed, task)
         messages = [dict(m, content=_store_media(m["content"], media, f"{i:05d}_{j}"))
                     for j, m in enumerate(example.training_messages())]
         lines.append(json.dumps({"messages": messages}))

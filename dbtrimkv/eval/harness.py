@@ -27,7 +27,7 @@ from ..config import DBTrimKVConfig
 from ..generation import generate
 from ..gates import text_config_of
 from ..prompts import tokenizer_of
-from .synthetic import RecallExample, RecallTask, VideoRecallTask, examples, prompt_inputs
+from .synthetic import ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples, prompt_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class BenchmarkSpec:
     buffer_size: int = 0
 
     def make_task(self) -> RecallTask | VideoRecallTask:
-        return RecallTask(**self.task) if self.kind == "cards" else VideoRecallTask(**self.task)
+        return {"cards": RecallTask, "video": VideoRecallTask, "image": ImageRecallTask}[self.kind](**self.task)
 
     def prompts(self) -> list[RecallExample]:
         """Held-out prompts: seeds 0 .. examples - 1 (training seeds start at TRAIN_SEED_BASE)."""
@@ -58,8 +58,10 @@ class BenchmarkSpec:
         if args.kind == "cards":
             task = dict(num_cards=args.num_cards, filler=args.filler, image_size=args.image_size,
                         answer_modality=args.answer_modality, needle=args.needle, distractors=args.distractors)
-        else:
+        elif args.kind == "video":
             task = dict(frames=args.frames, filler=args.filler, image_size=args.image_size, needle=args.needle)
+        else:
+            task = dict(filler=args.filler, image_size=args.image_size)
         return cls(kind=args.kind, task=task, examples=args.examples, policies=list(args.policies),
                    budgets=list(args.budgets), prefill_chunk=args.prefill_chunk, buffer_size=args.buffer_size)
 
@@ -90,15 +92,9 @@ def _summary(name: str, budget: float | None, rows: list[dict], key: str) -> dic
 def run_benchmark(spec: BenchmarkSpec, model_name=None, device="cpu", dtype=None) -> dict:
     """Answer every prompt with a full cache and under every (policy, budget); returns the results dict."""
     from ..checkpoints import describe, gates_are_trained, load_model
-    from ..errors import ModelLoadError
-    from .recall_model import RECALL_MODEL_DIR
+    from ..loading import DEFAULT_MODEL
 
-    if model_name is None:
-        if not (RECALL_MODEL_DIR / "config.json").is_file():
-            raise ModelLoadError(f"no recall model in {RECALL_MODEL_DIR}: train one with `dbtrimkv eval train-recall` "
-                                 "(and its gates with `dbtrimkv eval train-gates`), or pass --model DIR")
-        model_name = RECALL_MODEL_DIR
-    model_name = str(model_name)
+    model_name = str(model_name or DEFAULT_MODEL)  # the shipped tiny-recall model
     model, processor = load_model(model_name, device=device, dtype=dtype)
     if not gates_are_trained(model):
         logger.warning("%s has untrained retention gates: the learned policies rank by recency only", model_name)

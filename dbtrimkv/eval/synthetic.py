@@ -10,7 +10,8 @@ answer. Everything else in the prompt is noise, so a cache that evicts the needl
 value loses the answer.
 
 The video variant is one clip between filler text: every frame shows a distractor shape except
-one, which shows the digit to report.
+one, which shows the digit to report. The image variant is one digit image and its question: the
+plain "ask about an image" chat a user of the shipped toy model can type.
 
 Everything is a pure function of the seed (`random.Random(seed)`, shapes drawn with PIL), so a
 seed names an example on every machine. Training uses seeds from `TRAIN_SEED_BASE` upwards; the
@@ -29,7 +30,8 @@ KEYS = string.ascii_uppercase
 DIGITS = string.digits
 MODALITIES = ("image", "text")
 TRAIN_SEED_BASE = 1_000_000
-VIDEO_ANSWER_PREFIX = "video:"
+# the answer prefixes of the clip and single-image variants: fixed, so a model learns to write them
+ANSWER_PREFIXES = {"video": "video:", "image": "image:"}
 
 # Seven-segment digits: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle.
 SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg", "5": "acdfg", "6": "acdefg",
@@ -94,6 +96,18 @@ class VideoRecallTask:
             raise ValueError(f"needle must be in [0, 1] or None, got {self.needle}")
 
 
+@dataclass(frozen=True)
+class ImageRecallTask:
+    """Parameters of the image variant: one `image_size` digit image, `filler` characters around it."""
+
+    filler: int = 0
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32 or self.filler < 0:
+            raise ValueError("image_size must be >= 32, filler >= 0")
+
+
 @dataclass
 class Card:
     """One key/value binding. `image` is the seven-segment glyph (image cards) or None (text cards);
@@ -128,6 +142,11 @@ class RecallExample:
     def answer_modality(self) -> str:
         """Where the last answer sits: image, text or video."""
         return self.cards[self.queried[-1]].modality
+
+    @property
+    def fixed_answer_prefix(self) -> bool:
+        """Whether the answer prefix is fixed (`video:`, `image:`) rather than the queried card's key."""
+        return self.cards[self.queried[-1]].key in ANSWER_PREFIXES
 
     def training_messages(self) -> list[dict]:
         """The chat with the last assistant turn completed by its answer."""
@@ -319,11 +338,35 @@ def video_example(seed: int, task: VideoRecallTask | None = None) -> RecallExamp
     ]
     card = Card("video", digit, "video", frames[needle], box, frame=needle)
     messages = [{"role": "user", "content": content},
-                {"role": "assistant", "content": [_text(VIDEO_ANSWER_PREFIX)]}]
+                {"role": "assistant", "content": [_text(ANSWER_PREFIXES["video"])]}]
     return RecallExample(seed, messages, [digit], [card], [0])
 
 
+IMAGE_QUESTION = "which digit is in the image?"
+
+
+def image_example(seed: int, task: ImageRecallTask | None = None) -> RecallExample:
+    """One digit image (between filler text if `task.filler`) and its question; answer: the digit.
+    Without filler the turn is what `dbtrimkv chat QUESTION --image PNG` sends."""
+    task = task or ImageRecallTask()
+    rng = random.Random(seed)
+    digit = rng.choice(DIGITS)
+    image, box = draw_digit(digit, task.image_size, rng)
+    before, after = filler_text(task.filler, rng), filler_text(task.filler, rng)
+    content = [*([_text(before + " ")] if before else []), _image(image),
+               *([_text(" " + after + "\n")] if after else []), _text(IMAGE_QUESTION)]
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [_text(ANSWER_PREFIXES["image"])]}]
+    return RecallExample(seed, messages, [digit], [Card("image", digit, "image", image, box)], [0])
+
+
+def make_example(seed: int, task: RecallTask | VideoRecallTask | ImageRecallTask) -> RecallExample:
+    """The example of `seed` for a task of any variant."""
+    make = {RecallTask: recall_example, VideoRecallTask: video_example, ImageRecallTask: image_example}
+    return make[type(task)](seed, task)
+
+
 def examples(kind: str, seeds, task=None) -> list[RecallExample]:
-    """Examples of `kind` (`cards` or `video`) for the given seeds."""
-    make = {"cards": recall_example, "video": video_example}[kind]
+    """Examples of `kind` (`cards`, `video` or `image`) for the given seeds."""
+    make = {"cards": recall_example, "video": video_example, "image": image_example}[kind]
     return [make(seed, task) for seed in seeds]

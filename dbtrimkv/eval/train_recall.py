@@ -28,7 +28,6 @@ text model tolerates, hence one moderate rate for all parameters (see the recipe
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import logging
 import math
 import random
@@ -42,8 +41,8 @@ import torch.nn.functional as F
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
 from .synthetic import (
-    DIGITS, KEYS, TRAIN_SEED_BASE, RecallExample, RecallTask, VideoRecallTask, prompt_inputs, recall_example,
-    video_example,
+    DIGITS, KEYS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, image_example,
+    make_example, prompt_inputs, recall_example, video_example,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,10 +53,11 @@ ASSISTANT_PREFIX = "<|im_start|>assistant\n"
 CHECK_SEED_BASE = 500_000  # curriculum check sets: held out from training, apart from the benchmark's seeds
 
 
-def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallTask | VideoRecallTask:
-    """The task of one training batch (one task per batch keeps padding low): a card stream or (with
-    probability `video`) a clip; `stage` = [max cards, max filler] of the curriculum, or [max cards,
-    max filler, "text"] for card streams whose values are all text (no images, no video)."""
+def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallTask | VideoRecallTask | ImageRecallTask:
+    """The task of one training batch (one task per batch keeps padding low): a clip (probability
+    `video`), a single image (`image`) or a card stream; `stage` = [max cards, max filler] of the
+    curriculum, or [max cards, max filler, "text"] for card streams whose values are all text (no
+    images, no video)."""
     rng = random.Random(seed)
     max_cards, max_filler, *only = stage
     text_only = only == ["text"]
@@ -66,6 +66,9 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
         # half the clips come without filler: the layout of a plain chat about a clip (CLI, demo)
         filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)
         return VideoRecallTask(frames=rng.randint(*mixture["video_frames"]), filler=filler, image_size=size)
+    if rng.random() < mixture.get("image", 0.0) and not text_only:
+        filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)  # half as `dbtrimkv chat --image` sends
+        return ImageRecallTask(filler=filler, image_size=size)
     cards = rng.randint(1, max_cards)
     modalities = dict(answer_modality="text", card_modalities=("text",)) if text_only else {}
     return RecallTask(num_cards=cards, filler=rng.randint(0, max_filler), image_size=size,
@@ -73,7 +76,7 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
                       recalls=round(mixture.get("recalls_per_card", 0) * cards), **modalities)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CopyChat:
     """A "repeat after me" chat (training only): the assistant repeats the user's `text`."""
 
@@ -99,20 +102,20 @@ def sample_batch(seed: int, size: int, mixture: dict[str, Any],
     if rng.random() < mixture.get("copy", 0.0):
         return [copy_chat(seed + i, rng.randint(*mixture["copy_length"])) for i in range(size)]
     task = sample_task(seed, mixture, stage)
-    make = video_example if isinstance(task, VideoRecallTask) else recall_example
-    return [make(seed + i, task) for i in range(size)]
+    return [make_example(seed + i, task) for i in range(size)]
 
 
 def check_set(mixture: dict[str, Any], stage: list[int], size: int) -> list[RecallExample]:
-    """Fixed single-question examples of one curriculum stage, for deciding when to advance."""
+    """Fixed single-question card streams of one curriculum stage, for deciding when to advance (the
+    stages grow the card streams; clips and single images do not depend on them)."""
     out = []
+    cards_only = dict(mixture, video=0.0, image=0.0)
     for i in range(size):
         seed = CHECK_SEED_BASE + 1000 * stage[0] + i
-        task = sample_task(seed, mixture, stage)
+        task = sample_task(seed, cards_only, stage)
         if isinstance(task, RecallTask):
-            out.append(recall_example(seed, dataclasses.replace(task, questions=1)))
-        else:
-            out.append(video_example(seed, task))
+            task = dataclasses.replace(task, questions=1)
+        out.append(make_example(seed, task))
     return out
 
 
@@ -163,14 +166,14 @@ def copy_positions(input_ids: torch.Tensor, header_ids: list[int], end_id: int) 
 def collate(processor, batch: list[RecallExample] | list[CopyChat]):
     """Model inputs for the chats with their answers, and the (row, column) of every supervised token:
     for card streams each answer digit, the `<|im_end|>` that closes it (the echoed key is given,
-    not learned) and the digit of every recall inside the stream; for copy chats and clips every
-    token of the assistant's reply."""
+    not learned) and the digit of every recall inside the stream; for copy chats, clips and single
+    images every token of the assistant's reply."""
     inputs = build_inputs(processor, [ex.training_messages() for ex in batch], add_generation_prompt=False)
     tokenizer = processor.tokenizer
     header = tokenizer(ASSISTANT_PREFIX, add_special_tokens=False).input_ids
     ids = inputs["input_ids"]
-    # copy chats and clips: the whole reply is supervised (a clip's answer prefix `video:` is fixed)
-    copies = {r for r, ex in enumerate(batch) if isinstance(ex, CopyChat) or ex.answer_modality == "video"}
+    # copy chats, clips and single images: the whole reply is supervised (`video:` / `image:` are fixed)
+    copies = {r for r, ex in enumerate(batch) if isinstance(ex, CopyChat) or ex.fixed_answer_prefix}
     copied = [t for t in copy_positions(ids, header, tokenizer.convert_tokens_to_ids("<|im_end|>")) if t[0] in copies]
     digit_ids = tokenizer.convert_tokens_to_ids(list(DIGITS))
     starts = [t for t in answer_positions(ids, header, digit_ids) if t[0] not in copies]
@@ -229,8 +232,10 @@ def heldout_sets(recipe: dict[str, Any]) -> dict[str, list[RecallExample]]:
     n = recipe["eval"]["examples"]
     cards = RecallTask(**recipe["eval"].get("cards", {}))
     video = VideoRecallTask(**recipe["eval"].get("video", {}))
+    image = ImageRecallTask(**recipe["eval"].get("image", {}))
     return {"cards": [recall_example(s, cards) for s in range(n)],
-            "video": [video_example(s, video) for s in range(n)]}
+            "video": [video_example(s, video) for s in range(n)],
+            "image": [image_example(s, image) for s in range(n)]}
 
 
 def train(recipe_path: str | Path, output: str | Path | None = None, steps: int | None = None,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dbtrimkv.eval.recall_model import build_model, load_recipe
-from dbtrimkv.eval.synthetic import RecallExample, RecallTask, VideoRecallTask, recall_example, video_example
+from dbtrimkv.eval.synthetic import (
+    ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, image_example, recall_example, video_example,
+)
 from dbtrimkv.eval.train_recall import CopyChat, _lr_at, collate, copy_chat, parameter_groups, sample_batch
 from dbtrimkv.tiny import build_processor
 
@@ -15,7 +17,7 @@ def test_collate_supervises_every_answer_digit_and_its_end_token(seed):
     processor = build_processor()
     task = RecallTask(num_cards=2 + seed, filler=seed * 5, distractors=seed % 3, questions=1 + seed % 4)
     batch = [recall_example(seed, task), recall_example(seed + 100, task),
-             video_example(seed, VideoRecallTask(frames=3))]
+             video_example(seed, VideoRecallTask(frames=3)), image_example(seed, ImageRecallTask(filler=seed))]
     inputs, targets = collate(processor, batch)
     ids = inputs["input_ids"]
     tokens = {(r, c): processor.tokenizer.decode(ids[r, c]) for r, c in targets}
@@ -26,9 +28,10 @@ def test_collate_supervises_every_answer_digit_and_its_end_token(seed):
         # the token before each answer is the echoed key, given and not supervised
         before = [processor.tokenizer.decode(ids[row, c - 1 : c]) for c in digits]
         assert before == [example.cards[i].key for i in example.queried]
-    # the clip's whole reply is supervised: its prefix `video:` is fixed, so the model learns to write it
+    # the clip's and the image's whole reply is supervised: their prefixes are fixed, so the model learns them
     assert "".join(tok for (r, c), tok in sorted(tokens.items()) if r == 2) == f"video:{batch[2].answer}<|im_end|>"
-    assert len(targets) == 2 * sum(len(ex.answers) for ex in batch[:2]) + len("video:") + 2
+    assert "".join(tok for (r, c), tok in sorted(tokens.items()) if r == 3) == f"image:{batch[3].answer}<|im_end|>"
+    assert len(targets) == 2 * sum(len(ex.answers) for ex in batch[:2]) + 2 * (len("video:") + 2)
 
 
 def test_collate_also_supervises_the_recalls_inside_the_stream():
@@ -118,7 +121,7 @@ def test_train_runs_the_recipe_and_saves_a_loadable_model(tmp_path):
 
     path, recipe = small_recipe(tmp_path)
     scores = train(path, output=tmp_path / "model", threads=1)
-    assert set(scores) == {"cards", "video"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert set(scores) == {"cards", "video", "image"} and all(0.0 <= v <= 1.0 for v in scores.values())
     trained, _ = load_base_model(tmp_path / "model")
     initial, _ = build_model(recipe["model"], recipe["seed"])
     assert trained.config.text_config.hidden_size == 64

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dbtrimkv.eval.synthetic import (
-    DIGITS, KEYS, SEGMENTS, RecallTask, VideoRecallTask, answer_prefix, question_text, recall_example, segment_rects,
-    video_example,
+    DIGITS, IMAGE_QUESTION, KEYS, SEGMENTS, ImageRecallTask, RecallTask, VideoRecallTask, answer_prefix, image_example,
+    question_text, recall_example, segment_rects, video_example,
 )
 
 
@@ -100,6 +100,41 @@ def test_multi_question_chats_answer_every_question():
         assert ex.cards[index].value == answer
     last = {"role": "assistant", "content": [{"type": "text", "text": f"{keys[-1]}{ex.answer}"}]}
     assert ex.training_messages()[-1] == last
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_image_variant_is_one_digit_image_and_its_question(seed):
+    ex, again = image_example(seed, ImageRecallTask(filler=seed * 4)), image_example(seed, ImageRecallTask(filler=seed * 4))
+    assert again.answers == ex.answers and image_bytes(again) == image_bytes(ex) and prompt_text(again) == prompt_text(ex)
+    images = [p["image"] for p in ex.messages[0]["content"] if p["type"] == "image"]
+    assert len(images) == 1 and read_digit(images[0], ex.cards[0].box) == ex.answer
+    assert ex.answer_modality == "image" and ex.fixed_answer_prefix
+    assert ex.messages[-1]["content"][0]["text"] == "image:" and ex.training_messages()[-1]["content"][0]["text"] == (
+        "image:" + ex.answer)
+    parts = ex.messages[0]["content"]
+    if seed == 0:  # no filler: exactly what `dbtrimkv chat QUESTION --image PNG` sends
+        assert [p["type"] for p in parts] == ["image", "text"] and parts[1]["text"] == IMAGE_QUESTION
+    else:
+        assert parts[-1]["text"] == IMAGE_QUESTION and len(prompt_text(ex)) > seed * 4
+
+
+def test_example_inputs_are_the_generated_ones():
+    """The committed example PNGs / clips are the image and video variants they claim to be."""
+    import numpy as np
+
+    from dbtrimkv.demos.examples import IMAGE_SEEDS, IMAGE_TASK, example_clips, example_images
+    from dbtrimkv.media import load_image, load_video
+
+    for (path, answer), seed in zip(example_images(), IMAGE_SEEDS):
+        generated = image_example(seed, IMAGE_TASK)
+        assert generated.answer == answer
+        assert load_image(path).tobytes() == generated.messages[0]["content"][0]["image"].tobytes()
+    for path, answer in example_clips():
+        seed = int(path.stem.split("-")[1])
+        frames = video_example(seed, VideoRecallTask(frames=8, filler=0)).messages[0]["content"][0]["video"]
+        decoded = load_video(path).frames
+        assert decoded.shape == (8, 32, 32, 3)
+        assert np.abs(decoded.astype(int) - np.stack([np.asarray(f) for f in frames]).astype(int)).mean() < 8
 
 
 @pytest.mark.parametrize("seed", range(10))
