@@ -7,8 +7,9 @@ initial weights. Every training example is a multi-question chat (several keys a
 and only the assistant answers are supervised (the digit and the `<|im_end|>` after it), so each
 forward yields several answer tokens.
 
-Copy chats: a fraction of the batches are "repeat after me" chats (the user writes a random
-string of keys and digits, the assistant repeats it; every repeated token is supervised). Each
+Copy chats: in the text-only first stage, a fraction of the batches are "repeat after me" chats
+(the user writes a random string of keys and digits, the assistant repeats it; every repeated
+token is supervised); later stages spend those batches on images and clips instead. Each
 repeated token is the induction step the recall needs (find the earlier occurrence of the
 current token, copy what followed it), and a chat gives dozens of them instead of one or two.
 Measured on a bare 3-layer Qwen3 text model with key/value recalls: without copy data the recall
@@ -96,10 +97,10 @@ def copy_chat(seed: int, length: int) -> CopyChat:
 
 def sample_batch(seed: int, size: int, mixture: dict[str, Any],
                  stage: list[int]) -> list[RecallExample] | list[CopyChat]:
-    """`size` examples of one sampled task, from seeds `seed .. seed + size - 1`: copy chats with
-    probability `mixture["copy"]`, else recall prompts of `sample_task`."""
+    """`size` examples of one sampled task, from seeds `seed .. seed + size - 1`: in a text-only stage
+    copy chats with probability `mixture["copy"]`, else recall prompts of `sample_task`."""
     rng = random.Random(seed)
-    if rng.random() < mixture.get("copy", 0.0):
+    if stage[2:] == ["text"] and rng.random() < mixture.get("copy", 0.0):
         return [copy_chat(seed + i, rng.randint(*mixture["copy_length"])) for i in range(size)]
     task = sample_task(seed, mixture, stage)
     return [make_example(seed + i, task) for i in range(size)]

@@ -62,10 +62,14 @@ def test_copy_chats_supervise_every_repeated_token_and_only_those(seed):
         assert before.endswith(chat.text + "<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_copy_batches_come_in_the_recipes_share():
+def test_copy_batches_come_in_the_recipes_share_in_text_only_stages():
     mixture = dict(load_recipe()["mixture"], copy=0.5, copy_length=[3, 4])
-    kinds = [type(sample_batch(1000 * i, 2, mixture, [2, 0])[0]) for i in range(200)]
+    kinds = [type(sample_batch(1000 * i, 2, mixture, [2, 0, "text"])[0]) for i in range(200)]
     assert 70 <= kinds.count(CopyChat) <= 130 and set(kinds) == {CopyChat, RecallExample}
+    later = [sample_batch(1000 * i, 2, mixture, [2, 0])[0] for i in range(200)]
+    assert not any(isinstance(ex, CopyChat) for ex in later)
+    prefixes = [ex.messages[-1]["content"][0]["text"] for ex in later]
+    assert 30 <= prefixes.count("video:") <= 70 and 30 <= prefixes.count("image:") <= 70  # 25% each
 
 
 def test_learning_rate_schedule_warms_up_holds_then_decays():
@@ -90,8 +94,8 @@ def test_vision_tower_gets_its_own_learning_rate():
 def test_batches_are_a_pure_function_of_the_seed():
     mixture = load_recipe()["mixture"]
     for seed in range(120, 130):  # copy and recall batches alike
-        a = sample_batch(seed, 3, mixture, [4, 8])
-        b = sample_batch(seed, 3, mixture, [4, 8])
+        a = sample_batch(seed, 3, mixture, [4, 8, "text"])
+        b = sample_batch(seed, 3, mixture, [4, 8, "text"])
         assert [ex.training_messages()[-1] for ex in a] == [ex.training_messages()[-1] for ex in b]
         assert [ex.training_messages()[0]["content"][0] for ex in a] == [
             ex.training_messages()[0]["content"][0] for ex in b]
