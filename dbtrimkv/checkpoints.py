@@ -22,7 +22,7 @@ import torch
 from .config import DBTrimKVConfig
 from .errors import CheckpointError
 from .gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of, text_config_of
-from .loading import TINY_ALIASES, load_base_model, read_config, resolve_model_dir
+from .loading import DEFAULT_MODEL, TINY_ALIASES, load_base_model, read_config, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
 
     `name_or_path`: a released TrimKV / DBTrimKV checkpoint (directory or hub id), a directory
     written by `save_gates` (or holding a model plus such gates), a plain Qwen3-VL / Qwen3 model
-    (fresh gates, with a warning), or `tiny` / `tiny-moe` / `tiny-text` / None (embedded default).
+    (fresh gates, with a warning), `tiny-recall` / None (the shipped default, trained gates), or
+    `tiny` / `tiny-moe` / `tiny-text` (random weights, fresh gates).
     """
-    name = "tiny" if name_or_path is None else str(name_or_path)
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     directory = _model_directory(name)
     if directory is not None and (directory / RELEASED_WEIGHTS).is_file():
         return _load_released(directory, device, dtype)
@@ -120,7 +121,7 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
 
 
 def _model_directory(name: str) -> Path | None:
-    """The local directory of a model name; None for the embedded tiny models."""
+    """The local directory of a model name; None for the random tiny models built from configs."""
     return None if name in TINY_ALIASES and not Path(name).exists() else resolve_model_dir(name)
 
 

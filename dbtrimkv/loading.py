@@ -19,9 +19,13 @@ from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-# Names of the embedded tiny models (random weights unless a trained default is shipped).
+# Names of the embedded tiny models with random weights (built from configs: tests, recipes' smoke runs).
 TINY_ALIASES = {"tiny": "qwen3_vl", "tiny-moe": "qwen3_vl_moe", "tiny-text": "qwen3"}
-DEFAULT_MODEL = "tiny"
+# Models shipped inside the package: `tiny-recall`, the tiny Qwen3-VL trained on the synthetic recall
+# task (`dbtrimkv eval train-recall`) with its trained gates (`dbtrimkv eval train-gates`).
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_MODELS = {"tiny-recall": ASSETS / "tiny-recall"}
+DEFAULT_MODEL = "tiny-recall"
 MULTIMODAL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 
 
@@ -54,11 +58,17 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if str(name_or_path) in SHIPPED_MODELS:
+        shipped = SHIPPED_MODELS[str(name_or_path)]
+        if not (shipped / "config.json").is_file():
+            raise ModelLoadError(f"the shipped model {name_or_path!r} is missing from {shipped}: reinstall dbtrimkv "
+                                 "(pip install -e .) or pass --model")
+        return shipped
     if path.exists():
         raise ModelLoadError(f"model path {path} is a file; expected a model directory")
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        known = ", ".join(sorted(TINY_ALIASES))
+        known = ", ".join(sorted([*TINY_ALIASES, *SHIPPED_MODELS]))
         raise ModelLoadError(
             f"unknown model {name!r}: not a local directory, not a hub id (org/name), not one of: {known}"
         )
@@ -118,7 +128,7 @@ def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
 
 
 def load_base_model(name_or_path: str | os.PathLike | None = None, device=None, dtype=None):
-    """`(model, processor)` without gates: the tiny default, a local directory or a hub id."""
+    """`(model, processor)` without gates: a shipped or random tiny model, a local directory or a hub id."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)

@@ -139,28 +139,6 @@ def load_video(path: str | Path, fps: float = 2.0, max_frames: int | None = 64) 
     return frames_to_video(picked, fps=src_fps, frames_indices=indices, total_num_frames=total, source=str(path))
 
 
-def write_video(frames, path: str | Path, fps: float = 2.0) -> Path:
-    """Encode frames (PIL images or HxWx3 uint8 arrays, one size, even sides) as an mp4 (mpeg4 codec,
-    near-lossless quantiser so small glyphs survive): example clips that any player and
-    `load_video` read back."""
-    import av
-    from fractions import Fraction
-
-    arrays = [np.asarray(load_image(f)) for f in frames]
-    height, width = arrays[0].shape[:2]
-    path = Path(path)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.qscale = 1
-        for array in arrays:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 def frames_to_video(frames, fps: float = 2.0, frames_indices: list[int] | None = None,
                     total_num_frames: int | None = None, source: str = "frames") -> Video:
     """A `Video` from a list of frames (PIL images, paths or HxWx3 arrays) at `fps`."""

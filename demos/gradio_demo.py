@@ -126,8 +126,9 @@ def stats_markdown(stats: GenerationStats) -> str:
 
 
 def build_demo(pipeline: DBTrimKVPipeline, max_video_seconds: float = 60.0, max_new_tokens: int = 128,
-               notice: str | None = None) -> gr.Blocks:
-    """The Blocks app around a loaded pipeline; `pipeline.config` gives the controls' initial values."""
+               notice: str | None = None, examples: list[list] | None = None) -> gr.Blocks:
+    """The Blocks app around a loaded pipeline; `pipeline.config` gives the controls' initial values.
+    `examples`: (question, image path, video path) rows offered under the inputs."""
     text_config = text_config_of(pipeline.model)
     layers, heads = text_config.num_hidden_layers, text_config.num_key_value_heads
     base = pipeline.config
@@ -177,6 +178,8 @@ def build_demo(pipeline: DBTrimKVPipeline, max_video_seconds: float = 60.0, max_
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
                     reset = gr.Button("New conversation")
+                if examples:
+                    gr.Examples(examples, inputs=[question, image, video], label="Examples (click one, then Send)")
             with gr.Column(scale=2):
                 with gr.Accordion("KV budget (a change starts a new conversation)", open=True):
                     with gr.Row():

@@ -19,7 +19,7 @@ def run_cli(*args, timeout=300, stdin=None):
 def test_chat_on_a_generated_png(image_png):
     result = run_cli("chat", "--image", str(image_png), "--max-new-tokens", "5", "What is this?")
     assert result.returncode == 0, result.stderr
-    assert "random weights" in result.stderr  # the tiny default says so, on one line
+    assert "default model is tiny-recall" in result.stderr  # the toy default says what it is, on one line
     stats = [line for line in result.stderr.splitlines() if line.startswith("prompt tokens:")]
     assert len(stats) == 1 and "image" in stats[0] and "new tokens: 5" in stats[0]
     assert "Traceback" not in result.stderr

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 
 TINY_NOTICE = (
-    "Notice: the default tiny model has random weights; its answers are gibberish until a trained "
-    "default exists. Pass --model to use a real Qwen3-VL."
+    "Notice: the default model is tiny-recall, a toy Qwen3-VL trained only on the synthetic recall task: it "
+    "answers 'which digit is in the image?' about digit images like demos/examples/*.png and nothing else. "
+    "Pass --model to use a real Qwen3-VL."
 )
 
 
-def add_model_args(p: argparse.ArgumentParser, default: str = "the embedded tiny model") -> None:
+def add_model_args(p: argparse.ArgumentParser, default: str = "the shipped tiny-recall model") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="a local directory, a hub id (e.g. ngocbh/DBTrimKV-Qwen3-VL-4B-Instruct), a directory "
-                        f"written by save_gates / dbtrimkv train, or tiny / tiny-moe / tiny-text (default: {default})")
+                        "written by save_gates / dbtrimkv train, tiny-recall (shipped, trained on the synthetic recall "
+                        f"task) or tiny / tiny-moe / tiny-text (random weights) (default: {default})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     g.add_argument("--dtype", default="auto",
                    help="float32, bfloat16, float16 or auto (default: bf16 on GPU, fp32 on CPU)")

@@ -79,8 +79,9 @@ def run(args) -> int:
         print(notice, file=sys.stderr)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     pipeline = DBTrimKVPipeline(model, processor, eviction_config(args, model))
+    examples = importlib.import_module("dbtrimkv.demos.examples").example_rows() if args.model is None else None
     demo = demo_module.build_demo(pipeline, max_video_seconds=args.max_video_seconds,
-                                  max_new_tokens=args.max_new_tokens, notice=notice)
+                                  max_new_tokens=args.max_new_tokens, notice=notice, examples=examples)
     demo_module.launch(demo, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb,
                        queue_size=args.queue_size)
     return 0

@@ -78,8 +78,9 @@ def test_command_serves_the_demo_on_loopback(tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=60)
     text = json.dumps(config)
-    assert "Video (at most 7 s)" in text and "random weights" in text  # the tiny notice shows in the page
+    assert "Video (at most 7 s)" in text and "tiny-recall" in text  # the default model's notice shows in the page
+    assert all(f"digit-{seed}.png" in text for seed in (911, 912, 913))  # and its example images
     numbers = {c["props"]["label"].split(":")[0]: c["props"]["value"] for c in config["components"]
                if c["type"] == "number"}
     assert numbers == {"Budget": 48, "Memory size M per head (> 0 overrides": 0}
-    assert f"http://127.0.0.1:{port}" in out and "random weights" in err
+    assert f"http://127.0.0.1:{port}" in out and "tiny-recall" in err

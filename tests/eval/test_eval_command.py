@@ -56,13 +56,6 @@ def test_bad_budget_is_one_clear_error(tmp_path):
     assert result.returncode == 2 and "dbtrimkv: error:" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_without_a_recall_model_the_error_says_how_to_make_one(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dbtrimkv.cli", "eval", "synthetic", "--examples", "1"],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "no recall model in runs/recall-tiny" in result.stderr and "dbtrimkv eval train-recall" in result.stderr
-
-
 def test_train_recall_on_a_missing_gpu_is_one_clear_error(tmp_path):
     import pytest
     import torch

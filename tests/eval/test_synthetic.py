@@ -118,23 +118,16 @@ def test_image_variant_is_one_digit_image_and_its_question(seed):
         assert parts[-1]["text"] == IMAGE_QUESTION and len(prompt_text(ex)) > seed * 4
 
 
-def test_example_inputs_are_the_generated_ones():
-    """The committed example PNGs / clips are the image and video variants they claim to be."""
-    import numpy as np
+def test_example_images_are_the_generated_ones():
+    """The committed example PNGs are the image variant at the seeds they claim."""
+    from dbtrimkv.demos.examples import IMAGE_SEEDS, IMAGE_TASK, example_images
+    from dbtrimkv.media import load_image
 
-    from dbtrimkv.demos.examples import IMAGE_SEEDS, IMAGE_TASK, example_clips, example_images
-    from dbtrimkv.media import load_image, load_video
-
+    assert len(example_images()) == len(IMAGE_SEEDS) == 3
     for (path, answer), seed in zip(example_images(), IMAGE_SEEDS):
         generated = image_example(seed, IMAGE_TASK)
         assert generated.answer == answer
         assert load_image(path).tobytes() == generated.messages[0]["content"][0]["image"].tobytes()
-    for path, answer in example_clips():
-        seed = int(path.stem.split("-")[1])
-        frames = video_example(seed, VideoRecallTask(frames=8, filler=0)).messages[0]["content"][0]["video"]
-        decoded = load_video(path).frames
-        assert decoded.shape == (8, 32, 32, 3)
-        assert np.abs(decoded.astype(int) - np.stack([np.asarray(f) for f in frames]).astype(int)).mean() < 8
 
 
 @pytest.mark.parametrize("seed", range(10))
