@@ -4,7 +4,8 @@ Why: the benchmark needs a model that actually solves the task with a full cache
 released Qwen3-VL architecture at toy sizes, built with the same machinery as `dbtrimkv.tiny`
 (same tokenizer, processor and special tokens; only the text/vision sizes come from
 `configs/recall-tiny.yaml`), trained from scratch by `dbtrimkv eval train-recall` into
-`runs/recall-tiny/` (safetensors + processor files), where `dbtrimkv eval synthetic` looks for it.
+`runs/recall-tiny/` (safetensors + processor files), where `dbtrimkv eval train-gates` adds its
+gates. The shipped default `tiny-recall` (dbtrimkv/assets/tiny-recall) is a copy of that directory.
 """
 
 from __future__ import annotations
