@@ -72,6 +72,9 @@ def _add_train_gates(sub) -> None:
                                    "recall prompts and save them next to the model (save_gates).")
     p.add_argument("--config", default="train-recall-gates", help="training YAML (default: train-recall-gates)")
     p.add_argument("--examples", type=int, default=2000, help="recall chats written as training data (default: 2000)")
+    p.add_argument("--serve-memory-size", type=int, default=None, metavar="M",
+                   help="memory size M saved as the gates' default eviction, what `dbtrimkv chat` / the demo use "
+                        "without budget options (default: the training memory_size)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     p.set_defaults(func=run_train_gates)
 
@@ -111,6 +114,7 @@ def run_train_gates(args) -> int:
     from ..eval.gates import train_gates
 
     _log_to_stderr()
-    print(train_gates(args.config, examples=args.examples, threads=args.threads))
+    print(train_gates(args.config, examples=args.examples, threads=args.threads,
+                      serve_memory_size=args.serve_memory_size))
     return 0
 

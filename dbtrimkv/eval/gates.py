@@ -78,8 +78,13 @@ def _stage_base_model(source: Path, directory: Path) -> Path:
 
 
 def train_gates(config_path: str | Path = "train-recall-gates", examples: int = 2000,
-                threads: int | None = 1, asset_dir: str | Path = RECALL_MODEL_DIR) -> Path:
-    """Write the data, train the gates as the YAML says, save them into `asset_dir`; returns `asset_dir`."""
+                threads: int | None = 1, asset_dir: str | Path = RECALL_MODEL_DIR,
+                serve_memory_size: int | None = None) -> Path:
+    """Write the data, train the gates as the YAML says, save them into `asset_dir`; returns `asset_dir`.
+
+    `serve_memory_size`: the M saved as the gates' default eviction (default: the training M). A
+    chat about one image is ~50 tokens, where the training M (sized for 400-token card streams)
+    leaves too little of the question: the shipped model is served with a larger one."""
     import torch
 
     from ..checkpoints import load_model, save_gates
@@ -97,7 +102,7 @@ def train_gates(config_path: str | Path = "train-recall-gates", examples: int = 
     config = dataclasses.replace(config, model=str(base), train_data=str(data))
     result = train(config)
     model, _ = load_model(result.output_dir)
-    eviction = DBTrimKVConfig(memory_size=config.memory_size, policy="global")
+    eviction = DBTrimKVConfig(memory_size=serve_memory_size or config.memory_size, policy="global")
     save_gates(model, asset_dir, eviction=eviction, base_model=".")
     logger.info("installed gates from %s into %s", result.output_dir, asset_dir)
     return Path(asset_dir)

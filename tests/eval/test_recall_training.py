@@ -150,13 +150,17 @@ def test_train_gates_installs_trained_rg10_gates_next_to_the_model(tmp_path):
     config.update(output_dir=str(tmp_path / "run"), train_data=str(tmp_path / "run" / "data" / "train.jsonl"),
                   max_steps=2, batch_size=2, log_every=1, max_length=512)
     (tmp_path / "gates.yaml").write_text(yaml.safe_dump(config))
-    train_gates(tmp_path / "gates.yaml", examples=4, asset_dir=tmp_path / "recall")
+    train_gates(tmp_path / "gates.yaml", examples=4, asset_dir=tmp_path / "recall", serve_memory_size=5)
     lines = (tmp_path / "run" / "data" / "train.jsonl").read_text().splitlines()
     assert len(lines) == 4
     loaded, _ = dbtrimkv.load_model(tmp_path / "recall")
     assert gates_are_trained(loaded)
     gate = loaded.model.language_model.layers[0].self_attn.retention_gate
     assert gate.state_dict().keys() and config["gate_type"] == "rg10"
+    from dbtrimkv.checkpoints import default_eviction_config
+
+    eviction = default_eviction_config(loaded)  # what chat / the demo use without budget options
+    assert (eviction.memory_size, eviction.policy) == (5, "global") and config["memory_size"] != 5
     with pytest.warns(UserWarning, match="untrained"):  # the staged base holds no gates: training started fresh
         fresh, _ = dbtrimkv.load_model(tmp_path / "run" / "base")
     assert not gates_are_trained(fresh)

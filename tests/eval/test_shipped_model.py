@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import dbtrimkv
-from dbtrimkv.checkpoints import gates_are_trained
+from dbtrimkv.checkpoints import default_eviction_config, gates_are_trained
 from dbtrimkv.config import DBTrimKVConfig
 from dbtrimkv.demos.examples import example_images
 from dbtrimkv.errors import ModelLoadError
@@ -26,6 +26,8 @@ def test_default_is_the_shipped_recall_model_with_trained_gates(shipped):
     model, processor = shipped
     assert gates_are_trained(model)
     assert model.config.model_type == "qwen3_vl" and model.config.text_config.hidden_size == 128
+    eviction = default_eviction_config(model)  # chat / demo without budget options
+    assert (eviction.memory_size, eviction.policy) == (16, "global")
     named, _ = dbtrimkv.load_model("tiny-recall")
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), named.state_dict().values()))
 
@@ -49,16 +51,17 @@ def test_chat_about_an_example_image_answers_its_digit():
     path, digit = example_images()[0]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "dbtrimkv.cli", "chat", "which digit is in the image?",
-                             "--image", str(path), "--memory-size", "16", "--max-new-tokens", "8"],
+                             "--image", str(path), "--max-new-tokens", "8"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"image:{digit}"
+    assert "policy global, budget 96 entries" in result.stderr  # M=16 x 3 layers x 2 KV heads
 
 
-def test_every_example_image_is_answered_within_a_budget(shipped):
+def test_every_example_image_is_answered_within_the_default_budget():
     from dbtrimkv.pipeline import DBTrimKVPipeline
 
-    pipe = DBTrimKVPipeline(*shipped, DBTrimKVConfig(memory_size=16))  # 96 of the ~300 entries of a full cache
+    pipe = DBTrimKVPipeline.from_pretrained()  # M=16: 96 of the ~300 entries of a full cache
     for path, digit in example_images():
         assert pipe.chat("which digit is in the image?", images=[path], max_new_tokens=8).text == f"image:{digit}"
 
