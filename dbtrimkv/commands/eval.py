@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
 
 
 def _add_synthetic(sub) -> None:
+    from ..eval.synthetic import TASK_KINDS
     from ..policies import policy_names
     from .common import add_model_args
 
@@ -36,7 +37,7 @@ def _add_synthetic(sub) -> None:
                    help=f"policies to compare (choices: {', '.join(policy_names())})")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.25, 0.5], metavar="FRACTION",
                    help="KV budgets as fractions of each prompt's full cache, in (0, 1]")
-    p.add_argument("--kind", choices=("cards", "video", "image"), default="cards",
+    p.add_argument("--kind", choices=tuple(TASK_KINDS), default="cards",
                    help="card stream, video clip or single image prompts")
     p.add_argument("--examples", type=int, default=100, help="held-out prompts (seeds 0..N-1; default: 100)")
     p.add_argument("--num-cards", type=int, default=8)

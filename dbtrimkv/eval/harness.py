@@ -27,7 +27,9 @@ from ..config import DBTrimKVConfig
 from ..generation import generate
 from ..gates import text_config_of
 from ..prompts import tokenizer_of
-from .synthetic import ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples, prompt_inputs
+from .synthetic import (
+    TASK_KINDS, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples, prompt_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ class BenchmarkSpec:
     prefill_chunk: int = 32
     buffer_size: int = 0
 
-    def make_task(self) -> RecallTask | VideoRecallTask:
-        return {"cards": RecallTask, "video": VideoRecallTask, "image": ImageRecallTask}[self.kind](**self.task)
+    def make_task(self) -> RecallTask | VideoRecallTask | ImageRecallTask:
+        return TASK_KINDS[self.kind](**self.task)
 
     def prompts(self) -> list[RecallExample]:
         """Held-out prompts: seeds 0 .. examples - 1 (training seeds start at TRAIN_SEED_BASE)."""

@@ -360,6 +360,9 @@ def image_example(seed: int, task: ImageRecallTask | None = None) -> RecallExamp
     return RecallExample(seed, messages, [digit], [Card("image", digit, "image", image, box)], [0])
 
 
+TASK_KINDS = {"cards": RecallTask, "video": VideoRecallTask, "image": ImageRecallTask}  # the variants by name
+
+
 def make_example(seed: int, task: RecallTask | VideoRecallTask | ImageRecallTask) -> RecallExample:
     """The example of `seed` for a task of any variant."""
     make = {RecallTask: recall_example, VideoRecallTask: video_example, ImageRecallTask: image_example}
@@ -367,6 +370,6 @@ def make_example(seed: int, task: RecallTask | VideoRecallTask | ImageRecallTask
 
 
 def examples(kind: str, seeds, task=None) -> list[RecallExample]:
-    """Examples of `kind` (`cards`, `video` or `image`) for the given seeds."""
-    make = {"cards": recall_example, "video": video_example, "image": image_example}[kind]
-    return [make(seed, task) for seed in seeds]
+    """Examples of `kind` (a `TASK_KINDS` name) for the given seeds (default task parameters if no `task`)."""
+    task = task or TASK_KINDS[kind]()
+    return [make_example(seed, task) for seed in seeds]

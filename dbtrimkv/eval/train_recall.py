@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
 from .synthetic import (
-    DIGITS, KEYS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, image_example,
-    make_example, prompt_inputs, recall_example, video_example,
+    DIGITS, KEYS, TASK_KINDS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples,
+    make_example, prompt_inputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -231,12 +231,7 @@ def _lr_at(step: int, steps: int, peak: float, warmup: int, decay_fraction: floa
 def heldout_sets(recipe: dict[str, Any]) -> dict[str, list[RecallExample]]:
     """The held-out examples the run reports on (the benchmark's default tasks, small seeds)."""
     n = recipe["eval"]["examples"]
-    cards = RecallTask(**recipe["eval"].get("cards", {}))
-    video = VideoRecallTask(**recipe["eval"].get("video", {}))
-    image = ImageRecallTask(**recipe["eval"].get("image", {}))
-    return {"cards": [recall_example(s, cards) for s in range(n)],
-            "video": [video_example(s, video) for s in range(n)],
-            "image": [image_example(s, image) for s in range(n)]}
+    return {kind: examples(kind, range(n), task(**recipe["eval"].get(kind, {}))) for kind, task in TASK_KINDS.items()}
 
 
 def train(recipe_path: str | Path, output: str | Path | None = None, steps: int | None = None,
