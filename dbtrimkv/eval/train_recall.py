@@ -120,18 +120,23 @@ def check_set(mixture: dict[str, Any], stage: list[int], size: int) -> list[Reca
     return out
 
 
+def reply_starts(input_ids: torch.Tensor, header_ids: list[int]) -> list[tuple[int, int]]:
+    """(row, column) of the first token after every assistant header (`<|im_start|>assistant\n`)."""
+    k = len(header_ids)
+    windows = input_ids.unfold(1, k, 1)  # [B, T - k + 1, k]
+    rows, cols = (windows == torch.tensor(header_ids)).all(-1).nonzero(as_tuple=True)
+    return [(r, c + k) for r, c in zip(rows.tolist(), cols.tolist())]
+
+
 def answer_positions(input_ids: torch.Tensor, header_ids: list[int], digit_ids: list[int]) -> list[tuple[int, int]]:
     """(row, column) of every answer token: the first digit after the header that opens each assistant
     turn (`<|im_start|>assistant\nK` -> the digit; answer prefixes hold no digit)."""
     out = []
-    k = len(header_ids)
-    windows = input_ids.unfold(1, k, 1)  # [B, T - k + 1, k]
-    rows, cols = (windows == torch.tensor(header_ids)).all(-1).nonzero(as_tuple=True)
     is_digit = torch.isin(input_ids, torch.tensor(digit_ids))
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        digits = is_digit[r, c + k :].nonzero()
-        if len(digits) and c + k + int(digits[0]) + 1 < input_ids.shape[1]:
-            out.append((r, c + k + int(digits[0])))
+    for r, start in reply_starts(input_ids, header_ids):
+        digits = is_digit[r, start:].nonzero()
+        if len(digits) and start + int(digits[0]) + 1 < input_ids.shape[1]:
+            out.append((r, start + int(digits[0])))
     return out
 
 
@@ -154,13 +159,9 @@ def recall_positions(input_ids: torch.Tensor, key_ids: list[int], digit_ids: lis
 def copy_positions(input_ids: torch.Tensor, header_ids: list[int], end_id: int) -> list[tuple[int, int]]:
     """(row, column) of every token the assistant writes (its `<|im_end|>` included) in each row."""
     out = []
-    k = len(header_ids)
-    windows = input_ids.unfold(1, k, 1)
-    rows, cols = (windows == torch.tensor(header_ids)).all(-1).nonzero(as_tuple=True)
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        row = input_ids[r].tolist()
-        end = row.index(end_id, c + k)
-        out += [(r, col) for col in range(c + k, end + 1)]
+    for r, start in reply_starts(input_ids, header_ids):
+        end = input_ids[r].tolist().index(end_id, start)
+        out += [(r, col) for col in range(start, end + 1)]
     return out
 
 
