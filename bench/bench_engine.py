@@ -28,6 +28,7 @@ import torch
 
 import dbtrimkv  # first: on CPU-only torch it makes torchvision (and so transformers' models) importable
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from dbtrimkv.transformers_compat import cache_kwargs  # noqa: E402
 
 
 def build_model(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, dtype, device):
@@ -75,7 +76,7 @@ def time_decode(model, cache, context: int, steps: int, device) -> list[float]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
+            model(input_ids=token, position_ids=position, use_cache=True, **cache_kwargs(cache))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)

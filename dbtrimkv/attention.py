@@ -6,7 +6,8 @@ attention input, (2) tell the cache which new tokens are padding and what modali
 this from outside:
 
 - a forward pre-hook on every text attention module runs its `retention_gate` and hands
-  `log beta` (plus the query padding mask) to the cache before `past_key_values.update(...)`;
+  `log beta` (plus the query padding mask) to the cache before the attention calls its
+  `update(...)` (the cache arrives as `cache=` from transformers 5.24, `past_key_values=` before);
 - a pre-hook on the top-level model records the modality (text / image / video) of the tokens
   about to be processed, from the input ids;
 - an attention function registered as `dbtrimkv` in `AttentionInterface`, with a matching entry in
@@ -25,6 +26,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .transformers_compat import cache_from_call, integration_error
 
 ATTENTION_NAME = "dbtrimkv"
 
@@ -85,7 +88,7 @@ def _attention_pre_hook(module, args, kwargs):
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     log_beta = module.retention_gate(hidden_states)
     module.retention_log_beta = log_beta  # [B, T, H_kv], read by training-time attention
-    cache = kwargs.get("past_key_values")
+    cache = cache_from_call(kwargs)
     if isinstance(cache, DBTrimKVCache):
         mask = kwargs.get("attention_mask")
         padding = mask.query_padding if isinstance(mask, LazyCausalMask) else None
@@ -99,11 +102,31 @@ def _attention_post_hook(module, args, kwargs, output):
     module._dbtrimkv_cache_ref = None
 
 
+def _decoder_pre_hook(decoder, args, kwargs):
+    """Remember how far a retention cache had got, to check after the forward that it was used."""
+    from .cache import DBTrimKVCache
+
+    cache = cache_from_call(kwargs)
+    decoder._dbtrimkv_columns_before = cache.columns if isinstance(cache, DBTrimKVCache) else None
+
+
+def _decoder_post_hook(decoder, args, kwargs, output):
+    """A retention cache handed to the decoder must have received this forward's tokens: if the
+    attention modules never called it (a transformers release that changed how the cache reaches
+    them), fail loudly instead of running without a cache."""
+    from .cache import DBTrimKVCache
+
+    before = getattr(decoder, "_dbtrimkv_columns_before", None)
+    cache = cache_from_call(kwargs)
+    if before is not None and isinstance(cache, DBTrimKVCache) and cache.columns == before:
+        raise integration_error("the text decoder ran without passing its tokens to the DBTrimKVCache")
+
+
 def _model_pre_hook(model, args, kwargs):
     """Record the modality of the tokens this forward will add (generated tokens are text)."""
     from .cache import DBTrimKVCache
 
-    cache = kwargs.get("past_key_values")
+    cache = cache_from_call(kwargs)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(cache, DBTrimKVCache) and isinstance(input_ids, torch.Tensor):
         cache.note_input_ids(input_ids)
@@ -111,12 +134,15 @@ def _model_pre_hook(model, args, kwargs):
 
 def install_retention_attention(model) -> None:
     """Register hooks and switch the text attention (only) to `dbtrimkv`."""
-    from .gates import text_attention_modules
+    from .gates import text_attention_modules, text_decoder
 
     register_attention()
     for module in text_attention_modules(model):
         module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
         module.register_forward_hook(_attention_post_hook, with_kwargs=True)
+    decoder = text_decoder(model)
+    decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
+    decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True)
     model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
     set_text_attention(model, ATTENTION_NAME)
 

@@ -25,3 +25,7 @@ class CheckpointError(DBTrimKVError, ValueError):
 
 class ConfigError(DBTrimKVError, ValueError):
     """An invalid eviction or training configuration."""
+
+
+class IntegrationError(DBTrimKVError, RuntimeError):
+    """The installed transformers no longer calls the hooks the way dbtrimkv expects (version mismatch)."""

@@ -88,16 +88,21 @@ def text_config_of(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def text_decoder_layers(model) -> nn.ModuleList:
-    """The decoder layers of the language model (Qwen3-VL, Qwen3-VL-MoE, or a causal LM)."""
+def text_decoder(model) -> nn.Module:
+    """The text decoder whose `layers` hold the attention (Qwen3-VL, Qwen3-VL-MoE, or a causal LM)."""
     inner = getattr(model, "model", model)
     for candidate in (getattr(inner, "language_model", None), inner):
         layers = getattr(candidate, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
-            return layers
+            return candidate
     raise ModelLoadError(
         f"unsupported model {type(model).__name__}: no text decoder layers with `self_attn` were found"
     )
+
+
+def text_decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of the language model."""
+    return text_decoder(model).layers
 
 
 def text_attention_modules(model) -> list[nn.Module]:

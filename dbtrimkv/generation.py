@@ -1,6 +1,6 @@
 """Chunked prefill with eviction, then generation: KV memory bounded whatever the prompt length.
 
-Why: `model.generate(**inputs, past_key_values=cache)` prefills the whole prompt in one forward,
+Why: `model.generate(**inputs, cache=cache)` prefills the whole prompt in one forward,
 so its K/V must fit before anything can be evicted. `prefill` instead feeds the prompt to the
 language model `chunk` tokens at a time; the cache evicts before each chunk, so a sequence never
 holds more than `budget + L*H*max(buffer_size, chunk)` entries. Details that keep it exact:
@@ -28,6 +28,7 @@ import torch
 from .cache import DBTrimKVCache
 from .errors import ConfigError
 from .prompts import MODALITIES
+from .transformers_compat import cache_kwargs
 
 
 def language_model_of(model):
@@ -196,7 +197,7 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
         history = torch.ones(batch, cache.get_seq_length(), dtype=mask.dtype, device=device)
         cache.set_next_modality(types[:, start:end])
         out = lm(inputs_embeds=embeds, attention_mask=torch.cat([history, mask[:, start:end]], 1),
-                 position_ids=positions[..., start:end], past_key_values=cache, use_cache=True, **kwargs)
+                 position_ids=positions[..., start:end], use_cache=True, **cache_kwargs(cache), **kwargs)
         hidden = out.last_hidden_state[:, -1]
         report(end)
     _finish_positions(model, cache, positions[..., :upto], mask[:, :upto])
@@ -267,7 +268,7 @@ def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, tim
     prefilled = time.perf_counter()
     full_ids = torch.cat([processed_ids, ids], 1)
     full_mask = torch.cat([processed_mask, mask], 1)
-    out = model.generate(input_ids=full_ids, attention_mask=full_mask, past_key_values=cache,
+    out = model.generate(input_ids=full_ids, attention_mask=full_mask, **cache_kwargs(cache),
                          max_new_tokens=max_new_tokens, **generate_kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out
     if timings is not None:

@@ -1,6 +1,7 @@
 """`DBTrimKVCache`: a transformers `Cache` that keeps each sequence inside a fixed entry budget.
 
-Why: users call `model.generate(..., past_key_values=DBTrimKVCache(model, config))` and expect the
+Why: users call `model.generate(..., cache=DBTrimKVCache(model, config))` (`past_key_values=` before
+transformers 5.24) and expect the
 usual generation features, while KV memory stays bounded. The cache stores entries in a
 `SlotPool` with per-segment `SlotTables` (DESIGN.md, "Storage") and evicts by the configured
 policy (DESIGN.md, "Eviction rule").
@@ -27,6 +28,7 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..policies import get_policy
 from ..prompts import MODALITIES
+from ..transformers_compat import integration_error
 from .pool import SlotPool
 from .tables import SlotTables
 
@@ -255,9 +257,10 @@ class DBTrimKVCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Append the real (non-padding) tokens' K/V of one layer to the pool; returns the inputs."""
         if self._forward is None or layer_idx not in self._staged:
-            raise RuntimeError(
-                "DBTrimKVCache.update was called without the retention pre-hook: the model's attention "
-                "modules must carry retention gates (dbtrimkv.attach_retention_gates)"
+            raise integration_error(
+                "the attention called DBTrimKVCache.update without running the retention pre-hook first "
+                "(attach gates with dbtrimkv.attach_retention_gates or load the model with dbtrimkv.load_model; "
+                "if they are attached, the attention no longer hands its cache to the hook)"
             )
         fw = self._forward
         log_beta = self._staged.pop(layer_idx)

@@ -10,6 +10,7 @@ from masked_reference import MaskedReference
 import dbtrimkv
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.tiny import build_tiny
+from dbtrimkv.transformers_compat import cache_kwargs
 
 STEPS = 20
 
@@ -41,7 +42,7 @@ def test_logits_equal_masked_dense_reference(variant, chats, memory_size, buffer
     cache = dbtrimkv.DBTrimKVCache(engine_model, config)
     reference = MaskedReference(reference_model, cache.budget, buffer_size, group=policy, lookahead=lookahead)
     kwargs = dict(max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    out = engine_model.generate(**inputs, past_key_values=cache, **kwargs)
+    out = engine_model.generate(**inputs, **cache_kwargs(cache), **kwargs)
     ref = reference_model.generate(**inputs, **kwargs)
     assert cache.num_evictions >= 2 and reference.evictions >= 2  # eviction really happened
     for step, (a, b) in enumerate(zip(out.logits, ref.logits)):

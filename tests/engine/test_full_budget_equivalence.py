@@ -10,6 +10,7 @@ import dbtrimkv
 from dbtrimkv.generation import generate, prefill
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.tiny import build_tiny
+from dbtrimkv.transformers_compat import cache_kwargs
 
 STEPS = 16
 
@@ -45,7 +46,7 @@ def test_logits_and_tokens_match_dynamic_cache(variant, kind, budget):
     assert (inputs["attention_mask"][:, 0] == 0).any()  # batch of 2 with left padding
     ref = _generate(plain, inputs)
     cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig(budget=budget))
-    out = _generate(gated, inputs, past_key_values=cache)
+    out = _generate(gated, inputs, **cache_kwargs(cache))
     assert torch.equal(out.sequences, ref.sequences)
     assert len(out.logits) == len(ref.logits) == STEPS
     for step, (a, b) in enumerate(zip(out.logits, ref.logits)):

@@ -14,6 +14,7 @@ from dbtrimkv.gates import text_attention_modules
 from dbtrimkv.generation import generate
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.tiny import build_tiny
+from dbtrimkv.transformers_compat import cache_kwargs
 
 
 def _score(seen, pos, log_beta, lookahead):
@@ -147,7 +148,7 @@ def test_ties_keep_newest_then_lower_layer(gated_text):
     cache = dbtrimkv.DBTrimKVCache(model, dbtrimkv.DBTrimKVConfig(budget=budget, buffer_size=0))
     inputs = build_inputs(tokenizer, ["abcdefghij"])
     with torch.no_grad():
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_kwargs(cache))
     assert float(cache.pool.log_beta[: cache.pool.capacity].abs().max()) == 0.0
     cache.evict()
     seen = cache.seen[0]
@@ -174,7 +175,7 @@ def test_image_entries_are_recorded_by_modality():
     cache = dbtrimkv.DBTrimKVCache(model, dbtrimkv.DBTrimKVConfig())
     inputs = build_inputs(processor, image_chat(random_image(0), "What?"))
     with torch.no_grad():
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_kwargs(cache))
     counts = cache.retained_by_modality(0)
     lh = cache.segments_per_sequence
     assert counts["image"] == int((inputs["mm_token_type_ids"] == 1).sum()) * lh

@@ -15,6 +15,7 @@ from dbtrimkv.policies.snapkv import KERNEL, WINDOW
 from dbtrimkv.policies.streaming import SINKS
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.tiny import build_tiny
+from dbtrimkv.transformers_compat import cache_kwargs
 
 BASELINES = ("streaming", "snapkv", "h2o", "knorm", "random")
 PROMPT = "The quick brown fox jumps over the lazy dog while seven wizards quietly hex the jovial bank clerks."
@@ -187,7 +188,7 @@ def test_h2o_constructed_case_keeps_the_top_accumulated(model):
     tiny, tokenizer = model
     cache = dbtrimkv.DBTrimKVCache(tiny, dbtrimkv.DBTrimKVConfig(budget=6 * 6, policy="h2o", buffer_size=0))
     with torch.no_grad():
-        tiny(**build_inputs(tokenizer, PROMPT[:30]), past_key_values=cache)
+        tiny(**build_inputs(tokenizer, PROMPT[:30]), **cache_kwargs(cache))
     seen = cache.seen[0]
     favourite = {0: 2, 1: 9, 2: 5}  # per segment: two old positions to favour (3 heavy slots, 3 recent)
     scores = torch.zeros(cache.pool.capacity)
@@ -220,7 +221,7 @@ def test_snapkv_scores_are_the_pooled_window_attention_and_the_top_stay(model):
     inputs = build_inputs(tokenizer, PROMPT[:45])
     assert inputs["input_ids"].shape[1] > 2 * WINDOW
     with torch.no_grad():
-        tiny(**inputs, past_key_values=cache)
+        tiny(**inputs, **cache_kwargs(cache))
     for layer in range(cache.num_layers):
         expected = brute_force_mass(captured[layer], layer, cache, window=WINDOW)
         _, slots = layer_snapshot(cache, layer)

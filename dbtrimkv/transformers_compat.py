@@ -1,0 +1,69 @@
+"""The transformers releases dbtrimkv supports, and the names that differ between them.
+
+Why: dbtrimkv hooks into transformers internals (the attention modules' call keywords, the
+`Cache` API, the attention and mask interfaces), so a new release can break it silently. This
+leaf module is the one place that knows (1) the tested range, which `pyproject.toml` declares as
+its cap, (2) under which keyword a model call carries the KV cache (`past_key_values` up to 5.23,
+`cache` from 5.24, where the old name is a deprecated alias until 5.40), and (3) how to say, in
+one sentence, that the installed release broke the integration contract.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import transformers
+from packaging.version import Version
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
+
+from .errors import IntegrationError
+
+OLDEST_SUPPORTED = "5.17"  # the oldest release CI tests (second install in .ci/run)
+NEWEST_TESTED = "5.24"  # pyproject caps transformers below the next minor: raise both together
+CACHE_KEYWORDS = ("cache", "past_key_values")  # new name first
+
+
+def installed_version() -> str:
+    return transformers.__version__
+
+
+def supported_range() -> str:
+    newest = Version(NEWEST_TESTED)
+    return f">={OLDEST_SUPPORTED},<{newest.major}.{newest.minor + 1}"
+
+
+def is_supported(version: str | None = None) -> bool:
+    release = Version(Version(version or installed_version()).base_version)
+    newest = Version(NEWEST_TESTED)
+    return Version(OLDEST_SUPPORTED) <= release < Version(f"{newest.major}.{newest.minor + 1}")
+
+
+def _preferred_cache_keyword() -> str:
+    """The keyword model forwards (and so `generate`) take the cache under in the installed release."""
+    parameters = inspect.signature(Qwen3Model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+CACHE_KWARG = _preferred_cache_keyword()
+
+
+def cache_kwargs(cache) -> dict:
+    """`{keyword: cache}` for the project's own `model(...)` / `generate(...)` calls (no deprecation warning)."""
+    return {CACHE_KWARG: cache}
+
+
+def cache_from_call(kwargs: dict):
+    """The KV cache a module call received, under whichever keyword this release uses (None if none)."""
+    for name in CACHE_KEYWORDS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def integration_error(what: str) -> IntegrationError:
+    """An error for a broken integration contract, naming the installed and the supported releases."""
+    supported = "" if is_supported() else " (outside the supported range)"
+    return IntegrationError(
+        f"{what}: transformers {installed_version()} is installed{supported}; dbtrimkv supports "
+        f"transformers{supported_range()} (pip install 'transformers{supported_range()}')"
+    )
