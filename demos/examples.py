@@ -3,7 +3,7 @@
 Why: the default model is a toy trained only on the synthetic recall task, so the examples must be
 inputs it was trained for and answers: a seven-segment digit image asked `which digit is in the
 image?` (it answers `image:` and the digit). They are the image variant of
-`dbtrimkv.eval.synthetic` at fixed held-out seeds without filler text (the layout of a plain chat),
+`dbtrimkv.recall.tasks` at fixed held-out seeds without filler text (the layout of a plain chat),
 saved as PNG. (No example clips: the model answers only 46% of held-out clips; see
 configs/recall-tiny.yaml.) `python -m dbtrimkv.demos.examples` rewrites them.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dbtrimkv.eval.synthetic import IMAGE_QUESTION, ImageRecallTask, image_example
+from dbtrimkv.recall.tasks import IMAGE_QUESTION, ImageRecallTask, image_example
 
 EXAMPLE_DIR = Path(__file__).parent / "examples"
 IMAGE_SEEDS = (911, 912, 913)

@@ -20,7 +20,7 @@ from helpers import random_image  # noqa: E402
 
 torch.set_num_threads(2)
 
-ONE_THREAD_FOLDERS = ("eval", "video_qa")  # many small forwards: one torch thread is faster on 2 busy cores
+ONE_THREAD_FOLDERS = ("eval", "recall", "video_qa")  # many small forwards: one torch thread is faster on 2 busy cores
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def _add_synthetic(sub) -> None:
-    from ..eval.synthetic import TASK_KINDS
+    from ..recall.tasks import TASK_KINDS
     from ..policies import policy_names
     from .common import add_model_args
 
@@ -100,7 +100,7 @@ def run_synthetic(args) -> int:
 
 
 def run_train_recall(args) -> int:
-    from ..eval.train_recall import train
+    from ..recall.train_model import train
 
     _log_to_stderr()
     from ..loading import resolve_device
@@ -112,7 +112,7 @@ def run_train_recall(args) -> int:
 
 
 def run_train_gates(args) -> int:
-    from ..eval.gates import train_gates
+    from ..recall.train_gates import train_gates
 
     _log_to_stderr()
     print(train_gates(args.config, examples=args.examples, threads=args.threads,

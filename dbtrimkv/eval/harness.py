@@ -27,7 +27,7 @@ from ..config import DBTrimKVConfig
 from ..generation import generate
 from ..gates import text_config_of
 from ..prompts import tokenizer_of
-from .synthetic import (
+from ..recall.tasks import (
     TASK_KINDS, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples, prompt_inputs,
 )
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .harness import FULL
-from .synthetic import DIGITS
+from ..recall.tasks import DIGITS
 
 
 def _pct(value: float) -> str:

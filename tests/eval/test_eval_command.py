@@ -18,7 +18,7 @@ def test_entry_budget_is_a_fraction_of_the_prompt_cache():
 
 def test_eval_synthetic_runs_end_to_end(tmp_path):
     """On an untrained recall-architecture model (no trained one ships): the outputs must agree."""
-    from dbtrimkv.eval.recall_model import build_model, load_recipe, save_model
+    from dbtrimkv.recall.recall_model import build_model, load_recipe, save_model
 
     spec = load_recipe()["model"]
     spec["text"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4)

@@ -14,7 +14,7 @@ from dbtrimkv.config import DBTrimKVConfig
 from dbtrimkv.demos.examples import example_images
 from dbtrimkv.errors import ModelLoadError
 from dbtrimkv.eval.harness import answer
-from dbtrimkv.eval.synthetic import ImageRecallTask, RecallTask, examples, prompt_inputs
+from dbtrimkv.recall.tasks import ImageRecallTask, RecallTask, examples, prompt_inputs
 
 
 @pytest.fixture(scope="module")

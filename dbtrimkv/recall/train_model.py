@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
-from .synthetic import (
+from .tasks import (
     DIGITS, KEYS, TASK_KINDS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples,
     make_example, prompt_inputs,
 )

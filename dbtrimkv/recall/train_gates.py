@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 
 from .recall_model import RECALL_MODEL_DIR, load_recipe
-from .synthetic import TRAIN_SEED_BASE, make_example
-from .train_recall import sample_task
+from .tasks import TRAIN_SEED_BASE, make_example
+from .train_model import sample_task
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dbtrimkv.eval.synthetic import (
+from dbtrimkv.recall.tasks import (
     DIGITS, IMAGE_QUESTION, KEYS, SEGMENTS, ImageRecallTask, RecallTask, VideoRecallTask, answer_prefix, image_example,
     question_text, recall_example, segment_rects, video_example,
 )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from dbtrimkv.eval.recall_model import build_model, load_recipe
-from dbtrimkv.eval.synthetic import (
+from dbtrimkv.recall.recall_model import build_model, load_recipe
+from dbtrimkv.recall.tasks import (
     ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, image_example, recall_example, video_example,
 )
-from dbtrimkv.eval.train_recall import CopyChat, _lr_at, collate, copy_chat, parameter_groups, sample_batch
+from dbtrimkv.recall.train_model import CopyChat, _lr_at, collate, copy_chat, parameter_groups, sample_batch
 from dbtrimkv.tiny import build_processor
 
 
@@ -120,7 +120,7 @@ def small_recipe(tmp_path, steps: int = 4):
 def test_train_runs_the_recipe_and_saves_a_loadable_model(tmp_path):
     import torch
 
-    from dbtrimkv.eval.train_recall import train
+    from dbtrimkv.recall.train_model import train
     from dbtrimkv.loading import load_base_model
 
     path, recipe = small_recipe(tmp_path)
@@ -139,8 +139,8 @@ def test_train_gates_installs_trained_rg10_gates_next_to_the_model(tmp_path):
 
     import dbtrimkv
     from dbtrimkv.checkpoints import gates_are_trained
-    from dbtrimkv.eval.gates import train_gates
-    from dbtrimkv.eval.recall_model import save_model
+    from dbtrimkv.recall.train_gates import train_gates
+    from dbtrimkv.recall.recall_model import save_model
     from dbtrimkv.presets import load_yaml
 
     _, recipe = small_recipe(tmp_path)
