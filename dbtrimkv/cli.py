@@ -17,8 +17,24 @@ from .errors import DBTrimKVError
 COMMANDS = ("chat", "eval", "demo", "train", "video-qa")
 
 
+class VersionReport(argparse.Action):
+    """`--version`: the versions and capabilities a bug report needs, then exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .environment import version_report
+
+        print(version_report())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbtrimkv", description="Qwen3-VL inside a fixed KV-cache budget.")
+    parser.add_argument("--version", action=VersionReport,
+                        help="print dbtrimkv's version, the versions of the libraries it hooks, and whether "
+                             "CUDA and the Triton kernels are usable, then exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"dbtrimkv.commands.{name.replace('-', '_')}").add_parser(sub)

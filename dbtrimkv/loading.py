@@ -8,6 +8,8 @@ which builds on this.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -120,11 +122,27 @@ def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
             "decoder-only language models"
         )
     try:
-        model = model_cls.from_pretrained(directory, dtype=dtype)
+        with quiet_weight_loading():
+            model = model_cls.from_pretrained(directory, dtype=dtype)
         processor = processor_cls.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load the model in {directory}: {exc}") from None
     return model.to(device).eval(), processor
+
+
+@contextlib.contextmanager
+def quiet_weight_loading():
+    """No "Loading weights" bar from a local directory (files are already here: it is noise before the
+    answer); transformers' own setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_base_model(name_or_path: str | os.PathLike | None = None, device=None, dtype=None):

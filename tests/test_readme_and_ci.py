@@ -42,3 +42,32 @@ def test_every_subpackage_is_installed():
             rel = init.parent.relative_to(directory).parts
             found.add(".".join((name, *rel)) if rel else name)
     assert found == listed
+
+
+def test_readme_main_command_answers_cleanly():
+    """The third README command, as a new user runs it: the answer, and no warning or traceback."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    command = _bash_blocks((ROOT / "README.md").read_text())[2]
+    args = shlex.split(command)
+    assert args[:2] == ["dbtrimkv", "chat"] and "\n" not in command
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="")
+    result = subprocess.run([sys.executable, "-m", "dbtrimkv.cli", *args[1:]], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "image:7"
+    for noise in ("Warning", "warning", "Traceback", "deprecated", "Loading weights"):
+        assert noise not in result.stderr, result.stderr
+
+
+def test_ci_reruns_the_oldest_supported_transformers():
+    from dbtrimkv.transformers_compat import OLDEST_SUPPORTED
+
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "OLDEST_SUPPORTED" in run and 'transformers==$oldest.*' in run
+    assert OLDEST_SUPPORTED == "5.17"
+    for folder in ("tests/engine", "tests/training", "tests/test_pipeline.py"):
+        assert folder in run
