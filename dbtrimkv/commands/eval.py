@@ -57,13 +57,19 @@ def _add_synthetic(sub) -> None:
 
 def _add_train_recall(sub) -> None:
     p = sub.add_parser("train-recall", help="train the tiny recall Qwen3-VL from scratch",
-                       description="Train the recall model of configs/recall-tiny.yaml from scratch on one CPU "
-                                   "thread and save it (safetensors + processor) to the recipe's output.")
+                       description="Train the recall model of a recipe (configs/recall-tiny.yaml: from scratch; "
+                                   "configs/recall-tiny-clips.yaml: continued on long clips) on one CPU thread and "
+                                   "save it (safetensors + processor) to the recipe's output.")
     p.add_argument("--config", default="recall-tiny", help="recipe YAML or preset name (default: recall-tiny)")
     p.add_argument("--output", default=None, help="model directory (default: the recipe's output)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/resume/ if a checkpoint is there (the recipe's checkpoint_every "
+                        "writes it); the resumed run ends with the same weights as an uninterrupted one")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end this session after STEP with a checkpoint (continue later with --resume)")
     p.set_defaults(func=run_train_recall)
 
 
@@ -106,7 +112,8 @@ def run_train_recall(args) -> int:
     from ..loading import resolve_device
 
     scores = train(args.config, output=args.output, steps=args.steps, threads=args.threads,
-                   device=str(resolve_device(args.device)))
+                   device=str(resolve_device(args.device)), resume=args.resume,
+                   stop_at=args.stop_at)
     print(" ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     return 0
 

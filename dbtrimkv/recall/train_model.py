@@ -24,11 +24,18 @@ sets are deterministic, so the run (stage changes included) is reproducible on o
 Held-out accuracy (seeds below `TRAIN_SEED_BASE`) is measured with teacher forcing, which equals
 greedy decoding of the first answer token. The vision tower is unstable at learning rates the
 text model tolerates, hence one moderate rate for all parameters (see the recipe).
+
+Continuing and resuming: a recipe with `init: DIR` starts from the weights saved in DIR (e.g. the
+clip recipe `configs/recall-tiny-clips.yaml` continues the base run). With `train.checkpoint_every`
+the run writes `OUTPUT/resume/` (weights, optimiser state, step, curriculum stage); `train(...,
+resume=True)` continues from there. Batches are a pure function of the step, so a resumed run draws
+the same examples and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -66,7 +73,7 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
     if rng.random() < mixture["video"] and not text_only:
         # half the clips come without filler: the layout of a plain chat about a clip (CLI, demo)
         filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)
-        return VideoRecallTask(frames=rng.randint(*mixture["video_frames"]), filler=filler, image_size=size)
+        return VideoRecallTask(frames=_clip_frames(rng, mixture), filler=filler, image_size=size)
     if rng.random() < mixture.get("image", 0.0) and not text_only:
         filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)  # half as `dbtrimkv chat --image` sends
         return ImageRecallTask(filler=filler, image_size=size)
@@ -75,6 +82,16 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
     return RecallTask(num_cards=cards, filler=rng.randint(0, max_filler), image_size=size,
                       distractors=rng.randint(0, mixture["max_distractors"]), questions=mixture["questions"],
                       recalls=round(mixture.get("recalls_per_card", 0) * cards), **modalities)
+
+
+def _clip_frames(rng: random.Random, mixture: dict[str, Any]) -> int:
+    """Frames of a training clip in `video_frames` [low, high]: uniform, or log-uniform with
+    `video_frames_scale: log` (as many 16-64 frame clips as 64-256 ones: short clips keep the digit
+    detector learning, long ones make the answer a retrieval over hundreds of frames)."""
+    low, high = mixture["video_frames"]
+    if mixture.get("video_frames_scale", "uniform") == "log":
+        return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+    return rng.randint(low, high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +115,14 @@ def copy_chat(seed: int, length: int) -> CopyChat:
 def sample_batch(seed: int, size: int, mixture: dict[str, Any],
                  stage: list[int]) -> list[RecallExample] | list[CopyChat]:
     """`size` examples of one sampled task, from seeds `seed .. seed + size - 1`: in a text-only stage
-    copy chats with probability `mixture["copy"]`, else recall prompts of `sample_task`."""
+    copy chats with probability `mixture["copy"]`, else recall prompts of `sample_task`. Clips come
+    `video_batch_size` at a time when the mixture sets it (long clips are many tokens each)."""
     rng = random.Random(seed)
     if stage[2:] == ["text"] and rng.random() < mixture.get("copy", 0.0):
         return [copy_chat(seed + i, rng.randint(*mixture["copy_length"])) for i in range(size)]
     task = sample_task(seed, mixture, stage)
+    if isinstance(task, VideoRecallTask):
+        size = min(size, mixture.get("video_batch_size", size))
     return [make_example(seed + i, task) for i in range(size)]
 
 
@@ -230,21 +250,74 @@ def _lr_at(step: int, steps: int, peak: float, warmup: int, decay_fraction: floa
 
 
 def heldout_sets(recipe: dict[str, Any]) -> dict[str, list[RecallExample]]:
-    """The held-out examples the run reports on (the benchmark's default tasks, small seeds)."""
+    """The held-out examples the run reports on: the benchmark's default tasks (small seeds), plus
+    the named sets of `eval.extra` (`name: {kind: video, frames: 256, ...}`)."""
     n = recipe["eval"]["examples"]
-    return {kind: examples(kind, range(n), task(**recipe["eval"].get(kind, {}))) for kind, task in TASK_KINDS.items()}
+    sets = {kind: examples(kind, range(n), task(**recipe["eval"].get(kind, {}))) for kind, task in TASK_KINDS.items()}
+    for name, spec in recipe["eval"].get("extra", {}).items():
+        spec = dict(spec)
+        kind = spec.pop("kind")
+        sets[name] = examples(kind, range(n), TASK_KINDS[kind](**spec))
+    return sets
+
+
+def initial_model(recipe: dict[str, Any]):
+    """`(model, processor)` the run starts from: the weights of `init` if the recipe names a model
+    directory, else a fresh model of the recipe's sizes (deterministic by seed)."""
+    if not recipe.get("init"):
+        return build_model(recipe["model"], recipe["seed"])
+    from transformers import AutoModelForImageTextToText
+
+    from .. import tiny
+
+    init = Path(recipe["init"])
+    if not (init / "model.safetensors").is_file():
+        raise FileNotFoundError(f"init: {init} holds no model.safetensors (train the recipe it continues first)")
+    model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+    return model, tiny.build_processor()
+
+
+RESUME_DIR = "resume"
+
+
+def save_checkpoint(directory: Path, model, processor, optimizer, state: dict[str, Any]) -> None:
+    """Weights (safetensors), optimiser state (tensors only) and the loop state; written to a
+    temporary directory first and renamed, so an interruption leaves the previous checkpoint intact."""
+    import shutil
+
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_model(model, processor, partial)
+    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    (partial / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+
+
+def load_checkpoint(directory: Path, model, optimizer) -> dict[str, Any]:
+    """Restore weights and optimiser state saved by `save_checkpoint`; returns the loop state."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    return json.loads((directory / "state.json").read_text(encoding="utf-8"))
 
 
 def train(recipe_path: str | Path, output: str | Path | None = None, steps: int | None = None,
-          threads: int | None = 1, device: str = "cpu") -> dict[str, float]:
-    """Run the recipe; save the final model to `output` (default: the recipe's). Returns held-out accuracy."""
+          threads: int | None = 1, device: str = "cpu", resume: bool = False,
+          stop_at: int | None = None) -> dict[str, float]:
+    """Run the recipe; save the final model to `output` (default: the recipe's). Returns held-out accuracy.
+
+    `resume`: continue from `OUTPUT/resume/` when it exists (written every `checkpoint_every` steps).
+    `stop_at`: end this session after that step with a checkpoint (the schedule stays the recipe's),
+    to split a long CPU run into sessions; returns the held-out accuracy at that point."""
     recipe = load_recipe(recipe_path)
     if threads:
         torch.set_num_threads(threads)
     opt_cfg, mixture, curriculum = recipe["train"], recipe["mixture"], recipe["curriculum"]
     steps = steps or opt_cfg["steps"]
     output = Path(output or recipe["output"])
-    model, processor = build_model(recipe["model"], recipe["seed"])
+    model, processor = initial_model(recipe)
     model.to(device)  # float32 everywhere: the run is small, and the recipe's rates were tuned in fp32
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, opt_cfg), betas=tuple(opt_cfg["betas"]),
@@ -252,11 +325,19 @@ def train(recipe_path: str | Path, output: str | Path | None = None, steps: int 
     heldout = heldout_sets(recipe)
     batch_size = opt_cfg["batch_size"]
     stages = curriculum["stages"]
-    stage = 0
-    checks = check_set(mixture, stages[0], curriculum["check_examples"])
+    state = {"step": 0, "stage": 0, "smoothed": None, "seconds": 0.0}
+    checkpoint_dir = output / RESUME_DIR
+    if resume and (checkpoint_dir / "state.json").is_file():
+        state = load_checkpoint(checkpoint_dir, model, optimizer)
+        logger.info("resumed %s at step %d (stage %d, %.0fs trained before)", checkpoint_dir, state["step"],
+                    state["stage"], state["seconds"])
+    stage, smoothed = state["stage"], state["smoothed"]
+    checks = check_set(mixture, stages[stage], curriculum["check_examples"])
     seed0 = TRAIN_SEED_BASE + recipe["seed"] * 10_000_000
-    start, smoothed = time.perf_counter(), None
-    for step in range(steps):
+    start = time.perf_counter() - state["seconds"]
+    scores: dict[str, float] = {}
+    last = min(steps, stop_at) if stop_at else steps
+    for step in range(state["step"], last):
         batch = sample_batch(seed0 + step * batch_size, batch_size, mixture, stages[stage])
         inputs, targets = collate(processor, batch)
         for group in optimizer.param_groups:
@@ -283,5 +364,12 @@ def train(recipe_path: str | Path, output: str | Path | None = None, steps: int 
             logger.info("step %d held-out accuracy %s", step + 1, {k: round(v, 3) for k, v in scores.items()})
             save_model(model.eval(), processor, output)
             model.train()
+        every = opt_cfg.get("checkpoint_every", 0)
+        if (every and ((step + 1) % every == 0 or step + 1 == last)) or step + 1 == last < steps:
+            save_checkpoint(checkpoint_dir, model, processor, optimizer,
+                            {"step": step + 1, "stage": stage, "smoothed": smoothed,
+                             "seconds": time.perf_counter() - start})
+    if not scores:  # stopped between evaluations, or resumed at the end: report the current weights
+        scores = {k: teacher_forced_accuracy(model, processor, v) for k, v in heldout.items()}
     logger.info("saved %s after %.0fs", output, time.perf_counter() - start)
     return scores

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dbtrimkv.recall.recall_model import build_model, load_recipe
@@ -164,3 +166,56 @@ def test_train_gates_installs_trained_rg10_gates_next_to_the_model(tmp_path):
     with pytest.warns(UserWarning, match="untrained"):  # the staged base holds no gates: training started fresh
         fresh, _ = dbtrimkv.load_model(tmp_path / "run" / "base")
     assert not gates_are_trained(fresh)
+
+
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from dbtrimkv.recall.train_model import RESUME_DIR, train
+
+    path, recipe = small_recipe(tmp_path, steps=4)
+    recipe["train"].update(checkpoint_every=3, eval_every=100)
+    recipe["mixture"].update(video=0.5, video_frames=[2, 6], video_frames_scale="log", video_batch_size=1)
+    path.write_text(yaml.safe_dump(recipe))
+    whole = train(path, output=tmp_path / "whole", threads=1)
+    part = train(path, output=tmp_path / "split", threads=1, stop_at=2)  # a session ends after step 2
+    state = json.loads((tmp_path / "split" / RESUME_DIR / "state.json").read_text())
+    assert state["step"] == 2 and set(part) == set(whole)
+    resumed = train(path, output=tmp_path / "split", threads=1, resume=True)
+    assert json.loads((tmp_path / "split" / RESUME_DIR / "state.json").read_text())["step"] == 4
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed == whole
+
+
+def test_a_recipe_continues_from_the_weights_it_names(tmp_path):
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from dbtrimkv.recall.recall_model import save_model
+    from dbtrimkv.recall.train_model import initial_model
+
+    _, recipe = small_recipe(tmp_path)
+    model, processor = build_model(recipe["model"], seed=7)  # not the recipe's seed
+    save_model(model, processor, tmp_path / "base")
+    loaded, _ = initial_model(dict(recipe, init=str(tmp_path / "base")))
+    saved = load_file(tmp_path / "base" / "model.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
+    with pytest.raises(FileNotFoundError, match="init"):
+        initial_model(dict(recipe, init=str(tmp_path / "missing")))
+
+
+def test_clip_lengths_are_log_uniform_when_the_mixture_says_so():
+    import random
+
+    from dbtrimkv.recall.train_model import _clip_frames
+
+    mixture = {"video_frames": [8, 384], "video_frames_scale": "log"}
+    frames = [_clip_frames(random.Random(seed), mixture) for seed in range(2000)]
+    assert min(frames) >= 8 and max(frames) <= 384
+    short, long = sum(8 <= f < 64 for f in frames), sum(64 <= f <= 384 for f in frames)
+    assert abs(short / len(frames) - 0.54) < 0.05 and long > 700  # log(8)..log(64) is 54% of log(8)..log(385)
