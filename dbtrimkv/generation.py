@@ -27,7 +27,7 @@ import torch
 
 from .cache import DBTrimKVCache
 from .errors import ConfigError
-from .prompts import MODALITIES
+from .modality import Modality, VISUAL_MODALITIES
 from .transformers_compat import cache_kwargs
 
 
@@ -65,7 +65,7 @@ class VisionStream:
         self.items: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pixel rows, grid [1, 3])
         for key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
             pixels, grids = inputs.get(key), inputs.get(grid_key)
-            self._add_items(pixels, grids, MODALITIES.index("image" if key == "pixel_values" else "video"))
+            self._add_items(pixels, grids, Modality.IMAGE if key == "pixel_values" else Modality.VIDEO)
         self.runs = self._find_runs(types, mask)
         self._encoded: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
@@ -79,7 +79,7 @@ class VisionStream:
                 offset += h * w
 
     def _find_runs(self, types: torch.Tensor, mask: torch.Tensor) -> list[_VisualRun]:
-        runs, next_item = [], {code: [i for i, it in enumerate(self.items) if it[0] == code] for code in (1, 2)}
+        runs, next_item = [], {code: [i for i, it in enumerate(self.items) if it[0] == code] for code in VISUAL_MODALITIES}
         for row in range(types.shape[0]):
             codes = torch.where(mask[row].bool(), types[row], torch.zeros_like(types[row])).tolist()
             col = 0
@@ -92,13 +92,13 @@ class VisionStream:
                     length = end - col
                     while length > 0:  # adjacent frame groups of one video share a run
                         if not next_item[code]:
-                            raise ConfigError(f"more {MODALITIES[code]} tokens in the prompt than {MODALITIES[code]} inputs")
+                            raise ConfigError(f"more {Modality(code).label} tokens in the prompt than {Modality(code).label} inputs")
                         item = next_item[code].pop(0)
                         n = self._tokens(item)
                         runs.append(_VisualRun(row, end - length, end - length + n, item))
                         length -= n
                     if length < 0:
-                        raise ConfigError(f"{MODALITIES[code]} tokens do not match the {MODALITIES[code]} grid sizes")
+                        raise ConfigError(f"{Modality(code).label} tokens do not match the {Modality(code).label} grid sizes")
                 col = end
         if any(next_item.values()):
             raise ConfigError("some images or videos have no placeholder tokens in the prompt")
@@ -205,7 +205,7 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
 
 
 def _finish_positions(model, cache: DBTrimKVCache, positions: torch.Tensor, mask: torch.Tensor) -> None:
-    """Record how far M-RoPE runs ahead of the text position (`rope_deltas`, constant while decoding
+    """Record how far M-RoPE runs ahead of the text position (each sequence's `rope_delta`, constant while decoding
     text) so later tokens and turns continue at `seen + rope_delta`; set the model's copy for decoding."""
     if not is_vision_language(model) or positions.shape[-1] == 0:
         return
@@ -213,8 +213,9 @@ def _finish_positions(model, cache: DBTrimKVCache, positions: torch.Tensor, mask
     last = mrope.amax(dim=(0, 2)).tolist()
     for b, value in enumerate(last):
         if value >= 0:
-            cache.rope_deltas[b] = int(value) + 1 - cache.seen[b]
-    model.model.rope_deltas = torch.tensor(cache.rope_deltas, device=positions.device)[:, None]
+            row = cache.requests[b]
+            row.rope_delta = int(value) + 1 - row.seen
+    model.model.rope_deltas = torch.tensor(cache.requests.column("rope_delta"), device=positions.device)[:, None]
 
 
 def _progress(progress, total: int, chunk: int):

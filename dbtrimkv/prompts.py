@@ -16,8 +16,7 @@ import torch
 
 from .errors import MediaError
 from .media import Video, frames_to_video, load_image, load_video
-
-MODALITIES = ("text", "image", "video")
+from .modality import MODALITY_NAMES
 
 
 @dataclass
@@ -43,8 +42,8 @@ def normalize_messages(messages) -> list[dict]:
             content = [{"type": "text", "text": content}]
         parts = []
         for part in content:
-            kind = part.get("type") or next((k for k in MODALITIES if k in part), None)
-            if kind not in MODALITIES:
+            kind = part.get("type") or next((k for k in MODALITY_NAMES if k in part), None)
+            if kind not in MODALITY_NAMES:
                 raise ValueError(f"unsupported message part {part!r}: type must be text, image or video")
             parts.append(dict(part, type=kind))
         out.append({"role": message["role"], "content": parts})
@@ -127,4 +126,4 @@ def tokens_by_modality(inputs, batch_index: int | None = None) -> dict[str, int]
     types = torch.zeros_like(ids) if types is None else types
     if batch_index is not None:
         mask, types = mask[batch_index], types[batch_index]
-    return {name: int(((types == code) & mask).sum()) for code, name in enumerate(MODALITIES)}
+    return {name: int(((types == code) & mask).sum()) for code, name in enumerate(MODALITY_NAMES)}

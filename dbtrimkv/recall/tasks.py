@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 KEYS = string.ascii_uppercase
 DIGITS = string.digits
-MODALITIES = ("image", "text")
+CARD_MODALITIES = ("image", "text")  # where a card keeps its value (not the token modality enum)
 TRAIN_SEED_BASE = 1_000_000
 # the answer prefixes of the clip and single-image variants: fixed, so a model learns to write them
 ANSWER_PREFIXES = {"video": "video:", "image": "image:"}
@@ -59,18 +59,18 @@ class RecallTask:
     needle: float | None = None
     distractors: int = 1
     questions: int = 1
-    card_modalities: tuple[str, ...] = MODALITIES
+    card_modalities: tuple[str, ...] = CARD_MODALITIES
     recalls: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_cards <= len(KEYS):
             raise ValueError(f"num_cards must be in [1, {len(KEYS)}], got {self.num_cards}")
-        if self.answer_modality not in (*MODALITIES, "any"):
+        if self.answer_modality not in (*CARD_MODALITIES, "any"):
             raise ValueError(f"answer_modality must be image, text or any, got {self.answer_modality!r}")
         if self.needle is not None and not 0.0 <= self.needle <= 1.0:
             raise ValueError(f"needle must be in [0, 1] or None, got {self.needle}")
-        if not self.card_modalities or not set(self.card_modalities) <= set(MODALITIES):
-            raise ValueError(f"card_modalities must be a non-empty subset of {MODALITIES}, got {self.card_modalities}")
+        if not self.card_modalities or not set(self.card_modalities) <= set(CARD_MODALITIES):
+            raise ValueError(f"card_modalities must be a non-empty subset of {CARD_MODALITIES}, got {self.card_modalities}")
         if self.recalls < 0:
             raise ValueError(f"recalls must be >= 0, got {self.recalls}")
         if self.questions < 1:
@@ -284,7 +284,7 @@ def recall_example(seed: int, task: RecallTask | None = None) -> RecallExample:
     keys = rng.sample(KEYS, task.num_cards)
     last = task.num_cards - 1
     needle = rng.randint(0, last) if task.needle is None else round(task.needle * last)
-    needle_modality = rng.choice(MODALITIES) if task.answer_modality == "any" else task.answer_modality
+    needle_modality = rng.choice(CARD_MODALITIES) if task.answer_modality == "any" else task.answer_modality
     cards = [_make_card(k, needle_modality if i == needle else rng.choice(task.card_modalities), task, rng)
              for i, k in enumerate(keys)]
     gaps = [_gap(task, rng)]

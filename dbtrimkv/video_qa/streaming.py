@@ -42,8 +42,9 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..generation import generate, model_lock, prefill
 from ..media import Video, iter_video_frames, video_info
+from ..modality import MODALITY_NAMES
 from ..pipeline import GenerationStats, collect_stats
-from ..prompts import MODALITIES, tokenizer_of, tokens_by_modality
+from ..prompts import tokenizer_of, tokens_by_modality
 
 # qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
 # (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.
@@ -188,7 +189,7 @@ def encode_video(model, processor, path: str | Path, config: DBTrimKVConfig | No
     start = time.perf_counter()
     with model_lock(model):  # the retention hooks keep per-forward state on the shared model
         counts, frames, groups = _prefill_video(model, processor, path, cache, prefix, options, progress)
-    return EncodedVideo(str(path), cache, prefix, frames, groups, {m: counts[m] for m in MODALITIES},
+    return EncodedVideo(str(path), cache, prefix, frames, groups, {m: counts[m] for m in MODALITY_NAMES},
                         time.perf_counter() - start)
 
 
@@ -238,7 +239,7 @@ def ask(model, processor, encoded: EncodedVideo, question: str, max_new_tokens: 
     text = tokenizer_of(processor).decode(new, skip_special_tokens=True)
     stats = collect_stats(cache, inputs, 0, new.numel(), timings, encoded.cache.num_evictions)
     prompt = Counter(encoded.prompt_tokens) + Counter(stats.prompt_tokens)
-    return VideoAnswer(question, text, replace(stats, prompt_tokens={m: prompt[m] for m in MODALITIES}))
+    return VideoAnswer(question, text, replace(stats, prompt_tokens={m: prompt[m] for m in MODALITY_NAMES}))
 
 
 class VideoQA:
