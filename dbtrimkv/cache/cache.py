@@ -3,8 +3,10 @@
 Why: users call `model.generate(..., cache=DBTrimKVCache(model, config))` (`past_key_values=` before
 transformers 5.24) and expect the
 usual generation features, while KV memory stays bounded. The cache stores entries in a
-`SlotPool` with per-segment `SlotTables` (DESIGN.md, "Storage") and evicts by the configured
-policy (DESIGN.md, "Eviction rule").
+`SlotPool` with per-segment `SlotTables` (docs/architecture.md, "Storage") and evicts by the
+configured policy (docs/architecture.md, "Eviction contract"). Per-sequence bookkeeping lives in a
+`RequestTable` (one row per sequence, added and removed with `add_sequence` / `remove_sequence`),
+the per-forward token layout in a `ForwardPlan`.
 
 Bookkeeping per forward of the language model (driven by the hooks in `dbtrimkv.attention`):
 1. before layer 0: read which new tokens are padding, give the real ones logical positions
@@ -26,10 +28,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
+from ..kernels import ragged_attention
+from ..modality import MODALITY_NAMES, Modality
 from ..policies import get_policy
-from ..prompts import MODALITIES
 from ..transformers_compat import integration_error
+from .forward_plan import ForwardPlan
 from .pool import SlotPool
+from .requests import RequestTable
 from .tables import SlotTables
 
 
@@ -91,19 +96,15 @@ class DBTrimKVCache(Cache):
     def _reset_state(self) -> None:
         self.pool: SlotPool | None = None
         self.tables: SlotTables | None = None
-        self._batch_size = 0
+        self.requests = RequestTable()  # one row per sequence, in segment order
         self.device = None
         self.columns = 0  # token columns processed (padding included)
-        self.seen: list[int] = []  # real tokens seen per sequence
-        self.entries: list[int] = []  # cached entries per sequence
-        self.since_eviction: list[int] = []
         self.num_evictions = 0
         self.evicted_entries = 0
-        self.peak_entries: list[int] = []
-        self.rope_deltas: list[int] = []  # M-RoPE position minus text position, per sequence (Qwen-VL)
+        self.policy_scores: torch.Tensor | None = None  # per-slot scores a baseline policy keeps between calls
+        self.plan: ForwardPlan | None = None  # the current (or last) forward's token layout
         self._pending_modality = None
         self._staged: dict[int, torch.Tensor] = {}
-        self._forward = None
         self._token_ids: torch.Tensor | None = None  # ids known to the generation helper
         self._token_mask: torch.Tensor | None = None
 
@@ -114,39 +115,76 @@ class DBTrimKVCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self._batch_size if self._batch_size else -1
+        return len(self.requests) if len(self.requests) else -1
 
     @property
     def segments_per_sequence(self) -> int:
         return self.num_layers * self.num_kv_heads
 
-    def seen_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.seen, dtype=torch.int64, device=self.device)
+    @property
+    def seen(self) -> list[int]:
+        """Real tokens seen per sequence (a copy of the request table's column)."""
+        return self.requests.column("seen")
+
+    @property
+    def peak_entries(self) -> list[int]:
+        """Most entries each sequence has held at once (a copy of the request table's column)."""
+        return self.requests.column("peak_entries")
 
     def _initialize(self, batch_size: int, device, dtype) -> None:
-        self._batch_size, self.device = batch_size, device
+        if not len(self.requests):
+            for _ in range(batch_size):
+                self.requests.add()
+        self.device = device
         self.pool = SlotPool(self.head_dim, dtype, device)
-        self.tables = SlotTables(batch_size * self.segments_per_sequence, device)
-        self.seen = [0] * batch_size
-        self.entries = [0] * batch_size
-        self.since_eviction = [0] * batch_size
-        self.peak_entries = [0] * batch_size
-        self.rope_deltas = [0] * batch_size
+        self.tables = SlotTables(len(self.requests) * self.segments_per_sequence, device)
         for layer in self.layers:
             layer.is_initialized = True
+
+    # --- sequences ------------------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        """Add an empty sequence as the last batch row of a live cache; returns its row. The others'
+        entries and bookkeeping are untouched; the next forward's input must have one more row."""
+        self._check_between_forwards("add a sequence")
+        row = self.requests.add()
+        if self.tables is not None:
+            self.tables.add_segments(self.segments_per_sequence)
+        if self._token_ids is not None:  # every column processed so far is padding for the new row
+            self._token_ids = torch.cat([self._token_ids, self._token_ids.new_zeros(1, self._token_ids.shape[1])])
+            self._token_mask = torch.cat([self._token_mask, self._token_mask.new_zeros(1, self._token_mask.shape[1])])
+        return row
+
+    def remove_sequence(self, row: int) -> None:
+        """Retire batch row `row`: its slots go back to the pool's free list, the rows after it move up
+        by one; the other sequences' entries and bookkeeping are untouched."""
+        self._check_between_forwards("remove a sequence")
+        if not 0 <= row < len(self.requests):
+            raise IndexError(f"row {row} out of range for a cache of {len(self.requests)} sequences")
+        if self.tables is not None:
+            lh = self.segments_per_sequence
+            self.pool.release(self.tables.remove_segments(row * lh, lh))
+        self.requests.remove(row)
+        if self._token_ids is not None:
+            keep = [b for b in range(self._token_ids.shape[0]) if b != row]
+            self._token_ids, self._token_mask = self._token_ids[keep], self._token_mask[keep]
+
+    def _check_between_forwards(self, action: str) -> None:
+        if self._staged:
+            raise RuntimeError(f"cannot {action} in the middle of a forward")
+        self.plan = None
 
     # --- hooks --------------------------------------------------------------------------------
     def note_input_ids(self, input_ids: torch.Tensor) -> None:
         """Remember the modality of the next forward's tokens (from the image / video token ids)."""
         modality = torch.zeros_like(input_ids, dtype=torch.int8)
         if self.image_token_id is not None:
-            modality[input_ids == self.image_token_id] = MODALITIES.index("image")
+            modality[input_ids == self.image_token_id] = Modality.IMAGE
         if self.video_token_id is not None:
-            modality[input_ids == self.video_token_id] = MODALITIES.index("video")
+            modality[input_ids == self.video_token_id] = Modality.VIDEO
         self._pending_modality = modality
 
     def set_next_modality(self, modality: torch.Tensor) -> None:
-        """Modality codes (0 text, 1 image, 2 video) of the next forward's tokens, `[B, T]`."""
+        """`Modality` codes of the next forward's tokens, `[B, T]`."""
         self._pending_modality = modality.to(torch.int8)
 
     def stage(self, layer_idx: int, log_beta: torch.Tensor, padding: torch.Tensor | None,
@@ -159,9 +197,11 @@ class DBTrimKVCache(Cache):
     def _begin_forward(self, log_beta: torch.Tensor, padding: torch.Tensor | None, kv_dtype: torch.dtype) -> None:
         batch, length, _ = log_beta.shape
         if self.pool is None:
+            if len(self.requests) not in (0, batch):
+                raise ConfigError(f"this cache holds {len(self.requests)} sequences, but the input has {batch}")
             self._initialize(batch, log_beta.device, kv_dtype)
-        elif batch != self._batch_size:
-            raise ConfigError(f"this cache holds {self._batch_size} sequences, but the input has {batch}")
+        elif batch != len(self.requests):
+            raise ConfigError(f"this cache holds {len(self.requests)} sequences, but the input has {batch}")
         device = self.device
         valid = torch.ones(batch, length, dtype=torch.bool, device=device) if padding is None else padding.to(device)
         counts = valid.sum(1).tolist()
@@ -170,25 +210,12 @@ class DBTrimKVCache(Cache):
         if modality is None or tuple(modality.shape) != (batch, length):
             modality = torch.zeros(batch, length, dtype=torch.int8, device=device)
         self._evict_before_append(counts)
-        rank = torch.cumsum(valid.to(torch.int64), 1) - 1
-        seen = torch.tensor(self.seen, dtype=torch.int64, device=device)
-        tok_b, tok_j = valid.nonzero(as_tuple=True)
-        tok_rank = rank[tok_b, tok_j]
-        q_pos = torch.where(valid, seen[:, None] + rank, torch.full_like(rank, -1))
-        self._forward = {
-            "tok_b": tok_b, "tok_j": tok_j, "tok_rank": tok_rank, "tok_pos": q_pos[tok_b, tok_j],
-            "tok_mod": modality.to(device)[tok_b, tok_j], "q_pos": q_pos,
-            "counts": torch.tensor(counts, dtype=torch.int64, device=device),
-        }
+        self.plan = ForwardPlan.build(valid, self.requests.seen_tensor(device), modality.to(device))
         lh = self.segments_per_sequence
         self.pool.ensure_free(sum(counts) * lh, self._pool_limit(counts))
-        per_seg = torch.tensor(counts, dtype=torch.int64, device=device).repeat_interleave(lh)
-        self.tables.reserve(per_seg, headroom=max(self.config.buffer_size, max(counts, default=0)))
-        for b, n in enumerate(counts):
-            self.seen[b] += n
-            self.entries[b] += n * lh
-            self.since_eviction[b] += n
-            self.peak_entries[b] = max(self.peak_entries[b], self.entries[b])
+        self.tables.reserve(self.plan.new_tokens.repeat_interleave(lh),
+                            headroom=max(self.config.buffer_size, max(counts, default=0)))
+        self.requests.record_forward(counts, lh)
         self.columns += length
 
     def _bound(self, n: int) -> int | None:
@@ -207,11 +234,12 @@ class DBTrimKVCache(Cache):
             return
         lh = self.segments_per_sequence
         due = [
-            b for b, n in enumerate(counts)
-            if self.entries[b] + n * lh > self._bound(n)
-            or (self.policy.periodic and self.since_eviction[b] >= max(self.config.buffer_size, 1) and self.entries[b])
+            b for b, (row, n) in enumerate(zip(self.requests, counts))
+            if row.entries > 0 and (
+                row.entries + n * lh > self._bound(n)
+                or (self.policy.periodic and row.since_eviction >= max(self.config.buffer_size, 1))
+            )
         ]
-        due = [b for b in due if self.entries[b] > 0]
         if due:
             self.evict(due)
 
@@ -220,13 +248,11 @@ class DBTrimKVCache(Cache):
         """Shrink the given sequences (default: all) to their budget now; returns entries evicted."""
         if self.budget is None or self.pool is None:
             return 0
-        sequences = list(range(self._batch_size)) if sequences is None else list(sequences)
+        sequences = list(range(len(self.requests))) if sequences is None else list(sequences)
         evicted = self.policy.evict(self, sequences)
         self.pool.released(evicted)
-        lens = self.tables.seg_len.view(self._batch_size, -1).sum(1).tolist()
-        for b in sequences:
-            self.entries[b] = int(lens[b])
-            self.since_eviction[b] = 0
+        # every row is re-read from the tables: a policy may also drop entries of sequences not listed
+        self.requests.record_eviction(sequences, self.tables.lengths_per_sequence(self.segments_per_sequence))
         self.num_evictions += 1
         self.evicted_entries += evicted
         return evicted
@@ -235,7 +261,7 @@ class DBTrimKVCache(Cache):
         """The M-RoPE position the next token of each sequence gets (its text position + rope delta)."""
         if self.pool is None:
             return [0] * batch
-        return [s + d for s, d in zip(self.seen, self.rope_deltas)]
+        return [row.seen + row.rope_delta for row in self.requests]
 
     def record_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Remember every token id of the conversation so far (processed or still pending)."""
@@ -256,43 +282,36 @@ class DBTrimKVCache(Cache):
     # --- transformers Cache API ----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Append the real (non-padding) tokens' K/V of one layer to the pool; returns the inputs."""
-        if self._forward is None or layer_idx not in self._staged:
+        if self.plan is None or layer_idx not in self._staged:
             raise integration_error(
                 "the attention called DBTrimKVCache.update without running the retention pre-hook first "
                 "(attach gates with dbtrimkv.attach_retention_gates or load the model with dbtrimkv.load_model; "
                 "if they are attached, the attention no longer hands its cache to the hook)"
             )
-        fw = self._forward
+        plan = self.plan
         log_beta = self._staged.pop(layer_idx)
-        tok_b, tok_j = fw["tok_b"], fw["tok_j"]
+        tok_b, tok_j = plan.token_batch, plan.token_column
         n_tok, heads = tok_b.numel(), self.num_kv_heads
         if n_tok:
             slots = self.pool.pop(n_tok * heads).view(n_tok, heads)
             self.pool.write(
                 slots, key_states[tok_b, :, tok_j], value_states[tok_b, :, tok_j], log_beta[tok_b, tok_j],
-                fw["tok_pos"][:, None].expand(n_tok, heads), fw["tok_mod"][:, None].expand(n_tok, heads),
+                plan.token_position[:, None].expand(n_tok, heads), plan.token_modality[:, None].expand(n_tok, heads),
             )
             segments = ((tok_b * self.num_layers + layer_idx) * heads)[:, None] + torch.arange(heads, device=self.device)
             counts = torch.zeros(self.tables.num_segments, dtype=torch.int64, device=self.device)
-            counts.view(self._batch_size, self.num_layers, heads)[:, layer_idx, :] = fw["counts"][:, None]
-            self.tables.append(segments.flatten(), fw["tok_rank"][:, None].expand(n_tok, heads).flatten(),
+            counts.view(len(self.requests), self.num_layers, heads)[:, layer_idx, :] = plan.new_tokens[:, None]
+            self.tables.append(segments.flatten(), plan.token_rank[:, None].expand(n_tok, heads).flatten(),
                                slots.flatten(), counts)
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this forward's queries `[B, Hq, T, D]` over the layer's cached entries.
-        (`query_positions` gives their logical positions, -1 for padding.)"""
-        from ..kernels import ragged_attention
-
+        (`plan.query_positions` gives their logical positions, -1 for padding.)"""
         self.policy.observe_attention(self, layer_idx, query)
         t = self.tables
-        return ragged_attention(query, self._forward["q_pos"], self.pool.k, self.pool.v, self.pool.pos,
+        return ragged_attention(query, self.plan.query_positions, self.pool.k, self.pool.v, self.pool.pos,
                                 t.table, t.seg_start, t.seg_len, layer_idx, self.num_layers, scale)
-
-    @property
-    def query_positions(self) -> torch.Tensor:
-        """Logical positions `[B, T]` of the current forward's tokens (-1 for padding)."""
-        return self._forward["q_pos"]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.columns
@@ -316,7 +335,7 @@ class DBTrimKVCache(Cache):
     # --- introspection -------------------------------------------------------------------------
     def num_entries(self, batch_index: int = 0) -> int:
         """Entries currently cached for a sequence, over all layers and KV heads."""
-        return int(self.entries[batch_index]) if self.pool is not None else 0
+        return int(self.requests[batch_index].entries) if self.pool is not None else 0
 
     def storage_bytes(self) -> int:
         """Bytes of the allocated K/V pool."""
@@ -324,15 +343,15 @@ class DBTrimKVCache(Cache):
 
     def full_cache_entries(self, batch_index: int = 0) -> int:
         """Entries a full (never evicting) cache would hold for this sequence."""
-        return self.seen[batch_index] * self.segments_per_sequence if self.pool is not None else 0
+        return self.requests[batch_index].seen * self.segments_per_sequence if self.pool is not None else 0
 
     def entry_bytes(self) -> int:
         """Bytes of K + V of one entry."""
         return 2 * self.head_dim * (self.pool.k.element_size() if self.pool is not None else 2)
 
     def _segment_ids(self, batch_index: int) -> range:
-        if not 0 <= batch_index < max(self._batch_size, 1):
-            raise IndexError(f"batch_index {batch_index} out of range for batch size {self._batch_size}")
+        if not 0 <= batch_index < max(len(self.requests), 1):
+            raise IndexError(f"batch_index {batch_index} out of range for batch size {len(self.requests)}")
         first = batch_index * self.segments_per_sequence
         return range(first, first + self.segments_per_sequence)
 
@@ -355,10 +374,10 @@ class DBTrimKVCache(Cache):
     def retained_by_modality(self, batch_index: int = 0) -> dict[str, int]:
         """Cached entries of a sequence by modality of their token: text / image / video."""
         if self.pool is None:
-            return {name: 0 for name in MODALITIES}
+            return {name: 0 for name in MODALITY_NAMES}
         codes = self.pool.modality[self.retained_slots(batch_index)].to(torch.int64)
-        counts = torch.bincount(codes, minlength=len(MODALITIES)).tolist()
-        return {name: int(counts[i]) for i, name in enumerate(MODALITIES)}
+        counts = torch.bincount(codes, minlength=len(MODALITY_NAMES)).tolist()
+        return {name: int(counts[i]) for i, name in enumerate(MODALITY_NAMES)}
 
     def retained_per_head(self, batch_index: int = 0) -> torch.Tensor:
         """Entries cached per (layer, KV head): `[L, H]`."""
@@ -376,7 +395,8 @@ class DBTrimKVCache(Cache):
             layer.is_initialized = src.is_initialized
         if self.pool is not None:
             other.pool, other.tables = self.pool.clone(), self.tables.clone()
-        for name in ("seen", "entries", "since_eviction", "peak_entries", "rope_deltas"):
-            setattr(other, name, list(getattr(self, name)))
-        other._staged, other._forward, other._pending_modality = {}, None, None
+        other.requests = self.requests.clone()
+        if self.policy_scores is not None:
+            other.policy_scores = self.policy_scores.clone()
+        other._staged, other.plan, other._pending_modality = {}, None, None
         return other

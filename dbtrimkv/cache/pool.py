@@ -68,6 +68,13 @@ class SlotPool:
         """Account for `count` slots a kernel pushed onto the free stack."""
         self.num_free += count
 
+    def release(self, slots: torch.Tensor) -> None:
+        """Push `slots` (no longer referenced by any table) back onto the free stack."""
+        count = slots.numel()
+        self.free_slots[self.num_free : self.num_free + count] = slots.to(torch.int32)
+        self.num_free += count
+        self.free_top.fill_(self.num_free)
+
     def write(self, slots, k, v, log_beta, pos, modality) -> None:
         self.k[slots] = k.to(self.dtype)
         self.v[slots] = v.to(self.dtype)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
+from ..kernels import select_and_compact, select_and_compact_by_score
 
 if TYPE_CHECKING:
     from ..cache import DBTrimKVCache
@@ -68,13 +69,11 @@ class EvictionPolicy:
     @torch.no_grad()
     def evict(self, cache: "DBTrimKVCache", sequences: list[int]) -> int:
         """Shrink each listed sequence to its budget; returns the number of entries evicted."""
-        from ..kernels import select_and_compact
-
         keep = self.keep_tensor(cache, sequences)
         t = cache.tables
         return select_and_compact(
             cache.pool.log_beta, cache.pool.pos, t.table, t.seg_start, t.seg_len, cache.pool.free_slots,
-            cache.pool.free_top, cache.seen_tensor(), keep,
+            cache.pool.free_top, cache.requests.seen_tensor(cache.device), keep,
             group_size=self.group_size(cache.num_layers, cache.num_kv_heads),
             segs_per_seq=cache.num_layers * cache.num_kv_heads,
             lookahead=cache.config.lookahead, floor=cache.config.min_per_head, min_score=self.min_score(cache),
@@ -85,18 +84,12 @@ class EvictionPolicy:
         """Evict like `evict`, but rank entries by a score per pool slot (higher stays) computed by the
         policy itself; same groups, tie-break, floor and compaction. For policies that do not rank by
         learned retention (e.g. recency, attention statistics, key norms)."""
-        from ..kernels.select_compact import naive
-
         t = cache.tables
-        seg, tidx = naive.enumerate_entries(t.table, t.seg_start, t.seg_len)
-        slots = t.table[tidx].to(torch.int64)
-        kept = naive.keep_by_score(
-            slot_scores[slots].to(torch.float32), cache.pool.pos[slots].to(torch.int64), seg,
+        return select_and_compact_by_score(
+            slot_scores, cache.pool.pos, t.table, t.seg_start, t.seg_len, cache.pool.free_slots, cache.pool.free_top,
             self.keep_tensor(cache, sequences), self.group_size(cache.num_layers, cache.num_kv_heads),
-            t.num_segments, cache.config.min_per_head, None,
+            cache.config.min_per_head,
         )
-        return naive.compact_in_place(kept, seg, slots, t.table, t.seg_start, t.seg_len, cache.pool.free_slots,
-                                      cache.pool.free_top)
 
     def observe_attention(self, cache: "DBTrimKVCache", layer_idx: int, query: torch.Tensor) -> None:
         """Called before each layer attends (queries `[B, Hq, T, D]`); policies that score entries by

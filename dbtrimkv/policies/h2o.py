@@ -13,32 +13,26 @@ import torch
 from .base import register_policy
 from .scored import PerHeadScorePolicy, attention_mass, layer_entries, slot_state
 
-STATE = "_h2o_scores"
-
 
 @register_policy
 class H2OPolicy(PerHeadScorePolicy):
     name = "h2o"
 
     def observe_attention(self, cache, layer_idx, query):
-        q_pos = cache.query_positions
+        q_pos = cache.plan.query_positions
         slots, key_pos, valid = layer_entries(cache, layer_idx)
         mass = attention_mass(cache, query, q_pos, slots, key_pos, valid)
         first = torch.where(q_pos >= 0, q_pos, q_pos.new_full((), torch.iinfo(torch.int64).max)).amin(1)
         new = valid & (key_pos >= first[:, None, None])  # cached by this forward: its slot may be reused
-        scores = slot_state(cache, STATE).clone()
+        scores = slot_state(cache).clone()
         scores[slots[new]] = 0.0
-        scores = scores.index_add(0, slots[valid], mass[valid])
-        setattr(cache, STATE, scores)
+        cache.policy_scores = scores.index_add(0, slots[valid], mass[valid])
 
     def slot_scores(self, cache):
-        from ..kernels.select_compact import naive
-
-        t = cache.tables
-        seg, tidx = naive.enumerate_entries(t.table, t.seg_start, t.seg_len)
-        slots = t.table[tidx].to(torch.int64)
-        seen = torch.tensor(cache.seen, dtype=torch.int64, device=cache.device)[seg // cache.segments_per_sequence]
+        seg, index = cache.tables.enumerate_entries()
+        slots = cache.tables.table[index].to(torch.int64)
+        seen = cache.requests.seen_tensor(cache.device)[seg // cache.segments_per_sequence]
         recent = cache.budget // cache.segments_per_sequence // 2
-        scores = slot_state(cache, STATE).clone()
+        scores = slot_state(cache).clone()
         scores[slots[cache.pool.pos[slots].to(torch.int64) >= seen - recent]] = float("inf")
         return scores

@@ -8,8 +8,8 @@ budget evenly over (layer, KV head) segments; their scores are not comparable ac
 Attention-statistics policies need the attention probabilities of the queries over the cached
 keys, which the attention kernel never materialises; `attention_mass` recomputes them from the
 queries that `observe_attention` receives, in blocks of queries to bound memory. Per-slot state
-lives on the cache (not the policy) and is only ever replaced, never updated in place, so a
-`cache.clone()` keeps an independent copy.
+lives in the cache's typed `policy_scores` field (not the policy), which `reset()` clears and
+`clone()` copies.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..kernels.ragged_attention.naive import gather_rows, layer_segments, segment_slots
 from .base import EvictionPolicy
 
 QUERY_BLOCK = 256  # queries per block when recomputing attention probabilities
@@ -45,9 +44,9 @@ class PerHeadScorePolicy(EvictionPolicy):
         return self.evict_by_slot_scores(cache, sequences, self.slot_scores(cache))
 
 
-def slot_state(cache, name: str) -> torch.Tensor:
-    """A float32 value per pool slot stored on the cache under `name` (zeros for new capacity)."""
-    state = getattr(cache, name, None)
+def slot_state(cache) -> torch.Tensor:
+    """The policy's float32 value per pool slot (`cache.policy_scores`, zeros for new capacity)."""
+    state = cache.policy_scores
     capacity = cache.pool.capacity
     if state is None:
         return torch.zeros(capacity, dtype=torch.float32, device=cache.device)
@@ -58,9 +57,8 @@ def slot_state(cache, name: str) -> torch.Tensor:
 
 def layer_entries(cache, layer_idx: int):
     """The cached entries of one layer as padded `[B, H, Lmax]` slot ids, positions and a validity mask."""
-    t = cache.tables
-    segs = layer_segments(cache.batch_size, layer_idx, cache.num_layers, cache.num_kv_heads, cache.device)
-    slots, valid = segment_slots(t.table, t.seg_start, t.seg_len, segs)
+    segs = cache.tables.layer_segments(layer_idx, cache.num_layers, cache.num_kv_heads)
+    slots, valid = cache.tables.padded_slots(segs)
     pos = torch.where(valid, cache.pool.pos[slots].to(torch.int64), -1)
     return slots, pos, valid
 
@@ -74,7 +72,7 @@ def attention_mass(cache, query: torch.Tensor, query_pos: torch.Tensor, slots, k
     query, query_pos = query[:, :, counted_columns], query_pos[:, counted_columns]
     batch, num_q, _, dim = query.shape
     group = num_q // cache.num_kv_heads
-    keys = gather_rows(cache.pool.k, slots).to(torch.float32)  # [B, H, L, D]
+    keys = cache.pool.k.index_select(0, slots.flatten()).view(*slots.shape, -1).to(torch.float32)  # [B, H, L, D]
     keys = keys.repeat_interleave(group, dim=1)  # [B, Hq, L, D]
     mass = torch.zeros(batch, num_q, keys.shape[2], dtype=torch.float32, device=query.device)
     for start in range(0, query.shape[2], QUERY_BLOCK):

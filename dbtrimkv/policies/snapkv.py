@@ -19,7 +19,6 @@ from .scored import PerHeadScorePolicy, attention_mass, layer_entries, slot_stat
 
 WINDOW = 16
 KERNEL = 5
-STATE = "_snapkv_scores"
 
 
 @register_policy
@@ -28,7 +27,7 @@ class SnapKVPolicy(PerHeadScorePolicy):
     window, kernel = WINDOW, KERNEL
 
     def observe_attention(self, cache, layer_idx, query):
-        q_pos = cache.query_positions
+        q_pos = cache.plan.query_positions
         last = q_pos.amax(1, keepdim=True)
         in_window = (q_pos >= 0) & (q_pos > last - self.window)
         slots, key_pos, valid = layer_entries(cache, layer_idx)
@@ -36,9 +35,9 @@ class SnapKVPolicy(PerHeadScorePolicy):
         batch, heads, length = mass.shape
         pooled = F.avg_pool1d(mass.view(batch * heads, 1, length), self.kernel, stride=1, padding=self.kernel // 2,
                               count_include_pad=False).view(batch, heads, length)
-        scores = slot_state(cache, STATE).clone()
+        scores = slot_state(cache).clone()
         scores[slots[valid]] = pooled[valid]
-        setattr(cache, STATE, scores)
+        cache.policy_scores = scores
 
     def slot_scores(self, cache):
-        return slot_state(cache, STATE)
+        return slot_state(cache)

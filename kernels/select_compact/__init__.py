@@ -17,4 +17,12 @@ def select_and_compact(log_beta, pos, table, seg_start, seg_len, free_slots, fre
     return impl(*args, lookahead=lookahead, floor=floor, min_score=min_score)
 
 
-__all__ = ["select_and_compact", "naive"]
+def select_and_compact_by_score(slot_scores, pos, table, seg_start, seg_len, free_slots, free_top, keep,
+                                group_size, floor=0) -> int:
+    """Evict in place ranking by a score per slot (baseline policies); torch on every device (no
+    Triton version: baselines are for comparison, not speed)."""
+    return naive.select_and_compact_by_score(slot_scores, pos, table, seg_start, seg_len, free_slots, free_top,
+                                             keep, group_size, floor)
+
+
+__all__ = ["select_and_compact", "select_and_compact_by_score", "naive"]

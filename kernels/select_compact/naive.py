@@ -131,6 +131,19 @@ def select_and_compact(
     return compact_in_place(kept, seg, slots, table, seg_start, seg_len, free_slots, free_top)
 
 
+@torch.no_grad()
+def select_and_compact_by_score(slot_scores, pos, table, seg_start, seg_len, free_slots, free_top, keep,
+                                group_size: int, floor: int = 0) -> int:
+    """`select_and_compact` ranking entries by a given score per pool slot (higher stays) instead of
+    the retention score: same groups, tie-break, floor and compaction. For policies that rank by
+    something else (recency, attention statistics, key norms)."""
+    seg, tidx = enumerate_entries(table, seg_start, seg_len)
+    slots = table[tidx].to(torch.int64)
+    kept = keep_by_score(slot_scores[slots].to(torch.float32), pos[slots].to(torch.int64), seg, keep, group_size,
+                         seg_len.numel(), floor, None)
+    return compact_in_place(kept, seg, slots, table, seg_start, seg_len, free_slots, free_top)
+
+
 def compact_in_place(kept, seg, slots, table, seg_start, seg_len, free_slots, free_top) -> int:
     """Move kept ids to the front of their segment (order kept), push the others on the free stack."""
     n_seg = seg_len.numel()

@@ -155,7 +155,7 @@ def test_h2o_accumulates_exactly_the_attention_received(model):
     captured = {}
 
     def spy(cache, layer, query):
-        captured.setdefault(layer, []).append((query.clone(), cache.query_positions.clone(),
+        captured.setdefault(layer, []).append((query.clone(), cache.plan.query_positions.clone(),
                                                layer_snapshot(cache, layer)[0]))
 
     cache, records = run(model, "h2o", budget=10_000, chunk=7, prompt=PROMPT[:40], new_tokens=1, spy=spy)
@@ -163,7 +163,7 @@ def test_h2o_accumulates_exactly_the_attention_received(model):
     for layer in range(cache.num_layers):
         expected = brute_force_mass(captured[layer], layer, cache)
         _, slots = layer_snapshot(cache, layer)
-        state = cache._h2o_scores
+        state = cache.policy_scores
         for h in range(cache.num_kv_heads):
             for pos, slot in slots[h].items():
                 assert float(state[slot]) == pytest.approx(expected[(h, pos)], rel=1e-4, abs=1e-5)
@@ -197,7 +197,7 @@ def test_h2o_constructed_case_keeps_the_top_accumulated(model):
             pos = int(cache.pool.pos[slot])
             if pos in (favourite[seg % 3], favourite[seg % 3] + 1, 0):
                 scores[slot] = 10.0 + pos
-    cache._h2o_scores = scores
+    cache.policy_scores = scores
     cache.evict()
     for layer, heads in enumerate(cache.retained_positions(0)):
         for h, kept in enumerate(heads):
@@ -214,7 +214,7 @@ def test_snapkv_scores_are_the_pooled_window_attention_and_the_top_stay(model):
     observe = cache.policy.observe_attention
 
     def spy(c, layer, query):
-        captured[layer] = [(query.clone(), c.query_positions.clone(), layer_snapshot(c, layer)[0])]
+        captured[layer] = [(query.clone(), c.plan.query_positions.clone(), layer_snapshot(c, layer)[0])]
         observe(c, layer, query)
 
     cache.policy.observe_attention = spy
@@ -231,7 +231,7 @@ def test_snapkv_scores_are_the_pooled_window_attention_and_the_top_stay(model):
             assert raw.sum() == pytest.approx(WINDOW * tiny.config.num_attention_heads // cache.num_kv_heads)
             pooled = torch.nn.functional.avg_pool1d(raw[None, None], KERNEL, 1, KERNEL // 2,
                                                     count_include_pad=False)[0, 0]
-            got = torch.tensor([float(cache._snapkv_scores[slots[h][p]]) for p in positions])
+            got = torch.tensor([float(cache.policy_scores[slots[h][p]]) for p in positions])
             assert torch.allclose(got, pooled.float(), rtol=1e-4, atol=1e-6)
     _, records = run(model, "snapkv", budget=36, chunk=2 * WINDOW, prompt=PROMPT * 2, new_tokens=1)
     assert records

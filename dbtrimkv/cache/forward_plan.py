@@ -1,0 +1,43 @@
+"""`ForwardPlan`: where the real tokens of one language-model forward go in the cache.
+
+Why: every layer of a forward appends the same tokens at the same logical positions and attends
+with the same query positions; the plan is worked out once, before layer 0, from the padding mask
+and the tokens each sequence has seen, and read by every layer's `update` and `attend` (and by
+policies that observe attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """The real tokens of a forward over a `[B, T]` input, flattened in (row, column) order."""
+
+    token_batch: torch.Tensor  # [N] row b of each real token
+    token_column: torch.Tensor  # [N] column j of each real token in the input
+    token_rank: torch.Tensor  # [N] index of the token among its row's real tokens of this forward
+    token_position: torch.Tensor  # [N] logical position: seen[b] + rank
+    token_modality: torch.Tensor  # [N] int8 `Modality` code
+    query_positions: torch.Tensor  # [B, T] logical position of every column, -1 for padding
+    new_tokens: torch.Tensor  # [B] int64 real tokens per row
+
+    @classmethod
+    def build(cls, valid: torch.Tensor, seen: torch.Tensor, modality: torch.Tensor) -> "ForwardPlan":
+        """`valid` `[B, T]` bool (False = padding), `seen` `[B]` tokens seen before this forward,
+        `modality` `[B, T]` int8 codes."""
+        rank = torch.cumsum(valid.to(torch.int64), 1) - 1
+        token_batch, token_column = valid.nonzero(as_tuple=True)
+        query_positions = torch.where(valid, seen[:, None] + rank, torch.full_like(rank, -1))
+        return cls(
+            token_batch=token_batch,
+            token_column=token_column,
+            token_rank=rank[token_batch, token_column],
+            token_position=query_positions[token_batch, token_column],
+            token_modality=modality[token_batch, token_column],
+            query_positions=query_positions,
+            new_tokens=valid.sum(1).to(torch.int64),
+        )
