@@ -14,7 +14,7 @@ import sys
 
 from .errors import DBTrimKVError
 
-COMMANDS = ("chat", "eval", "demo", "train", "video-qa")
+COMMANDS = ("chat", "eval", "demo", "train", "video-qa", "watch")
 
 
 class VersionReport(argparse.Action):

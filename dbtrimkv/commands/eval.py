@@ -3,6 +3,8 @@
 - `dbtrimkv eval synthetic --policies global streaming ... --budgets 0.05 0.1 ...` runs eviction
   policies on held-out synthetic prompts in the same engine and writes JSON, a markdown table and
   a plot (accuracy vs budget).
+- `dbtrimkv eval long-video --minutes 1 5 30 60 ...` streams synthetic videos of growing length
+  through video-qa's windowed path and writes accuracy and memory vs length (JSON, markdown, plots).
 - `dbtrimkv eval train-recall --config configs/recall-tiny.yaml` trains the tiny recall model.
 - `dbtrimkv eval train-gates --config configs/train-recall-gates.yaml` trains its retention gates
   with `dbtrimkv.training` on recall data and saves them next to the model.
@@ -19,6 +21,7 @@ def add_parser(sub) -> None:
                        description="Measure eviction policies on a task with known answers.")
     eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
     _add_synthetic(eval_sub)
+    _add_long_video(eval_sub)
     _add_train_recall(eval_sub)
     _add_train_gates(eval_sub)
 
@@ -53,6 +56,31 @@ def _add_synthetic(sub) -> None:
     p.add_argument("--output", default="bench/synthetic_recall", help="output prefix: writes .json, .md and .png")
     add_model_args(p, default="the shipped tiny-recall model")
     p.set_defaults(func=run_synthetic)
+
+
+def _add_long_video(sub) -> None:
+    from ..policies import policy_names
+    from .common import add_model_args
+
+    p = sub.add_parser("long-video", help="accuracy and memory vs video length (1 min to an hour) per policy",
+                       description="Stream synthetic videos (one digit frame at a random time among distractor "
+                                   "frames, the question at the end) through video-qa's windowed path at one memory "
+                                   "size, for each length and policy, and the full cache up to a KV memory cap. "
+                                   "Writes JSON, markdown tables and a PNG (accuracy and memory vs length).")
+    p.add_argument("--minutes", nargs="+", type=float, default=[1, 2, 5, 10, 30, 60], metavar="MIN",
+                   help="video lengths in minutes (default: 1 2 5 10 30 60)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames per second of the videos (default: 1)")
+    p.add_argument("--examples", type=int, default=4, help="videos per length (seeds 0..N-1; default: 4)")
+    p.add_argument("--policies", nargs="+", default=["global", "head", "streaming", "snapkv", "h2o"],
+                   choices=policy_names(), metavar="POLICY", help="policies besides the full cache")
+    p.add_argument("--memory-size", type=int, default=32, metavar="M",
+                   help="entries per (layer, KV head) for every policy (default: 32)")
+    p.add_argument("--full-cache-cap-mb", type=float, default=16.0, metavar="MIB",
+                   help="KV storage the full cache may use before it counts as out of memory (default: 16)")
+    p.add_argument("--window-frames", type=int, default=16, help="frames per prefill window (default: 16)")
+    p.add_argument("--output", default="bench/long_video", help="output prefix: writes .json, .md and .png")
+    add_model_args(p, default="the shipped tiny-recall model")
+    p.set_defaults(func=run_long_video)
 
 
 def _add_train_recall(sub) -> None:
@@ -100,6 +128,25 @@ def run_synthetic(args) -> int:
     _log_to_stderr()
     spec = BenchmarkSpec.from_args(args)
     results = run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
+    paths = write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def run_long_video(args) -> int:
+    from ..errors import ConfigError
+    from ..eval.long_video import LongVideoSpec, run_long_video as run
+    from ..eval.long_video_report import write_report
+
+    if any(m <= 0 for m in args.minutes) or args.fps <= 0 or args.examples < 1 or args.memory_size < 1:
+        raise ConfigError("--minutes and --fps must be > 0, --examples and --memory-size at least 1")
+    if args.full_cache_cap_mb <= 0 or args.window_frames < 1:
+        raise ConfigError("--full-cache-cap-mb must be > 0 and --window-frames at least 1")
+    _log_to_stderr()
+    spec = LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
+                         memory_size=args.memory_size, full_cache_cap_mb=args.full_cache_cap_mb,
+                         window_frames=args.window_frames)
+    results = run(spec, args.model, device=args.device, dtype=args.dtype)
     paths = write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
     print("\n".join(str(p) for p in paths))
     return 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,20 +99,29 @@ class Window:
 def video_windows(processor, path: str | Path, options: StreamOptions | None = None) -> Iterator[Window]:
     """Decode `path` lazily and yield one `Window` per `window_frames` sampled frames."""
     options = options or StreamOptions()
+    frames = iter_video_frames(path, fps=options.fps, max_frames=options.max_frames)
+    return frame_windows(processor, frames, options, total=video_info(path)[1])
+
+
+def frame_windows(processor, frames: Iterable[tuple[int, np.ndarray, float]], options: StreamOptions | None = None,
+                  total: int = 0) -> Iterator[Window]:
+    """One `Window` per `window_frames` of `frames`, an iterator of `(source frame index, RGB uint8
+    frame, source fps)` as `media.iter_video_frames` yields (a file, a generator, a live stream);
+    the index over the fps is the frame's time. Frames are consumed lazily, one window at a time."""
+    options = options or StreamOptions()
     temporal = processor.video_processor.temporal_patch_size
     window = math.ceil(options.window_frames / temporal) * temporal  # frame groups never straddle windows
-    total = video_info(path)[1]
-    size, frames, indices, src_fps = None, [], [], 0.0
-    for index, frame, src_fps in iter_video_frames(path, fps=options.fps, max_frames=options.max_frames):
+    size, batch, indices, src_fps = None, [], [], 0.0
+    for index, frame, src_fps in frames:
         if size is None:
             size = frame_size(processor, frame.shape[0], frame.shape[1], options.frame_tokens)
-        frames.append(_resize(frame, size))
+        batch.append(_resize(frame, size))
         indices.append(index)
-        if len(frames) == window:
-            yield _window(processor, frames, indices, src_fps, total)
-            frames, indices = [], []
-    if frames:
-        yield _window(processor, frames, indices, src_fps, total)
+        if len(batch) == window:
+            yield _window(processor, batch, indices, src_fps, total)
+            batch, indices = [], []
+    if batch:
+        yield _window(processor, batch, indices, src_fps, total)
 
 
 def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -184,28 +193,34 @@ def encode_video(model, processor, path: str | Path, config: DBTrimKVConfig | No
     video must never land in an unbounded cache by accident; pass `DBTrimKVConfig()` for a full one).
     """
     options = options or StreamOptions()
+    with _frame_bar(path, options, progress) as bar:
+        return encode_windows(model, processor, video_windows(processor, path, options), config, name=str(path),
+                              on_window=lambda cache, window: bar.update(len(window.frames_indices)))
+
+
+@torch.no_grad()
+def encode_windows(model, processor, windows: Iterable[Window], config: DBTrimKVConfig | None = None,
+                   name: str = "", on_window: Callable[[DBTrimKVCache, Window], None] | None = None) -> EncodedVideo:
+    """Prefill the chat prefix, then each window as it comes, into a new `DBTrimKVCache`
+    (`config` as in `encode_video`). `on_window(cache, window)` runs after each window's prefill:
+    progress, measurements, or a memory cap that raises."""
     prefix, _ = prompt_parts(processor, "")
     cache = DBTrimKVCache(model, config or default_config(model))
     start = time.perf_counter()
-    with model_lock(model):  # the retention hooks keep per-forward state on the shared model
-        counts, frames, groups = _prefill_video(model, processor, path, cache, prefix, options, progress)
-    return EncodedVideo(str(path), cache, prefix, frames, groups, {m: counts[m] for m in MODALITY_NAMES},
-                        time.perf_counter() - start)
-
-
-def _prefill_video(model, processor, path, cache, prefix: str, options: StreamOptions, progress: bool):
     head = text_inputs(processor, prefix, first=True)
-    prefill(model, head, cache)
-    counts = Counter(tokens_by_modality(head))
-    frames = groups = 0
-    with _frame_bar(path, options, progress) as bar:
-        for window in video_windows(processor, path, options):
+    counts, frames, groups = Counter(tokens_by_modality(head)), 0, 0
+    with model_lock(model):  # the retention hooks keep per-forward state on the shared model
+        prefill(model, head, cache)
+    for window in windows:  # the lock is not held while the next window is decoded (or awaited)
+        with model_lock(model):
             prefill(model, window.inputs, cache)
-            counts.update(tokens_by_modality(window.inputs))
-            frames += len(window.frames_indices)
-            groups += int(window.inputs["video_grid_thw"][:, 0].sum())
-            bar.update(len(window.frames_indices))
-    return counts, frames, groups
+        counts.update(tokens_by_modality(window.inputs))
+        frames += len(window.frames_indices)
+        groups += int(window.inputs["video_grid_thw"][:, 0].sum())
+        if on_window is not None:
+            on_window(cache, window)
+    return EncodedVideo(name, cache, prefix, frames, groups, {m: counts[m] for m in MODALITY_NAMES},
+                        time.perf_counter() - start)
 
 
 def _frame_bar(path, options: StreamOptions, enabled: bool):

@@ -1,0 +1,180 @@
+"""Long-video recall: one digit frame somewhere in minutes to an hour of distractor frames.
+
+Why: a fixed KV budget matters most for long videos, where a full cache grows with every frame.
+This benchmark streams synthetic videos of growing length through `video-qa`'s windowed path
+(`video_qa.streaming`: windows of frames prefilled with eviction, then the question from a fork
+of the compressed cache) at one fixed memory size, and records per length and policy the
+accuracy, the KV memory, the process's resident memory and the time per minute of video. The
+full cache runs until its KV storage passes a cap (a stand-in for accelerator memory); beyond
+that it is recorded as out of memory.
+
+A video is a pure function of its seed and length: frame `i` is drawn from its own
+`random.Random`, so frames are generated one window at a time and never held all at once (an
+hour at 2 fps is 7,200 frames). The digit frame sits at a uniformly random time; the question
+(`which digit is in the video?`) comes after the last frame, as the recall task's clips have it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..config import DBTrimKVConfig
+from ..recall.tasks import DIGITS, VIDEO_QUESTION, draw_digit, draw_shape
+from ..video_qa.streaming import StreamOptions, ask, encode_windows, frame_windows
+
+logger = logging.getLogger(__name__)
+
+FULL = "full"
+OOM = "out of memory"
+
+
+@dataclass(frozen=True)
+class LongVideo:
+    """A synthetic video: `minutes` at `fps` frames per second of `image_size`-pixel frames, one of
+    which (at a random time) shows `digit`; all others show distractor shapes."""
+
+    seed: int
+    minutes: float
+    fps: float = 1.0
+    image_size: int = 32
+
+    @property
+    def num_frames(self) -> int:
+        return max(2, round(self.minutes * 60 * self.fps))
+
+    @property
+    def needle(self) -> int:
+        return random.Random(f"needle:{self.seed}:{self.num_frames}").randrange(self.num_frames)
+
+    @property
+    def digit(self) -> str:
+        return random.Random(f"digit:{self.seed}").choice(DIGITS)
+
+    def frame(self, index: int) -> np.ndarray:
+        rng = random.Random(f"frame:{self.seed}:{index}")
+        if index == self.needle:
+            return np.asarray(draw_digit(self.digit, self.image_size, rng)[0])
+        return np.asarray(draw_shape(self.image_size, rng))
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray, float]]:
+        """`(index, RGB frame, fps)` one at a time, as `media.iter_video_frames` yields a file's."""
+        for index in range(self.num_frames):
+            yield index, self.frame(index), self.fps
+
+
+@dataclass
+class LongVideoSpec:
+    """What to run: video lengths (minutes), examples per length, policies at `memory_size` M per
+    (layer, KV head), and the full cache up to `full_cache_cap_mb` of KV storage."""
+
+    minutes: list[float] = field(default_factory=lambda: [1, 2, 5, 10, 30, 60])
+    fps: float = 1.0
+    examples: int = 4
+    policies: list[str] = field(default_factory=lambda: ["global", "head", "streaming", "snapkv", "h2o"])
+    memory_size: int = 32
+    full_cache_cap_mb: float = 16.0
+    window_frames: int = 16
+    image_size: int = 32
+    max_new_tokens: int = 8  # `video:` and the digit (the tiny tokenizer spells words by character)
+
+
+class _OverCap(Exception):
+    """The full cache's KV storage passed the cap."""
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_ANSWER = re.compile(r"(\d)")
+
+
+def parse_digit(text: str) -> str | None:
+    """The first digit of an answer (`video:7` -> `7`)."""
+    found = _ANSWER.search(text)
+    return found.group(1) if found else None
+
+
+def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec) -> dict:
+    """Stream `video` through a fresh cache of `policy` (or the full cache) and answer the question."""
+    if policy == FULL:
+        config, cap = DBTrimKVConfig(), spec.full_cache_cap_mb * 2**20
+    else:
+        config, cap = DBTrimKVConfig(memory_size=spec.memory_size, policy=policy), None
+    options = StreamOptions(fps=0, window_frames=spec.window_frames)
+    peak = {"rss": rss_bytes(), "kv": 0}
+
+    def measure(cache, window) -> None:
+        peak["rss"] = max(peak["rss"], rss_bytes())
+        peak["kv"] = max(peak["kv"], cache.storage_bytes())
+        if cap is not None and cache.storage_bytes() > cap:
+            raise _OverCap
+
+    start = time.perf_counter()
+    windows = frame_windows(processor, video.frames(), options, total=video.num_frames)
+    try:
+        encoded = encode_windows(model, processor, windows, config, name=f"seed {video.seed}", on_window=measure)
+    except _OverCap:
+        return {"status": OOM, "kv_bytes": peak["kv"], "rss_bytes": peak["rss"]}
+    answer = ask(model, processor, encoded, VIDEO_QUESTION, max_new_tokens=spec.max_new_tokens)
+    seconds = time.perf_counter() - start
+    peak["rss"] = max(peak["rss"], rss_bytes())
+    return {"status": "ok", "answer": answer.text, "correct": parse_digit(answer.text) == video.digit,
+            "kv_bytes": max(peak["kv"], encoded.cache.storage_bytes()), "peak_entries": encoded.cache.peak_entries[0],
+            "prompt_tokens": sum(answer.stats.prompt_tokens.values()), "rss_bytes": peak["rss"], "seconds": seconds}
+
+
+def _cell(minutes: float, policy: str, runs: list[dict], spec: LongVideoSpec) -> dict:
+    done = [r for r in runs if r["status"] == "ok"]
+    cell = {"minutes": minutes, "policy": policy, "examples": len(runs), "status": "ok" if done else OOM,
+            "kv_bytes": max(r["kv_bytes"] for r in runs), "rss_bytes": max(r["rss_bytes"] for r in runs)}
+    if done:
+        cell.update(accuracy=sum(r["correct"] for r in done) / len(runs),
+                    peak_entries=max(r["peak_entries"] for r in done),
+                    prompt_tokens=max(r["prompt_tokens"] for r in done),
+                    seconds_per_minute=sum(r["seconds"] for r in done) / len(done) / minutes,
+                    answers=[r["answer"] for r in done])
+    return cell
+
+
+def run_long_video(spec: LongVideoSpec, model_name: str | None = None, device: str = "cpu",
+                   dtype: str | None = None) -> dict:
+    """Every (length, policy) on `spec.examples` videos; the full cache last at each length and not
+    at all once it ran out of memory (a longer video only adds tokens). Returns the results dict."""
+    from ..checkpoints import gates_are_trained, load_model
+    from ..loading import DEFAULT_MODEL
+
+    model_name = str(model_name or DEFAULT_MODEL)  # the shipped tiny-recall model
+    model, processor = load_model(model_name, device=device, dtype=dtype)
+    cells, full_oom_at = [], None
+    for minutes in spec.minutes:
+        videos = [LongVideo(seed, minutes, spec.fps, spec.image_size) for seed in range(spec.examples)]
+        for policy in [*spec.policies, FULL]:
+            if policy == FULL and full_oom_at is not None:
+                cells.append({"minutes": minutes, "policy": FULL, "examples": 0, "status": OOM,
+                              "note": f"not run: out of memory at {full_oom_at:g} min already"})
+                continue
+            runs = []
+            for video in videos:
+                runs.append(run_one(model, processor, video, policy, spec))
+                if runs[-1]["status"] == OOM:
+                    break
+            cells.append(_cell(minutes, policy, runs, spec))
+            if cells[-1]["status"] == OOM:
+                full_oom_at = minutes
+            logger.info("%g min %s: %s", minutes, policy, {k: v for k, v in cells[-1].items() if k != "answers"})
+    return {"benchmark": "long-video recall", "model": model_name, "gates_trained": gates_are_trained(model),
+            "spec": asdict(spec), "frames_per_minute": round(60 * spec.fps), "results": cells}

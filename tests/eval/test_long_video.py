@@ -1,0 +1,88 @@
+"""`dbtrimkv eval long-video`: lazy synthetic videos, bounded policies vs the full cache up to its cap."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from dbtrimkv.eval.long_video import FULL, OOM, LongVideo, LongVideoSpec, parse_digit, run_one
+from dbtrimkv.recall.tasks import SEGMENTS
+
+
+def test_a_video_is_a_pure_function_of_its_seed_and_has_exactly_one_digit_frame():
+    video = LongVideo(seed=3, minutes=0.5, fps=2.0)
+    assert video.num_frames == 60 and 0 <= video.needle < 60
+    frames = list(video.frames())
+    assert [i for i, _, _ in frames] == list(range(60)) and {fps for _, _, fps in frames} == {2.0}
+    assert all(np.array_equal(frame, video.frame(i)) for i, frame, _ in frames)  # redrawn identically, lazily
+    assert not np.array_equal(video.frame(0), LongVideo(seed=4, minutes=0.5, fps=2.0).frame(0))
+    # the digit frame is the only one drawn with the digit's segments: rebuild it from draw_digit's rng
+    import random
+
+    from dbtrimkv.recall.tasks import draw_digit
+
+    rng = random.Random(f"frame:3:{video.needle}")
+    assert np.array_equal(video.frame(video.needle), np.asarray(draw_digit(video.digit, 32, rng)[0]))
+    assert video.digit in SEGMENTS
+
+
+def test_frames_are_generated_one_at_a_time():
+    frames = LongVideo(seed=0, minutes=60, fps=2.0).frames()  # 7,200 frames: nothing drawn until asked
+    first = next(frames)
+    assert first[0] == 0 and first[1].shape == (32, 32, 3)
+
+
+def test_parse_digit_reads_the_answer_after_the_prefix():
+    assert parse_digit("video:7") == "7" and parse_digit("video: 3 or 4") == "3" and parse_digit("video:") is None
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    import dbtrimkv
+
+    return dbtrimkv.load_model()
+
+
+def test_bounded_policies_keep_memory_flat_and_the_full_cache_stops_at_its_cap(shipped):
+    model, processor = shipped
+    spec = LongVideoSpec(memory_size=8, window_frames=8, full_cache_cap_mb=1.0)
+    # 2 and 4 minutes at 1 fps: timestamps of three digits in both (a window's tokens grow with the digits
+    # of its `<t seconds>` stamps, and the peak with the window: flat from 100 s to 999 s, then one step)
+    bounded = [run_one(model, processor, LongVideo(0, minutes), "global", spec) for minutes in (2, 4)]
+    assert all(r["status"] == "ok" for r in bounded)
+    assert bounded[0]["kv_bytes"] == bounded[1]["kv_bytes"]  # the same pool for twice the video
+    assert bounded[0]["peak_entries"] == bounded[1]["peak_entries"]
+    assert bounded[1]["prompt_tokens"] > 1.9 * bounded[0]["prompt_tokens"]
+    full = [run_one(model, processor, LongVideo(0, minutes), FULL, spec) for minutes in (0.25, 2)]
+    assert full[0]["status"] == "ok" and full[0]["peak_entries"] > bounded[0]["peak_entries"]
+    assert full[1]["status"] == OOM and full[1]["kv_bytes"] > 2**20  # stopped just past the cap
+
+
+def test_the_command_writes_json_markdown_and_plots(tmp_path, monkeypatch):
+    from dbtrimkv.cli import main
+
+    out = tmp_path / "lv"
+    argv = ["eval", "long-video", "--minutes", "0.2", "0.5", "--examples", "1", "--policies", "global", "streaming",
+            "--memory-size", "8", "--window-frames", "8", "--full-cache-cap-mb", "0.3", "--output", str(out)]
+    monkeypatch.setattr(sys, "argv", ["dbtrimkv", *argv])
+    assert main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    cells = {(c["minutes"], c["policy"]): c for c in data["results"]}
+    assert set(cells) == {(m, p) for m in (0.2, 0.5) for p in ("global", "streaming", FULL)}
+    assert cells[(0.2, FULL)]["status"] == "ok" and cells[(0.5, FULL)]["status"] == OOM
+    assert 0.0 <= cells[(0.5, "global")]["accuracy"] <= 1.0 and cells[(0.5, "global")]["seconds_per_minute"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "| 0.5 | " in table and "OOM" in table and data["command"].startswith("dbtrimkv eval long-video")
+    from PIL import Image
+
+    assert Image.open(out.with_suffix(".png")).size[0] > 800
+
+
+def test_bad_arguments_are_one_clear_error(capsys):
+    from dbtrimkv.cli import main
+
+    assert main(["eval", "long-video", "--minutes", "0"]) == 2
+    assert "--minutes" in capsys.readouterr().err
