@@ -4,7 +4,9 @@ Why: the budget is the product; this page makes it tangible. Each browser sessio
 `Conversation` (its bounded cache survives between turns); the side panel shows, after every
 answer, KV memory used against a full cache, retained entries by modality and decode speed
 (`GenerationStats`), the latest image tinted by how many (layer, KV head) entries of each patch
-survive, and a layer x head heatmap (`dbtrimkv.retention_maps`).
+survive, a layer x head heatmap (`dbtrimkv.retention_maps`), and a retention timeline: every token in
+order (video frames with their times) x layers, coloured by the KV heads still holding it
+(`dbtrimkv.retention_timeline`), for image, video and text turns alike.
 
 Safety defaults (see `launch`): loopback only unless told otherwise, no share link, bounded
 upload size, bounded video length, a bounded queue that runs one generation at a time (sessions
@@ -28,6 +30,7 @@ from dbtrimkv.media import load_image, video_info
 from dbtrimkv.pipeline import Conversation, DBTrimKVPipeline, GenerationStats
 from dbtrimkv.policies import policy_names
 from dbtrimkv.retention_maps import head_heatmap, image_patch_survival, overlay
+from dbtrimkv.retention_timeline import build as build_timeline, conversation_tokens, plot as plot_timeline
 
 SESSION_SECONDS = 3600  # an idle session's cache is freed after this long
 UPLOAD_CLEANUP = (3600, 3600)  # (every, older than) seconds: uploaded files are deleted from disk
@@ -95,6 +98,14 @@ class ChatSession:
                                       image_index=-1, merge_size=merge)
         return overlay(self.images[-1], counts, cache.segments_per_sequence), heatmap
 
+    def retention_timeline(self):
+        """Tokens in order x layers, coloured by the KV heads still holding each (video frames with their times)."""
+        cache = self.conversation.cache
+        tokenizer = self.conversation.pipeline.tokenizer
+        timeline = build_timeline(cache, conversation_tokens(cache), tokenizer, cache.image_token_id,
+                                  cache.video_token_id)
+        return plot_timeline(timeline, title="what the cache holds, token by token")
+
 
 def _bar(fraction: float, width: int = 24) -> str:
     filled = round(max(0.0, min(fraction, 1.0)) * width)
@@ -146,19 +157,20 @@ def build_demo(pipeline: DBTrimKVPipeline, max_video_seconds: float = 60.0, max_
                     gr.Info("The KV settings changed: a new conversation started with them.")
                 session = ChatSession(pipeline, config)
             stream = session.send(text, image_path, video_path, int(new_tokens))
-            yield "", None, None, session.history, session, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield "", None, None, session.history, session, *[gr.skip()] * 5
             for piece in stream:
                 session.history[-1]["content"] += piece
-                yield gr.skip(), gr.skip(), gr.skip(), session.history, *[gr.skip()] * 5
+                yield gr.skip(), gr.skip(), gr.skip(), session.history, *[gr.skip()] * 6
             stats = stream.stats
             image_map, heatmap = session.retention_pictures()
+            timeline = session.retention_timeline()
         except DBTrimKVError as exc:
             raise gr.Error(str(exc)) from None
         yield gr.skip(), gr.skip(), gr.skip(), session.history, session, stats_markdown(stats), image_map, \
-            heatmap, stats.to_dict()
+            heatmap, stats.to_dict(), timeline
 
     def new_conversation():
-        return None, [], EMPTY_PANEL, None, None, None
+        return None, [], EMPTY_PANEL, None, None, None, None
 
     with gr.Blocks(title="dbtrimkv: Qwen3-VL in a fixed KV budget", analytics_enabled=False,
                    delete_cache=UPLOAD_CLEANUP) as demo:
@@ -201,13 +213,17 @@ def build_demo(pipeline: DBTrimKVPipeline, max_video_seconds: float = 60.0, max_
                                          interactive=False, height=220)
                     heatmap = gr.Image(label="Entries kept per layer x KV head", type="pil", format="png",
                                        interactive=False, height=220)
+                timeline = gr.Image(label="Retention timeline: tokens in order (video frames with their times) x "
+                                          "layers, coloured by the KV heads still holding each", type="pil",
+                                    format="png", interactive=False)
                 with gr.Accordion("Raw stats (JSON)", open=False):
                     raw = gr.JSON(label="GenerationStats")
 
         gr.on([send.click, question.submit], respond,
               inputs=[question, image, video, budget, memory, policy, threshold, new_tokens, session],
-              outputs=[question, image, video, chatbot, session, panel, image_map, heatmap, raw], api_name="chat")
-        reset.click(new_conversation, outputs=[session, chatbot, panel, image_map, heatmap, raw],
+              outputs=[question, image, video, chatbot, session, panel, image_map, heatmap, raw, timeline],
+              api_name="chat")
+        reset.click(new_conversation, outputs=[session, chatbot, panel, image_map, heatmap, raw, timeline],
                     api_name="new_conversation")
     return demo
 

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample)")
+    p.add_argument("--retention-plot", metavar="PATH", default=None,
+                   help="write a retention timeline PNG after the answer (interactive: after every turn): "
+                        "tokens in order x layers, coloured by the KV heads still holding each token")
     p.set_defaults(func=run)
 
 
@@ -46,6 +49,9 @@ def load_pipeline(args):
 
 
 def run(args) -> int:
+    from ..retention_timeline import check_output
+
+    plot = check_output(args.retention_plot) if args.retention_plot else None
     pipe = load_pipeline(args)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p)
@@ -53,11 +59,21 @@ def run(args) -> int:
         out = pipe.chat(args.question, images=args.image, videos=args.video, **options)
         print(out.text)
         print(out.stats.summary(), file=sys.stderr)
+        if plot is not None:
+            _plot(out.cache, pipe, plot)
         return 0
-    return interactive(pipe, args.image, args.video, options)
+    return interactive(pipe, args.image, args.video, options, plot)
 
 
-def interactive(pipe, images, videos, options) -> int:
+def _plot(cache, pipe, path) -> None:
+    from ..retention_timeline import conversation_tokens, save
+
+    save(cache, conversation_tokens(cache), pipe.tokenizer, path, title=f"retention timeline ({cache.config.policy}, "
+         f"budget {cache.budget} entries)")
+    print(f"retention timeline: {path}", file=sys.stderr)
+
+
+def interactive(pipe, images, videos, options, plot=None) -> int:
     from ..errors import DBTrimKVError
 
     conversation = pipe.conversation()
@@ -90,6 +106,8 @@ def interactive(pipe, images, videos, options) -> int:
                 print(piece, end="", flush=True)
             print()
             last = stream.stats
+            if plot is not None:
+                _plot(conversation.cache, pipe, plot)
         except DBTrimKVError as exc:  # a bad file should not end the conversation
             print(f"dbtrimkv: error: {exc}", file=sys.stderr)
         images, videos = [], []

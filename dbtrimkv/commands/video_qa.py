@@ -61,6 +61,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate per answer at most (default: 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--retention-plot", metavar="PATH", default=None,
+                   help="with --video: a retention timeline PNG per question (PATH, or PATH-1.png, PATH-2.png, ... "
+                        "for several): tokens in order (video frames with their times) x layers, coloured by the "
+                        "KV heads still holding each token after the answer")
     p.set_defaults(func=run)
 
 
@@ -79,6 +83,12 @@ def run(args) -> int:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.retention_plot is not None:
+        from ..retention_timeline import check_output
+
+        if args.video is None:
+            raise ConfigError("--retention-plot goes with --video (one plot per question)")
+        check_output(args.retention_plot)
     options = StreamOptions(fps=args.fps, max_frames=args.max_frames, window_frames=args.window_frames,
                             frame_tokens=args.frame_tokens)
     if args.model is None:
@@ -96,13 +106,34 @@ def _single(qa, args) -> int:
           f"{encoded.prompt_tokens['video']} video tokens, encoded in {encoded.seconds:.2f} s | "
           f"KV after the video: {c.num_entries(0)} entries, peak {max(c.peak_entries)}, "
           f"storage {format_bytes(c.storage_bytes())}", file=sys.stderr)
-    for question in args.questions:
+    for number, question in enumerate(args.questions, 1):
         answer = qa.ask(encoded, question)
         print(f"Q: {question}\nA: {answer.text}", flush=True)
+        if args.retention_plot is not None:
+            _plot(qa, encoded, answer, args.retention_plot, number if len(args.questions) > 1 else None)
         s = answer.stats
         print(f"{s.summary()}\npeak KV entries: {s.peak_kv_entries} | KV storage: {format_bytes(s.kv_storage_bytes)} "
               f"({s.kv_storage_bytes} bytes)", file=sys.stderr)
     return 0
+
+
+def _plot(qa, encoded, answer, path: str, number: int | None) -> None:
+    """The answering fork's timeline; the video's token ids come from the encoding (a cache keeps positions)."""
+    from pathlib import Path
+
+    import torch
+
+    from ..retention_timeline import conversation_tokens, save
+
+    path = Path(path)
+    if number is not None:
+        path = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    known = conversation_tokens(answer.cache)  # the video part is unknown (zeros) to the fork
+    ids = torch.cat([encoded.token_ids, known[encoded.token_ids.numel():]])
+    cache = answer.cache
+    save(cache, ids, qa.processor.tokenizer, path,
+         title=f"retention timeline after: {answer.question!r} ({cache.config.policy}, budget {cache.budget} entries)")
+    print(f"retention timeline: {path}", file=sys.stderr)
 
 
 def _dataset(qa, args) -> int:

@@ -166,6 +166,7 @@ class EncodedVideo:
     frame_groups: int
     prompt_tokens: dict[str, int]
     seconds: float
+    token_ids: torch.Tensor | None = None  # the prefilled token ids in order (for retention timelines)
 
 
 @dataclass
@@ -173,6 +174,7 @@ class VideoAnswer:
     question: str
     text: str
     stats: GenerationStats
+    cache: DBTrimKVCache | None = None  # the fork that answered (video, question and answer)
 
 
 def default_config(model) -> DBTrimKVConfig:
@@ -209,18 +211,20 @@ def encode_windows(model, processor, windows: Iterable[Window], config: DBTrimKV
     start = time.perf_counter()
     head = text_inputs(processor, prefix, first=True)
     counts, frames, groups = Counter(tokens_by_modality(head)), 0, 0
+    ids = [head["input_ids"][0]]
     with model_lock(model):  # the retention hooks keep per-forward state on the shared model
         prefill(model, head, cache)
     for window in windows:  # the lock is not held while the next window is decoded (or awaited)
         with model_lock(model):
             prefill(model, window.inputs, cache)
         counts.update(tokens_by_modality(window.inputs))
+        ids.append(window.inputs["input_ids"][0])
         frames += len(window.frames_indices)
         groups += int(window.inputs["video_grid_thw"][:, 0].sum())
         if on_window is not None:
             on_window(cache, window)
     return EncodedVideo(name, cache, prefix, frames, groups, {m: counts[m] for m in MODALITY_NAMES},
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, torch.cat(ids))
 
 
 def _frame_bar(path, options: StreamOptions, enabled: bool):
@@ -254,7 +258,7 @@ def ask(model, processor, encoded: EncodedVideo, question: str, max_new_tokens: 
     text = tokenizer_of(processor).decode(new, skip_special_tokens=True)
     stats = collect_stats(cache, inputs, 0, new.numel(), timings, encoded.cache.num_evictions)
     prompt = Counter(encoded.prompt_tokens) + Counter(stats.prompt_tokens)
-    return VideoAnswer(question, text, replace(stats, prompt_tokens={m: prompt[m] for m in MODALITY_NAMES}))
+    return VideoAnswer(question, text, replace(stats, prompt_tokens={m: prompt[m] for m in MODALITY_NAMES}), cache)
 
 
 class VideoQA:

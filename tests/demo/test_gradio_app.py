@@ -14,8 +14,8 @@ from dbtrimkv.pipeline import DBTrimKVPipeline
 
 from demo_testing import MAX_UPLOAD_MB, QUEUE_SIZE, SERVED_BUDGET
 
-# /chat returns (question, image, video, chat, live panel, patch overlay, heatmap, stats JSON)
-CHAT, PANEL, OVERLAY, HEATMAP, STATS = 3, 4, 5, 6, 7
+# /chat returns (question, image, video, chat, live panel, patch overlay, heatmap, stats JSON, retention timeline)
+CHAT, PANEL, OVERLAY, HEATMAP, STATS, TIMELINE = 3, 4, 5, 6, 7, 8
 
 
 def ask(client, text, image=None, video=None, budget=SERVED_BUDGET, memory_size=0, policy="global", tokens=8):
@@ -105,6 +105,8 @@ def test_video_question(client, video_mp4):
     assert stats["prompt_tokens"]["video"] > 0 and stats["new_tokens"] > 0
     assert stats["kv_entries"] == sum(stats["retained_entries"].values())
     assert texts(result[CHAT], "assistant")[0]
+    timeline = Image.open(result[TIMELINE])  # video turns get a map too: the retention timeline
+    assert timeline.format == "PNG" and timeline.size[0] > 800 and result[OVERLAY] is None
 
 
 def test_long_video_is_refused_with_a_message(client, write_mp4, tmp_path):
