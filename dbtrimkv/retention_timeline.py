@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KINDS = ("text", "image", "video")
+from .modality import MODALITY_NAMES, Modality
+
 KIND_COLORS = {"text": "#b0b0b0", "image": "#1f77b4", "video": "#ff7f0e"}
 _STAMP = re.compile(r"<\s*([0-9]+(?:\.[0-9]+)?)\s*seconds?\s*>")
 
 
 @dataclass
 class Timeline:
-    """`heads[l, t]`: KV heads of layer l holding token t; `kinds[t]`: index into `KINDS`;
+    """`heads[l, t]`: KV heads of layer l holding token t; `kinds[t]`: its `Modality` code;
     `stamps`: (token index, seconds) of each video frame group's first token."""
 
     heads: np.ndarray
@@ -39,13 +40,13 @@ class Timeline:
 
 
 def token_kinds(token_ids: torch.Tensor, image_token_id: int | None, video_token_id: int | None) -> np.ndarray:
-    """0 text, 1 image, 2 video for each token id."""
+    """The `Modality` code of each token id (image / video placeholder ids, else text)."""
     ids = torch.as_tensor(token_ids).cpu()
-    kinds = torch.zeros(ids.shape, dtype=torch.int8)
+    kinds = torch.full(ids.shape, Modality.TEXT, dtype=torch.int8)
     if image_token_id is not None:
-        kinds[ids == image_token_id] = KINDS.index("image")
+        kinds[ids == image_token_id] = Modality.IMAGE
     if video_token_id is not None:
-        kinds[ids == video_token_id] = KINDS.index("video")
+        kinds[ids == video_token_id] = Modality.VIDEO
     return kinds.numpy()
 
 
@@ -53,7 +54,7 @@ def video_stamps(token_ids: torch.Tensor, kinds: np.ndarray, tokenizer, lookback
     """(first token index, seconds) of every run of video tokens whose preceding text holds a
     Qwen3-VL timestamp (`<12.5 seconds>`); runs without one are skipped."""
     ids = torch.as_tensor(token_ids).tolist()
-    video = kinds == KINDS.index("video")
+    video = kinds == Modality.VIDEO
     starts = np.flatnonzero(video & ~np.concatenate([[False], video[:-1]]))
     out = []
     for start in starts.tolist():
@@ -143,12 +144,12 @@ def plot(timeline: Timeline, path: str | Path | None = None, title: str = "reten
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
     strip.imshow(kinds[None, :], aspect="auto", interpolation="nearest",
-                 cmap=ListedColormap([KIND_COLORS[k] for k in KINDS]), vmin=0, vmax=len(KINDS) - 1,
+                 cmap=ListedColormap([KIND_COLORS[k] for k in MODALITY_NAMES]), vmin=0, vmax=len(Modality) - 1,
                  extent=(0, heads.shape[1], 0, 1))
     strip.set_yticks([])
     _label_axis(strip, timeline, edges)
-    handles = [_patch(KIND_COLORS[k], k) for k in KINDS if (timeline.kinds == KINDS.index(k)).any()]
-    strip.legend(handles=handles, fontsize=7, ncol=len(KINDS), loc="upper right", bbox_to_anchor=(1.0, -0.9))
+    handles = [_patch(KIND_COLORS[m.label], m.label) for m in Modality if (timeline.kinds == m).any()]
+    strip.legend(handles=handles, fontsize=7, ncol=len(Modality), loc="upper right", bbox_to_anchor=(1.0, -0.9))
     fig.subplots_adjust(left=0.06, right=0.94, top=0.9, bottom=0.28)
     fig.canvas.draw()
     image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())

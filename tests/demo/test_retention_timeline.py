@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from dbtrimkv import retention_timeline as rt
+from dbtrimkv.modality import Modality
 from dbtrimkv.recall.tasks import VideoRecallTask, video_example
 
 
@@ -41,7 +42,7 @@ def test_video_tokens_are_marked_and_each_frame_group_carries_its_time(pipe, vid
     cache = video_chat.cache
     ids = rt.conversation_tokens(cache)
     timeline = rt.build(cache, ids, pipe.tokenizer, cache.image_token_id, cache.video_token_id)
-    video = timeline.kinds == rt.KINDS.index("video")
+    video = timeline.kinds == Modality.VIDEO
     assert video.sum() == video_chat.stats.prompt_tokens["video"] == 8  # 16 frames, 2 per group, 1 token each
     times = [seconds for _, seconds in timeline.stamps]
     assert len(times) == 8 and times == sorted(times) and times[1] - times[0] == pytest.approx(1.0)  # 2 fps
@@ -52,10 +53,10 @@ def test_binning_keeps_a_single_kept_token_visible():
     heads = np.zeros((3, 10_000), dtype=np.int64)
     heads[1, 7_777] = 2
     kinds = np.zeros(10_000, dtype=np.int8)
-    kinds[5_000] = rt.KINDS.index("video")
+    kinds[5_000] = Modality.VIDEO
     binned, bin_kinds, edges = rt.binned(rt.Timeline(heads, kinds, [], 2), max_columns=100)
     assert binned.shape == (3, 100) and binned[1].max() == 2 and binned.sum() == 2 and edges[-1] == 10_000
-    assert bin_kinds.tolist().count(rt.KINDS.index("video")) == 1
+    assert bin_kinds.tolist().count(Modality.VIDEO) == 1
     small, _, _ = rt.binned(rt.Timeline(heads[:, :50], kinds[:50], [], 2), max_columns=100)
     assert small.shape == (3, 50)  # short conversations: one column per token
 
