@@ -108,6 +108,13 @@ def conversation_tokens(cache, batch_index: int = 0) -> torch.Tensor:
     return ids[batch_index][mask[batch_index].bool()]
 
 
+def fork_tokens(prefilled: torch.Tensor, cache, batch_index: int = 0) -> torch.Tensor:
+    """The token ids of a fork of a cache into which `prefilled` ids were prefilled (`prefill` does
+    not record ids, so the fork knows them as zeros; its `generate` recorded the rest)."""
+    known = conversation_tokens(cache, batch_index)
+    return torch.cat([prefilled.reshape(-1).cpu(), known[prefilled.numel():]])
+
+
 def _bins(length: int, max_columns: int) -> np.ndarray:
     """Bin edges over `length` tokens: one token per column if it fits, else `max_columns` bins."""
     return np.linspace(0, length, min(length, max_columns) + 1).round().astype(int)

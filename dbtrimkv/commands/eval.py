@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -78,6 +79,9 @@ def _add_long_video(sub) -> None:
     p.add_argument("--full-cache-cap-mb", type=float, default=16.0, metavar="MIB",
                    help="KV storage the full cache may use before it counts as out of memory (default: 16)")
     p.add_argument("--window-frames", type=int, default=16, help="frames per prefill window (default: 16)")
+    p.add_argument("--timeline-minutes", type=float, default=None, metavar="MIN",
+                   help="also draw the retention timeline of `global` on the first video of this length "
+                        "(one of --minutes) to OUTPUT-timeline.png")
     p.add_argument("--output", default="bench/long_video", help="output prefix: writes .json, .md and .png")
     add_model_args(p, default="the shipped tiny-recall model")
     p.set_defaults(func=run_long_video)
@@ -142,12 +146,18 @@ def run_long_video(args) -> int:
         raise ConfigError("--minutes and --fps must be > 0, --examples and --memory-size at least 1")
     if args.full_cache_cap_mb <= 0 or args.window_frames < 1:
         raise ConfigError("--full-cache-cap-mb must be > 0 and --window-frames at least 1")
+    if args.timeline_minutes is not None and (args.timeline_minutes not in args.minutes or "global" not in args.policies):
+        raise ConfigError("--timeline-minutes must be one of --minutes, with global among --policies")
     _log_to_stderr()
     spec = LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
                          memory_size=args.memory_size, full_cache_cap_mb=args.full_cache_cap_mb,
-                         window_frames=args.window_frames)
-    results = run(spec, args.model, device=args.device, dtype=args.dtype)
+                         window_frames=args.window_frames, timeline_minutes=args.timeline_minutes)
+    timeline = Path(f"{args.output}-timeline.png") if args.timeline_minutes is not None else None
+    if timeline is not None:
+        timeline.parent.mkdir(parents=True, exist_ok=True)
+    results = run(spec, args.model, device=args.device, dtype=args.dtype, timeline_path=timeline)
     paths = write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
+    paths += [timeline] if timeline is not None else []
     print("\n".join(str(p) for p in paths))
     return 0
 

@@ -121,17 +121,13 @@ def _plot(qa, encoded, answer, path: str, number: int | None) -> None:
     """The answering fork's timeline; the video's token ids come from the encoding (a cache keeps positions)."""
     from pathlib import Path
 
-    import torch
-
-    from ..retention_timeline import conversation_tokens, save
+    from ..retention_timeline import fork_tokens, save
 
     path = Path(path)
     if number is not None:
         path = path.with_name(f"{path.stem}-{number}{path.suffix}")
-    known = conversation_tokens(answer.cache)  # the video part is unknown (zeros) to the fork
-    ids = torch.cat([encoded.token_ids, known[encoded.token_ids.numel():]])
     cache = answer.cache
-    save(cache, ids, qa.processor.tokenizer, path,
+    save(cache, fork_tokens(encoded.token_ids, cache), qa.processor.tokenizer, path,
          title=f"retention timeline after: {answer.question!r} ({cache.config.policy}, budget {cache.budget} entries)")
     print(f"retention timeline: {path}", file=sys.stderr)
 

@@ -83,6 +83,7 @@ class LongVideoSpec:
     full_cache_cap_mb: float = 16.0
     window_frames: int = 16
     image_size: int = 32
+    timeline_minutes: float | None = None  # draw the retention timeline of `global` on seed 0 at this length
     max_new_tokens: int = 8  # `video:` and the digit (the tiny tokenizer spells words by character)
 
 
@@ -108,8 +109,9 @@ def parse_digit(text: str) -> str | None:
     return found.group(1) if found else None
 
 
-def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec) -> dict:
-    """Stream `video` through a fresh cache of `policy` (or the full cache) and answer the question."""
+def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec, timeline=None) -> dict:
+    """Stream `video` through a fresh cache of `policy` (or the full cache) and answer the question;
+    `timeline`: a PNG path for the retention timeline of the cache that answered."""
     if policy == FULL:
         config, cap = DBTrimKVConfig(), spec.full_cache_cap_mb * 2**20
     else:
@@ -132,6 +134,12 @@ def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec
     answer = ask(model, processor, encoded, VIDEO_QUESTION, max_new_tokens=spec.max_new_tokens)
     seconds = time.perf_counter() - start
     peak["rss"] = max(peak["rss"], rss_bytes())
+    if timeline is not None:
+        from ..retention_timeline import fork_tokens, save
+
+        save(answer.cache, fork_tokens(encoded.token_ids, answer.cache), processor.tokenizer, timeline,
+             title=f"retention timeline: {video.minutes:g} min video at {video.fps:g} fps, digit frame at "
+                   f"{video.needle / video.fps:.0f} s, answer {answer.text!r} ({policy}, M = {spec.memory_size})")
     return {"status": "ok", "answer": answer.text, "correct": parse_digit(answer.text) == video.digit,
             "kv_bytes": max(peak["kv"], encoded.cache.storage_bytes()), "peak_entries": encoded.cache.peak_entries[0],
             "prompt_tokens": sum(answer.stats.prompt_tokens.values()), "rss_bytes": peak["rss"], "seconds": seconds}
@@ -151,9 +159,11 @@ def _cell(minutes: float, policy: str, runs: list[dict], spec: LongVideoSpec) ->
 
 
 def run_long_video(spec: LongVideoSpec, model_name: str | None = None, device: str = "cpu",
-                   dtype: str | None = None) -> dict:
+                   dtype: str | None = None, timeline_path=None) -> dict:
     """Every (length, policy) on `spec.examples` videos; the full cache last at each length and not
-    at all once it ran out of memory (a longer video only adds tokens). Returns the results dict."""
+    at all once it ran out of memory (a longer video only adds tokens). Returns the results dict.
+    With `spec.timeline_minutes`, `global`'s retention timeline on seed 0 at that length goes to
+    `timeline_path`."""
     from ..checkpoints import gates_are_trained, load_model
     from ..loading import DEFAULT_MODEL
 
@@ -169,7 +179,8 @@ def run_long_video(spec: LongVideoSpec, model_name: str | None = None, device: s
                 continue
             runs = []
             for video in videos:
-                runs.append(run_one(model, processor, video, policy, spec))
+                draw = policy == "global" and video.seed == 0 and minutes == spec.timeline_minutes
+                runs.append(run_one(model, processor, video, policy, spec, timeline_path if draw else None))
                 if runs[-1]["status"] == OOM:
                     break
             cells.append(_cell(minutes, policy, runs, spec))

@@ -66,7 +66,8 @@ def test_the_command_writes_json_markdown_and_plots(tmp_path, monkeypatch):
 
     out = tmp_path / "lv"
     argv = ["eval", "long-video", "--minutes", "0.2", "0.5", "--examples", "1", "--policies", "global", "streaming",
-            "--memory-size", "8", "--window-frames", "8", "--full-cache-cap-mb", "0.3", "--output", str(out)]
+            "--memory-size", "8", "--window-frames", "8", "--full-cache-cap-mb", "0.3", "--output", str(out),
+            "--timeline-minutes", "0.5"]
     monkeypatch.setattr(sys, "argv", ["dbtrimkv", *argv])
     assert main(argv) == 0
     data = json.loads(out.with_suffix(".json").read_text())
@@ -79,6 +80,7 @@ def test_the_command_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     from PIL import Image
 
     assert Image.open(out.with_suffix(".png")).size[0] > 800
+    assert Image.open(tmp_path / "lv-timeline.png").format == "PNG"
 
 
 def test_bad_arguments_are_one_clear_error(capsys):
