@@ -1,0 +1,85 @@
+"""`KVViews`: contiguous per-layer copies of the cached K/V, for attention on CPU.
+
+Why: the slot pool scatters a segment's rows, so attending through the slot tables means
+gathering every kept row again at every decode step, although they only change when an eviction
+does. The views hold, for every layer, the cached entries of each (sequence, KV head) as the first
+`length[l, b, h]` rows of `k[l, b, h]` / `v[l, b, h]` (in table order, i.e. position order), plus
+an additive validity bias for SDPA. They are rebuilt from the pool (one gather for all layers)
+only when they are stale: after an eviction or a multi-token forward (whose new rows the views do
+not mirror), or when a decode step finds no spare column. A decode step writes its new rows into
+the pool and the views alike.
+
+Memory: `L * B * H * (longest segment + headroom)` entries, where headroom is
+`max(buffer_size, longest // 8)`, freed and rebuilt rather than grown. With a budget this is about
+the kept entries (plus the padding of ragged segments); with a budget that holds everything it is
+a second copy of the cache. The slot pool stays the source of truth (policies, eviction, clones
+and the GPU kernels read it); the views are derived state, dropped by `invalidate()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .view_attention import validity_bias
+
+
+class KVViews:
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.k: torch.Tensor | None = None  # [L, B, H, C, D]
+        self.v: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None  # [L, B, H, 1, C], 0 valid / dtype min
+        self.length: torch.Tensor | None = None  # [L, B, H] int64 rows in use
+        self.spare = 0  # columns every segment still has free (host count, no device read)
+        self._append_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def stale(self) -> bool:
+        return self.k is None
+
+    def invalidate(self) -> None:
+        """Drop the views (after an eviction, or a forward whose new rows they do not hold)."""
+        self.k = self.v = self.bias = self.length = None
+        self.spare = 0
+        self._append_at = None
+
+    def storage_bytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    def rebuild(self, pool, slots: torch.Tensor, valid: torch.Tensor, headroom: int) -> None:
+        """Copy the entries `slots[l, b, h, :n]` (padded `[L, B, H, n]`, `valid` marks real ones) out of
+        the pool, leaving `headroom` spare columns (at least n // 8) for decode steps."""
+        self.invalidate()
+        num_layers, batch, heads, used = slots.shape
+        spare = max(headroom, used // 8, 1)
+        columns = used + spare
+        dim = pool.k.shape[1]
+        make = pool.k.new_empty if used else pool.k.new_zeros
+        self.k = make(num_layers, batch, heads, columns, dim)
+        self.v = make(num_layers, batch, heads, columns, dim)
+        if used:  # one pass per tensor; padding columns copy some pool row (finite), the bias hides them
+            index = torch.nn.functional.pad(slots, (0, spare)).flatten()
+            torch.index_select(pool.k, 0, index, out=self.k.view(-1, dim))
+            torch.index_select(pool.v, 0, index, out=self.v.view(-1, dim))
+        self.length = valid.sum(-1)
+        self.bias = validity_bias(self.length, columns, pool.k.dtype)
+        self.spare = spare
+
+    def plan_append(self, token_batch: torch.Tensor) -> None:
+        """A decode forward adds one row to the segments of the sequences `token_batch` `[N]` in every
+        layer: reserve their columns and mark them valid now (each layer writes its rows in `append`)."""
+        heads = self.length.shape[2]
+        rows = token_batch[:, None].expand(-1, heads)
+        head = torch.arange(heads, device=rows.device)[None, :].expand_as(rows)
+        column = self.length[:, token_batch, :]  # [L, N, H]
+        layer = torch.arange(self.num_layers, device=rows.device)[:, None, None].expand_as(column)
+        self.bias[layer, rows.expand_as(column), head.expand_as(column), 0, column] = 0
+        self.length[:, token_batch, :] += 1
+        self.spare -= 1
+        self._append_at = (rows, head, column)
+
+    def append(self, layer: int, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
+        """Write this decode step's rows `[N, H, D]` of one layer into the columns `plan_append` reserved."""
+        rows, head, column = self._append_at
+        self.k[layer][rows, head, column[layer]] = k_rows.to(self.k.dtype)
+        self.v[layer][rows, head, column[layer]] = v_rows.to(self.v.dtype)
