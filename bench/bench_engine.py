@@ -1,25 +1,37 @@
-"""Engine benchmark: decode ms/token and KV bytes at long contexts, HF full cache vs DBTrimKVCache.
+"""Engine benchmark: prefill and decode at 1k-32k tokens, DBTrimKVCache against transformers' caches.
 
-Model: a random Qwen3-VL-shaped text decoder big enough that attention matters (default: 8 layers,
-hidden 1024, 16 query / 8 KV heads, head_dim 128), batch 1. For each context length the caches are
-filled with random K/V (through the real append path of each cache: `DynamicCache.update`, and the
-retention hooks' `stage` + `update` in prefill-sized chunks, evicting as the engine does), then the
-model decodes `--steps` tokens and we time each step. Also timed: one eviction at the fixed budget.
+Model: a random Qwen3-shaped text decoder (default 8 layers, hidden 1024, 16 query / 8 KV heads,
+head_dim 128, float32), batch 1, the same weights in a plain copy and in a copy with rg10 gates.
+Every row is measured in this one run (decode rows interleaved step by step), so the ratios compare
+like with like on a noisy machine. Pin it to one core: `taskset -c 1` and `OMP_NUM_THREADS=1`.
 
-Rows (one run, so ratios are meaningful on a noisy machine):
-- hf-full:      transformers DynamicCache + sdpa (what the engine replaces)
-- ours-full:    DBTrimKVCache with a budget that holds everything (target: <= 1.5x hf-full per step)
-- ours-M{M}:    DBTrimKVCache at a fixed budget of M entries per head (targets: 16k within 1.2x of 1k,
-                KV bytes at 16k <= the stated bound budget + L*H*max(buffer, chunk) entries)
+Prefill of a random `context`-token prompt (seconds; peak RSS above the RSS before the call):
+- hf-dynamic:   plain model, one forward over the prompt into a `DynamicCache` (`logits_to_keep=1`,
+                what `generate` does); up to `--hf-prefill-max` tokens (it is quadratic)
+- hf-static:    the same into a `StaticCache`; up to `--extra-prefill-max`
+- gated-dynamic: the gated model (gates run, nothing evicted) into a `DynamicCache`; up to
+                `--extra-prefill-max`: the cost of the gates alone
+- ours-M:       `dbtrimkv.generation.prefill` in `--prefill-chunk` chunks at M entries per head,
+                evicting before each chunk (the real path), at every context
+Decode (ms per token, mean over the steps after 2 warm-up steps):
+- ours-M:       continues the cache the prefill left, `--decode-steps` steps (>= buffer_size, so the
+                mean includes the evictions)
+- dense-M:      the limit of this design: the gated model over a plain contiguous `DynamicCache`
+                that starts with M entries per head and grows like ours (same mean size)
+- ours-full / hf-dynamic / hf-static: budget >= length: a `DBTrimKVCache` holding everything and
+                transformers' caches, filled with `context` random entries through their own append
+                paths, `--full-steps` steps, up to `--full-max` tokens
 
-    python bench/bench_engine.py --out bench/results/engine_cpu.json
+    OMP_NUM_THREADS=1 taskset -c 1 python bench/bench_engine.py --out bench/results/engine_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -27,13 +39,17 @@ from pathlib import Path
 import torch
 
 import dbtrimkv  # first: on CPU-only torch it makes torchvision (and so transformers' models) importable
-from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache  # noqa: E402
+from dbtrimkv.generation import prefill  # noqa: E402
 from dbtrimkv.transformers_compat import cache_kwargs  # noqa: E402
 
+WARMUP = 2
+MIB = 1 << 20
 
-def build_model(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, dtype, device):
+
+def build_models(layers: int, hidden: int, dtype, device):
     config = Qwen3Config(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                          max_position_embeddings=1 << 17)
     torch.manual_seed(0)
     plain = Qwen3ForCausalLM(config).to(device=device, dtype=dtype).eval()
@@ -43,22 +59,42 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: i
     return plain, gated
 
 
-def fill_dynamic(config, context: int, dtype, device) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    shape = (1, config.num_key_value_heads, context, config.head_dim)
+# --- memory ----------------------------------------------------------------------------------------
+def _status(field: str) -> int:
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def rss() -> int:
+    return _status("VmRSS")
+
+
+def reset_peak() -> None:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak() -> int:
+    return _status("VmHWM")
+
+
+# --- caches ----------------------------------------------------------------------------------------
+def random_fill(cache, config, tokens: int, dtype, device, gen: torch.Generator):
+    """Append `tokens` random K/V entries per layer and head through the cache's own `update`."""
+    shape = (1, config.num_key_value_heads, tokens, config.head_dim)
     for layer in range(config.num_hidden_layers):
-        cache.update(torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device),
-                     layer)
+        k = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        cache.update(k, torch.randn(shape, generator=gen).to(device=device, dtype=dtype), layer)
     return cache
 
 
-def fill_retention(model, config, context: int, eviction: dbtrimkv.DBTrimKVConfig, dtype, device):
-    """Append `context` random tokens chunk by chunk through the cache's own staging/append path."""
+def retention_fill(model, config, tokens: int, eviction, dtype, device, gen: torch.Generator):
+    """A DBTrimKVCache with `tokens` random entries per layer and head, through its staging/append path."""
     cache = dbtrimkv.DBTrimKVCache(model, eviction)
-    gen = torch.Generator(device="cpu").manual_seed(1)
     heads, dim = config.num_key_value_heads, config.head_dim
-    for start in range(0, context, eviction.prefill_chunk):
-        n = min(eviction.prefill_chunk, context - start)
+    for start in range(0, tokens, eviction.prefill_chunk):
+        n = min(eviction.prefill_chunk, tokens - start)
         for layer in range(config.num_hidden_layers):
             log_beta = torch.nn.functional.logsigmoid(torch.randn(1, n, heads, generator=gen) * 2 + 4).to(device)
             cache.stage(layer, log_beta, None, dtype)
@@ -67,25 +103,48 @@ def fill_retention(model, config, context: int, eviction: dbtrimkv.DBTrimKVConfi
     return cache
 
 
-def time_decode(model, cache, context: int, steps: int, device) -> list[float]:
-    times = []
+# --- timing ----------------------------------------------------------------------------------------
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_prefill(run, device) -> tuple[float, int, object]:
+    """(seconds, peak RSS above the RSS before the call, result) of `run()`."""
+    reset_peak()
+    before = rss()
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        result = run()
+    _sync(device)
+    return time.perf_counter() - start, peak() - before, result
+
+
+def decode_interleaved(runners: dict, steps: int, device) -> dict[str, float]:
+    """Mean ms per decode step of each runner `name -> (model, cache, next position)`, one step of each
+    in turn (so load from other processes hits them alike); the first WARMUP steps are not counted."""
+    times = {name: [] for name in runners}
+    position = {name: start for name, (_, _, start) in runners.items()}
     token = torch.tensor([[7]], device=device)
     with torch.inference_mode():
-        for step in range(steps + 2):
-            position = torch.tensor([[context + step]], device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(input_ids=token, position_ids=position, use_cache=True, **cache_kwargs(cache))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000)
-    return times[2:]  # drop warm-up steps
+        for step in range(steps + WARMUP):
+            for name, (model, cache, _) in runners.items():
+                ids = torch.tensor([[position[name]]], device=device)
+                _sync(device)
+                start = time.perf_counter()
+                model(input_ids=token, position_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+                _sync(device)
+                if step >= WARMUP:
+                    times[name].append((time.perf_counter() - start) * 1000)
+                position[name] += 1
+    return {name: statistics.fmean(t) for name, t in times.items()}
 
 
 def time_eviction(model, config, eviction, dtype, device, repeats: int = 5) -> float:
-    """ms for one eviction of L*H*buffer entries from a cache at budget + L*H*buffer entries."""
-    cache = fill_retention(model, config, 4096, eviction, dtype, device)
+    """ms of one eviction of L*H*buffer entries from a cache at budget + L*H*buffer entries."""
+    gen = torch.Generator().manual_seed(3)
+    cache = retention_fill(model, config, 4096, eviction, dtype, device, gen)
     heads, dim = config.num_key_value_heads, config.head_dim
     times = []
     for _ in range(repeats):
@@ -94,23 +153,83 @@ def time_eviction(model, config, eviction, dtype, device, repeats: int = 5) -> f
             cache.stage(layer, torch.zeros(1, n, heads, device=device) - 0.1, None, dtype)
             k = torch.randn(1, heads, n, dim, device=device, dtype=dtype)
             cache.update(k, k, layer)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         cache.evict()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
 
+# --- one context -----------------------------------------------------------------------------------
+def measure_context(args, context: int, plain, gated, fixed, dtype, device) -> dict:
+    config = plain.config
+    gen = torch.Generator().manual_seed(context)
+    ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(device)
+    row: dict = dict(context=context)
+
+    def hf_prefill(model, cache):
+        return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+
+    if context <= args.hf_prefill_max:
+        row["hf_dynamic_prefill_s"], row["hf_dynamic_prefill_peak_bytes"], _ = timed_prefill(
+            hf_prefill(plain, DynamicCache(config=config)), device)
+    if context <= args.extra_prefill_max:
+        static = StaticCache(config=config, max_cache_len=context)
+        row["hf_static_prefill_s"], row["hf_static_prefill_peak_bytes"], _ = timed_prefill(
+            hf_prefill(plain, static), device)
+        del static
+        row["gated_dynamic_prefill_s"], row["gated_dynamic_prefill_peak_bytes"], _ = timed_prefill(
+            hf_prefill(gated, DynamicCache(config=config)), device)
+    gc.collect()
+    ours = dbtrimkv.DBTrimKVCache(gated, fixed)
+    row["ours_prefill_s"], row["ours_prefill_peak_bytes"], _ = timed_prefill(
+        lambda: prefill(gated, {"input_ids": ids}, ours, chunk=args.prefill_chunk), device)
+    print(json.dumps(row), flush=True)
+
+    # decode at the fixed budget vs the dense cache of the same size (the limit)
+    dense = random_fill(DynamicCache(config=config), config, args.memory_size, dtype, device, gen)
+    decode = decode_interleaved({"ours": (gated, ours, context), "dense": (gated, dense, args.memory_size)},
+                                args.decode_steps, device)
+    row.update(ours_decode_ms=decode["ours"], dense_decode_ms=decode["dense"],
+               ours_kv_bytes=ours.storage_bytes(), ours_views_bytes=ours.views_bytes(),
+               ours_peak_entries=max(ours.peak_entries), evictions=ours.num_evictions)
+    del ours, dense
+    gc.collect()
+
+    # budget >= length: everything cached
+    if context <= args.full_max:
+        total = context + args.full_steps + WARMUP
+        runners = {
+            "hf_dynamic": (plain, random_fill(DynamicCache(config=config), config, context, dtype, device, gen), context),
+            "hf_static": (plain, random_fill(StaticCache(config=config, max_cache_len=total), config, context, dtype,
+                                             device, gen), context),
+            "ours_full": (gated, retention_fill(gated, config, context, fixed.replace(budget=None, memory_size=None),
+                                                dtype, device, gen), context),
+        }
+        decode = decode_interleaved(runners, args.full_steps, device)
+        row.update({f"{name}_decode_ms": ms for name, ms in decode.items()})
+        row["ours_full_kv_bytes"] = runners["ours_full"][1].storage_bytes()
+        row["ours_full_views_bytes"] = runners["ours_full"][1].views_bytes()
+        row["hf_dynamic_kv_bytes"] = sum(l.keys.numel() + l.values.numel() for l in runners["hf_dynamic"][1].layers) \
+            * runners["hf_dynamic"][1].layers[0].keys.element_size()
+        del runners
+        gc.collect()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--memory-size", type=int, default=128)
     parser.add_argument("--buffer-size", type=int, default=32)
-    parser.add_argument("--prefill-chunk", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--full-steps", type=int, default=6)
+    parser.add_argument("--hf-prefill-max", type=int, default=16384)
+    parser.add_argument("--extra-prefill-max", type=int, default=4096)
+    parser.add_argument("--full-max", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,76 +237,84 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/engine.json")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.set_num_threads(torch.get_num_threads())
-    plain, gated = build_model(args.layers, args.hidden, 16, 8, 128, dtype, device)
+    started = time.perf_counter()
+    plain, gated = build_models(args.layers, args.hidden, dtype, device)
     config = plain.config
     lh = config.num_hidden_layers * config.num_key_value_heads
     entry_bytes = 2 * config.head_dim * torch.empty(0, dtype=dtype).element_size()
     fixed = dbtrimkv.DBTrimKVConfig(memory_size=args.memory_size, buffer_size=args.buffer_size,
                                     prefill_chunk=args.prefill_chunk)
-    bound_entries = fixed.resolve_budget(config.num_hidden_layers, config.num_key_value_heads) + lh * max(
-        args.buffer_size, args.prefill_chunk)
-    rows = []
-    for context in args.contexts:
-        hf = fill_dynamic(config, context, dtype, device)
-        hf_ms = time_decode(plain, hf, context, args.steps, device)
-        hf_bytes = sum(l.keys.numel() + l.values.numel() for l in hf.layers) * hf.layers[0].keys.element_size()
-        del hf
-        full = fill_retention(gated, config, context, fixed.replace(budget=None, memory_size=None), dtype, device)
-        full_ms = time_decode(gated, full, context, args.steps, device)
-        full_bytes = full.storage_bytes()
-        del full
-        ours = fill_retention(gated, config, context, fixed, dtype, device)
-        ours_ms = time_decode(gated, ours, context, args.steps, device)
-        rows.append(dict(
-            context=context, hf_full_ms=statistics.median(hf_ms), ours_full_ms=statistics.median(full_ms),
-            ours_fixed_ms=statistics.median(ours_ms), hf_full_kv_bytes=hf_bytes, ours_full_kv_bytes=full_bytes,
-            ours_fixed_kv_bytes=ours.storage_bytes(), ours_fixed_peak_entries=max(ours.peak_entries),
-            bound_entries=bound_entries, bound_bytes=bound_entries * entry_bytes,
-        ))
-        del ours
-        print(json.dumps(rows[-1]), flush=True)
-    eviction_ms = time_eviction(gated, config, fixed, dtype, device)
-    first, last = rows[0], rows[-1]
+    budget = fixed.resolve_budget(config.num_hidden_layers, config.num_key_value_heads)
+    bound_entries = budget + lh * max(args.buffer_size, args.prefill_chunk)
+    model_bytes = sum(p.numel() * p.element_size() for p in gated.parameters())
+    rows = [measure_context(args, context, plain, gated, fixed, dtype, device) for context in args.contexts]
     result = dict(
         device=str(device), device_name=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        threads=torch.get_num_threads(), dtype=args.dtype, torch=torch.__version__, model=dict(
-            layers=args.layers, hidden=args.hidden, heads=16, kv_heads=8, head_dim=128),
-        memory_size=args.memory_size, buffer_size=args.buffer_size, prefill_chunk=args.prefill_chunk, rows=rows,
-        eviction_ms=eviction_ms,
-        checks=dict(
-            full_vs_hf_max_ratio=max(r["ours_full_ms"] / r["hf_full_ms"] for r in rows),
-            fixed_longest_vs_shortest=last["ours_fixed_ms"] / first["ours_fixed_ms"],
-            fixed_bytes_within_bound=all(r["ours_fixed_kv_bytes"] <= r["bound_bytes"] for r in rows),
-        ),
+        threads=torch.get_num_threads(), dtype=args.dtype, torch=torch.__version__,
+        model=dict(layers=args.layers, hidden=args.hidden, heads=16, kv_heads=8, head_dim=128),
+        gated_model_bytes=model_bytes, memory_size=args.memory_size, buffer_size=args.buffer_size,
+        prefill_chunk=args.prefill_chunk, budget_entries=budget, bound_entries=bound_entries,
+        bound_bytes=bound_entries * entry_bytes, decode_steps=args.decode_steps, full_steps=args.full_steps,
+        rows=rows, eviction_ms=time_eviction(gated, config, fixed, dtype, device),
+        seconds=time.perf_counter() - started,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
+    table_text = table(result)
+    Path(args.out).with_suffix(".md").write_text(table_text + "\n")
+    print(table_text)
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "-"
 
 
 def table(result: dict) -> str:
-    mib = 1 / (1 << 20)
+    rows = result["rows"]
     lines = [
-        f"device {result['device']} ({result['device_name']}), {result['dtype']}, {result['threads']} threads; "
-        f"M={result['memory_size']}, buffer {result['buffer_size']}, chunk {result['prefill_chunk']}",
+        f"device {result['device']} ({result['device_name'] or 'cpu'}), {result['dtype']}, {result['threads']} "
+        f"thread(s); M={result['memory_size']} (budget {result['budget_entries']} entries), buffer "
+        f"{result['buffer_size']}, chunk {result['prefill_chunk']}; {result['seconds'] / 60:.1f} min",
         "",
-        "| context | hf full ms/tok | ours full ms/tok | ratio | ours M ms/tok | hf KV MiB | ours M KV MiB | bound MiB |",
+        "Prefill, seconds (ratio = ours / hf-dynamic plain model; peak = RSS above the RSS before the call)",
+        "",
+        "| context | hf-dynamic | hf-static | gated-dynamic | ours-M | ours / hf-dynamic | ours peak MiB | "
+        "hf-dynamic peak MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
+    for r in rows:
         lines.append(
-            f"| {r['context']} | {r['hf_full_ms']:.1f} | {r['ours_full_ms']:.1f} | "
-            f"{r['ours_full_ms'] / r['hf_full_ms']:.2f} | {r['ours_fixed_ms']:.1f} | {r['hf_full_kv_bytes'] * mib:.1f} | "
-            f"{r['ours_fixed_kv_bytes'] * mib:.1f} | {r['bound_bytes'] * mib:.1f} |"
+            f"| {r['context']} | {_num(r.get('hf_dynamic_prefill_s'), '.2f')} | {_num(r.get('hf_static_prefill_s'), '.2f')} | "
+            f"{_num(r.get('gated_dynamic_prefill_s'), '.2f')} | {r['ours_prefill_s']:.2f} | "
+            f"{_ratio(r['ours_prefill_s'], r.get('hf_dynamic_prefill_s'))} | {r['ours_prefill_peak_bytes'] / MIB:.0f} | "
+            f"{_num(r.get('hf_dynamic_prefill_peak_bytes', 0) / MIB if 'hf_dynamic_prefill_peak_bytes' in r else None, '.0f')} |"
         )
-    c = result["checks"]
     lines += [
         "",
-        f"one eviction (L*H*buffer entries out of budget + L*H*buffer): {result['eviction_ms']:.1f} ms",
-        f"ours-full / hf-full (max over contexts): {c['full_vs_hf_max_ratio']:.2f} (target <= 1.5)",
-        f"ours-M at longest / shortest context: {c['fixed_longest_vs_shortest']:.2f} (target <= 1.2)",
-        f"KV bytes within the stated bound at every context: {c['fixed_bytes_within_bound']}",
+        f"Decode, ms per token (fixed budget: mean of {result['decode_steps']} steps; budget >= length: "
+        f"{result['full_steps']} steps)",
+        "",
+        "| context | ours-M | dense-M | ours-M / dense-M | ours-full | hf-dynamic | hf-static | ours-full / hf-dynamic | "
+        "ours-full / hf-static | ours-M KV+views MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['context']} | {r['ours_decode_ms']:.1f} | {r['dense_decode_ms']:.1f} | "
+            f"{_ratio(r['ours_decode_ms'], r['dense_decode_ms'])} | {_num(r.get('ours_full_decode_ms'), '.1f')} | "
+            f"{_num(r.get('hf_dynamic_decode_ms'), '.1f')} | {_num(r.get('hf_static_decode_ms'), '.1f')} | "
+            f"{_ratio(r.get('ours_full_decode_ms'), r.get('hf_dynamic_decode_ms'))} | "
+            f"{_ratio(r.get('ours_full_decode_ms'), r.get('hf_static_decode_ms'))} | "
+            f"{(r['ours_kv_bytes'] + r['ours_views_bytes']) / MIB:.0f} |"
+        )
+    lines += [
+        "",
+        f"KV bound (budget + L*H*max(buffer, chunk) entries): {result['bound_bytes'] / MIB:.0f} MiB; "
+        f"model {result['gated_model_bytes'] / MIB:.0f} MiB; one eviction: {result['eviction_ms']:.1f} ms",
     ]
     return "\n".join(lines)
 
