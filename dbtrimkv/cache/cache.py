@@ -12,8 +12,13 @@ Bookkeeping per forward of the language model (driven by the hooks in `dbtrimkv.
 1. before layer 0: read which new tokens are padding, give the real ones logical positions
    (`seen[b] + 0, 1, ...`), and if appending them would push sequence b past
    `budget + L*H*max(buffer_size, n_b)` entries, evict b down to `budget` first (scores use the
-   tokens seen so far, exactly as an eviction at the end of the previous forward would);
-2. each layer appends its new K/V (padding never cached) and attends through the tables.
+   tokens seen so far, exactly as an eviction at the end of the previous forward would); then, for
+   every layer at once, take the new entries' slots, write their positions and modality and append
+   them to the slot tables (no per-layer bookkeeping, no host reads after this point);
+2. each layer writes its new K/V and log beta into those slots (padding never cached) and attends:
+   on CUDA through the slot tables (Triton kernels), on CPU over `KVViews`, contiguous per-layer
+   copies of the cached K/V that only an eviction or a multi-token forward makes stale
+   (`view_attention.py`: the cached entries need no causal mask, only the new tokens do).
 So a sequence never holds more than `budget + L*H*max(buffer_size, n)` entries, n = tokens of
 the current forward (1 when decoding, the chunk size when prefilling in chunks).
 
@@ -29,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..kernels import ragged_attention
+from ..kernels.dispatch import backend_for
 from ..modality import MODALITY_NAMES, Modality
 from ..policies import get_policy
 from ..transformers_compat import integration_error
@@ -36,6 +42,8 @@ from .forward_plan import ForwardPlan
 from .pool import SlotPool
 from .requests import RequestTable
 from .tables import SlotTables
+from .view_attention import attend_view, attend_view_and_new
+from .views import KVViews
 
 
 class RetentionCacheLayer(CacheLayerMixin):
@@ -103,6 +111,11 @@ class DBTrimKVCache(Cache):
         self.evicted_entries = 0
         self.policy_scores: torch.Tensor | None = None  # per-slot scores a baseline policy keeps between calls
         self.plan: ForwardPlan | None = None  # the current (or last) forward's token layout
+        self._slots: torch.Tensor | None = None  # [L, N, H] pool slots of this forward's new entries
+        self._padded = False  # some column of this forward is padding
+        self.views: KVViews | None = KVViews(self.num_layers)  # CPU attention path; None when kernels read the pool
+        self._views_outdated = False  # the last forward added rows the views do not hold
+        self._new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # multi-token forwards: this layer's K/V
         self._pending_modality = None
         self._staged: dict[int, torch.Tensor] = {}
         self._token_ids: torch.Tensor | None = None  # ids known to the generation helper
@@ -138,6 +151,8 @@ class DBTrimKVCache(Cache):
         self.device = device
         self.pool = SlotPool(self.head_dim, dtype, device)
         self.tables = SlotTables(len(self.requests) * self.segments_per_sequence, device)
+        if device.type != "cpu" or backend_for(self.pool.k) != "torch":
+            self.views = None  # CUDA / Triton: the ragged kernels read the slot pool in place
         for layer in self.layers:
             layer.is_initialized = True
 
@@ -172,6 +187,8 @@ class DBTrimKVCache(Cache):
         if self._staged:
             raise RuntimeError(f"cannot {action} in the middle of a forward")
         self.plan = None
+        if self.views is not None:
+            self.views.invalidate()
 
     # --- hooks --------------------------------------------------------------------------------
     def note_input_ids(self, input_ids: torch.Tensor) -> None:
@@ -217,6 +234,46 @@ class DBTrimKVCache(Cache):
                             headroom=max(self.config.buffer_size, max(counts, default=0)))
         self.requests.record_forward(counts, lh)
         self.columns += length
+        self._padded = any(n != length for n in counts)
+        if self.views is not None:
+            self._prepare_views(decode=length == 1)
+        self._place_new_entries()
+
+    def _place_new_entries(self) -> None:
+        """Once per forward, for every layer at once: take the new entries' slots, write their positions
+        and modality, and append them to the slot tables; each layer's `update` then writes only K/V."""
+        plan, layers, heads = self.plan, self.num_layers, self.num_kv_heads
+        n_tok = plan.token_batch.numel()
+        self._slots = None
+        if not n_tok:
+            return
+        slots = self.pool.pop(layers * n_tok * heads).view(layers, n_tok, heads)
+        shape = slots.shape
+        self.pool.write_positions(slots.flatten(), plan.token_position[None, :, None].expand(shape).flatten(),
+                                  plan.token_modality[None, :, None].expand(shape).flatten())
+        layer = torch.arange(layers, device=self.device)[:, None, None]
+        segments = (plan.token_batch[None, :, None] * layers + layer) * heads + torch.arange(heads, device=self.device)
+        counts = plan.new_tokens.repeat_interleave(self.segments_per_sequence)
+        self.tables.append(segments.flatten(), plan.token_rank[None, :, None].expand(shape).flatten(),
+                           slots.flatten(), counts)
+        self._slots = slots
+
+    def _prepare_views(self, decode: bool) -> None:
+        """Rebuild the views from the slot tables (before this forward appends) if they miss entries; a
+        decode step then reserves its new column in every layer's view."""
+        views = self.views
+        if views.stale or self._views_outdated or (decode and views.spare < 1):
+            segments = torch.arange(self.tables.num_segments, device=self.device).view(
+                len(self.requests), self.num_layers, self.num_kv_heads).transpose(0, 1)
+            slots, valid = self.tables.padded_slots(segments)
+            views.rebuild(self.pool, slots, valid, headroom=self.config.buffer_size)
+        self._views_outdated = not decode  # a multi-token forward's rows are not mirrored
+        if decode and self.plan.token_batch.numel():
+            views.plan_append(self.plan.token_batch)
+
+    def views_bytes(self) -> int:
+        """Bytes of the CPU attention views (0 where the kernels read the pool in place)."""
+        return self.views.storage_bytes() if self.views is not None else 0
 
     def _bound(self, n: int) -> int | None:
         """Most entries a sequence may hold during a forward that adds n tokens."""
@@ -251,6 +308,8 @@ class DBTrimKVCache(Cache):
         sequences = list(range(len(self.requests))) if sequences is None else list(sequences)
         evicted = self.policy.evict(self, sequences)
         self.pool.released(evicted)
+        if self.views is not None:
+            self.views.invalidate()
         # every row is re-read from the tables: a policy may also drop entries of sequences not listed
         self.requests.record_eviction(sequences, self.tables.lengths_per_sequence(self.segments_per_sequence))
         self.num_evictions += 1
@@ -290,28 +349,45 @@ class DBTrimKVCache(Cache):
             )
         plan = self.plan
         log_beta = self._staged.pop(layer_idx)
-        tok_b, tok_j = plan.token_batch, plan.token_column
-        n_tok, heads = tok_b.numel(), self.num_kv_heads
-        if n_tok:
-            slots = self.pool.pop(n_tok * heads).view(n_tok, heads)
-            self.pool.write(
-                slots, key_states[tok_b, :, tok_j], value_states[tok_b, :, tok_j], log_beta[tok_b, tok_j],
-                plan.token_position[:, None].expand(n_tok, heads), plan.token_modality[:, None].expand(n_tok, heads),
-            )
-            segments = ((tok_b * self.num_layers + layer_idx) * heads)[:, None] + torch.arange(heads, device=self.device)
-            counts = torch.zeros(self.tables.num_segments, dtype=torch.int64, device=self.device)
-            counts.view(len(self.requests), self.num_layers, heads)[:, layer_idx, :] = plan.new_tokens[:, None]
-            self.tables.append(segments.flatten(), plan.token_rank[:, None].expand(n_tok, heads).flatten(),
-                               slots.flatten(), counts)
+        if self._slots is not None:
+            slots = self._slots[layer_idx].flatten()
+            if self._padded:
+                tok_b, tok_j = plan.token_batch, plan.token_column
+                k_rows, v_rows, beta_rows = key_states[tok_b, :, tok_j], value_states[tok_b, :, tok_j], log_beta[tok_b, tok_j]
+            else:  # every column is a real token: (row, column) order is a reshape
+                batch, heads, length, dim = key_states.shape
+                k_rows = key_states.transpose(1, 2).reshape(batch * length, heads, dim)
+                v_rows = value_states.transpose(1, 2).reshape(batch * length, heads, dim)
+                beta_rows = log_beta
+            self.pool.write_rows(slots, k_rows.reshape(slots.numel(), -1), v_rows.reshape(slots.numel(), -1),
+                                 beta_rows.reshape(-1))
+            if self.views is not None and key_states.shape[2] == 1:
+                self.views.append(layer_idx, k_rows, v_rows)
+        if self.views is not None and key_states.shape[2] > 1:
+            self._new_kv[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this forward's queries `[B, Hq, T, D]` over the layer's cached entries.
         (`plan.query_positions` gives their logical positions, -1 for padding.)"""
         self.policy.observe_attention(self, layer_idx, query)
+        if self.views is not None:
+            return self._attend_views(layer_idx, query, scale)
         t = self.tables
         return ragged_attention(query, self.plan.query_positions, self.pool.k, self.pool.v, self.pool.pos,
                                 t.table, t.seg_start, t.seg_len, layer_idx, self.num_layers, scale)
+
+    def _attend_views(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """CPU path: attention over the layer's contiguous view plus this forward's own K/V."""
+        views, dtype = self.views, query.dtype
+        q_valid = self.plan.query_positions >= 0 if self._padded else None
+        k, v, bias = views.k[layer_idx].to(dtype), views.v[layer_idx].to(dtype), views.bias[layer_idx].to(dtype)
+        if query.shape[2] == 1:  # decode: the new token is in the view already
+            return attend_view(query, q_valid, k, v, bias, scale)
+        k_new, v_new = self._new_kv.pop(layer_idx)
+        pool_dtype = self.pool.dtype  # attend to exactly what the pool stores
+        return attend_view_and_new(query, q_valid, k, v, bias, k_new.to(pool_dtype).to(dtype),
+                                   v_new.to(pool_dtype).to(dtype), scale)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.columns
@@ -399,4 +475,7 @@ class DBTrimKVCache(Cache):
         if self.policy_scores is not None:
             other.policy_scores = self.policy_scores.clone()
         other._staged, other.plan, other._pending_modality = {}, None, None
+        other._new_kv, other._slots = {}, None
+        if self.views is not None:
+            other.views = KVViews(self.num_layers)  # rebuilt from the cloned pool on its next forward
         return other

@@ -29,12 +29,15 @@ class SlotPool:
         return 2 * self.capacity * self.head_dim * self.k.element_size()
 
     def ensure_free(self, needed: int, limit: int | None) -> None:
-        """Grow (by at least half) so that `needed` slots are free; capacity never exceeds `limit`."""
+        """Grow (by at least half, or straight to `limit` when that is under twice what is needed) so that
+        `needed` slots are free; capacity never exceeds `limit`."""
         if needed <= self.num_free:
             return
         want = self.capacity - self.num_free + needed
         new_capacity = max(want, self.capacity + self.capacity // 2)
         if limit is not None:
+            if limit <= 2 * want:  # most of the bound is needed now: take all of it, never copy again
+                new_capacity = limit
             new_capacity = min(new_capacity, max(limit, want))
         self._grow(new_capacity)
 
@@ -75,12 +78,16 @@ class SlotPool:
         self.num_free += count
         self.free_top.fill_(self.num_free)
 
-    def write(self, slots, k, v, log_beta, pos, modality) -> None:
-        self.k[slots] = k.to(self.dtype)
-        self.v[slots] = v.to(self.dtype)
-        self.log_beta[slots] = log_beta.to(torch.float32)
-        self.pos[slots] = pos.to(torch.int32)
-        self.modality[slots] = modality.to(torch.int8)
+    def write_positions(self, slots: torch.Tensor, pos: torch.Tensor, modality: torch.Tensor) -> None:
+        """Logical positions and modality codes `[n]` of new entries at the flat slot ids `slots` `[n]`."""
+        self.pos.index_copy_(0, slots, pos.to(torch.int32))
+        self.modality.index_copy_(0, slots, modality.to(torch.int8))
+
+    def write_rows(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor) -> None:
+        """K, V `[n, D]` and log beta `[n]` of new entries at the flat slot ids `slots` `[n]`."""
+        self.k.index_copy_(0, slots, k.to(self.dtype))
+        self.v.index_copy_(0, slots, v.to(self.dtype))
+        self.log_beta.index_copy_(0, slots, log_beta.to(torch.float32))
 
     def clone(self) -> "SlotPool":
         other = SlotPool(self.head_dim, self.dtype, self.device)

@@ -1,4 +1,4 @@
-"""Torch reference of ragged attention over the slot pool: the contract, also the CPU path.
+"""Torch reference of ragged attention over the slot pool: the contract of the Triton kernels.
 
 Queries of one layer, `q[B, Hq, C, D]` at logical positions `q_pos[B, C]` (-1 marks a padding
 query, whose output is zero), attend to the cached entries of their KV head's segment
@@ -7,7 +7,8 @@ at position p sees every cached entry of its segment with position i <= p. Softm
 output in the dtype of `q`.
 
 The segment rows are gathered through the slot tables into a padded dense tensor, then
-`scaled_dot_product_attention` runs with the position mask.
+`scaled_dot_product_attention` runs with the position mask. (The engine's CPU path does not gather
+per step: it attends over contiguous per-layer views, `dbtrimkv/cache/view_attention.py`.)
 """
 
 from __future__ import annotations
