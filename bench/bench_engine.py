@@ -3,7 +3,9 @@
 Model: a random Qwen3-shaped text decoder (default 8 layers, hidden 1024, 16 query / 8 KV heads,
 head_dim 128, float32), batch 1, the same weights in a plain copy and in a copy with rg10 gates.
 Every row is measured in this one run (decode rows interleaved step by step), so the ratios compare
-like with like on a noisy machine. Pin it to one core: `taskset -c 1` and `OMP_NUM_THREADS=1`.
+like with like on a noisy machine. Pin it to one core: `taskset -c 1` and `OMP_NUM_THREADS=1`. Times
+are the process's CPU time on CPU (wall time on CUDA): on a shared machine that counts the work a
+path does, not the time it waited for a core (the JSON's `seconds` is the run's wall time).
 
 Prefill of a random `context`-token prompt (seconds; peak RSS above the RSS before the call):
 - hf-dynamic:   plain model, one forward over the prompt into a `DynamicCache` (`logits_to_keep=1`,
@@ -110,16 +112,22 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device) -> float:
+    """Seconds on the clock the ratios use: this process's CPU time on CPU (on a shared machine it
+    counts the work done, not the time spent waiting for a core), wall time on CUDA."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
 def timed_prefill(run, device) -> tuple[float, int, object]:
     """(seconds, peak RSS above the RSS before the call, result) of `run()`."""
     reset_peak()
     before = rss()
     _sync(device)
-    start = time.perf_counter()
+    start = clock(device)
     with torch.inference_mode():
         result = run()
     _sync(device)
-    return time.perf_counter() - start, peak() - before, result
+    return clock(device) - start, peak() - before, result
 
 
 def decode_interleaved(runners: dict, steps: int, device) -> dict[str, float]:
@@ -133,11 +141,11 @@ def decode_interleaved(runners: dict, steps: int, device) -> dict[str, float]:
             for name, (model, cache, _) in runners.items():
                 ids = torch.tensor([[position[name]]], device=device)
                 _sync(device)
-                start = time.perf_counter()
+                start = clock(device)
                 model(input_ids=token, position_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
                 _sync(device)
                 if step >= WARMUP:
-                    times[name].append((time.perf_counter() - start) * 1000)
+                    times[name].append((clock(device) - start) * 1000)
                 position[name] += 1
     return {name: statistics.fmean(t) for name, t in times.items()}
 
@@ -155,10 +163,10 @@ def time_eviction(model, config, eviction, dtype, device, repeats: int = 5) -> f
             k = torch.randn(1, heads, n, dim, device=device, dtype=dtype)
             cache.update(k, k, layer)
         _sync(device)
-        start = time.perf_counter()
+        start = clock(device)
         cache.evict()
         _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
+        times.append((clock(device) - start) * 1000)
     return statistics.median(times)
 
 
@@ -298,7 +306,7 @@ def table(result: dict) -> str:
         f"thread(s); M={result['memory_size']} (budget {result['budget_entries']} entries), buffer "
         f"{result['buffer_size']}, chunk {result['prefill_chunk']}; {result['seconds'] / 60:.1f} min",
         "",
-        "Prefill, seconds (ratio = ours / hf-dynamic plain model; peak = RSS above the RSS before the call)",
+        "Prefill, CPU seconds (ratio = ours / hf-dynamic plain model; peak = RSS above the RSS before the call)",
         "",
         "| context | hf-dynamic | hf-static | gated-dynamic | ours-M | ours / hf-dynamic | ours peak MiB | "
         "hf-dynamic peak MiB |",
@@ -313,7 +321,7 @@ def table(result: dict) -> str:
         )
     lines += [
         "",
-        f"Decode, ms per token (fixed budget: mean of {result['decode_steps']} steps; budget >= length: "
+        f"Decode, CPU ms per token (fixed budget: mean of {result['decode_steps']} steps; budget >= length: "
         f"{result['full_steps']} steps)",
         "",
         "| context | ours-M | dense-M static | dense-M dynamic | ours-M / dense-M (faster) | ours-full | hf-dynamic | "
