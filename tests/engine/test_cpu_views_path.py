@@ -1,0 +1,73 @@
+"""The CPU engine path (contiguous K/V views) gives the logits of the slot-pool reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize_gates
+
+import dbtrimkv
+from dbtrimkv.generation import prefill
+from dbtrimkv.tiny import build_tiny
+from dbtrimkv.transformers_compat import cache_kwargs
+
+
+@pytest.fixture(scope="module")
+def gated():
+    model, _ = build_tiny("qwen3")
+    dbtrimkv.attach_retention_gates(model, intermediate_size=16)
+    randomize_gates(model, seed=5)
+    return model
+
+
+def _run(model, config, ids, mask, chunk, steps, views: bool):
+    """Chunked prefill of left-padded `ids`, then greedy decode steps; every step's logits."""
+    cache = dbtrimkv.DBTrimKVCache(model, config)
+    if not views:
+        cache.views = None  # attend through the slot tables (kernels/ragged_attention/naive.py)
+    logits = [prefill(model, {"input_ids": ids, "attention_mask": mask}, cache, chunk=chunk)]
+    token = logits[-1].argmax(-1, keepdim=True)
+    with torch.no_grad():
+        for _ in range(steps):
+            position = torch.tensor(cache.seen)[:, None]
+            out = model(input_ids=token, position_ids=position, use_cache=True, **cache_kwargs(cache))
+            logits.append(out.logits[:, -1])
+            token = logits[-1].argmax(-1, keepdim=True)
+    return logits, cache
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_views_path_matches_slot_pool_reference_on_random_inputs(gated, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch = int(torch.randint(1, 4, (1,), generator=gen))
+    length = int(torch.randint(20, 60, (1,), generator=gen))
+    ids = torch.randint(0, gated.config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(1, batch):  # left padding
+        mask[b, : int(torch.randint(1, length // 2, (1,), generator=gen))] = 0
+    layers, heads = gated.config.num_hidden_layers, gated.config.num_key_value_heads
+    config = dbtrimkv.DBTrimKVConfig(memory_size=int(torch.randint(2, 6, (1,), generator=gen)),
+                                     buffer_size=int(torch.randint(1, 5, (1,), generator=gen)))
+    chunk = int(torch.randint(3, 12, (1,), generator=gen))
+    fast, cache = _run(gated, config, ids, mask, chunk, 12, views=True)
+    slow, reference = _run(gated, config, ids, mask, chunk, 12, views=False)
+    assert cache.views_bytes() > 0 and reference.views_bytes() == 0
+    assert cache.num_evictions >= 2
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for b in range(batch):
+        assert cache.retained_per_head(b).tolist() == reference.retained_per_head(b).tolist()
+    assert cache.budget == config.resolve_budget(layers, heads)
+
+
+def test_pool_takes_its_bound_once_in_chunked_prefill(gated):
+    """The first chunk needs most of the bound: the pool allocates all of it and never grows again."""
+    config = dbtrimkv.DBTrimKVConfig(memory_size=2, buffer_size=2)
+    cache = dbtrimkv.DBTrimKVCache(gated, config)
+    ids = torch.randint(0, gated.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(9))
+    capacities = []
+    for start in range(0, 40, 8):
+        prefill(gated, {"input_ids": ids[:, start : start + 8]}, cache, chunk=8)
+        capacities.append(cache.pool.capacity)
+    bound = cache.budget + cache.segments_per_sequence * 8
+    assert capacities == [bound] * len(capacities)
