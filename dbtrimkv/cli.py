@@ -14,7 +14,7 @@ import sys
 
 from .errors import DBTrimKVError
 
-COMMANDS = ("chat", "eval", "demo", "train", "video-qa", "watch")
+COMMANDS = ("chat", "eval", "demo", "serve", "train", "video-qa", "watch")
 
 
 class VersionReport(argparse.Action):

@@ -144,7 +144,13 @@ class VisionStream:
 
 def _new_token_positions(model, cache: DBTrimKVCache, inputs, mask: torch.Tensor) -> torch.Tensor:
     """Position ids of the new tokens: `[4, B, T]` (text + M-RoPE) for Qwen3-VL, else `[B, T]`."""
-    seen = torch.tensor(cache.seen or [0] * mask.shape[0], device=mask.device)[:, None]
+    batch = mask.shape[0]
+    return token_positions(model, inputs, mask, cache.seen or [0] * batch, cache.next_mrope_positions(batch))
+
+
+def token_positions(model, inputs, mask: torch.Tensor, seen: list[int], mrope_start: list[int]) -> torch.Tensor:
+    """Positions of new tokens that follow `seen[b]` real tokens whose M-RoPE ran to `mrope_start[b] - 1`."""
+    seen = torch.tensor(seen, device=mask.device)[:, None]
     text = torch.where(mask.bool(), seen + torch.cumsum(mask.long(), 1) - 1, torch.zeros_like(mask.long()))
     if not is_vision_language(model):
         return text
@@ -156,7 +162,7 @@ def _new_token_positions(model, cache: DBTrimKVCache, inputs, mask: torch.Tensor
         ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask,
     )
-    offset = torch.tensor(cache.next_mrope_positions(mask.shape[0]), device=mask.device)[None, :, None]
+    offset = torch.tensor(mrope_start, device=mask.device)[None, :, None]
     mrope = torch.where(mask.bool()[None], mrope + offset, torch.zeros_like(mrope))
     return torch.cat([text[None], mrope], 0)
 

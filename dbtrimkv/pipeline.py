@@ -239,6 +239,24 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return (ids | {tokenizer.eos_token_id}) - {None}
 
 
+def closing_ids(tokenizer, last_ids: list[int], stop: set[int]) -> list[int]:
+    """Tokens that close an assistant reply before the next turn's template: a newline after an
+    end-of-sequence token, else the end-of-sequence token too (the reply was cut off)."""
+    ended = bool(last_ids) and last_ids[-1] in stop
+    return tokenizer.encode("\n" if ended else tokenizer.eos_token + "\n", add_special_tokens=False)
+
+
+def prepend_tokens(inputs, ids: list[int]) -> dict:
+    """Processor outputs (one sequence) with text tokens `ids` in front."""
+    prefix = torch.tensor([ids], dtype=inputs["input_ids"].dtype)
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([prefix, inputs["input_ids"]], 1)
+    out["attention_mask"] = torch.cat([torch.ones_like(prefix), inputs["attention_mask"]], 1)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = torch.cat([torch.zeros_like(prefix), inputs["mm_token_type_ids"]], 1)
+    return out
+
+
 def _strip_padding(ids: torch.Tensor, stop: set[int]) -> list[int]:
     """Generated ids up to and including the first end-of-sequence token."""
     out = []
@@ -271,16 +289,8 @@ class Conversation:
         inputs = pipe.build_inputs(chat)
         if self._last_ids is None:
             return inputs
-        tok = pipe.tokenizer
-        ended = bool(self._last_ids) and self._last_ids[-1] in stop_token_ids(pipe.model, tok)
-        closing = "\n" if ended else tok.eos_token + "\n"
-        prefix = torch.tensor([tok.encode(closing, add_special_tokens=False)], dtype=inputs["input_ids"].dtype)
-        out = dict(inputs)
-        out["input_ids"] = torch.cat([prefix, inputs["input_ids"]], 1)
-        out["attention_mask"] = torch.cat([torch.ones_like(prefix), inputs["attention_mask"]], 1)
-        if "mm_token_type_ids" in inputs:
-            out["mm_token_type_ids"] = torch.cat([torch.zeros_like(prefix), inputs["mm_token_type_ids"]], 1)
-        return out
+        stop = stop_token_ids(pipe.model, pipe.tokenizer)
+        return prepend_tokens(inputs, closing_ids(pipe.tokenizer, self._last_ids, stop))
 
     def send(self, text: str, images=(), videos=(), max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float | None = None, top_p: float | None = None, stream: bool = False, progress: bool = True):

@@ -1,0 +1,110 @@
+"""`dbtrimkv serve`: the OpenAI-compatible server (dbtrimkv/serving/), with its limits checked first.
+
+Why: every flag is validated before the model loads (a typo must not cost a model load), and the
+pool size and per-request bound are printed at start-up so an operator knows what fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
+from .demo import _positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching in one bounded KV pool",
+        description="Serve POST /v1/chat/completions (OpenAI schema, streaming, images and videos as data URIs), "
+                    "GET /v1/models, /health and /metrics (Prometheus). Requests share one KV pool sized once at "
+                    "start-up; a request is admitted only when its worst-case KV (budget + layers x KV heads x "
+                    "max(buffer, prefill chunk)) fits, so memory never grows past the pool. Listens on 127.0.0.1 "
+                    "unless --host says otherwise.")
+    add_model_args(p)
+    add_eviction_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    g.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--kv-memory", default="1GiB",
+                   help="KV pool size: bytes (4GiB, 512MiB) or a fraction of the device's free memory (0.5) "
+                        "(default: 1GiB)")
+    g.add_argument("--max-running", type=_positive_int, default=16, help="requests in the running batch (default: 16)")
+    g.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests that may wait for admission; more get 429 with Retry-After (default: 64)")
+    g.add_argument("--max-sessions", type=_positive_int, default=64,
+                   help="conversations (session_id) whose cache stays in the pool between requests; the least "
+                        "recently used are dropped beyond this or when the pool needs room (default: 64)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: none)")
+    g.add_argument("--served-model-name", default=None, help="model id clients send (default: --model or tiny-recall)")
+    g.add_argument("--max-tokens", type=_positive_int, default=4096, help="largest max_tokens a request may ask for")
+    g.add_argument("--max-prompt-tokens", type=_positive_int, default=32768,
+                   help="longer prompts are refused with 413 (default: 32768)")
+    g.add_argument("--max-request-mb", type=_positive_int, default=64,
+                   help="largest request body in MiB (media included); larger gets 413 (default: 64)")
+    g.add_argument("--allow-media-dir", type=Path, default=None, metavar="DIR",
+                   help="let requests name image / video files (paths or file:// URLs) under DIR (default: refused)")
+    g.add_argument("--allow-remote-media", action="store_true",
+                   help="let requests name http(s) image / video URLs, fetched by the server (default: refused)")
+    g.add_argument("--video-fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
+    g.add_argument("--video-max-frames", type=_positive_int, default=64, help="at most this many frames per video")
+    p.set_defaults(func=run)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {text}")
+    return value
+
+
+def options_from_args(args):
+    """`ServerOptions` from the flags, or ConfigError naming the bad one (before any model loads)."""
+    from ..serving.admission import parse_kv_memory
+    from ..serving.app import HTTPOptions
+    from ..serving.server import ServerOptions
+
+    if args.full_cache:
+        raise ConfigError("--full-cache cannot be served: admission control needs each request's KV bound")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key must not be empty")
+    if args.allow_media_dir is not None and not args.allow_media_dir.is_dir():
+        raise ConfigError(f"--allow-media-dir {args.allow_media_dir} is not a directory")
+    if not args.video_fps > 0:
+        raise ConfigError(f"--video-fps must be positive, got {args.video_fps}")
+    http = HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,
+                       max_prompt_tokens=args.max_prompt_tokens)
+    return ServerOptions(
+        model_name=args.served_model_name or args.model or "tiny-recall", kv_memory=parse_kv_memory(args.kv_memory),
+        max_running=args.max_running, max_queue=args.max_queue, max_sessions=args.max_sessions,
+        max_tokens=args.max_tokens, http=http, allow_media_dir=args.allow_media_dir,
+        allow_remote_media=args.allow_remote_media, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
+    )
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..checkpoints import load_model
+    from ..config import DBTrimKVConfig
+    from ..serving import create_server, startup_report
+
+    options = options_from_args(args)
+    if args.config:
+        DBTrimKVConfig.load(args.config)  # a bad preset fails before the model loads
+    if args.model is None:
+        print(TINY_NOTICE, file=sys.stderr)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    app, engine = create_server(model, processor, eviction_config(args, model), options)
+    print(startup_report(engine), file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"Warning: listening on {args.host} without --api-key: anyone who can reach it can use it.",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,215 @@
+"""The HTTP side: FastAPI routes in OpenAI's shape around one `Engine`.
+
+Why: OpenAI clients, curl and load balancers talk HTTP; the engine thread talks tokens. Each
+request is validated and its prompt built here (in a worker thread, so media decoding never
+blocks the event loop or the engine), submitted, then answered from the events the engine sends
+back: one JSON completion, or server-sent chunks when `stream` is set. A client that goes away
+is cancelled at once, which frees its KV slots at the next token boundary.
+
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import DBTrimKVError
+from ..pipeline import closing_ids, prepend_tokens
+from ..prompts import build_inputs
+from .api_errors import APIError, BadRequest, Conflict, TooLarge, Unauthorized, Unavailable
+from .engine import Engine, EngineRequest, Event, config_key
+from .responses import Completion, sse
+from .schema import ChatRequest, ServerLimits, parse_chat_request
+from .sessions import SessionBusy
+
+
+@dataclass(frozen=True)
+class HTTPOptions:
+    api_key: str | None = None
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_prompt_tokens: int = 32768
+
+
+def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        if engine._thread is None:
+            engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="dbtrimkv", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        if exc.status != 429:
+            engine.metrics.inc("requests_rejected_total", label=("status", str(exc.status)))
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    def authorize(request: Request) -> None:
+        if options.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
+            raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+    @app.get("/health")
+    async def health():
+        if engine.stopping:
+            raise Unavailable("the server is shutting down")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
+                                            "owned_by": "dbtrimkv"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        if engine.stopping:
+            raise Unavailable("the server is shutting down")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > options.max_request_bytes:
+            raise TooLarge(f"the request body is larger than {options.max_request_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > options.max_request_bytes:
+            raise TooLarge(f"the request body is larger than {options.max_request_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+        chat = await run_in_threadpool(parse_chat_request, body, limits)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+        job, extra = await run_in_threadpool(_prepare, engine, chat, sink, options)
+        completion = Completion(limits.model_name, extra)
+        if chat.stream:
+            return StreamingResponse(_stream(engine, job, events, completion, chat.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _collect(engine, job, events, completion, request)
+
+    return app
+
+
+def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> tuple[EngineRequest, dict]:
+    """Build the engine request: only the new messages when it continues a session. Submits it."""
+    session, continues, notice = None, False, None
+    if chat.session_id is not None:
+        notice = engine.sessions.notice_for(chat.session_id)
+        try:
+            session = engine.sessions.reserve(chat.session_id)
+        except SessionBusy as exc:
+            raise Conflict(str(exc), param="session_id") from None
+    try:
+        if session is not None:
+            seen = len(session.history)
+            continues = (session.config_key == config_key(chat.config) and len(chat.canonical) > seen
+                         and chat.canonical[:seen] == session.history)
+            if not continues:
+                notice = (f"session {chat.session_id!r} restarted: the messages do not continue its history "
+                          "(or its eviction settings changed), so the whole conversation was prefilled")
+        try:
+            if continues:
+                inputs = build_inputs(engine.processor, chat.messages[len(session.history):])
+                pending = session.last_ids[-1:]
+                inputs = prepend_tokens(inputs, pending + closing_ids(engine.tokenizer, session.last_ids, engine.stop_ids))
+            else:
+                inputs = build_inputs(engine.processor, chat.messages)
+        except (DBTrimKVError, ValueError) as exc:
+            raise BadRequest(str(exc), param="messages") from None
+        tokens = int(inputs["input_ids"].shape[1])
+        if tokens > options.max_prompt_tokens:
+            raise TooLarge(f"the prompt has {tokens} tokens, more than this server's limit of "
+                           f"{options.max_prompt_tokens} (--max-prompt-tokens)", param="messages")
+        job = EngineRequest(f"req-{uuid.uuid4().hex}", inputs, chat.config, chat.sampling, sink,
+                            session_id=chat.session_id, session=session, continues=continues, history=chat.canonical)
+        engine.submit(job)
+    except BaseException:
+        if session is not None:
+            engine.sessions.unreserve(session)
+        raise
+    extra = {}
+    if chat.session_id is not None:
+        extra["session_id"] = chat.session_id
+    if notice:
+        extra["notice"] = notice
+    return job, extra
+
+
+async def _collect(engine: Engine, job: EngineRequest, events: asyncio.Queue, completion: Completion,
+                   request: Request):
+    """Wait for the whole answer; cancel the request if the client disconnects first."""
+    pieces = []
+
+    async def answer():
+        while True:
+            event = await events.get()
+            if event.kind == "token":
+                pieces.append(event.text)
+            else:
+                return event
+
+    async def gone():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+
+    waiter, watcher = asyncio.create_task(answer()), asyncio.create_task(gone())
+    try:
+        done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if waiter not in done:
+        waiter.cancel()
+        engine.cancel(job.id)
+        return PlainTextResponse("client disconnected", status_code=499)
+    event = waiter.result()
+    if event.kind == "error":
+        raise event.error
+    return JSONResponse(completion.full("".join(pieces), event.finish_reason, event.usage))
+
+
+async def _stream(engine: Engine, job: EngineRequest, events: asyncio.Queue, completion: Completion,
+                  include_usage: bool):
+    finished = False
+    try:
+        yield sse(completion.chunk({"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if event.kind == "token":
+                yield sse(completion.chunk({"content": event.text}))
+                continue
+            finished = True
+            if event.kind == "error":
+                yield sse(event.error.body())
+            else:
+                yield sse(completion.chunk({}, event.finish_reason))
+                if include_usage:
+                    yield sse(completion.usage_chunk(event.usage))
+            yield sse("[DONE]")
+            return
+    finally:
+        if not finished:
+            engine.cancel(job.id)

@@ -1,0 +1,402 @@
+"""The engine loop: continuous batching of chat requests inside one bounded KV pool.
+
+Why: one thread owns the model and the pool. At every token boundary it drops cancelled requests
+(their slots return to the pool at once), admits waiting requests whose memory bound fits
+(`admission.py`), runs one batched forward per eviction setting (`batch_step.py`), samples, and
+retires finished requests (a session's row is parked in the pool for its next turn). Each request
+is a row of a serving cache: it prefills its prompt in chunks of its own `prefill_chunk` (all but
+the last token, like `dbtrimkv.generate`), then feeds the last prompt token and decodes one token
+per step beside the others, so a long prefill never stalls the decoders for more than one chunk.
+Results go back through each request's `sink` (called from this thread; the HTTP layer hands
+them to its event loop).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import DBTrimKVConfig
+from ..errors import ConfigError
+from ..gates import text_config_of
+from ..generation import VisionStream, is_vision_language, model_lock, token_positions
+from ..pipeline import stop_token_ids
+from ..prompts import tokenizer_of
+from .admission import Admission, request_bound
+from .api_errors import APIError, InternalError, QueueFull, TooLarge, Unavailable
+from .batch_step import RowInput, forward_rows
+from .cache_rows import RowState, attach_row, detach_row, free_row, serving_cache, shared_pool, slots_in_use
+from .detokenize import TextTracker
+from .metrics import Metrics
+from .sampling import Sampler, SamplingParams
+from .schema import canonical_reply
+from .sessions import Session, SessionStore
+
+
+@dataclass
+class Event:
+    kind: str  # "token" (text piece), "done" (finish_reason, usage) or "error" (APIError)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: APIError | None = None
+
+
+def config_key(config: DBTrimKVConfig) -> tuple:
+    return tuple(sorted(config.to_dict().items()))
+
+
+@dataclass
+class EngineRequest:
+    """One chat completion: its new tokens (processor outputs, batch 1) and how to answer."""
+
+    id: str
+    inputs: dict
+    config: DBTrimKVConfig
+    sampling: SamplingParams
+    sink: Callable[[Event], None]
+    session_id: str | None = None
+    session: Session | None = None  # a reserved session: continued, or replaced when `continues` is False
+    continues: bool = False
+    history: list[tuple] = field(default_factory=list)  # the request's messages, canonical (for its session)
+    arrival: float = field(default_factory=time.monotonic)
+    # set by the engine
+    prompt_len: int = 0
+    bound: int = 0
+    cached_tokens: int = 0
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    positions: torch.Tensor | None = None
+    vision: VisionStream | None = None
+    sampler: Sampler | None = None
+    tracker: TextTracker | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def __post_init__(self):
+        self.prompt_len = int(self.inputs["input_ids"].shape[1])
+
+
+class _Group:
+    """Running requests with one eviction setting: the rows of one serving cache, in row order."""
+
+    def __init__(self, cache):
+        self.cache, self.requests = cache, []
+
+
+class Engine:
+    def __init__(self, model, processor, config: DBTrimKVConfig, pool_slots: int, max_running: int = 16,
+                 max_queue: int = 64, max_sessions: int = 64, metrics: Metrics | None = None):
+        text = text_config_of(model)
+        self.model, self.processor, self.config = model, processor, config
+        self.tokenizer = tokenizer_of(processor)
+        self.stop_ids = stop_token_ids(model, self.tokenizer)
+        self.num_layers, self.num_kv_heads = text.num_hidden_layers, text.num_key_value_heads
+        self.segments = self.num_layers * self.num_kv_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vision_language = is_vision_language(model)
+        if config.resolve_budget(self.num_layers, self.num_kv_heads) is None:
+            raise ConfigError("the server needs a KV budget (--budget or --memory-size): admission control relies on "
+                              "each request's bound, and a full cache has none")
+        self.pool = shared_pool(self.head_dim, self.dtype, self.device, pool_slots)
+        self.admission = Admission(pool_slots)
+        self.sessions = SessionStore(max_sessions)
+        self.metrics = metrics or Metrics()
+        self.max_running, self.max_queue = max_running, max_queue
+        self.groups: dict[tuple, _Group] = {}
+        self.waiting: deque[EngineRequest] = deque()
+        self.cancelled: set[str] = set()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self._thread: threading.Thread | None = None
+        self._evictions = (0, 0)
+        self.metrics.set("kv_pool_slots", pool_slots)
+        self.metrics.set("kv_request_bound_slots", self.bound_for(config, config.prefill_chunk))
+
+    # --- limits ------------------------------------------------------------------------------
+    def bound_for(self, config: DBTrimKVConfig, new_tokens: int) -> int:
+        budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
+        return request_bound(budget, self.segments, config.buffer_size, config.prefill_chunk, new_tokens)
+
+    @property
+    def running(self) -> list[EngineRequest]:
+        return [r for g in self.groups.values() for r in g.requests]
+
+    # --- called from other threads -----------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dbtrimkv-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: EngineRequest) -> None:
+        bound = self.bound_for(request.config, request.prompt_len)
+        if bound > self.admission.pool_slots:
+            raise TooLarge(f"this request may hold up to {bound} KV entries, more than the whole pool "
+                           f"({self.admission.pool_slots}); lower its budget or prefill chunk, or start the server "
+                           "with more --kv-memory")
+        request.bound = bound
+        with self.cond:
+            if self.stopping:
+                raise Unavailable("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                self.metrics.inc("requests_rejected_total", label=("status", "429"))
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after=1)
+            self.waiting.append(request)
+            self.metrics.set("requests_waiting", len(self.waiting))
+            self.cond.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """The client went away: free the request's slots at the next token boundary."""
+        with self.cond:
+            self.cancelled.add(request_id)
+            self.cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.cancelled and not self.running and not self.waiting:
+                    self.cond.wait()
+                cancelled, self.cancelled = self.cancelled, set()
+                if self.stopping:
+                    break
+            self._drop_cancelled(cancelled)
+            self._admit()
+            for key, group in list(self.groups.items()):
+                if group.requests:
+                    self._step(group)
+            self._update_gauges()
+            if not self.running and self.waiting and not self.cancelled:
+                with self.cond:  # nothing fits (room held by busy sessions): wait for a change
+                    self.cond.wait(0.05)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        error = Unavailable("the server is shutting down")
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            request.sink(Event("error", error=error))
+        for group in self.groups.values():
+            for request in list(group.requests):
+                self._retire(group, request, None, error=error)
+
+    def _drop_cancelled(self, ids: set[str]) -> None:
+        if not ids:
+            return
+        with self.cond:
+            kept = deque(r for r in self.waiting if r.id not in ids)
+            gone = [r for r in self.waiting if r.id in ids]
+            self.waiting = kept
+        for request in gone:
+            if request.session is not None:
+                self.sessions.unreserve(request.session)
+        for group in self.groups.values():
+            for request in [r for r in group.requests if r.id in ids]:
+                self._retire(group, request, "cancelled")
+
+    def _admit(self) -> None:
+        """First come, first served; only when nothing runs may a later request that fits pass a head
+        that cannot (its room is held by a session whose next turn waits behind it)."""
+        while True:
+            with self.cond:
+                if not self.waiting or len(self.running) >= self.max_running:
+                    return
+                candidates = list(self.waiting) if not self.running else [self.waiting[0]]
+            request = next((r for r in candidates if self._make_room(r)), None)
+            if request is None:
+                return
+            with self.cond:
+                self.waiting.remove(request)
+            try:
+                self._start(request)
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the engine
+                request.sink(Event("error", error=_as_api_error(exc)))
+
+    def _make_room(self, request: EngineRequest) -> bool:
+        """Does the request fit, after dropping idle sessions least recently used first if needed?"""
+        releasing = request.session.row.num_slots if request.session is not None else 0
+        while not self.admission.fits(request.bound, releasing):
+            dropped = self.sessions.drop_least_recent("the pool needed the room for a new request")
+            if dropped is None:
+                return False
+            self._free_session(dropped)
+        return True
+
+    def _start(self, request: EngineRequest) -> None:
+        row = RowState.empty(self.segments, self.device)
+        if request.session is not None:
+            self.sessions.take(request.session.id)
+            self.admission.unpark(request.session.id)
+            if request.continues:
+                row = request.session.row
+            else:
+                free_row(self.pool, request.session.row)
+        key = config_key(request.config)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Group(serving_cache(self.model, request.config, self.pool))
+        attach_row(group.cache, row)
+        group.requests.append(request)
+        self.admission.admit(request.id, request.bound)
+        request.cached_tokens = row.seen
+        inputs = request.inputs
+        ids = inputs["input_ids"].to(self.device)
+        mask = torch.ones_like(ids)
+        types = inputs.get("mm_token_type_ids")
+        types = torch.zeros_like(ids) if types is None else types.to(self.device)
+        request.inputs = dict(inputs, input_ids=ids, attention_mask=mask, mm_token_type_ids=types)
+        request.positions = token_positions(self.model, request.inputs, mask, [row.seen],
+                                            [row.seen + row.rope_deltas])[..., 0, :]
+        if self.vision_language and bool(types.any()):
+            request.vision = VisionStream(self.model, request.inputs, types, mask)
+        request.sampler = Sampler(request.sampling)
+        request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
+
+    def _row_input(self, request: EngineRequest, cache, row: int) -> tuple[RowInput, bool]:
+        """What a request feeds this step, and whether its last logits give its next token."""
+        total = request.prompt_len
+        if request.prefilled < total:
+            start = request.prefilled
+            end = total if start == total - 1 else min(total - 1, start + request.config.prefill_chunk)
+            ids = request.inputs["input_ids"][0, start:end]
+            vision = (request.vision, start, end) if request.vision is not None else None
+            return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
+                            vision), end == total
+        seen = cache.seen[row]
+        pos = torch.tensor([seen], device=self.device)
+        if self.vision_language:
+            pos = torch.cat([pos, pos.new_full((3,), seen + cache.rope_deltas[row])])[:, None]
+        token = torch.tensor([request.generated[-1]], device=self.device)
+        return RowInput(token, pos, torch.zeros_like(token)), True
+
+    def _step(self, group: _Group) -> None:
+        cache, requests = group.cache, list(group.requests)
+        plans = [self._row_input(r, cache, b) for b, r in enumerate(requests)]
+        seen_before = list(cache.seen)
+        try:
+            with model_lock(self.model), torch.inference_mode():
+                logits = forward_rows(self.model, cache, [p[0] for p in plans])
+        except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
+            traceback.print_exc()
+            for request in requests:
+                self._retire(group, request, None, error=_as_api_error(exc))
+            return
+        self.metrics.inc("engine_steps_total")
+        now = time.monotonic()
+        finished = []
+        for b, (request, (row_input, samples)) in enumerate(zip(requests, plans)):
+            if request.prefilled < request.prompt_len:
+                request.prefilled += row_input.ids.numel()
+                self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
+                if request.prefilled == request.prompt_len and self.vision_language:
+                    last = int(request.positions[1:].max()) if request.prompt_len else seen_before[b] - 1
+                    cache.rope_deltas[b] = last + 1 - (seen_before[b] + row_input.ids.numel())
+            if not samples:
+                continue
+            token = request.sampler(logits[b])
+            reason = self._accept(request, token, now)
+            if reason is not None:
+                finished.append((request, reason))
+        for request, reason in finished:
+            self._retire(group, request, reason)
+
+    def _accept(self, request: EngineRequest, token: int, now: float) -> str | None:
+        """Record a sampled token, send its text; returns the finish reason if the request is done."""
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.metrics.observe("time_to_first_token_seconds", now - request.arrival)
+        else:
+            self.metrics.observe("time_per_output_token_seconds", now - request.last_token_at)
+        request.last_token_at = now
+        request.generated.append(token)
+        self.metrics.inc("generation_tokens_total")
+        end_of_text = token in self.stop_ids and not request.sampling.ignore_eos
+        piece = "" if end_of_text else request.tracker.add(token)
+        if piece:
+            request.sink(Event("token", text=piece))
+        if end_of_text or request.tracker.stopped:
+            return "stop"
+        if len(request.generated) >= request.sampling.max_tokens:
+            return "length"
+        return None
+
+    def _retire(self, group: _Group, request: EngineRequest, reason: str | None, error: APIError | None = None) -> None:
+        """Take a request out of the batch: park its session row or free its slots; tell the client."""
+        row = group.requests.index(request)
+        group.requests.pop(row)
+        state = detach_row(group.cache, row)
+        self.admission.release(request.id)
+        keep = request.session_id is not None and reason in ("stop", "length")
+        if keep:
+            reply = request.tracker.text
+            session = Session(request.session_id, config_key(request.config), request.history + [canonical_reply(reply)],
+                              state, list(request.generated))
+            self.admission.park(session.id, state.num_slots)
+            for dropped in self.sessions.park(session):
+                self._free_session(dropped)
+        else:
+            free_row(self.pool, state)
+        if reason is not None:
+            self.metrics.inc("requests_finished_total", label=("reason", reason))
+        if reason == "cancelled":
+            return
+        if error is not None:
+            request.sink(Event("error", error=error))
+            return
+        tail = request.tracker.flush()
+        if tail:
+            request.sink(Event("token", text=tail))
+        if request.first_token_at is not None:
+            self.metrics.observe("request_latency_seconds", time.monotonic() - request.arrival)
+        self.metrics.inc("cached_prompt_tokens_total", request.cached_tokens)
+        usage = {"prompt_tokens": request.prompt_len, "completion_tokens": len(request.generated),
+                 "total_tokens": request.prompt_len + len(request.generated),
+                 "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
+        request.sink(Event("done", finish_reason=reason, usage=usage))
+
+    def _free_session(self, session: Session) -> None:
+        self.admission.unpark(session.id)
+        free_row(self.pool, session.row)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        in_use = slots_in_use(self.pool)
+        m.set("requests_running", len(self.running))
+        m.set("requests_waiting", len(self.waiting))
+        m.set("sessions_parked", len(self.sessions))
+        m.set("kv_slots_in_use", in_use)
+        m.set("kv_slots_in_use_peak", max(m.get("kv_slots_in_use_peak"), in_use))
+        m.set("kv_slots_reserved", self.admission.reserved)
+        evictions = sum(g.cache.num_evictions for g in self.groups.values())
+        evicted = sum(g.cache.evicted_entries for g in self.groups.values())
+        m.inc("evictions_total", evictions - self._evictions[0])
+        m.inc("evicted_entries_total", evicted - self._evictions[1])
+        self._evictions = (evictions, evicted)
+        if self.pool.capacity != self.admission.pool_slots:
+            raise RuntimeError("the KV pool grew past its start-up size; admission control is broken")
+
+
+def _as_api_error(exc: Exception) -> APIError:
+    from ..errors import DBTrimKVError
+    from .api_errors import BadRequest
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, DBTrimKVError):
+        return BadRequest(str(exc))
+    return InternalError(f"the engine failed on this request: {type(exc).__name__}: {exc}")

@@ -1,0 +1,120 @@
+"""Images and videos named by a request: data URIs always; local files and remote URLs only if allowed.
+
+Why: a server must read no file a client names and fetch nothing a client points at unless its
+operator said so. `data:` URIs are decoded in memory; `file://` URLs and paths only under
+`--allow-media-dir DIR`; `http(s)://` URLs only with `--allow-remote-media` (size-capped,
+time-limited). Decoding problems become one clear `BadRequest` naming the message part.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from ..errors import MediaError
+from ..media import Video, load_image, load_video
+from .api_errors import BadRequest, TooLarge
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    allow_dir: Path | None = None
+    allow_remote: bool = False
+    max_bytes: int = 64 * 1024 * 1024
+    video_fps: float = 2.0
+    video_max_frames: int = 64
+    timeout: float = 10.0
+
+
+def load_image_url(url: str, policy: MediaPolicy, where: str):
+    data = _read(url, policy, where, "image")
+    try:
+        from PIL import Image
+
+        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
+            img.load()
+            return load_image(img)
+    except (OSError, SyntaxError, ValueError, MediaError) as exc:
+        raise BadRequest(f"{where}: not a readable image ({exc})", param=where) from None
+
+
+def load_video_url(url: str, policy: MediaPolicy, where: str) -> Video:
+    data = _read(url, policy, where, "video")
+    try:
+        if isinstance(data, Path):
+            return load_video(data, fps=policy.video_fps, max_frames=policy.video_max_frames)
+        handle, name = tempfile.mkstemp(suffix=".video")
+        try:
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+            return load_video(name, fps=policy.video_fps, max_frames=policy.video_max_frames)
+        finally:
+            os.unlink(name)
+    except MediaError as exc:
+        raise BadRequest(f"{where}: {exc}", param=where) from None
+
+
+def _read(url: str, policy: MediaPolicy, where: str, kind: str) -> bytes | Path:
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{where}: the {kind} url must be a non-empty string", param=where)
+    if url.startswith("data:"):
+        return _data_uri(url, policy, where)
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https"):
+        if not policy.allow_remote:
+            raise BadRequest(f"{where}: remote {kind} URLs are refused (send a data: URI, or start the server with "
+                             "--allow-remote-media)", param=where)
+        return _download(url, policy, where)
+    if scheme in ("", "file"):
+        return _local_file(unquote(urlparse(url).path) if scheme == "file" else url, policy, where, kind)
+    raise BadRequest(f"{where}: unsupported {kind} URL scheme {scheme!r} (use a data: URI)", param=where)
+
+
+def _data_uri(url: str, policy: MediaPolicy, where: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise BadRequest(f"{where}: a data URI must look like data:<mime>;base64,<data>", param=where)
+    if len(payload) * 3 // 4 > policy.max_bytes:
+        raise TooLarge(f"{where}: the media is larger than {policy.max_bytes} bytes", param=where)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where}: the data URI is not valid base64", param=where) from None
+
+
+def _local_file(path: str, policy: MediaPolicy, where: str, kind: str) -> Path:
+    if policy.allow_dir is None:
+        raise BadRequest(f"{where}: local {kind} paths are refused (send a data: URI, or start the server with "
+                         "--allow-media-dir DIR)", param=where)
+    resolved = Path(path).resolve()
+    root = policy.allow_dir.resolve()
+    if not resolved.is_relative_to(root):
+        raise BadRequest(f"{where}: {kind} path is outside the allowed media directory {root}", param=where)
+    if not resolved.is_file():
+        raise BadRequest(f"{where}: {kind} not found: {resolved}", param=where)
+    if resolved.stat().st_size > policy.max_bytes:
+        raise TooLarge(f"{where}: the {kind} file is larger than {policy.max_bytes} bytes", param=where)
+    return resolved
+
+
+def _download(url: str, policy: MediaPolicy, where: str) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=policy.timeout, follow_redirects=True) as response:
+            response.raise_for_status()
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > policy.max_bytes:
+                    raise TooLarge(f"{where}: the media at {url} is larger than {policy.max_bytes} bytes", param=where)
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise BadRequest(f"{where}: cannot fetch {url}: {exc}", param=where) from None

@@ -1,0 +1,115 @@
+"""Prometheus metrics of the server, in the text exposition format (no client library needed).
+
+Why: operators watch running / waiting requests, KV slots in use against the pool, evictions,
+token counts and latency histograms. The engine thread updates them; `/metrics` renders them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PREFIX = "dbtrimkv_"
+
+
+class Histogram:
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class Metrics:
+    """Counters, gauges and histograms; `render()` gives the `/metrics` text."""
+
+    HELP = {
+        "requests_running": ("gauge", "Requests in the running batch"),
+        "requests_waiting": ("gauge", "Requests waiting for admission"),
+        "sessions_parked": ("gauge", "Sessions whose cache is parked in the pool"),
+        "kv_pool_slots": ("gauge", "KV entries (slots) the pool holds; fixed at start-up"),
+        "kv_slots_in_use": ("gauge", "KV entries in use (running requests and parked sessions)"),
+        "kv_slots_in_use_peak": ("gauge", "Most KV entries ever in use at once"),
+        "kv_slots_reserved": ("gauge", "KV entries reserved by admission (bounds of running requests + parked sessions)"),
+        "kv_request_bound_slots": ("gauge", "Per-request bound for a default request with a full prefill chunk"),
+        "evictions_total": ("counter", "Eviction passes run"),
+        "evicted_entries_total": ("counter", "KV entries evicted"),
+        "prompt_tokens_total": ("counter", "Prompt tokens prefilled"),
+        "cached_prompt_tokens_total": ("counter", "Prompt tokens reused from a session's cache"),
+        "generation_tokens_total": ("counter", "Tokens generated"),
+        "requests_finished_total": ("counter", "Requests finished, by reason"),
+        "requests_rejected_total": ("counter", "Requests refused, by HTTP status"),
+        "engine_steps_total": ("counter", "Batched forwards run"),
+        "time_to_first_token_seconds": ("histogram", "Time from arrival to the first generated token"),
+        "time_per_output_token_seconds": ("histogram", "Time between consecutive generated tokens of a request"),
+        "request_latency_seconds": ("histogram", "Time from arrival to the last token"),
+    }
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.values: dict[str, float] = {}
+        self.labelled: dict[str, dict[tuple[str, str], float]] = {}
+        self.histograms = {name: Histogram() for name, (kind, _) in self.HELP.items() if kind == "histogram"}
+
+    def set(self, name: str, value: float) -> None:
+        with self.lock:
+            self.values[name] = value
+
+    def inc(self, name: str, amount: float = 1, label: tuple[str, str] | None = None) -> None:
+        with self.lock:
+            if label is None:
+                self.values[name] = self.values.get(name, 0) + amount
+            else:
+                series = self.labelled.setdefault(name, {})
+                series[label] = series.get(label, 0) + amount
+
+    def observe(self, name: str, value: float) -> None:
+        with self.lock:
+            self.histograms[name].observe(value)
+
+    def get(self, name: str) -> float:
+        with self.lock:
+            return self.values.get(name, 0)
+
+    def render(self) -> str:
+        lines = []
+        with self.lock:
+            for name, (kind, help_text) in self.HELP.items():
+                full = PREFIX + name
+                lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+                if kind == "histogram":
+                    h, total = self.histograms[name], 0
+                    for bound, count in zip(self.buckets_of(h), h.counts):
+                        total += count
+                        lines.append(f'{full}_bucket{{le="{bound}"}} {total}')
+                    lines += [f"{full}_sum {h.sum}", f"{full}_count {h.count}"]
+                elif name in self.labelled:
+                    for (key, value), number in sorted(self.labelled[name].items()):
+                        lines.append(f'{full}{{{key}="{value}"}} {_number(number)}')
+                else:
+                    lines.append(f"{full} {_number(self.values.get(name, 0))}")
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def buckets_of(h: Histogram) -> list[str]:
+        return [repr(b) for b in h.buckets] + ["+Inf"]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """`{"name": value, 'name{key="v"}': value}` from exposition text (for tests and the benchmark)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

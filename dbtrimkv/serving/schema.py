@@ -1,0 +1,205 @@
+"""The OpenAI chat-completions request: validated, with every refusal naming the field at fault.
+
+Why: a malformed request must get a 400 that says what is wrong (field, value, allowed range)
+before it costs the engine anything. `parse_chat_request` turns the JSON body into a
+`ChatRequest`: sampling settings, eviction settings capped by the server's, an optional session,
+and the messages in dbtrimkv's chat format (media decoded by `media_sources`) plus a canonical,
+comparable form of them (media replaced by a digest) that sessions match new turns against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from ..config import DBTrimKVConfig
+from ..errors import ConfigError
+from .api_errors import BadRequest
+from .media_sources import MediaPolicy, load_image_url, load_video_url
+from .sampling import SamplingParams
+
+ROLES = ("system", "user", "assistant")
+UNSUPPORTED = {"tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls",
+               "function_call": "function calls", "logit_bias": "logit_bias", "audio": "audio output"}
+EVICTION_FIELDS = ("policy", "budget", "memory_size", "threshold")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    model_name: str
+    config: DBTrimKVConfig  # the server's eviction settings
+    server_budget: int  # entries per request under `config`
+    num_layers: int
+    num_kv_heads: int
+    max_tokens: int = 4096  # cap on max_tokens
+    default_max_tokens: int = 256
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # dbtrimkv chat format, media loaded
+    canonical: list[tuple]  # comparable form of the OpenAI messages
+    sampling: SamplingParams
+    config: DBTrimKVConfig
+    stream: bool = False
+    include_usage: bool = False
+    session_id: str | None = None
+
+
+def parse_chat_request(body, limits: ServerLimits) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    for name, what in UNSUPPORTED.items():
+        if body.get(name) not in (None, [], {}):
+            raise BadRequest(f"{what} are not supported by this server", param=name)
+    model = body.get("model", limits.model_name)
+    if model != limits.model_name:
+        from .api_errors import ModelNotFound
+
+        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {limits.model_name!r}", param="model")
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported", param="n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise BadRequest("logprobs are not supported by this server", param="logprobs")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", param="messages")
+    canonical = [_canonical(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    if canonical[-1][0] != "user":
+        raise BadRequest("the last message must come from the user", param=f"messages[{len(messages) - 1}].role")
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", param="stream_options")
+    session_id = body.get("session_id")
+    if session_id is not None and (not isinstance(session_id, str) or not 0 < len(session_id) <= 128):
+        raise BadRequest("'session_id' must be a string of 1 to 128 characters", param="session_id")
+    return ChatRequest(
+        messages=[_dbtrimkv_message(m, f"messages[{i}]", limits.media) for i, m in enumerate(messages)],
+        canonical=canonical, sampling=_sampling(body, limits), config=_eviction(body.get("eviction"), limits),
+        stream=stream, include_usage=_bool(options, "include_usage", False, "stream_options.include_usage"),
+        session_id=session_id,
+    )
+
+
+def _bool(body: dict, name: str, default: bool, param: str | None = None) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{param or name}' must be true or false, got {value!r}", param=param or name)
+    return value
+
+
+def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False, open_low: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
+    if value < low or value > high or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        raise BadRequest(f"'{name}' must be in {bracket}{low}, {high}], got {value!r}", param=name)
+    return value
+
+
+def _sampling(body: dict, limits: ServerLimits) -> SamplingParams:
+    max_tokens = _number(body, "max_completion_tokens", None, 1, limits.max_tokens, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", limits.default_max_tokens, 1, limits.max_tokens, integer=True)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 non-empty strings", param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True)),
+        seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True), stop=tuple(stop),
+        ignore_eos=_bool(body, "ignore_eos", False),
+    )
+
+
+def _eviction(value, limits: ServerLimits) -> DBTrimKVConfig:
+    """The server's eviction settings with the request's `eviction` overrides, capped by the server's budget."""
+    if value is None:
+        return limits.config
+    if not isinstance(value, dict):
+        raise BadRequest("'eviction' must be an object with policy, budget, memory_size or threshold", param="eviction")
+    unknown = sorted(set(value) - set(EVICTION_FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown eviction setting(s) {', '.join(unknown)}; known: {', '.join(EVICTION_FIELDS)}",
+                         param="eviction")
+    changes = dict(value)
+    if changes.get("policy", limits.config.policy) != "threshold":
+        changes.setdefault("threshold", None)
+    try:
+        config = limits.config.replace(**changes)
+        budget = config.resolve_budget(limits.num_layers, limits.num_kv_heads)
+    except (ConfigError, TypeError) as exc:
+        raise BadRequest(f"eviction: {exc}", param="eviction") from None
+    if budget is None or budget > limits.server_budget:
+        raise BadRequest(f"eviction: a request may keep at most the server's budget of {limits.server_budget} entries "
+                         f"(got {budget})", param="eviction")
+    return config
+
+
+def _content_parts(message: dict, where: str) -> list[dict]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if content is None and message.get("role") == "assistant":
+        return []
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or a list of parts", param=f"{where}.content")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "image_url", "video_url"):
+            raise BadRequest(f"{where}.content[{j}] must be a part of type text, image_url or video_url",
+                             param=f"{where}.content[{j}]")
+        key = part["type"]
+        value = part.get(key)
+        if key == "text" and not isinstance(value, str):
+            raise BadRequest(f"{where}.content[{j}].text must be a string", param=f"{where}.content[{j}].text")
+        if key != "text" and not isinstance(value, (str, dict)):
+            raise BadRequest(f"{where}.content[{j}].{key} must be {{'url': ...}}", param=f"{where}.content[{j}].{key}")
+    return content
+
+
+def _url(part: dict) -> str:
+    value = part[part["type"]]
+    return value.get("url") if isinstance(value, dict) else value
+
+
+def _canonical(message, where: str) -> tuple:
+    if not isinstance(message, dict):
+        raise BadRequest(f"{where} must be an object with 'role' and 'content'", param=where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
+    parts = []
+    for part in _content_parts(message, where):
+        if part["type"] == "text":
+            parts.append(("text", part["text"]))
+        else:
+            url = _url(part)
+            digest = hashlib.sha256(url.encode() if isinstance(url, str) else b"").hexdigest()
+            parts.append((part["type"], digest))
+    return role, tuple(parts)
+
+
+def canonical_reply(text: str) -> tuple:
+    return "assistant", (("text", text),)
+
+
+def _dbtrimkv_message(message: dict, where: str, media: MediaPolicy) -> dict:
+    parts = []
+    for j, part in enumerate(_content_parts(message, where)):
+        at = f"{where}.content[{j}]"
+        if part["type"] == "text":
+            parts.append({"type": "text", "text": part["text"]})
+        elif part["type"] == "image_url":
+            parts.append({"type": "image", "image": load_image_url(_url(part), media, at)})
+        else:
+            parts.append({"type": "video", "video": load_video_url(_url(part), media, at)})
+    return {"role": message["role"], "content": parts}
