@@ -26,8 +26,9 @@ def parse_kv_memory(text: str) -> tuple[str, float]:
     if match is None or unit not in _UNITS:
         raise ConfigError(f"--kv-memory must be a size such as 4GiB or 512MiB, or a fraction of device memory "
                           f"such as 0.5, got {text!r}")
-    value = float(match.group(1))
-    if not unit and "." in match.group(1) or (not unit and value <= 1):
+    digits = match.group(1)
+    value = float(digits)
+    if not unit and ("." in digits or value <= 1):  # a bare 0.5 or 1: a fraction
         if not 0 < value <= 1:
             raise ConfigError(f"--kv-memory as a fraction of device memory must be in (0, 1], got {text!r}")
         return "fraction", value

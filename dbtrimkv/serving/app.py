@@ -71,6 +71,7 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
 
     @app.get("/metrics")
     async def metrics():
+        engine.live_gauges()
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

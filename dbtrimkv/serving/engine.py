@@ -373,15 +373,19 @@ class Engine:
         self.admission.unpark(session.id)
         free_row(self.pool, session.row)
 
-    def _update_gauges(self) -> None:
+    def live_gauges(self) -> None:
+        """Set the gauges from the current state (also called when /metrics is read)."""
         m = self.metrics
-        in_use = slots_in_use(self.pool)
         m.set("requests_running", len(self.running))
         m.set("requests_waiting", len(self.waiting))
         m.set("sessions_parked", len(self.sessions))
-        m.set("kv_slots_in_use", in_use)
-        m.set("kv_slots_in_use_peak", max(m.get("kv_slots_in_use_peak"), in_use))
+        m.set("kv_slots_in_use", slots_in_use(self.pool))
         m.set("kv_slots_reserved", self.admission.reserved)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        self.live_gauges()
+        m.set("kv_slots_in_use_peak", max(m.get("kv_slots_in_use_peak"), slots_in_use(self.pool)))
         evictions = sum(g.cache.num_evictions for g in self.groups.values())
         evicted = sum(g.cache.evicted_entries for g in self.groups.values())
         m.inc("evictions_total", evictions - self._evictions[0])

@@ -1,0 +1,114 @@
+"""The engine without HTTP: batching never changes answers, and it computes what `dbtrimkv.generate` does."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from dbtrimkv import DBTrimKVConfig, DBTrimKVPipeline, load_model
+from dbtrimkv.prompts import build_inputs
+from dbtrimkv.serving.cache_rows import RowState, attach_row, detach_row, free_row, serving_cache, shared_pool
+from dbtrimkv.serving.engine import Engine, EngineRequest
+from dbtrimkv.serving.sampling import SamplingParams
+from helpers import random_image, randomize_gates
+
+CONFIG = DBTrimKVConfig(memory_size=4, buffer_size=4, prefill_chunk=8)  # evicts often, prefills in 8-token chunks
+
+
+@pytest.fixture(scope="module")
+def random_vl():
+    model, processor = load_model("tiny")
+    randomize_gates(model, seed=3)
+    return model, processor
+
+
+def chats(n: int) -> list[list[dict]]:
+    """Prompts of different lengths, some with an image (a few chunks long)."""
+    out = []
+    for i in range(n):
+        text = "tell me about it " * (1 + i % 4)
+        content = [{"type": "text", "text": text}]
+        if i % 2 == 0:
+            content.insert(0, {"type": "image", "image": random_image(i, 32 + 16 * (i % 3), 48)})
+        out.append([{"role": "user", "content": content}])
+    return out
+
+
+def run(engine: Engine, processor, prompts, max_tokens: int = 10, config=CONFIG, **sampling) -> list[list[int]]:
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        events: queue.Queue = queue.Queue()
+        job = EngineRequest(f"r{i}-{id(prompt)}", build_inputs(processor, prompt), config,
+                            SamplingParams(max_tokens=max_tokens, temperature=sampling.get("temperature", 0),
+                                           seed=sampling.get("seed"), ignore_eos=True), events.put)
+        engine.submit(job)
+        jobs.append((job, events))
+    out = []
+    for job, events in jobs:
+        while (event := events.get(timeout=60)).kind == "token":
+            pass
+        assert event.kind == "done", event.error
+        out.append(job.generated)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(random_vl):
+    model, processor = random_vl
+    engine = Engine(model, processor, CONFIG, pool_slots=60_000, max_running=16)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def test_sixteen_together_get_the_tokens_they_get_alone(engine, random_vl):
+    prompts = chats(16)
+    alone = [run(engine, random_vl[1], [p])[0] for p in prompts]
+    together = run(engine, random_vl[1], prompts)
+    assert together == alone
+    assert len({tuple(t) for t in alone}) > 4  # different prompts, different answers
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine, random_vl):
+    prompts = chats(6)
+    alone = [run(engine, random_vl[1], [p], temperature=1.0, seed=7)[0] for p in prompts]
+    assert run(engine, random_vl[1], prompts, temperature=1.0, seed=7) == alone
+
+
+def test_engine_matches_generate(engine, random_vl):
+    """Chunked prefill of all but the last prompt token, then decoding: what `dbtrimkv.generate` does."""
+    model, processor = random_vl
+    pipe = DBTrimKVPipeline(model, processor, CONFIG)
+    for prompt in chats(4):
+        out = pipe(prompt, max_new_tokens=10, progress=False)
+        served = run(engine, processor, [prompt], max_tokens=10)[0]
+        assert served[: len(out.token_ids)] == out.token_ids
+
+
+def test_pool_slots_all_return(engine, random_vl):
+    run(engine, random_vl[1], chats(5))
+    assert engine.pool.num_free == engine.pool.capacity == 60_000
+    assert engine.admission.reserved == 0
+
+
+def test_rows_detach_and_attach_without_moving_kv(random_vl):
+    model, _ = random_vl
+    pool = shared_pool(16, torch.float32, "cpu", 1000)
+    a, b = serving_cache(model, CONFIG, pool), serving_cache(model, CONFIG, pool)
+    segments = a.segments_per_sequence
+    for _ in range(3):
+        attach_row(a, RowState.empty(segments, "cpu"))
+    slots = pool.pop(9)
+    a.tables.reserve(torch.tensor([0] * segments + [1] * segments + [0] * segments), headroom=2)
+    a.tables.append(torch.arange(segments, 2 * segments), torch.zeros(segments, dtype=torch.long), slots[:segments],
+                    torch.tensor([0] * segments + [1] * segments + [0] * segments))
+    a.seen[1], a.entries[1] = 1, segments
+    state = detach_row(a, 1)
+    assert a.batch_size == 2 and a.tables.num_segments == 2 * segments and a.tables.seg_len.sum() == 0
+    assert sorted(state.slots.tolist()) == sorted(slots[:segments].tolist()) and state.seen == 1
+    row = attach_row(b, state)
+    assert b.retained_slots(row).sort().values.tolist() == sorted(slots[:segments].tolist())
+    free_row(pool, detach_row(b, row))
+    assert pool.num_free == 1000 - 9 + segments
