@@ -128,7 +128,7 @@ class Engine:
 
     @property
     def running(self) -> list[EngineRequest]:
-        return [r for g in self.groups.values() for r in g.requests]
+        return [r for g in list(self.groups.values()) for r in list(g.requests)]
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
@@ -174,22 +174,30 @@ class Engine:
                 cancelled, self.cancelled = self.cancelled, set()
                 if self.stopping:
                     break
-            self._drop_cancelled(cancelled)
-            self._admit()
-            for key, group in list(self.groups.items()):
-                if group.requests:
-                    self._step(group)
-            self._update_gauges()
+            try:
+                self._drop_cancelled(cancelled)
+                self._admit()
+                for group in list(self.groups.values()):
+                    if group.requests:
+                        self._step(group)
+                self._update_gauges()
+            except Exception as exc:  # noqa: BLE001 - a bug must fail requests, not hang every client
+                traceback.print_exc()
+                self._fail_all(InternalError(f"the engine failed: {type(exc).__name__}: {exc}"))
             if not self.running and self.waiting and not self.cancelled:
                 with self.cond:  # nothing fits (room held by busy sessions): wait for a change
                     self.cond.wait(0.05)
         self._shutdown()
 
     def _shutdown(self) -> None:
-        error = Unavailable("the server is shutting down")
+        self._fail_all(Unavailable("the server is shutting down"))
+
+    def _fail_all(self, error: APIError) -> None:
         with self.cond:
             waiting, self.waiting = list(self.waiting), deque()
         for request in waiting:
+            if request.session is not None:
+                self.sessions.unreserve(request.session)
             request.sink(Event("error", error=error))
         for group in self.groups.values():
             for request in list(group.requests):

@@ -112,3 +112,21 @@ def test_rows_detach_and_attach_without_moving_kv(random_vl):
     assert b.retained_slots(row).sort().values.tolist() == sorted(slots[:segments].tolist())
     free_row(pool, detach_row(b, row))
     assert pool.num_free == 1000 - 9 + segments
+
+
+def test_a_long_prefill_does_not_stall_decoding(engine, random_vl):
+    """A prompt of ~50 chunks advances one chunk per step while a short request decodes beside it."""
+    model, processor = random_vl
+    events = {}
+    jobs = {}
+    for name, text, tokens in (("long", "a long document " * 25, 2), ("short", "hi", 6)):
+        events[name] = queue.Queue()
+        jobs[name] = EngineRequest(name, build_inputs(processor, [{"role": "user", "content": text}]), CONFIG,
+                                   SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True), events[name].put)
+    assert jobs["long"].prompt_len > 40 * CONFIG.prefill_chunk
+    engine.submit(jobs["long"])
+    engine.submit(jobs["short"])
+    for name in ("long", "short"):
+        while events[name].get(timeout=60).kind == "token":
+            pass
+    assert jobs["short"].last_token_at < jobs["long"].first_token_at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -183,3 +184,23 @@ def test_raw_sse_framing(server):
         events = [line for line in response.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_video_part_as_a_data_uri(server, video_mp4):
+    uri = "data:video/mp4;base64," + base64.b64encode(video_mp4.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
+                                             {"type": "text", "text": "which digit is in the video?"}]}]
+    out = ask(server.openai(), messages)
+    assert out.usage.prompt_tokens > 20 and out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_non_streaming_client_that_gives_up_frees_its_slots(server):
+    body = {"model": "tiny-recall", "messages": image_message(), "max_tokens": 4000, "ignore_eos": True}
+    before = server.wait_idle()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    idle = server.wait_idle(timeout=5)
+    assert idle["dbtrimkv_kv_slots_in_use"] == before["dbtrimkv_kv_slots_in_use"]  # parked sessions only
+    cancelled = 'dbtrimkv_requests_finished_total{reason="cancelled"}'
+    assert idle[cancelled] == before.get(cancelled, 0) + 1
+    assert idle['dbtrimkv_requests_finished_total{reason="cancelled"}'] == before + 1
