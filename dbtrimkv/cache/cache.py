@@ -40,7 +40,7 @@ from ..policies import get_policy
 from ..transformers_compat import integration_error
 from .forward_plan import ForwardPlan
 from .pool import SlotPool
-from .requests import RequestTable
+from .requests import ParkedSequence, RequestTable
 from .tables import SlotTables
 from .view_attention import attend_view, attend_view_and_new
 from .views import KVViews
@@ -157,13 +157,26 @@ class DBTrimKVCache(Cache):
             layer.is_initialized = True
 
     # --- sequences ------------------------------------------------------------------------------
-    def add_sequence(self) -> int:
-        """Add an empty sequence as the last batch row of a live cache; returns its row. The others'
-        entries and bookkeeping are untouched; the next forward's input must have one more row."""
+    def use_pool(self, pool: SlotPool) -> None:
+        """Keep this cache's entries in `pool`, which other caches may share (a server's one bounded
+        pool). Call before the first forward; the cache then starts with no sequences."""
+        if self.pool is not None:
+            raise RuntimeError("use_pool must be called before the cache's first forward")
+        self._initialize(0, pool.device, pool.dtype)
+        self.pool = pool
+
+    def add_sequence(self, parked: ParkedSequence | None = None) -> int:
+        """Add a sequence as the last batch row of a live cache; returns its row. Empty by default, or
+        a `parked` one (from `park_sequence` on a cache with the same pool), whose entries come back
+        without copying. The others' entries and bookkeeping are untouched; the next forward's input
+        must have one more row."""
         self._check_between_forwards("add a sequence")
-        row = self.requests.add()
+        row = self.requests.add(parked.state if parked is not None else None)
         if self.tables is not None:
-            self.tables.add_segments(self.segments_per_sequence)
+            if parked is None:
+                self.tables.add_segments(self.segments_per_sequence)
+            else:
+                self.tables.add_segments(self.segments_per_sequence, parked.slots, parked.lengths)
         if self._token_ids is not None:  # every column processed so far is padding for the new row
             self._token_ids = torch.cat([self._token_ids, self._token_ids.new_zeros(1, self._token_ids.shape[1])])
             self._token_mask = torch.cat([self._token_mask, self._token_mask.new_zeros(1, self._token_mask.shape[1])])
@@ -172,16 +185,27 @@ class DBTrimKVCache(Cache):
     def remove_sequence(self, row: int) -> None:
         """Retire batch row `row`: its slots go back to the pool's free list, the rows after it move up
         by one; the other sequences' entries and bookkeeping are untouched."""
+        parked = self.park_sequence(row)
+        if self.pool is not None:
+            self.pool.release(parked.slots)
+
+    def park_sequence(self, row: int) -> ParkedSequence:
+        """Take batch row `row` out like `remove_sequence`, but keep its slots allocated: the returned
+        sequence can be added back later (to this cache or another one on the same pool)."""
         self._check_between_forwards("remove a sequence")
         if not 0 <= row < len(self.requests):
             raise IndexError(f"row {row} out of range for a cache of {len(self.requests)} sequences")
+        lh = self.segments_per_sequence
         if self.tables is not None:
-            lh = self.segments_per_sequence
-            self.pool.release(self.tables.remove_segments(row * lh, lh))
-        self.requests.remove(row)
+            lengths = self.tables.seg_len[row * lh : (row + 1) * lh].to(torch.int64)
+            slots = self.tables.remove_segments(row * lh, lh)
+        else:
+            lengths, slots = torch.zeros(lh, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+        state = self.requests.remove(row)
         if self._token_ids is not None:
             keep = [b for b in range(self._token_ids.shape[0]) if b != row]
             self._token_ids, self._token_mask = self._token_ids[keep], self._token_mask[keep]
+        return ParkedSequence(state, slots, lengths)
 
     def _check_between_forwards(self, action: str) -> None:
         if self._staged:

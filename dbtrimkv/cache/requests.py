@@ -26,6 +26,20 @@ class SequenceState:
     rope_delta: int = 0  # M-RoPE position of the next token minus its text position (Qwen-VL)
 
 
+@dataclass
+class ParkedSequence:
+    """A sequence taken out of a cache whose entries stay allocated in the pool (a server's parked
+    session, or a row moving to another cache on the same pool): its bookkeeping and slot ids."""
+
+    state: SequenceState
+    slots: torch.Tensor  # slot ids of its L*H segments, concatenated in segment order
+    lengths: torch.Tensor  # int64 [L*H]: ids per segment
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.slots.numel())
+
+
 class RequestTable:
     """The rows of every sequence a cache holds, in segment order."""
 

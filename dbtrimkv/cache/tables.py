@@ -80,12 +80,18 @@ class SlotTables:
         """Entries held by each run of `segments_per_sequence` segments (each sequence)."""
         return self.seg_len.to(torch.int64).view(-1, segments_per_sequence).sum(1).tolist()
 
-    def add_segments(self, count: int) -> None:
-        """Append `count` empty segments (they get room on their first `reserve`)."""
-        end = torch.full((count,), self.table.numel(), dtype=torch.int64, device=self.device)
-        self.seg_start = torch.cat([self.seg_start, end])
-        self.seg_len = torch.cat([self.seg_len, self.seg_len.new_zeros(count)])
-        self.seg_cap = torch.cat([self.seg_cap, self.seg_cap.new_zeros(count)])
+    def add_segments(self, count: int, slots: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> None:
+        """Append `count` segments: empty (they get room on their first `reserve`), or holding `slots`
+        (`lengths[i]` ids for segment i, concatenated in segment order, as `remove_segments` returned them)."""
+        if slots is None:
+            lengths = torch.zeros(count, dtype=torch.int64, device=self.device)
+        lengths = lengths.to(self.device, torch.int64)
+        start = self.table.numel() + torch.cumsum(lengths, 0) - lengths
+        if slots is not None:
+            self.table = torch.cat([self.table, slots.to(self.device, torch.int32)])
+        self.seg_start = torch.cat([self.seg_start, start])
+        self.seg_len = torch.cat([self.seg_len, lengths.to(self.seg_len.dtype)])
+        self.seg_cap = torch.cat([self.seg_cap, lengths])
         self.num_segments += count
 
     def remove_segments(self, first: int, count: int) -> torch.Tensor:

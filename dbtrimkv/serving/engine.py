@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..cache import DBTrimKVCache, SlotPool
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
@@ -31,7 +32,6 @@ from ..prompts import tokenizer_of
 from .admission import Admission, request_bound
 from .api_errors import APIError, InternalError, QueueFull, TooLarge, Unavailable
 from .batch_step import RowInput, forward_rows
-from .cache_rows import RowState, attach_row, detach_row, free_row, serving_cache, shared_pool, slots_in_use
 from .detokenize import TextTracker
 from .metrics import Metrics
 from .sampling import Sampler, SamplingParams
@@ -106,7 +106,8 @@ class Engine:
         if config.resolve_budget(self.num_layers, self.num_kv_heads) is None:
             raise ConfigError("the server needs a KV budget (--budget or --memory-size): admission control relies on "
                               "each request's bound, and a full cache has none")
-        self.pool = shared_pool(self.head_dim, self.dtype, self.device, pool_slots)
+        self.pool = SlotPool(self.head_dim, self.dtype, self.device)
+        self.pool.ensure_free(pool_slots, limit=pool_slots)  # allocated once; it never grows
         self.admission = Admission(pool_slots)
         self.sessions = SessionStore(max_sessions)
         self.metrics = metrics or Metrics()
@@ -125,6 +126,10 @@ class Engine:
     def bound_for(self, config: DBTrimKVConfig, new_tokens: int) -> int:
         budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
         return request_bound(budget, self.segments, config.buffer_size, config.prefill_chunk, new_tokens)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.pool.capacity - self.pool.num_free
 
     @property
     def running(self) -> list[EngineRequest]:
@@ -237,7 +242,7 @@ class Engine:
 
     def _make_room(self, request: EngineRequest) -> bool:
         """Does the request fit, after dropping idle sessions least recently used first if needed?"""
-        releasing = request.session.row.num_slots if request.session is not None else 0
+        releasing = request.session.parked.num_slots if request.session is not None else 0
         while not self.admission.fits(request.bound, releasing):
             dropped = self.sessions.drop_least_recent("the pool needed the room for a new request")
             if dropped is None:
@@ -246,30 +251,32 @@ class Engine:
         return True
 
     def _start(self, request: EngineRequest) -> None:
-        row = RowState.empty(self.segments, self.device)
+        parked = None
         if request.session is not None:
             self.sessions.take(request.session.id)
             self.admission.unpark(request.session.id)
             if request.continues:
-                row = request.session.row
+                parked = request.session.parked
             else:
-                free_row(self.pool, request.session.row)
+                self.pool.release(request.session.parked.slots)
         key = config_key(request.config)
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = _Group(serving_cache(self.model, request.config, self.pool))
-        attach_row(group.cache, row)
+            cache = DBTrimKVCache(self.model, request.config)
+            cache.use_pool(self.pool)
+            group = self.groups[key] = _Group(cache)
+        group.cache.add_sequence(parked)
         group.requests.append(request)
         self.admission.admit(request.id, request.bound)
-        request.cached_tokens = row.seen
+        seen, rope_delta = (parked.state.seen, parked.state.rope_delta) if parked is not None else (0, 0)
+        request.cached_tokens = seen
         inputs = request.inputs
         ids = inputs["input_ids"].to(self.device)
         mask = torch.ones_like(ids)
         types = inputs.get("mm_token_type_ids")
         types = torch.zeros_like(ids) if types is None else types.to(self.device)
         request.inputs = dict(inputs, input_ids=ids, attention_mask=mask, mm_token_type_ids=types)
-        request.positions = token_positions(self.model, request.inputs, mask, [row.seen],
-                                            [row.seen + row.rope_deltas])[..., 0, :]
+        request.positions = token_positions(self.model, request.inputs, mask, [seen], [seen + rope_delta])[..., 0, :]
         if self.vision_language and bool(types.any()):
             request.vision = VisionStream(self.model, request.inputs, types, mask)
         request.sampler = Sampler(request.sampling)
@@ -285,10 +292,10 @@ class Engine:
             vision = (request.vision, start, end) if request.vision is not None else None
             return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
                             vision), end == total
-        seen = cache.seen[row]
-        pos = torch.tensor([seen], device=self.device)
+        state = cache.requests[row]
+        pos = torch.tensor([state.seen], device=self.device)
         if self.vision_language:
-            pos = torch.cat([pos, pos.new_full((3,), seen + cache.rope_deltas[row])])[:, None]
+            pos = torch.cat([pos, pos.new_full((3,), state.seen + state.rope_delta)])[:, None]
         token = torch.tensor([request.generated[-1]], device=self.device)
         return RowInput(token, pos, torch.zeros_like(token)), True
 
@@ -313,7 +320,7 @@ class Engine:
                 self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
                 if request.prefilled == request.prompt_len and self.vision_language:
                     last = int(request.positions[1:].max()) if request.prompt_len else seen_before[b] - 1
-                    cache.rope_deltas[b] = last + 1 - (seen_before[b] + row_input.ids.numel())
+                    cache.requests[b].rope_delta = last + 1 - (seen_before[b] + row_input.ids.numel())
             if not samples:
                 continue
             token = request.sampler(logits[b])
@@ -347,18 +354,18 @@ class Engine:
         """Take a request out of the batch: park its session row or free its slots; tell the client."""
         row = group.requests.index(request)
         group.requests.pop(row)
-        state = detach_row(group.cache, row)
+        parked = group.cache.park_sequence(row)
         self.admission.release(request.id)
         keep = request.session_id is not None and reason in ("stop", "length")
         if keep:
             reply = request.tracker.text
             session = Session(request.session_id, config_key(request.config), request.history + [canonical_reply(reply)],
-                              state, list(request.generated))
-            self.admission.park(session.id, state.num_slots)
+                              parked, list(request.generated))
+            self.admission.park(session.id, parked.num_slots)
             for dropped in self.sessions.park(session):
                 self._free_session(dropped)
         else:
-            free_row(self.pool, state)
+            self.pool.release(parked.slots)
         if reason is not None:
             self.metrics.inc("requests_finished_total", label=("reason", reason))
         if reason == "cancelled":
@@ -379,7 +386,7 @@ class Engine:
 
     def _free_session(self, session: Session) -> None:
         self.admission.unpark(session.id)
-        free_row(self.pool, session.row)
+        self.pool.release(session.parked.slots)
 
     def live_gauges(self) -> None:
         """Set the gauges from the current state (also called when /metrics is read)."""
@@ -387,13 +394,13 @@ class Engine:
         m.set("requests_running", len(self.running))
         m.set("requests_waiting", len(self.waiting))
         m.set("sessions_parked", len(self.sessions))
-        m.set("kv_slots_in_use", slots_in_use(self.pool))
+        m.set("kv_slots_in_use", self.slots_in_use)
         m.set("kv_slots_reserved", self.admission.reserved)
 
     def _update_gauges(self) -> None:
         m = self.metrics
         self.live_gauges()
-        m.set("kv_slots_in_use_peak", max(m.get("kv_slots_in_use_peak"), slots_in_use(self.pool)))
+        m.set("kv_slots_in_use_peak", max(m.get("kv_slots_in_use_peak"), self.slots_in_use))
         evictions = sum(g.cache.num_evictions for g in self.groups.values())
         evicted = sum(g.cache.evicted_entries for g in self.groups.values())
         m.inc("evictions_total", evictions - self._evictions[0])

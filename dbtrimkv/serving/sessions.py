@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .cache_rows import RowState
+from ..cache.requests import ParkedSequence
 
 MAX_NOTICES = 4096
 
@@ -27,7 +27,7 @@ class Session:
     id: str
     config_key: tuple
     history: list[dict]  # OpenAI messages the cache has seen, the assistant replies included
-    row: RowState  # parked: its slots stay allocated in the pool
+    parked: ParkedSequence  # its cache, out of any batch: the slots stay allocated in the pool
     last_ids: list[int]  # the last reply's token ids; its final token was never fed to the model
     busy: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -110,7 +110,7 @@ class SessionStore:
 
     def parked_slots(self) -> int:
         with self._lock:
-            return sum(s.row.num_slots for s in self._sessions.values())
+            return sum(s.parked.num_slots for s in self._sessions.values())
 
 
 class SessionBusy(Exception):

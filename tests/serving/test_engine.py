@@ -9,7 +9,9 @@ import torch
 
 from dbtrimkv import DBTrimKVConfig, DBTrimKVPipeline, load_model
 from dbtrimkv.prompts import build_inputs
-from dbtrimkv.serving.cache_rows import RowState, attach_row, detach_row, free_row, serving_cache, shared_pool
+from dbtrimkv.cache import DBTrimKVCache, SlotPool
+from dbtrimkv.generation import token_positions
+from dbtrimkv.serving.batch_step import RowInput, forward_rows
 from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.serving.sampling import SamplingParams
 from helpers import random_image, randomize_gates
@@ -93,25 +95,40 @@ def test_pool_slots_all_return(engine, random_vl):
     assert engine.admission.reserved == 0
 
 
-def test_rows_detach_and_attach_without_moving_kv(random_vl):
-    model, _ = random_vl
-    pool = shared_pool(16, torch.float32, "cpu", 1000)
-    a, b = serving_cache(model, CONFIG, pool), serving_cache(model, CONFIG, pool)
-    segments = a.segments_per_sequence
-    for _ in range(3):
-        attach_row(a, RowState.empty(segments, "cpu"))
-    slots = pool.pop(9)
-    a.tables.reserve(torch.tensor([0] * segments + [1] * segments + [0] * segments), headroom=2)
-    a.tables.append(torch.arange(segments, 2 * segments), torch.zeros(segments, dtype=torch.long), slots[:segments],
-                    torch.tensor([0] * segments + [1] * segments + [0] * segments))
-    a.seen[1], a.entries[1] = 1, segments
-    state = detach_row(a, 1)
-    assert a.batch_size == 2 and a.tables.num_segments == 2 * segments and a.tables.seg_len.sum() == 0
-    assert sorted(state.slots.tolist()) == sorted(slots[:segments].tolist()) and state.seen == 1
-    row = attach_row(b, state)
-    assert b.retained_slots(row).sort().values.tolist() == sorted(slots[:segments].tolist())
-    free_row(pool, detach_row(b, row))
-    assert pool.num_free == 1000 - 9 + segments
+def text_row(model, processor, text: str, seen: int = 0) -> RowInput:
+    inputs = build_inputs(processor, [{"role": "user", "content": text}])
+    ids = inputs["input_ids"]
+    positions = token_positions(model, dict(inputs, mm_token_type_ids=torch.zeros_like(ids)), torch.ones_like(ids),
+                                [seen], [seen])[..., 0, :]
+    return RowInput(ids[0], positions, torch.zeros_like(ids[0]))
+
+
+def test_a_parked_sequence_continues_in_another_cache_on_the_same_pool(random_vl):
+    """`park_sequence` keeps a row's slots; `add_sequence(parked)` on another cache sharing the pool
+    continues it exactly as if it had never left (what a session's next turn does)."""
+    model, processor = random_vl
+    pool = SlotPool(model.config.text_config.head_dim, torch.float32, torch.device("cpu"))
+    pool.ensure_free(5000, limit=5000)
+    a, b, alone = DBTrimKVCache(model, CONFIG), DBTrimKVCache(model, CONFIG), DBTrimKVCache(model, CONFIG)
+    a.use_pool(pool)
+    b.use_pool(pool)
+    first, other = text_row(model, processor, "tell me a story " * 3), text_row(model, processor, "hi")
+    a.add_sequence()
+    a.add_sequence()
+    with torch.inference_mode():
+        forward_rows(model, a, [first, other])
+        forward_rows(model, alone, [first])
+        parked = a.park_sequence(0)
+        assert a.batch_size == 1 and pool.num_free == 5000 - parked.num_slots - a.num_entries(0)
+        assert b.add_sequence(parked) == 0
+        follow = text_row(model, processor, "and then?", seen=alone.seen[0])
+        assert torch.allclose(forward_rows(model, b, [follow]), forward_rows(model, alone, [follow]), atol=1e-5)
+    assert b.retained_slots(0).numel() == alone.num_entries(0) == b.num_entries(0)
+    assert [t.tolist() for layer in b.retained_positions(0) for t in layer] == \
+        [t.tolist() for layer in alone.retained_positions(0) for t in layer]
+    b.remove_sequence(0)
+    a.remove_sequence(0)
+    assert pool.num_free == pool.capacity == 5000
 
 
 def test_a_long_prefill_does_not_stall_decoding(engine, random_vl):

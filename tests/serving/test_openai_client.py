@@ -203,4 +203,3 @@ def test_non_streaming_client_that_gives_up_frees_its_slots(server):
     assert idle["dbtrimkv_kv_slots_in_use"] == before["dbtrimkv_kv_slots_in_use"]  # parked sessions only
     cancelled = 'dbtrimkv_requests_finished_total{reason="cancelled"}'
     assert idle[cancelled] == before.get(cancelled, 0) + 1
-    assert idle['dbtrimkv_requests_finished_total{reason="cancelled"}'] == before + 1
