@@ -6,13 +6,12 @@ pool size and per-request bound are printed at start-up so an operator knows wha
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
-from .demo import _positive_int
+from .demo import _positive_float, _positive_int
 
 
 def add_parser(sub) -> None:
@@ -28,7 +27,7 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
-    g.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     g.add_argument("--kv-memory", default="1GiB",
                    help="KV pool size: bytes (4GiB, 512MiB) or a fraction of the device's free memory (0.5) "
                         "(default: 1GiB)")
@@ -49,19 +48,9 @@ def add_parser(sub) -> None:
                    help="let requests name image / video files (paths or file:// URLs) under DIR (default: refused)")
     g.add_argument("--allow-remote-media", action="store_true",
                    help="let requests name http(s) image / video URLs, fetched by the server (default: refused)")
-    g.add_argument("--video-fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
+    g.add_argument("--video-fps", type=_positive_float, default=2.0, help="frames sampled per second of video (default: 2)")
     g.add_argument("--video-max-frames", type=_positive_int, default=64, help="at most this many frames per video")
     p.set_defaults(func=run)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {text}")
-    return value
 
 
 def options_from_args(args):
@@ -76,8 +65,8 @@ def options_from_args(args):
         raise ConfigError("--api-key must not be empty")
     if args.allow_media_dir is not None and not args.allow_media_dir.is_dir():
         raise ConfigError(f"--allow-media-dir {args.allow_media_dir} is not a directory")
-    if not args.video_fps > 0:
-        raise ConfigError(f"--video-fps must be positive, got {args.video_fps}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     http = HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,
                        max_prompt_tokens=args.max_prompt_tokens)
     return ServerOptions(

@@ -33,19 +33,30 @@ def test_api_key_is_required(server):
     assert httpx.get(server.base_url + "/health").status_code == 200  # probes need no key
 
 
+def wait_for(server, running: int, waiting: int) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        m = server.metrics()
+        if (m["dbtrimkv_requests_running"], m["dbtrimkv_requests_waiting"]) == (running, waiting):
+            return m
+        assert time.monotonic() < deadline, m
+        time.sleep(0.02)
+
+
 def test_queue_overflow_gets_429_with_retry_after(server):
     client = server.openai(api_key="secret")
-    with long_stream(server) as running, long_stream(server) as waiting:
-        lines = [running.iter_lines(), waiting.iter_lines()]  # kept: a dropped iterator closes its connection
-        assert [next(it).startswith("data:") for it in lines] == [True, True]
-        deadline = time.monotonic() + 10
-        while (m := server.metrics())["dbtrimkv_requests_running"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert (m["dbtrimkv_requests_running"], m["dbtrimkv_requests_waiting"]) == (1, 1)
-        with pytest.raises(openai.RateLimitError) as info:
-            client.chat.completions.create(model="tiny-recall", messages=image_message(), max_tokens=4)
-        assert info.value.response.headers["retry-after"] == "1"
-        assert "queue is full" in info.value.body["message"]
+    with long_stream(server) as running:
+        first = running.iter_lines()  # kept: a dropped iterator closes its connection
+        assert next(first).startswith("data:")
+        wait_for(server, running=1, waiting=0)
+        with long_stream(server) as waiting:
+            second = waiting.iter_lines()
+            assert next(second).startswith("data:")
+            wait_for(server, running=1, waiting=1)
+            with pytest.raises(openai.RateLimitError) as info:
+                client.chat.completions.create(model="tiny-recall", messages=image_message(), max_tokens=4)
+            assert info.value.response.headers["retry-after"] == "1"
+            assert "queue is full" in info.value.body["message"]
     m = server.wait_idle()
     assert m["dbtrimkv_kv_slots_in_use"] == 0
     assert m['dbtrimkv_requests_rejected_total{status="429"}'] == 1
