@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import image_message, start_server
+from serving_helpers import image_message, start_server
 from dbtrimkv.serving.app import HTTPOptions
 
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import EXAMPLES, image_message, start_server
+from serving_helpers import EXAMPLES, image_message, start_server
 
 SLOT_BYTES = 2 * 32 * 4 + 13  # tiny-recall: K and V (head_dim 32, fp32) + log beta, position, modality, free id
 POOL_SLOTS = 3200  # an image chat's bound is 96 + 6 x ~50 entries: about 7 fit at once, so 16 clients queue
