@@ -396,6 +396,7 @@ class Engine:
         m.set("sessions_parked", len(self.sessions))
         m.set("kv_slots_in_use", self.slots_in_use)
         m.set("kv_slots_reserved", self.admission.reserved)
+        m.set("kv_views_bytes", sum(g.cache.views_bytes() for g in list(self.groups.values())))
 
     def _update_gauges(self) -> None:
         m = self.metrics

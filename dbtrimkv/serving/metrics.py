@@ -36,6 +36,8 @@ class Metrics:
         "kv_pool_slots": ("gauge", "KV entries (slots) the pool holds; fixed at start-up"),
         "kv_slots_in_use": ("gauge", "KV entries in use (running requests and parked sessions)"),
         "kv_slots_in_use_peak": ("gauge", "Most KV entries ever in use at once"),
+        "kv_views_bytes": ("gauge", "Bytes of the CPU attention views (contiguous per-layer copies of the cached K/V; "
+                                    "0 on CUDA, where the kernels read the pool in place)"),
         "kv_slots_reserved": ("gauge", "KV entries reserved by admission (bounds of running requests + parked sessions)"),
         "kv_request_bound_slots": ("gauge", "Per-request bound for a default request with a full prefill chunk"),
         "evictions_total": ("counter", "Eviction passes run"),
