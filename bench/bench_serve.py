@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # kv_memory: a pool of about 12 request bounds (tiny-recall: 96 + 6 x 50 entries of 269 bytes; medium:
 # 1024 + 32 x ~150 entries of 525 bytes), so under 16 clients admission holds some back
 MODELS = {
-    "tiny-recall": {"memory_size": 16, "kv_memory": "1.25MiB", "requests": {1: 8, 4: 16, 16: 48}},
-    "medium-random": {"memory_size": 32, "kv_memory": "35MiB", "requests": {1: 4, 4: 8, 16: 32}},
+    "tiny-recall": {"memory_size": 16, "kv_memory": "1.25MiB", "requests": {1: 6, 4: 12, 16: 32}},
+    "medium-random": {"memory_size": 32, "kv_memory": "35MiB", "requests": {1: 3, 4: 8, 16: 16}},
 }
 
 
@@ -56,7 +56,7 @@ def build_medium():
 
     config = build_config("qwen3")
     config.update(dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=4, head_dim=64))
+                       num_key_value_heads=4, head_dim=64, layer_types=["full_attention"] * 8))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     dbtrimkv.attach_retention_gates(model)
@@ -208,7 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_cpu.json")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--kv-memory", default=None, help="pool size for every model (default: per model, above)")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -247,9 +247,9 @@ def main() -> None:
     import torch
 
     result = {"rows": rows, "occupancy_peaks": peaks, "occupancy_traces": traces, "max_tokens": args.max_tokens,
-              "kv_memory": {m: args.kv_memory or MODELS[m]["kv_memory"] for m in args.models}, "env": {"python": platform.python_version(), "torch": torch.__version__,
-                                                    "cpu": platform.processor() or platform.machine(),
-                                                    "cores": os.cpu_count(), "server_threads": 1}}
+              "kv_memory": {m: args.kv_memory or MODELS[m]["kv_memory"] for m in args.models},
+              "env": {"python": platform.python_version(), "torch": torch.__version__,
+                      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "server_threads": 1}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     md = table(rows) + "\n\nKV pool under 16 clients (batched): " + "; ".join(
