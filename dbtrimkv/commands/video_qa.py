@@ -52,20 +52,29 @@ def add_parser(sub) -> None:
                    help="frames sampled per second of video; 0 = every frame (default: 2)")
     v.add_argument("--max-frames", type=int, default=None, metavar="N",
                    help="stop after this many sampled frames (default: no limit, the whole video streams through)")
-    v.add_argument("--window-frames", type=int, default=32, metavar="N",
-                   help="sampled frames decoded, encoded and prefilled together (default: 32)")
-    v.add_argument("--frame-tokens", type=int, default=128, metavar="N",
-                   help="at most this many vision tokens per frame group; fixes the frame size (default: 128)")
+    add_window_args(v, window_frames=32, what="sampled frames decoded, encoded and prefilled together")
     add_model_args(p)
     add_eviction_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                   help="tokens to generate per answer at most (default: 64)")
+    add_answer_length_arg(p, 64)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--retention-plot", metavar="PATH", default=None,
                    help="with --video: a retention timeline PNG per question (PATH, or PATH-1.png, PATH-2.png, ... "
                         "for several): tokens in order (video frames with their times) x layers, coloured by the "
                         "KV heads still holding each token after the answer")
     p.set_defaults(func=run)
+
+
+def add_window_args(group, window_frames: int, what: str) -> None:
+    """`--window-frames` and `--frame-tokens`, shared with `dbtrimkv watch`."""
+    group.add_argument("--window-frames", type=int, default=window_frames, metavar="N",
+                       help=f"{what} (default: {window_frames})")
+    group.add_argument("--frame-tokens", type=int, default=128, metavar="N",
+                       help="at most this many vision tokens per frame group; fixes the frame size (default: 128)")
+
+
+def add_answer_length_arg(p, default: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default, metavar="N",
+                   help=f"tokens to generate per answer at most (default: {default})")
 
 
 def run(args) -> int:

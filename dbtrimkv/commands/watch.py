@@ -14,6 +14,7 @@ import sys
 import threading
 
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config, format_bytes
+from .video_qa import add_answer_length_arg, add_window_args
 
 DESCRIPTION = """\
 Watch a video source (a file, a camera device such as /dev/video0, or a network stream PyAV can open:
@@ -33,14 +34,10 @@ def add_parser(sub) -> None:
                    help="play a file at its real speed, as a camera delivers frames (default: as fast as it decodes)")
     p.add_argument("--format", default=None, metavar="NAME",
                    help="PyAV/FFmpeg input format of SOURCE (e.g. v4l2, avfoundation, dshow; default: guessed)")
-    p.add_argument("--window-frames", type=int, default=2, metavar="N",
-                   help="frames prefilled together; questions see the frames of complete windows (default: 2)")
-    p.add_argument("--frame-tokens", type=int, default=128, metavar="N",
-                   help="at most this many vision tokens per frame group (default: 128)")
+    add_window_args(p, window_frames=2, what="frames prefilled together; questions see the frames of complete windows")
     add_model_args(p)
     add_eviction_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
-                   help="tokens to generate per answer at most (default: 32)")
+    add_answer_length_arg(p, 32)
     p.set_defaults(func=run)
 
 

@@ -7,11 +7,11 @@ tables carry the same numbers (and the time per minute of video) for reading and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..recall.tasks import DIGITS
 from .long_video import FULL, OOM
+from .report import report_paths
 
 
 def _policies(results: dict) -> list[str]:
@@ -129,10 +129,7 @@ def plot(results: dict, path: Path) -> None:
 
 def write_report(results: dict, prefix: str | Path, command: str) -> list[Path]:
     """`prefix`.json, `prefix`.md and `prefix`.png; returns the three paths."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (prefix.with_suffix(s) for s in (".json", ".md", ".png"))
-    json_path.write_text(json.dumps(dict(results, command=command), indent=1) + "\n")
+    json_path, md_path, png_path = report_paths(prefix, results, command)
     md_path.write_text(markdown(results, command, png_path.name))
     plot(results, png_path)
     return [json_path, md_path, png_path]

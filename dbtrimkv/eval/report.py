@@ -80,12 +80,18 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict, prefix: str | Path, command: str) -> list[Path]:
-    """`prefix`.json, `prefix`.md and `prefix`.png; returns the three paths."""
+def report_paths(prefix: str | Path, results: dict, command: str) -> tuple[Path, Path, Path]:
+    """(`prefix`.json, .md, .png), with the folder made and the results (and command) written as JSON."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (prefix.with_suffix(s) for s in (".json", ".md", ".png"))
     json_path.write_text(json.dumps(dict(results, command=command), indent=1) + "\n")
+    return json_path, md_path, png_path
+
+
+def write_report(results: dict, prefix: str | Path, command: str) -> list[Path]:
+    """`prefix`.json, `prefix`.md and `prefix`.png; returns the three paths."""
+    json_path, md_path, png_path = report_paths(prefix, results, command)
     tokens = results["prompt_tokens"]
     spec = results["spec"]
     md_path.write_text(
