@@ -125,14 +125,14 @@ def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec
         if cap is not None and cache.storage_bytes() > cap:
             raise _OverCap
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     windows = frame_windows(processor, video.frames(), options, total=video.num_frames)
     try:
         encoded = encode_windows(model, processor, windows, config, name=f"seed {video.seed}", on_window=measure)
     except _OverCap:
         return {"status": OOM, "kv_bytes": peak["kv"], "rss_bytes": peak["rss"]}
     answer = ask(model, processor, encoded, VIDEO_QUESTION, max_new_tokens=spec.max_new_tokens)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     peak["rss"] = max(peak["rss"], rss_bytes())
     if timeline is not None:
         from ..retention_timeline import fork_tokens, save
@@ -142,7 +142,8 @@ def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec
                    f"{video.needle / video.fps:.0f} s, answer {answer.text!r} ({policy}, M = {spec.memory_size})")
     return {"status": "ok", "answer": answer.text, "correct": parse_digit(answer.text) == video.digit,
             "kv_bytes": max(peak["kv"], encoded.cache.storage_bytes()), "peak_entries": encoded.cache.peak_entries[0],
-            "prompt_tokens": sum(answer.stats.prompt_tokens.values()), "rss_bytes": peak["rss"], "seconds": seconds}
+            "prompt_tokens": sum(answer.stats.prompt_tokens.values()), "rss_bytes": peak["rss"], "seconds": seconds,
+            "cpu_seconds": cpu_seconds}
 
 
 def _cell(minutes: float, policy: str, runs: list[dict], spec: LongVideoSpec) -> dict:
@@ -154,6 +155,7 @@ def _cell(minutes: float, policy: str, runs: list[dict], spec: LongVideoSpec) ->
                     peak_entries=max(r["peak_entries"] for r in done),
                     prompt_tokens=max(r["prompt_tokens"] for r in done),
                     seconds_per_minute=sum(r["seconds"] for r in done) / len(done) / minutes,
+                    cpu_seconds_per_minute=sum(r["cpu_seconds"] for r in done) / len(done) / minutes,
                     answers=[r["answer"] for r in done])
     return cell
 

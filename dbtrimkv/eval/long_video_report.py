@@ -59,7 +59,8 @@ def _rss(cell: dict) -> str:
 
 
 def _speed(cell: dict) -> str:
-    return f"{cell['seconds_per_minute']:.2f}"
+    cpu = cell.get("cpu_seconds_per_minute")
+    return f"{cell['seconds_per_minute']:.2f}" + ("" if cpu is None else f" ({cpu:.2f})")
 
 
 def markdown(results: dict, command: str, png_name: str) -> str:
@@ -80,7 +81,8 @@ def markdown(results: dict, command: str, png_name: str) -> str:
         f"{_table(results, _kv)}\n\n"
         f"Peak resident memory of the process (MiB, sampled after every window):\n\n"
         f"{_table(results, _rss)}\n\n"
-        f"Seconds per minute of video (frame drawing, processor, prefill and the answer):\n\n"
+        f"Seconds per minute of video, wall clock (CPU time of the process in brackets; frame drawing, processor, "
+        f"prefill and the answer):\n\n"
         f"{_table(results, _speed)}\n\n"
         f"![accuracy and memory vs video length]({png_name})\n"
     )

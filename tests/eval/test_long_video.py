@@ -75,6 +75,7 @@ def test_the_command_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     assert set(cells) == {(m, p) for m in (0.2, 0.5) for p in ("global", "streaming", FULL)}
     assert cells[(0.2, FULL)]["status"] == "ok" and cells[(0.5, FULL)]["status"] == OOM
     assert 0.0 <= cells[(0.5, "global")]["accuracy"] <= 1.0 and cells[(0.5, "global")]["seconds_per_minute"] > 0
+    assert 0 < cells[(0.5, "global")]["cpu_seconds_per_minute"]
     table = out.with_suffix(".md").read_text()
     assert "| 0.5 | " in table and "OOM" in table and data["command"].startswith("dbtrimkv eval long-video")
     from PIL import Image
