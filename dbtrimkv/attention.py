@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .model_state import model_state
 from .transformers_compat import cache_from_call, integration_error
 
 ATTENTION_NAME = "dbtrimkv"
@@ -137,13 +138,14 @@ def install_retention_attention(model) -> None:
     from .gates import text_attention_modules, text_decoder
 
     register_attention()
+    handles = model_state(model).hook_handles
     for module in text_attention_modules(model):
-        module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
-        module.register_forward_hook(_attention_post_hook, with_kwargs=True)
+        handles.append(module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(_attention_post_hook, with_kwargs=True))
     decoder = text_decoder(model)
-    decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
-    decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True)
-    model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+    handles.append(decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True))
+    handles.append(decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True))
+    handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
     set_text_attention(model, ATTENTION_NAME)
 
 

@@ -21,8 +21,10 @@ import torch
 
 from .config import DBTrimKVConfig
 from .errors import CheckpointError
+from .eviction_settings import default_eviction_config
 from .gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of, text_config_of
 from .loading import DEFAULT_MODEL, TINY_ALIASES, load_base_model, read_config, resolve_model_dir
+from .model_state import existing_state, model_state
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +50,15 @@ def _prepare_output(model, directory: str | Path):
 
 
 def _base_model_name(model, base_model: str | None) -> str:
-    return base_model or getattr(model, "_dbtrimkv_base_model", None) or model.config._name_or_path
+    state = existing_state(model)
+    return base_model or (state.base_model if state is not None else None) or model.config._name_or_path
 
 
 def save_gates(model, directory: str | Path, eviction: DBTrimKVConfig | None = None,
                base_model: str | None = None) -> Path:
-    """Write the gate weights (safetensors) and a JSON describing them; returns the directory."""
+    """Write the gate weights (safetensors) and a JSON describing them; returns the directory.
+    `eviction` (default: the model's saved default, else the library default) is what a later
+    `load_model` + pipeline / CLI uses when given no settings."""
     from safetensors.torch import save_file
 
     spec, directory, tensors = _prepare_output(model, directory)
@@ -112,8 +117,8 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
         return _load_own(directory, device, dtype)
     model, processor = load_base_model(name, device=device, dtype=dtype)
     attach_retention_gates(model, gate_type=gate_type, intermediate_size=intermediate_size)
-    model._dbtrimkv_gates_trained = False
-    model._dbtrimkv_base_model = name
+    state = model_state(model)
+    state.gates_trained, state.base_model = False, name
     if name not in TINY_ALIASES:
         warnings.warn(f"{name}: {UNTRAINED_WARNING}; load a TrimKV/DBTrimKV checkpoint for learned eviction",
                       stacklevel=2)
@@ -156,7 +161,7 @@ def _load_released(directory: Path, device, dtype):
     state = read_released_weights(directory / RELEASED_WEIGHTS)
     load_gate_state(model, state, source=str(directory / RELEASED_WEIGHTS))
     memory, buffer = config.get("memory_size"), config.get("buffer_size")
-    model._dbtrimkv_default_eviction = DBTrimKVConfig(
+    model_state(model).default_eviction = DBTrimKVConfig(
         memory_size=int(memory) if memory else None,
         buffer_size=int(buffer) if buffer is not None else 32,
     )
@@ -184,15 +189,14 @@ def _load_own(directory: Path, device, dtype):
         raise CheckpointError(f"cannot read {directory / GATES_WEIGHTS}: {exc}") from None
     load_gate_state(model, state, source=str(directory / GATES_WEIGHTS))
     if meta.get("eviction"):
-        model._dbtrimkv_default_eviction = DBTrimKVConfig.from_dict(meta["eviction"])
+        model_state(model).default_eviction = DBTrimKVConfig.from_dict(meta["eviction"])
     _mark_loaded(model, base, directory)
     return model, processor
 
 
 def _mark_loaded(model, base: str, directory: Path) -> None:
-    model._dbtrimkv_gates_trained = True
-    model._dbtrimkv_base_model = base
-    model._dbtrimkv_checkpoint = str(directory)
+    state = model_state(model)
+    state.gates_trained, state.base_model, state.checkpoint = True, base, str(directory)
 
 
 def read_released_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -262,19 +266,16 @@ def load_gate_state(model, state: dict[str, torch.Tensor], source: str = "checkp
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
 
 
-def default_eviction_config(model) -> DBTrimKVConfig:
-    """The eviction settings a checkpoint came with (or the library default)."""
-    return getattr(model, "_dbtrimkv_default_eviction", None) or DBTrimKVConfig()
-
-
 def gates_are_trained(model) -> bool:
-    return bool(getattr(model, "_dbtrimkv_gates_trained", False))
+    state = existing_state(model)
+    return state is not None and state.gates_trained
 
 
 def describe(model) -> str:
     """One line on where the model and its gates came from."""
-    base = getattr(model, "_dbtrimkv_base_model", "?")
+    state = existing_state(model)
+    base = (state.base_model if state is not None else None) or "?"
     if gates_are_trained(model):
-        return f"{base} with trained gates from {getattr(model, '_dbtrimkv_checkpoint', '?')}"
+        return f"{base} with trained gates from {state.checkpoint or '?'}"
     return f"{base} with untrained gates"
 

@@ -8,19 +8,26 @@ Units: `budget` counts cache entries per sequence, summed over every layer and K
 entry = one token's K and V in one head). `memory_size` M is the per-head view of the same
 thing: `budget = L * H * M`. With neither set the cache keeps everything (useful as the
 full-cache baseline inside the same engine).
+
+`policy_options` are the chosen policy's own options (e.g. `{window: 32}` for snapkv); the policy
+class validates them (`dbtrimkv.policies`). `threshold` is the threshold policy's tau, kept as a
+setting of its own because it is the paper's knob (and the CLI's `--threshold`). Which layer of
+defaults, presets and explicit options wins is decided in `dbtrimkv.eviction_settings`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .policies import EvictionPolicy, get_policy
+from .presets import load_yaml
 
 
 @dataclass
@@ -33,10 +40,9 @@ class DBTrimKVConfig:
     lookahead: int = 1
     min_per_head: int = 0
     prefill_chunk: int = 2048
+    policy_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .policies import policy_names
-
         if self.budget is not None and self.memory_size is not None:
             raise ConfigError("set either budget (entries per sequence) or memory_size (entries per head), not both")
         for name in ("budget", "memory_size"):
@@ -51,24 +57,30 @@ class DBTrimKVConfig:
             raise ConfigError(f"min_per_head must be a non-negative integer, got {self.min_per_head!r}")
         if not _is_int(self.prefill_chunk) or self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
-        if self.policy not in policy_names():
-            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(policy_names())}")
-        if self.policy == "threshold":
-            if self.threshold is None or not 0.0 < float(self.threshold) <= 1.0:
-                raise ConfigError(
-                    f"the threshold policy needs threshold tau in (0, 1] (entries with beta^age >= tau stay), "
-                    f"got {self.threshold!r}"
-                )
-        elif self.threshold is not None:
+        if not isinstance(self.policy_options, Mapping):
+            raise ConfigError(f"policy_options must be a mapping of option -> value, got {self.policy_options!r}")
+        self.policy_options = dict(self.policy_options)
+        if "threshold" in self.policy_options:
+            raise ConfigError("set the threshold policy's tau with the `threshold` setting, not in policy_options")
+        if self.threshold is not None and self.policy != "threshold":
             raise ConfigError(f"threshold is only used by the threshold policy, not by {self.policy!r}")
+        self.build_policy()  # checks the policy name and its options now, not when a cache is built
+
+    def build_policy(self) -> EvictionPolicy:
+        """A new instance of the configured policy with its options (one per cache)."""
+        options = dict(self.policy_options)
+        if self.policy == "threshold":
+            options["threshold"] = self.threshold
+        return get_policy(self.policy, **options)
 
     # --- budget arithmetic -------------------------------------------------------------------
     @property
     def unbounded(self) -> bool:
         return self.budget is None and self.memory_size is None
 
-    def resolve_budget(self, num_layers: int, num_kv_heads: int) -> int | None:
-        """Entries kept per sequence for a model with L layers and H KV heads (None = no limit)."""
+    def resolve_budget(self, num_layers: int, num_kv_heads: int, policy: EvictionPolicy | None = None) -> int | None:
+        """Entries kept per sequence for a model with L layers and H KV heads (None = no limit);
+        `policy` (default: a new instance) checks that the budget can work for it."""
         if self.unbounded:
             return None
         budget = self.budget if self.budget is not None else self.memory_size * num_layers * num_kv_heads
@@ -78,15 +90,8 @@ class DBTrimKVConfig:
                 f"budget {budget} is too small for the protected tokens: min_per_head={self.min_per_head} over "
                 f"{num_layers} layers x {num_kv_heads} KV heads needs at least {segments * self.min_per_head} entries"
             )
-        from .policies import get_policy
-
-        get_policy(self.policy).check_budget(budget, num_layers, num_kv_heads)
+        (policy or self.build_policy()).check_budget(budget, num_layers, num_kv_heads)
         return budget
-
-    @property
-    def min_log_score(self) -> float | None:
-        """log(tau) for the threshold policy."""
-        return math.log(float(self.threshold)) if self.threshold is not None else None
 
     # --- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -101,18 +106,21 @@ class DBTrimKVConfig:
             raise ConfigError(f"unknown eviction setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
 
-    @classmethod
-    def load(cls, name_or_path: str | Path) -> "DBTrimKVConfig":
-        """Read a JSON file, a YAML file, or a preset name from `configs/`."""
+    @staticmethod
+    def read_settings(name_or_path: str | Path) -> dict[str, Any]:
+        """The raw mapping of a JSON file, a YAML file, or a preset name from `configs/`."""
         path = Path(name_or_path)
         if path.suffix == ".json" and path.is_file():
-            return cls.from_dict(json.loads(path.read_text()))
-        from .presets import load_yaml
-
+            return json.loads(path.read_text())
         try:
-            return cls.from_dict(load_yaml(name_or_path))
+            return load_yaml(name_or_path)
         except FileNotFoundError as exc:
             raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> "DBTrimKVConfig":
+        """Read a JSON file, a YAML file, or a preset name from `configs/` (unnamed settings: defaults)."""
+        return cls.from_dict(cls.read_settings(name_or_path))
 
     def save(self, path: str | Path) -> None:
         """Write JSON (`.json`) or YAML (anything else)."""
@@ -123,13 +131,29 @@ class DBTrimKVConfig:
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def replace(self, **changes) -> "DBTrimKVConfig":
-        data = self.to_dict()
-        if "budget" in changes and changes["budget"] is not None:
-            data["memory_size"] = None
-        if "memory_size" in changes and changes["memory_size"] is not None:
-            data["budget"] = None
-        data.update(changes)
-        return DBTrimKVConfig(**data)
+        """This config with `changes` applied by the layering rule (`apply_settings`)."""
+        return DBTrimKVConfig(**apply_settings(self.to_dict(), changes))
+
+
+def apply_settings(settings: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` with one layer of named settings applied (the rule of `dbtrimkv.eviction_settings`):
+    setting `budget` clears `memory_size` and vice versa; choosing another policy drops the previous
+    policy's `threshold` and `policy_options` unless the layer sets them; `policy_options` are merged."""
+    out = dict(settings)
+    if layer.get("budget") is not None and "memory_size" not in layer:
+        out["memory_size"] = None
+    if layer.get("memory_size") is not None and "budget" not in layer:
+        out["budget"] = None
+    if "policy" in layer and layer["policy"] != out.get("policy"):
+        out["threshold"], out["policy_options"] = None, {}
+    for key, value in layer.items():
+        if key == "policy_options":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"policy_options must be a mapping of option -> value, got {value!r}")
+            out[key] = {**(out.get(key) or {}), **value}
+        else:
+            out[key] = value
+    return out
 
 
 def _is_int(value) -> bool:

@@ -15,7 +15,6 @@ Output: `logsigmoid(...)` in float32, shape `[B, T, H_kv]`.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, ModelLoadError
+from .model_state import existing_state, model_state
 
 GATE_TYPES = ("rg", "rg10")
 
@@ -110,7 +110,8 @@ def text_attention_modules(model) -> list[nn.Module]:
 
 
 def gate_spec_of(model) -> GateSpec | None:
-    return getattr(model, "_dbtrimkv_gate_spec", None)
+    state = existing_state(model)
+    return state.gate_spec if state is not None else None
 
 
 def attach_retention_gates(model, gate_type: str = "rg10", intermediate_size: int = 512, bias_init: float = 18.0,
@@ -145,8 +146,7 @@ def attach_retention_gates(model, gate_type: str = "rg10", intermediate_size: in
             if spec.tie_layers and shared is None:
                 shared = gate
         module.retention_gate = gate.to(device=param.device, dtype=param.dtype)
-    model._dbtrimkv_gate_spec = spec
-    model._dbtrimkv_lock = threading.RLock()  # see generation.model_lock
+    model_state(model).gate_spec = spec
     install_retention_attention(model)
     return model
 

@@ -28,6 +28,7 @@ import torch
 from .cache import DBTrimKVCache
 from .errors import ConfigError
 from .modality import Modality, VISUAL_MODALITIES
+from .model_state import model_state
 from .transformers_compat import cache_kwargs
 
 
@@ -237,10 +238,7 @@ def _progress(progress, total: int, chunk: int):
 
 def model_lock(model) -> threading.RLock:
     """One generation at a time per model: the retention hooks keep per-forward state on its modules."""
-    lock = getattr(model, "_dbtrimkv_lock", None)
-    if lock is None:
-        lock = model._dbtrimkv_lock = threading.RLock()
-    return lock
+    return model_state(model).lock
 
 
 @torch.no_grad()

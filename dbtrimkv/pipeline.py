@@ -20,6 +20,7 @@ import torch
 from .cache import DBTrimKVCache
 from .config import DBTrimKVConfig
 from .errors import ConfigError
+from .eviction_settings import resolve_eviction
 from .generation import generate
 from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
 
@@ -111,34 +112,28 @@ class StreamingOutput:
 class DBTrimKVPipeline:
     """Load once, then call with chat messages (see the module docstring)."""
 
-    def __init__(self, model, processor, config: DBTrimKVConfig | None = None, video: VideoOptions | None = None):
-        from .checkpoints import default_eviction_config
-
+    def __init__(self, model, processor, config: DBTrimKVConfig | str | Path | None = None,
+                 video: VideoOptions | None = None):
+        """`config`: eviction settings (a DBTrimKVConfig, a YAML/JSON path or a preset name), applied
+        on top of the model's saved default by `dbtrimkv.eviction_settings`."""
         self.model, self.processor = model, processor
-        self.config = config or _library_default(default_eviction_config(model), model)
+        self.config = resolve_eviction(model, _checked_source(config))
         self.video = video or VideoOptions()
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, budget: int | None = None, memory_size: int | None = None,
-                        policy: str = "global", device=None, dtype=None, config=None, **kwargs) -> "DBTrimKVPipeline":
-        """`config`: a DBTrimKVConfig, a YAML/JSON path or a preset name; budget / memory_size / policy override it."""
-        from .checkpoints import default_eviction_config, load_model
+                        policy: str | None = None, device=None, dtype=None, config=None, threshold: float | None = None,
+                        policy_options: dict | None = None, **kwargs) -> "DBTrimKVPipeline":
+        """Load a model and resolve its eviction settings: the model's saved default, then `config` (a
+        DBTrimKVConfig, a YAML/JSON path or a preset name), then the keyword settings you set (None:
+        not set), by the rule of `dbtrimkv.eviction_settings`."""
+        from .checkpoints import load_model
 
+        source = _checked_source(config)  # before the (slow) load
         model, processor = load_model(name_or_path, device=device, dtype=dtype)
-        if config is None:
-            config = _library_default(default_eviction_config(model), model)
-        elif isinstance(config, (str, Path)):
-            config = DBTrimKVConfig.load(config)
-        elif not isinstance(config, DBTrimKVConfig):
-            raise ConfigError(f"config must be a DBTrimKVConfig, a YAML/JSON path or a preset, got {type(config).__name__}")
-        changes = {"policy": policy}
-        if budget is not None:
-            changes["budget"] = budget
-        if memory_size is not None:
-            changes["memory_size"] = memory_size
-        if policy != "threshold":
-            changes["threshold"] = None
-        return cls(model, processor, config.replace(**changes), **kwargs)
+        resolved = resolve_eviction(model, source, budget=budget, memory_size=memory_size, policy=policy,
+                                    threshold=threshold, policy_options=policy_options)
+        return cls(model, processor, resolved, **kwargs)
 
     @property
     def tokenizer(self):
@@ -267,10 +262,10 @@ def _strip_padding(ids: torch.Tensor, stop: set[int]) -> list[int]:
     return out
 
 
-def _library_default(config: DBTrimKVConfig, model) -> DBTrimKVConfig:
-    if getattr(model, "_dbtrimkv_default_eviction", None) is not None:
-        return config
-    return DBTrimKVConfig.load("default")
+def _checked_source(config):
+    if config is not None and not isinstance(config, (DBTrimKVConfig, str, Path)):
+        raise ConfigError(f"config must be a DBTrimKVConfig, a YAML/JSON path or a preset, got {type(config).__name__}")
+    return config
 
 
 class Conversation:

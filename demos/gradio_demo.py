@@ -25,6 +25,7 @@ import torch
 from dbtrimkv.commands.common import format_bytes
 from dbtrimkv.config import DBTrimKVConfig
 from dbtrimkv.errors import DBTrimKVError
+from dbtrimkv.eviction_settings import resolve_eviction
 from dbtrimkv.gates import text_config_of
 from dbtrimkv.media import load_image, video_info
 from dbtrimkv.pipeline import Conversation, DBTrimKVPipeline, GenerationStats
@@ -41,13 +42,9 @@ def session_config(base: DBTrimKVConfig, budget: float | None, memory_size: floa
                    threshold: float | None) -> DBTrimKVConfig:
     """The eviction settings of the controls: memory size M > 0 wins (budget = L x H x M), else
     budget > 0, else no limit (full cache). Other settings (buffer, chunk, ...) come from `base`."""
-    changes = {"policy": policy, "threshold": threshold if policy == "threshold" else None,
-               "budget": None, "memory_size": None}
-    if memory_size:
-        changes["memory_size"] = int(memory_size)
-    elif budget:
-        changes["budget"] = int(budget)
-    return DBTrimKVConfig(**{**base.to_dict(), **changes})
+    limit = {"memory_size": int(memory_size)} if memory_size else {"budget": int(budget)} if budget else {}
+    return resolve_eviction(config=base, policy=policy, threshold=threshold if policy == "threshold" else None,
+                            full_cache=not limit, **limit)
 
 
 def check_video(path: str, max_seconds: float) -> None:

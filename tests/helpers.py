@@ -22,6 +22,19 @@ def video_chat(frames, text="What happens?"):
     return [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": text}]}]
 
 
+PANGRAM = "The quick brown fox jumps over the lazy dog while seven wizards quietly hex the jovial bank clerks."
+
+
+def gated_tiny_text(intermediate_size: int = 8):
+    """`(model, tokenizer)`: the tiny text model with fresh retention gates attached."""
+    import dbtrimkv
+    from dbtrimkv.tiny import build_tiny
+
+    model, tokenizer = build_tiny("qwen3")
+    dbtrimkv.attach_retention_gates(model, intermediate_size=intermediate_size)
+    return model, tokenizer
+
+
 def randomize_gates(model, seed: int = 0, scale: float = 0.5, bias: float = -2.0) -> None:
     """Give the gates varied outputs (fresh gates predict beta ~ 1 everywhere)."""
     gen = torch.Generator().manual_seed(seed)

@@ -36,7 +36,6 @@ from ..errors import ConfigError
 from ..kernels import ragged_attention
 from ..kernels.dispatch import backend_for
 from ..modality import MODALITY_NAMES, Modality
-from ..policies import get_policy
 from ..transformers_compat import integration_error
 from .forward_plan import ForwardPlan
 from .pool import SlotPool
@@ -92,8 +91,8 @@ class DBTrimKVCache(Cache):
         self.num_layers = text.num_hidden_layers
         self.num_kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.budget = self.config.resolve_budget(self.num_layers, self.num_kv_heads)
-        self.policy = get_policy(self.config.policy)
+        self.policy = self.config.build_policy()  # this cache's own instance (its state is the cache's)
+        self.budget = self.config.resolve_budget(self.num_layers, self.num_kv_heads, self.policy)
         config_ids = model.config
         self.image_token_id = getattr(config_ids, "image_token_id", None)
         self.video_token_id = getattr(config_ids, "video_token_id", None)
@@ -123,6 +122,7 @@ class DBTrimKVCache(Cache):
 
     def reset(self) -> None:
         self._reset_state()
+        self.policy.reset()
         for layer in self.layers:
             layer.is_initialized = False
 
@@ -496,6 +496,7 @@ class DBTrimKVCache(Cache):
         if self.pool is not None:
             other.pool, other.tables = self.pool.clone(), self.tables.clone()
         other.requests = self.requests.clone()
+        other.policy = self.policy.clone()
         if self.policy_scores is not None:
             other.policy_scores = self.policy_scores.clone()
         other._staged, other.plan, other._pending_modality = {}, None, None

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
+from ..errors import ConfigError
+from ..eviction_settings import resolve_eviction
+from ..policies import policy_names, policy_option_defaults
+
 TINY_NOTICE = (
     "Notice: the default model is tiny-recall, a toy Qwen3-VL trained only on the synthetic recall task: it "
     "answers 'which digit is in the image?' about digit images like demos/examples/*.png and nothing else. "
@@ -32,8 +38,6 @@ def add_media_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eviction_args(p: argparse.ArgumentParser) -> None:
-    from ..policies import policy_names
-
     g = p.add_argument_group("KV budget (defaults: the checkpoint's settings, else configs/default.yaml)")
     g.add_argument("--config", default=None, metavar="YAML",
                    help="eviction settings from a YAML/JSON file or a preset name in configs/ (e.g. budget-tight)")
@@ -45,6 +49,8 @@ def add_eviction_args(p: argparse.ArgumentParser) -> None:
                    "(global = DBTrimKV, head = TrimKV per head; default: global)")
     g.add_argument("--threshold", type=float, default=None,
                    help="policy threshold: keep entries whose decayed retention beta^age is at least this (0, 1]")
+    g.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the chosen policy (repeatable; " + _policy_options_help() + ")")
     g.add_argument("--buffer-size", type=int, default=None,
                    help="tokens decoded between evictions (default from the config: 32)")
     g.add_argument("--prefill-chunk", type=int, default=None,
@@ -52,24 +58,33 @@ def add_eviction_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--full-cache", action="store_true", help="no budget: keep every entry (baseline)")
 
 
-def eviction_config(args, model):
-    """The DBTrimKVConfig the options describe, on top of the model's (or the library's) defaults."""
-    from ..checkpoints import default_eviction_config
-    from ..config import DBTrimKVConfig
+def _policy_options_help() -> str:
+    described = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in policy_option_defaults(name).items())
+                 for name in policy_names() if policy_option_defaults(name) and name != "threshold"]
+    return "defaults: " + "; ".join(described)
 
-    if args.config:
-        config = DBTrimKVConfig.load(args.config)
-    elif getattr(model, "_dbtrimkv_default_eviction", None) is not None:
-        config = default_eviction_config(model)
-    else:
-        config = DBTrimKVConfig.load("default")
-    changes = {k: getattr(args, k) for k in ("budget", "memory_size", "policy", "threshold", "buffer_size", "prefill_chunk")
-               if getattr(args, k, None) is not None}
-    if changes.get("policy", config.policy) != "threshold" and "threshold" not in changes:
-        changes["threshold"] = None
-    if args.full_cache:
-        return DBTrimKVConfig(**{**config.to_dict(), **changes, "budget": None, "memory_size": None})
-    return config.replace(**changes)
+
+def parse_policy_options(items: list[str]) -> dict:
+    """`["window=32", "kernel=7"]` -> `{"window": 32, "kernel": 7}` (values read as YAML scalars)."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--policy-option expects NAME=VALUE, got {item!r}")
+        try:
+            options[name.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--policy-option {item!r}: cannot read the value {value!r}") from None
+    return options
+
+
+def eviction_config(args, model):
+    """The DBTrimKVConfig the options describe, resolved by `dbtrimkv.eviction_settings`."""
+    explicit = {k: getattr(args, k, None) for k in ("budget", "memory_size", "policy", "threshold", "buffer_size",
+                                                   "prefill_chunk")}
+    return resolve_eviction(model, args.config, full_cache=args.full_cache,
+                            policy_options=parse_policy_options(getattr(args, "policy_option", [])) or None,
+                            **explicit)
 
 
 def format_bytes(n: float) -> str:

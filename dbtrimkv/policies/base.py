@@ -5,11 +5,19 @@ Groups are contiguous runs of segments (segment id `(b * L + l) * H + h`) that s
 count: the whole sequence, one layer, or one head. The default `evict` scores entries with the
 retention rule and runs the select-and-compact kernel; a policy that ranks by something else
 overrides `evict`.
+
+A policy is a small dataclass whose fields are its options (kvpress style): `get_policy("snapkv",
+window=32)` in Python, `policy_options: {window: 32}` in a YAML file, `--policy-option window=32` on
+the command line. Each cache builds one instance from its config; state a policy keeps between
+calls lives on that instance (`reset()` restores it, `clone()` copies it) or in the cache's typed
+`policy_scores` field.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from dataclasses import MISSING, dataclass, fields
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -33,10 +41,31 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_policy(name: str) -> "EvictionPolicy":
+def policy_class(name: str) -> type["EvictionPolicy"]:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
-    return _REGISTRY[name]()
+    return _REGISTRY[name]
+
+
+def policy_option_defaults(name: str) -> dict:
+    """A policy's options and their defaults."""
+    return {f.name: f.default for f in fields(policy_class(name)) if f.init and f.default is not MISSING}
+
+
+def get_policy(name: str, **options) -> "EvictionPolicy":
+    """A new policy instance with the given options (a `ConfigError` names any it does not have)."""
+    known = policy_option_defaults(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        have = ", ".join(f"{k} (default {v!r})" for k, v in known.items()) or "none"
+        raise ConfigError(f"policy {name!r} has no option {', '.join(map(repr, unknown))}; its options: {have}")
+    return policy_class(name)(**options)
+
+
+def check_int(policy: str, option: str, value, minimum: int) -> None:
+    """Raise ConfigError unless `value` is an integer >= `minimum` (shared by the policies' checks)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"policy {policy!r}: {option} must be an integer >= {minimum}, got {value!r}")
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -45,12 +74,23 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+@dataclass
 class EvictionPolicy:
     """Base policy: rank by retention score inside groups of `group_size` segments."""
 
-    name = "base"
-    needs_gates = True  # ranks by learned retention scores
-    periodic = False  # also evict every `buffer_size` tokens, not only when over the bound
+    name: ClassVar[str] = "base"
+    periodic: ClassVar[bool] = False  # also evict every `buffer_size` tokens, not only when over the bound
+
+    def options(self) -> dict:
+        """This instance's options by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def reset(self) -> None:
+        """Forget what was learned from earlier calls (`DBTrimKVCache.reset`). Default: nothing kept."""
+
+    def clone(self) -> "EvictionPolicy":
+        """An independent copy, state included (`DBTrimKVCache.clone`)."""
+        return copy.deepcopy(self)
 
     def group_size(self, num_layers: int, num_kv_heads: int) -> int:
         return num_layers * num_kv_heads

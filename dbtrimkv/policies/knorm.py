@@ -7,6 +7,9 @@ each (layer, KV head) stay. Needs no attention scores, hence works with any atte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from .base import register_policy
@@ -14,8 +17,9 @@ from .scored import PerHeadScorePolicy
 
 
 @register_policy
+@dataclass
 class KeyNormPolicy(PerHeadScorePolicy):
-    name = "knorm"
+    name: ClassVar[str] = "knorm"
 
     def slot_scores(self, cache) -> torch.Tensor:
         return -torch.linalg.vector_norm(cache.pool.k.to(torch.float32), dim=-1)

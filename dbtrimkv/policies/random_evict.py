@@ -1,25 +1,34 @@
 """`random`: each (layer, KV head) keeps a uniformly random subset of its entries (seeded).
 
 The floor every informed policy must beat. Scores are drawn afresh at every eviction from a
-generator seeded once per cache, so a run is reproducible.
+generator seeded once per cache (option `seed`), so a run is reproducible; `reset()` re-seeds it and
+`clone()` copies its state.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
-from .base import register_policy
+from .base import check_int, register_policy
 from .scored import PerHeadScorePolicy
-
-SEED = 0
 
 
 @register_policy
+@dataclass
 class RandomPolicy(PerHeadScorePolicy):
-    name = "random"
+    name: ClassVar[str] = "random"
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False, compare=False)
 
-    def __init__(self, seed: int = SEED):
-        self.generator = torch.Generator().manual_seed(seed)
+    def __post_init__(self):
+        check_int(self.name, "seed", self.seed, 0)
+        self.reset()
+
+    def reset(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def slot_scores(self, cache) -> torch.Tensor:
         return torch.rand(cache.pool.capacity, generator=self.generator).to(cache.device)

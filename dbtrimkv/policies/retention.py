@@ -6,22 +6,28 @@ to now; they differ only in which entries compete for the budget.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
 from ..errors import ConfigError
 from .base import EvictionPolicy, register_policy
 
 
 @register_policy
+@dataclass
 class GlobalPolicy(EvictionPolicy):
     """DBTrimKV: one top-k over every (layer, head, token) entry of the sequence."""
 
-    name = "global"
+    name: ClassVar[str] = "global"
 
 
 @register_policy
+@dataclass
 class LayerPolicy(EvictionPolicy):
     """Each layer keeps budget / L entries, shared by its heads."""
 
-    name = "layer"
+    name: ClassVar[str] = "layer"
 
     def group_size(self, num_layers, num_kv_heads):
         return num_kv_heads
@@ -32,10 +38,11 @@ class LayerPolicy(EvictionPolicy):
 
 
 @register_policy
+@dataclass
 class HeadPolicy(EvictionPolicy):
     """TrimKV: each (layer, head) keeps budget / (L * H) entries."""
 
-    name = "head"
+    name: ClassVar[str] = "head"
 
     def group_size(self, num_layers, num_kv_heads):
         return 1
@@ -48,14 +55,23 @@ class HeadPolicy(EvictionPolicy):
 
 
 @register_policy
+@dataclass
 class ThresholdPolicy(EvictionPolicy):
-    """Keep entries whose decayed retention beta^(t+1-i) is at least tau; budget is a hard cap.
+    """Keep entries whose decayed retention beta^(t+1-i) is at least tau (`threshold`); budget is a
+    hard cap.
 
     Evicts every `buffer_size` tokens (not only when over the bound) so memory follows tau.
     """
 
-    name = "threshold"
-    periodic = True
+    name: ClassVar[str] = "threshold"
+    periodic: ClassVar[bool] = True
+    threshold: float | None = None  # tau in (0, 1]
+
+    def __post_init__(self):
+        tau = self.threshold
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
+            raise ConfigError(f"the threshold policy needs threshold tau in (0, 1] (entries with beta^age >= tau "
+                              f"stay), got {tau!r}")
 
     def min_score(self, cache):
-        return cache.config.min_log_score
+        return math.log(float(self.threshold))

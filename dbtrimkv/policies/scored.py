@@ -14,6 +14,8 @@ lives in the cache's typed `policy_scores` field (not the policy), which `reset(
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import ConfigError
@@ -22,10 +24,9 @@ from .base import EvictionPolicy
 QUERY_BLOCK = 256  # queries per block when recomputing attention probabilities
 
 
+@dataclass
 class PerHeadScorePolicy(EvictionPolicy):
     """Each (layer, KV head) keeps budget / (L * H) entries, ranked by `slot_scores` (higher stays)."""
-
-    needs_gates = False
 
     def group_size(self, num_layers, num_kv_heads):
         return 1

@@ -1,9 +1,9 @@
 """`snapkv`: keep the entries the most recent queries attend to (SnapKV, Li et al. 2024).
 
 After every forward, each cached entry is scored by the attention it receives from the last
-`WINDOW` queries of that forward (the observation window: the last prompt tokens of a prefill
+`window` queries of that forward (the observation window: the last prompt tokens of a prefill
 chunk, the new token while decoding), summed over the query heads of its KV head, then
-average-pooled over neighbouring entries (`KERNEL`) so that a kept key keeps its context. An
+average-pooled over `kernel` neighbouring entries (options; defaults 16 and 5) so that a kept key keeps its context. An
 eviction ranks each (layer, KV head) by the scores of the latest forward. With chunked prefill
 every chunk's window decides what the next chunk may see, which is question-agnostic until the
 question itself arrives.
@@ -11,20 +11,29 @@ question itself arrives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from .base import register_policy
+from ..errors import ConfigError
+from .base import check_int, register_policy
 from .scored import PerHeadScorePolicy, attention_mass, layer_entries, slot_state
-
-WINDOW = 16
-KERNEL = 5
 
 
 @register_policy
+@dataclass
 class SnapKVPolicy(PerHeadScorePolicy):
-    name = "snapkv"
-    window, kernel = WINDOW, KERNEL
+    name: ClassVar[str] = "snapkv"
+    window: int = 16  # last queries of a forward whose attention scores the entries
+    kernel: int = 5  # width of the average pooling over neighbouring entries (odd)
+
+    def __post_init__(self):
+        check_int(self.name, "window", self.window, 1)
+        check_int(self.name, "kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"policy 'snapkv': kernel must be odd (a centred pooling window), got {self.kernel}")
 
     def observe_attention(self, cache, layer_idx, query):
         q_pos = cache.plan.query_positions

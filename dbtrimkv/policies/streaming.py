@@ -1,24 +1,29 @@
 """`streaming`: attention sinks plus a recent window (StreamingLLM, Xiao et al. 2023).
 
-Each (layer, KV head) keeps the first `SINKS` positions of the sequence and fills the rest of its
+Each (layer, KV head) keeps the first `sinks` positions (option, default 4) of the sequence and fills the rest of its
 share of the budget with the most recent positions. Blind to content: a baseline for what pure
 recency keeps.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from .base import register_policy
+from .base import check_int, register_policy
 from .scored import PerHeadScorePolicy
-
-SINKS = 4
 
 
 @register_policy
+@dataclass
 class StreamingPolicy(PerHeadScorePolicy):
-    name = "streaming"
-    sinks = SINKS
+    name: ClassVar[str] = "streaming"
+    sinks: int = 4  # attention-sink positions every head keeps
+
+    def __post_init__(self):
+        check_int(self.name, "sinks", self.sinks, 0)
 
     def slot_scores(self, cache) -> torch.Tensor:
         pos = cache.pool.pos.to(torch.float32)

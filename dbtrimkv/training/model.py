@@ -15,6 +15,7 @@ import torch
 from ..checkpoints import holds_gates, load_model
 from ..gates import attach_retention_gates, gate_parameters, text_attention_modules
 from ..loading import load_base_model
+from ..model_state import model_state
 from .attention import enable_training_attention
 
 
@@ -28,7 +29,7 @@ def load_for_training(config, device):
     torch.manual_seed(config.seed)
     if holds_gates(config.model):
         model, processor = load_model(config.model, device=device, dtype=config.dtype)
-        return model, processor, model._dbtrimkv_base_model
+        return model, processor, model_state(model).base_model
     model, processor = load_base_model(config.model, device=device, dtype=config.dtype)
     attach_retention_gates(model, gate_type=config.gate_type, intermediate_size=config.gate_intermediate_size,
                            bias_init=config.gate_bias_init, tie_layers=config.tie_gate_layers)

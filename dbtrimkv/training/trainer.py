@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from ..checkpoints import export_released_format, save_gates
-from ..config import DBTrimKVConfig
+from ..eviction_settings import resolve_eviction
 from ..errors import ConfigError
 from ..prompts import VideoOptions, is_multimodal, tokenizer_of
 from . import checkpoint as ckpt
@@ -76,7 +76,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     if resume_dir is not None:
         step = ckpt.load_training_state(resume_dir, model, optimizer, scheduler, accelerator.process_index)
     # Saved with the gates: the budget and policy they were trained for become the checkpoint's defaults.
-    eviction = DBTrimKVConfig(memory_size=config.memory_size, policy=config.capacity)
+    eviction = resolve_eviction(memory_size=config.memory_size, policy=config.capacity)  # on the library default
     log = MetricsLog(output, config.max_steps, append=resume_dir is not None) if accelerator.is_main_process else None
     if log is not None:
         print(f"training {sum(p.numel() for p in params)} gate parameters of {base_model} | attention {backend} | "

@@ -40,6 +40,7 @@ from PIL import Image
 from ..cache import DBTrimKVCache
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
+from ..eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
 from ..media import Video, iter_video_frames, video_info
 from ..modality import MODALITY_NAMES
@@ -177,15 +178,6 @@ class VideoAnswer:
     cache: DBTrimKVCache | None = None  # the fork that answered (video, question and answer)
 
 
-def default_config(model) -> DBTrimKVConfig:
-    """The checkpoint's eviction settings, else the library default (a bounded budget)."""
-    from ..checkpoints import default_eviction_config
-
-    if getattr(model, "_dbtrimkv_default_eviction", None) is not None:
-        return default_eviction_config(model)
-    return DBTrimKVConfig.load("default")
-
-
 @torch.no_grad()
 def encode_video(model, processor, path: str | Path, config: DBTrimKVConfig | None = None,
                  options: StreamOptions | None = None, progress: bool = False) -> EncodedVideo:
@@ -207,7 +199,7 @@ def encode_windows(model, processor, windows: Iterable[Window], config: DBTrimKV
     (`config` as in `encode_video`). `on_window(cache, window)` runs after each window's prefill:
     progress, measurements, or a memory cap that raises."""
     prefix, _ = prompt_parts(processor, "")
-    cache = DBTrimKVCache(model, config or default_config(model))
+    cache = DBTrimKVCache(model, config or resolve_eviction(model))
     start = time.perf_counter()
     head = text_inputs(processor, prefix, first=True)
     counts, frames, groups = Counter(tokens_by_modality(head)), 0, 0

@@ -6,26 +6,26 @@ import math
 
 import pytest
 import torch
+from helpers import PANGRAM, gated_tiny_text
 
 import dbtrimkv
 from dbtrimkv.generation import generate
 from dbtrimkv.policies import get_policy, policy_names
 from dbtrimkv.policies.base import split_evenly
-from dbtrimkv.policies.snapkv import KERNEL, WINDOW
-from dbtrimkv.policies.streaming import SINKS
+from dbtrimkv.policies.snapkv import SnapKVPolicy
+from dbtrimkv.policies.streaming import StreamingPolicy
 from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
 from dbtrimkv.transformers_compat import cache_kwargs
 
 BASELINES = ("streaming", "snapkv", "h2o", "knorm", "random")
-PROMPT = "The quick brown fox jumps over the lazy dog while seven wizards quietly hex the jovial bank clerks."
+SINKS = StreamingPolicy().sinks  # the defaults the tests below are written for
+WINDOW, KERNEL = SnapKVPolicy().window, SnapKVPolicy().kernel
+PROMPT = PANGRAM
 
 
 @pytest.fixture(scope="module")
 def model():
-    model, tokenizer = build_tiny("qwen3")
-    dbtrimkv.attach_retention_gates(model, intermediate_size=8)
-    return model, tokenizer
+    return gated_tiny_text()
 
 
 def run(model, policy, budget, chunk=8, prompt=PROMPT, new_tokens=6, spy=None):
@@ -55,11 +55,28 @@ def run(model, policy, budget, chunk=8, prompt=PROMPT, new_tokens=6, spy=None):
     return cache, records
 
 
-def test_baselines_are_registered_and_need_no_gates():
+def test_baselines_are_registered_and_ignore_the_gates(model):
+    """No baseline reads the learned retention: other gate weights change nothing it keeps (they do
+    change what `global` keeps)."""
     assert set(BASELINES) <= set(policy_names())
-    for name in BASELINES:
-        assert get_policy(name).needs_gates is False
-    assert get_policy("global").needs_gates is True
+    gated, tokenizer = model
+    gates = {k: v.clone() for k, v in gated.state_dict().items() if "retention_gate" in k}
+
+    def kept(policy, seed):
+        with torch.no_grad():
+            for name, p in gated.named_parameters():
+                if "retention_gate" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig(budget=40, policy=policy, prefill_chunk=8))
+        generate(gated, build_inputs(tokenizer, PROMPT), cache, max_new_tokens=2, do_sample=False)
+        return [[p.tolist() for p in layer] for layer in cache.retained_positions(0)]
+
+    try:
+        for name in BASELINES:
+            assert kept(name, 1) == kept(name, 2), name
+        assert kept("global", 1) != kept("global", 2)
+    finally:
+        gated.load_state_dict(gates, strict=False)
 
 
 @pytest.mark.parametrize("policy", BASELINES)

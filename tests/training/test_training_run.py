@@ -11,6 +11,7 @@ from training_helpers import tiny_config
 
 import dbtrimkv
 from dbtrimkv.gates import gate_outputs, text_config_of
+from dbtrimkv.model_state import model_state
 from dbtrimkv.training import train
 from dbtrimkv.training.checkpoint import checkpoint_dir
 
@@ -49,7 +50,7 @@ def test_saved_gates_load_with_identical_outputs(trained):
     fresh, _ = dbtrimkv.load_model("tiny")
     with torch.no_grad():
         assert not torch.allclose(gate_outputs(fresh, hidden), expected, atol=1e-3)  # training changed the gates
-    eviction = loaded._dbtrimkv_default_eviction
+    eviction = model_state(loaded).default_eviction
     assert (eviction.memory_size, eviction.policy) == (8, "global")
 
 

@@ -1,0 +1,57 @@
+"""`ModelState`: what dbtrimkv attaches to a transformers model, in one typed record.
+
+Why: the library needs to remember, per model, which retention gates are attached (their spec),
+where they came from (base model, checkpoint, trained or fresh), the eviction settings the
+checkpoint was saved with, the hooks it installed (so they can be removed), and the lock that
+serialises generations. One record, stored under one attribute, replaces loose private attributes
+that several modules read with `getattr`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # types only: both modules build on this one
+    from .config import DBTrimKVConfig
+    from .gates import GateSpec
+
+STATE_ATTRIBUTE = "_dbtrimkv_state"
+
+
+@dataclass
+class ModelState:
+    gate_spec: "GateSpec | None" = None  # set by attach_retention_gates
+    gates_trained: bool = False  # loaded from a checkpoint (False: freshly initialised)
+    base_model: str | None = None  # name or path of the base model
+    checkpoint: str | None = None  # directory the gates were loaded from
+    default_eviction: "DBTrimKVConfig | None" = None  # the settings the checkpoint was saved with
+    hook_handles: list[Any] = field(default_factory=list)  # torch RemovableHandles of the installed hooks
+    lock: Any = field(default_factory=threading.RLock, repr=False)  # see generation.model_lock
+
+    def remove_hooks(self) -> None:
+        """Remove every hook dbtrimkv installed on the model."""
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles.clear()
+
+
+def model_state(model) -> ModelState:
+    """The model's record, created empty on first use."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        state = ModelState()
+        setattr(model, STATE_ATTRIBUTE, state)
+    return state
+
+
+def existing_state(model) -> ModelState | None:
+    """The model's record, or None if dbtrimkv never touched the model."""
+    return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def saved_eviction(model) -> "DBTrimKVConfig | None":
+    """The eviction settings the model's checkpoint was saved with, if any."""
+    state = existing_state(model)
+    return state.default_eviction if state is not None else None
