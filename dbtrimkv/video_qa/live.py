@@ -25,10 +25,11 @@ import torch
 
 from ..cache import DBTrimKVCache
 from ..config import DBTrimKVConfig
+from ..eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
 from ..pipeline import GenerationStats, collect_stats
 from ..prompts import tokenizer_of
-from .streaming import StreamOptions, default_config, frame_windows, prompt_parts, text_inputs
+from .streaming import StreamOptions, frame_windows, prompt_parts, text_inputs
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LiveSession:
         self.options = options or StreamOptions(window_frames=processor.video_processor.temporal_patch_size)
         self.max_new_tokens = max_new_tokens
         self.prefix, _ = prompt_parts(processor, "")
-        self.cache = DBTrimKVCache(model, config or default_config(model))
+        self.cache = DBTrimKVCache(model, config or resolve_eviction(model))
         self._state = threading.Lock()  # guards the cache and counters between push and ask
         self._pending: list[tuple[int, np.ndarray, float]] = []
         self.frames = 0
