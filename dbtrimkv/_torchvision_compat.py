@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 # Schemas that torchvision registers fake (meta) kernels for unconditionally at import time.
@@ -30,8 +32,6 @@ _library = None  # keeps the declared schemas alive for the life of the process
 
 
 def _ops_library_loads(package_dir: Path) -> bool:
-    import torch
-
     candidates = sorted(package_dir.glob("_C*.so")) + sorted(package_dir.glob("_C*.pyd"))
     if not candidates:
         return False
@@ -52,7 +52,6 @@ def ensure_torchvision_importable() -> bool:
         return False
     if _ops_library_loads(Path(list(spec.submodule_search_locations)[0])):
         return False
-    import torch
 
     lib = torch.library.Library("torchvision", "FRAGMENT")
     for name, schema in _SCHEMAS.items():
@@ -69,8 +68,6 @@ def ensure_torchvision_importable() -> bool:
 
 
 def _schema_exists(name: str) -> bool:
-    import torch
-
     try:
         torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
         return True

@@ -27,10 +27,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .cache import DBTrimKVCache
+from .model_anatomy import RETENTION_ATTENTION, set_text_attention, text_attention_modules, text_decoder
 from .model_state import model_state
 from .transformers_compat import cache_from_call, integration_error
-
-ATTENTION_NAME = "dbtrimkv"
 
 
 class LazyCausalMask:
@@ -78,14 +78,12 @@ def retention_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 def register_attention() -> None:
-    AttentionInterface.register(ATTENTION_NAME, retention_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, retention_mask)
+    AttentionInterface.register(RETENTION_ATTENTION, retention_attention)
+    AttentionMaskInterface.register(RETENTION_ATTENTION, retention_mask)
 
 
 def _attention_pre_hook(module, args, kwargs):
     """Run the gate on the attention input; stage log beta and padding into a retention cache."""
-    from .cache import DBTrimKVCache
-
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     log_beta = module.retention_gate(hidden_states)
     module.retention_log_beta = log_beta  # [B, T, H_kv], read by training-time attention
@@ -105,8 +103,6 @@ def _attention_post_hook(module, args, kwargs, output):
 
 def _decoder_pre_hook(decoder, args, kwargs):
     """Remember how far a retention cache had got, to check after the forward that it was used."""
-    from .cache import DBTrimKVCache
-
     cache = cache_from_call(kwargs)
     decoder._dbtrimkv_columns_before = cache.columns if isinstance(cache, DBTrimKVCache) else None
 
@@ -115,8 +111,6 @@ def _decoder_post_hook(decoder, args, kwargs, output):
     """A retention cache handed to the decoder must have received this forward's tokens: if the
     attention modules never called it (a transformers release that changed how the cache reaches
     them), fail loudly instead of running without a cache."""
-    from .cache import DBTrimKVCache
-
     before = getattr(decoder, "_dbtrimkv_columns_before", None)
     cache = cache_from_call(kwargs)
     if before is not None and isinstance(cache, DBTrimKVCache) and cache.columns == before:
@@ -125,8 +119,6 @@ def _decoder_post_hook(decoder, args, kwargs, output):
 
 def _model_pre_hook(model, args, kwargs):
     """Record the modality of the tokens this forward will add (generated tokens are text)."""
-    from .cache import DBTrimKVCache
-
     cache = cache_from_call(kwargs)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(cache, DBTrimKVCache) and isinstance(input_ids, torch.Tensor):
@@ -134,9 +126,8 @@ def _model_pre_hook(model, args, kwargs):
 
 
 def install_retention_attention(model) -> None:
-    """Register hooks and switch the text attention (only) to `dbtrimkv`."""
-    from .gates import text_attention_modules, text_decoder
-
+    """Register hooks (their handles go to the model's `ModelState`) and switch the text attention
+    (only) to `dbtrimkv`."""
     register_attention()
     handles = model_state(model).hook_handles
     for module in text_attention_modules(model):
@@ -146,18 +137,4 @@ def install_retention_attention(model) -> None:
     handles.append(decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True))
     handles.append(decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True))
     handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
-    set_text_attention(model, ATTENTION_NAME)
-
-
-def set_text_attention(model, name: str) -> None:
-    """Switch the text decoder's attention implementation to `name`; a vision tower keeps sdpa."""
-    if hasattr(model.config, "vision_config"):
-        model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
-    else:
-        model.set_attn_implementation(name)
-
-
-def uses_retention_attention(model) -> bool:
-    from .gates import text_config_of
-
-    return getattr(text_config_of(model), "_attn_implementation", None) == ATTENTION_NAME
+    set_text_attention(model, RETENTION_ATTENTION)

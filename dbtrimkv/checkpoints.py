@@ -18,12 +18,16 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 from .config import DBTrimKVConfig
 from .errors import CheckpointError
 from .eviction_settings import default_eviction_config
-from .gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of, text_config_of
+from .gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of
 from .loading import DEFAULT_MODEL, TINY_ALIASES, load_base_model, read_config, resolve_model_dir
+from .model_anatomy import text_attention_modules, text_config_of
 from .model_state import existing_state, model_state
 
 logger = logging.getLogger(__name__)
@@ -59,8 +63,6 @@ def save_gates(model, directory: str | Path, eviction: DBTrimKVConfig | None = N
     """Write the gate weights (safetensors) and a JSON describing them; returns the directory.
     `eviction` (default: the model's saved default, else the library default) is what a later
     `load_model` + pipeline / CLI uses when given no settings."""
-    from safetensors.torch import save_file
-
     spec, directory, tensors = _prepare_output(model, directory)
     save_file(tensors, str(directory / GATES_WEIGHTS))
     text = text_config_of(model)
@@ -170,9 +172,6 @@ def _load_released(directory: Path, device, dtype):
 
 
 def _load_own(directory: Path, device, dtype):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         meta = json.loads((directory / GATES_JSON).read_text())
     except json.JSONDecodeError as exc:
@@ -222,8 +221,6 @@ def read_released_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_gate_state(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy gate tensors into the model's gates, matching by layer index and parameter name."""
-    from .gates import text_attention_modules
-
     spec = gate_spec_of(model)
     modules = text_attention_modules(model)
     expected = {}

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from .environment import version_report
 from .errors import DBTrimKVError
 
 COMMANDS = ("chat", "eval", "demo", "serve", "train", "video-qa", "watch")
@@ -24,8 +25,6 @@ class VersionReport(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .environment import version_report
-
         print(version_report())
         parser.exit()
 

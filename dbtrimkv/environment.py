@@ -11,6 +11,11 @@ import importlib.metadata
 import importlib.util
 import platform
 
+import torch
+
+from . import __version__
+from .transformers_compat import installed_version, is_supported, supported_range
+
 REPORTED_PACKAGES = ("torch", "transformers", "triton", "accelerate", "gradio")
 
 
@@ -22,8 +27,6 @@ def package_version(name: str) -> str | None:
 
 
 def cuda_status() -> str:
-    import torch
-
     if not torch.cuda.is_available():
         return "no (CPU only)" if torch.version.cuda is None else f"no device visible (torch built for CUDA {torch.version.cuda})"
     name = torch.cuda.get_device_name(0)
@@ -32,8 +35,6 @@ def cuda_status() -> str:
 
 def triton_kernels_status() -> str:
     """The Triton kernels run on CUDA tensors; on CPU the torch references run instead."""
-    import torch
-
     if importlib.util.find_spec("triton") is None:
         return "no: triton is not installed (the torch reference kernels run instead)"
     if not torch.cuda.is_available():
@@ -42,9 +43,6 @@ def triton_kernels_status() -> str:
 
 
 def version_report() -> str:
-    from . import __version__
-    from .transformers_compat import installed_version, is_supported, supported_range
-
     lines = [f"dbtrimkv {__version__}", f"python {platform.python_version()} ({platform.platform()})"]
     for name in REPORTED_PACKAGES:
         version = package_version(name)

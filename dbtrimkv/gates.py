@@ -11,6 +11,9 @@ names match the released TrimKV / DBTrimKV checkpoints.
   the same parameters in every layer when `tie_layers=True`; shared, they make scores comparable
   across layers and heads, which is what lets one global top-k work.
 Output: `logsigmoid(...)` in float32, shape `[B, T, H_kv]`.
+
+The gate modules themselves know nothing of hooks: `attach_retention_gates` builds them and asks
+`dbtrimkv.attention` to install the hooks that feed them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError
+from .attention import install_retention_attention
+from .errors import ConfigError
+from .model_anatomy import text_attention_modules, text_config_of
 from .model_state import existing_state, model_state
 
 GATE_TYPES = ("rg", "rg10")
@@ -83,32 +88,6 @@ class RetentionGate10(nn.Module):
         return F.logsigmoid((self.linear3(h) + self.bias).float())
 
 
-def text_config_of(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def text_decoder(model) -> nn.Module:
-    """The text decoder whose `layers` hold the attention (Qwen3-VL, Qwen3-VL-MoE, or a causal LM)."""
-    inner = getattr(model, "model", model)
-    for candidate in (getattr(inner, "language_model", None), inner):
-        layers = getattr(candidate, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
-            return candidate
-    raise ModelLoadError(
-        f"unsupported model {type(model).__name__}: no text decoder layers with `self_attn` were found"
-    )
-
-
-def text_decoder_layers(model) -> nn.ModuleList:
-    """The decoder layers of the language model."""
-    return text_decoder(model).layers
-
-
-def text_attention_modules(model) -> list[nn.Module]:
-    return [layer.self_attn for layer in text_decoder_layers(model)]
-
-
 def gate_spec_of(model) -> GateSpec | None:
     state = existing_state(model)
     return state.gate_spec if state is not None else None
@@ -130,8 +109,6 @@ def attach_retention_gates(model, gate_type: str = "rg10", intermediate_size: in
         if existing != spec:
             raise ConfigError(f"retention gates {existing} are already attached; cannot re-attach as {spec}")
         return model
-    from .attention import install_retention_attention
-
     text = text_config_of(model)
     num_kv_heads = text.num_key_value_heads
     std = getattr(text, "initializer_range", 0.02)

@@ -14,14 +14,16 @@ import warnings
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .checkpoints import UNTRAINED_WARNING
 from .config import DBTrimKVConfig
+from .gates import attach_retention_gates, gate_spec_of
+from .pipeline import DBTrimKVPipeline
 
 TASK = "dbtrimkv-image-text-to-text"
 
 
 class DBTrimKVImageTextToTextPipeline(Pipeline):
     """Chat messages in, `{"generated_text", "stats"}` out; see `DBTrimKVPipeline`."""
-
     _load_processor = True
     _load_image_processor = False
     _load_feature_extractor = False
@@ -29,9 +31,6 @@ class DBTrimKVImageTextToTextPipeline(Pipeline):
 
     def __init__(self, *args, eviction: DBTrimKVConfig | str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        from .checkpoints import UNTRAINED_WARNING
-        from .gates import attach_retention_gates, gate_spec_of
-        from .pipeline import DBTrimKVPipeline
 
         if gate_spec_of(self.model) is None:
             warnings.warn(f"{UNTRAINED_WARNING}; pass a model from dbtrimkv.load_model for learned eviction",

@@ -9,15 +9,18 @@ which builds on this.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from .errors import ModelLoadError
+from .tiny import build_tiny
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +104,11 @@ def read_config(directory: Path) -> dict:
 
 
 def is_supported_text_decoder(model_type: str) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
     """`(model, processor)` from a transformers model directory (weights + processor files)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
     config = read_config(directory)
     model_type = config.get("model_type", "")
     if model_type in MULTIMODAL_TYPES:
@@ -134,8 +133,6 @@ def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
 def quiet_weight_loading():
     """No "Loading weights" bar from a local directory (files are already here: it is noise before the
     answer); transformers' own setting is restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -151,8 +148,6 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, device=None, 
     dtype = resolve_dtype(dtype, device)
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     if name in TINY_ALIASES and not Path(name).exists():
-        from .tiny import build_tiny
-
         model, processor = build_tiny(TINY_ALIASES[name], dtype=dtype)
         return model.to(device), processor
     return load_pretrained(resolve_model_dir(name), device, dtype)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from transformers.video_utils import VideoMetadata
 
 from .errors import MediaError
 
@@ -55,8 +56,6 @@ class Video:
 
     def metadata(self) -> dict:
         """Metadata in the form of `transformers.video_utils.VideoMetadata`."""
-        from transformers.video_utils import VideoMetadata
-
         t, h, w = self.frames.shape[:3]
         return VideoMetadata(
             total_num_frames=self.total_num_frames or t, fps=self.fps, width=w, height=h,

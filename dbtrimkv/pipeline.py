@@ -16,13 +16,23 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from transformers import TextIteratorStreamer
 
 from .cache import DBTrimKVCache
+from .checkpoints import load_model
 from .config import DBTrimKVConfig
 from .errors import ConfigError
 from .eviction_settings import resolve_eviction
 from .generation import generate
 from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 @dataclass
@@ -57,8 +67,6 @@ class GenerationStats:
         return dict(asdict(self), tokens_per_second=self.tokens_per_second, kv_fraction=self.kv_fraction)
 
     def summary(self) -> str:
-        from .commands.common import format_bytes
-
         p, r = self.prompt_tokens, self.retained_entries
         budget = "none (full cache)" if self.budget is None else f"{self.budget} entries"
         return (
@@ -127,8 +135,6 @@ class DBTrimKVPipeline:
         """Load a model and resolve its eviction settings: the model's saved default, then `config` (a
         DBTrimKVConfig, a YAML/JSON path or a preset name), then the keyword settings you set (None:
         not set), by the rule of `dbtrimkv.eviction_settings`."""
-        from .checkpoints import load_model
-
         source = _checked_source(config)  # before the (slow) load
         model, processor = load_model(name_or_path, device=device, dtype=dtype)
         resolved = resolve_eviction(model, source, budget=budget, memory_size=memory_size, policy=policy,
@@ -192,8 +198,6 @@ class DBTrimKVPipeline:
 
     def _stream(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
                 on_done=None) -> StreamingOutput:
-        from transformers import TextIteratorStreamer
-
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
 

@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import PreTrainedTokenizerFast
+from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+from transformers import Qwen3Config, Qwen3VLConfig, Qwen3VLMoeConfig
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
 from . import presets
+from ._torchvision_compat import ensure_torchvision_importable
 
 VARIANTS = ("qwen3_vl", "qwen3_vl_moe", "qwen3")
 
@@ -66,16 +73,11 @@ def tiny_spec() -> dict[str, Any]:
 
 
 def _byte_level_vocab() -> dict[str, int]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
     return {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
 
 
 def build_tokenizer():
     """A deterministic byte-level BPE tokenizer (256 byte tokens, no merges) + Qwen specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = _byte_level_vocab()
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -101,10 +103,7 @@ def vocab_size() -> int:
 
 def build_processor(tokenizer=None):
     """A Qwen3VLProcessor (real image + video processors) around the tiny tokenizer."""
-    from ._torchvision_compat import ensure_torchvision_importable
-
     ensure_torchvision_importable()
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     spec = tiny_spec()
     vis, proc = spec["vision"], spec["processor"]
@@ -147,7 +146,6 @@ def build_config(variant: str = "qwen3_vl"):
     """The transformers config of a tiny model (`qwen3_vl`, `qwen3_vl_moe` or `qwen3`)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    from transformers import Qwen3Config, Qwen3VLConfig, Qwen3VLMoeConfig
 
     spec = tiny_spec()
     tokenizer = build_tokenizer()
@@ -178,8 +176,6 @@ def build_tiny(variant: str = "qwen3_vl", seed: int | None = None, dtype: torch.
 
     For `qwen3` (text only) the processor is the tokenizer.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
-
     config = build_config(variant)
     seed = tiny_spec()["seed"] if seed is None else seed
     with torch.random.fork_rng(devices=[]):

@@ -22,13 +22,12 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
-from dbtrimkv.commands.common import format_bytes
 from dbtrimkv.config import DBTrimKVConfig
 from dbtrimkv.errors import DBTrimKVError
 from dbtrimkv.eviction_settings import resolve_eviction
-from dbtrimkv.gates import text_config_of
 from dbtrimkv.media import load_image, video_info
-from dbtrimkv.pipeline import Conversation, DBTrimKVPipeline, GenerationStats
+from dbtrimkv.model_anatomy import text_config_of
+from dbtrimkv.pipeline import Conversation, DBTrimKVPipeline, GenerationStats, format_bytes
 from dbtrimkv.policies import policy_names
 from dbtrimkv.retention_maps import head_heatmap, image_patch_survival, overlay
 from dbtrimkv.retention_timeline import build as build_timeline, conversation_tokens, plot as plot_timeline

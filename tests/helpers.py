@@ -52,7 +52,7 @@ def randomize_gates(model, seed: int = 0, scale: float = 0.5, bias: float = -2.0
 
 
 def brute_force_keep(entries, keep: int, seen: int, lookahead: int = 1):
-    """entries: list of (layer, head, pos, log_beta); returns the set kept by the DESIGN rule."""
+    """entries: list of (layer, head, pos, log_beta); returns the set kept by the eviction contract (docs/architecture.md)."""
     import math
 
     def score(e):

@@ -36,6 +36,8 @@ from ..errors import ConfigError
 from ..kernels import ragged_attention
 from ..kernels.dispatch import backend_for
 from ..modality import MODALITY_NAMES, Modality
+from ..model_anatomy import RETENTION_ATTENTION, text_attention_name, text_config_of
+from ..model_state import existing_state
 from ..transformers_compat import integration_error
 from .forward_plan import ForwardPlan
 from .pool import SlotPool
@@ -76,13 +78,11 @@ class DBTrimKVCache(Cache):
     """Bounded KV cache over a slot pool; see the module docstring."""
 
     def __init__(self, model, config: DBTrimKVConfig | None = None):
-        from ..attention import uses_retention_attention
-        from ..gates import gate_spec_of, text_config_of
-
         self.config = config if config is not None else DBTrimKVConfig()
         if not isinstance(self.config, DBTrimKVConfig):
             raise ConfigError(f"config must be a DBTrimKVConfig, got {type(self.config).__name__}")
-        if not uses_retention_attention(model) or gate_spec_of(model) is None:
+        state = existing_state(model)
+        if text_attention_name(model) != RETENTION_ATTENTION or state is None or state.gate_spec is None:
             raise ConfigError(
                 "this model has no retention gates: call dbtrimkv.attach_retention_gates(model) or load it "
                 "with dbtrimkv.load_model(...) before creating a DBTrimKVCache"

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import sys
 
+from ..checkpoints import load_model
+from ..errors import DBTrimKVError
+from ..pipeline import DBTrimKVPipeline
+from ..prompts import VideoOptions
 from .common import TINY_NOTICE, add_eviction_args, add_media_args, add_model_args, eviction_config
 
 HELP = "commands: /image PATH, /video PATH (attach to the next message), /stats, /reset, /exit"
@@ -37,10 +41,6 @@ def add_parser(sub) -> None:
 
 
 def load_pipeline(args):
-    from ..checkpoints import load_model
-    from ..pipeline import DBTrimKVPipeline
-    from ..prompts import VideoOptions
-
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -74,8 +74,6 @@ def _plot(cache, pipe, path) -> None:
 
 
 def interactive(pipe, images, videos, options, plot=None) -> int:
-    from ..errors import DBTrimKVError
-
     conversation = pipe.conversation()
     images, videos, last = list(images), list(videos), None
     print(f"Interactive chat; {HELP}.", file=sys.stderr)

@@ -86,10 +86,3 @@ def eviction_config(args, model):
                             policy_options=parse_policy_options(getattr(args, "policy_option", [])) or None,
                             **explicit)
 
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"

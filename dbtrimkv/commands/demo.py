@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ..checkpoints import load_model
+from ..pipeline import DBTrimKVPipeline
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 
 
@@ -70,9 +72,6 @@ def load_demo_module():
 
 
 def run(args) -> int:
-    from ..checkpoints import load_model
-    from ..pipeline import DBTrimKVPipeline
-
     demo_module = load_demo_module()
     notice = TINY_NOTICE if args.model is None else None
     if notice:

@@ -16,6 +16,16 @@ import logging
 import sys
 from pathlib import Path
 
+from ..errors import ConfigError
+from ..eval.harness import BenchmarkSpec, run_benchmark
+from ..eval.report import write_report
+from ..loading import resolve_device
+from ..policies import policy_names
+from ..recall.tasks import TASK_KINDS
+from ..recall.train_gates import train_gates
+from ..recall.train_model import train
+from .common import add_model_args
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="synthetic recall benchmark and its training recipes",
@@ -28,10 +38,6 @@ def add_parser(sub) -> None:
 
 
 def _add_synthetic(sub) -> None:
-    from ..recall.tasks import TASK_KINDS
-    from ..policies import policy_names
-    from .common import add_model_args
-
     p = sub.add_parser("synthetic", help="accuracy of eviction policies vs KV budget on synthetic recall",
                        description="Answer held-out synthetic recall prompts under each policy and budget (a fraction "
                                    "of the full cache, converted per prompt to an entry budget). Writes JSON, a "
@@ -123,10 +129,6 @@ def _log_to_stderr() -> None:
 
 
 def run_synthetic(args) -> int:
-    from ..errors import ConfigError
-    from ..eval.harness import BenchmarkSpec, run_benchmark
-    from ..eval.report import write_report
-
     if any(not 0.0 < b <= 1.0 for b in args.budgets):
         raise ConfigError(f"--budgets are fractions of the full cache in (0, 1], got {args.budgets}")
     _log_to_stderr()
@@ -163,10 +165,7 @@ def run_long_video(args) -> int:
 
 
 def run_train_recall(args) -> int:
-    from ..recall.train_model import train
-
     _log_to_stderr()
-    from ..loading import resolve_device
 
     scores = train(args.config, output=args.output, steps=args.steps, threads=args.threads,
                    device=str(resolve_device(args.device)), resume=args.resume,
@@ -176,8 +175,6 @@ def run_train_recall(args) -> int:
 
 
 def run_train_gates(args) -> int:
-    from ..recall.train_gates import train_gates
-
     _log_to_stderr()
     print(train_gates(args.config, examples=args.examples, threads=args.threads,
                       serve_memory_size=args.serve_memory_size))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..training import TrainConfig, train
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -22,8 +24,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..training import TrainConfig, train
-
     config = TrainConfig.load(args.config, output_dir=args.output, max_steps=args.max_steps, model=args.model,
                               train_data=args.train_data)
     train(config, resume=args.resume)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config, format_bytes
+from ..checkpoints import load_model
+from ..errors import ConfigError
+from ..pipeline import format_bytes
+from ..video_qa import StreamOptions, VideoQA, load_dataset, run_dataset
+from ..video_qa.runner import load_predictions, metrics_path
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 
 DESCRIPTION = """\
 Answer questions about a video of any length inside a fixed KV budget. The video is decoded with
@@ -78,10 +83,6 @@ def add_answer_length_arg(p, default: int) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints import load_model
-    from ..errors import ConfigError
-    from ..video_qa import StreamOptions, VideoQA
-
     if (args.video is None) == (args.dataset is None):
         raise ConfigError("give either --video PATH with questions, or --dataset FILE")
     if args.video is not None and not args.questions:
@@ -142,9 +143,6 @@ def _plot(qa, encoded, answer, path: str, number: int | None) -> None:
 
 
 def _dataset(qa, args) -> int:
-    from ..video_qa import load_dataset, run_dataset
-    from ..video_qa.runner import load_predictions, metrics_path
-
     items = load_dataset(args.dataset, args.format, args.video_dir)[: args.limit]
     metrics = run_dataset(qa, items, args.output, progress=not args.no_progress)
     acc = "n/a" if metrics["accuracy"] is None else f"{100 * metrics['accuracy']:.2f}%"

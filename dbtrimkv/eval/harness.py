@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..cache import DBTrimKVCache
+from ..checkpoints import describe, gates_are_trained, load_model
 from ..config import DBTrimKVConfig
 from ..generation import generate
-from ..gates import text_config_of
+from ..loading import DEFAULT_MODEL
+from ..model_anatomy import text_config_of
 from ..prompts import tokenizer_of
 from ..recall.tasks import (
     TASK_KINDS, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples, prompt_inputs,
@@ -39,7 +41,6 @@ FULL = "full"
 @dataclass
 class BenchmarkSpec:
     """What to run: the prompts (kind, task parameters, count) and the policy x budget grid."""
-
     kind: str = "cards"
     task: dict = field(default_factory=dict)
     examples: int = 100
@@ -93,9 +94,6 @@ def _summary(name: str, budget: float | None, rows: list[dict], key: str) -> dic
 @torch.no_grad()
 def run_benchmark(spec: BenchmarkSpec, model_name=None, device="cpu", dtype=None) -> dict:
     """Answer every prompt with a full cache and under every (policy, budget); returns the results dict."""
-    from ..checkpoints import describe, gates_are_trained, load_model
-    from ..loading import DEFAULT_MODEL
-
     model_name = str(model_name or DEFAULT_MODEL)  # the shipped tiny-recall model
     model, processor = load_model(model_name, device=device, dtype=dtype)
     if not gates_are_trained(model):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForImageTextToText, GenerationConfig
 
 from .. import presets, tiny
 
@@ -45,8 +46,6 @@ def build_config(model_spec: dict[str, Any]):
 
 def build_model(model_spec: dict[str, Any], seed: int):
     """`(model, processor)`: a freshly initialised recall model (deterministic by `seed`)."""
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
     config = build_config(model_spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from ..prompts import build_inputs
+
 KEYS = string.ascii_uppercase
 DIGITS = string.digits
 CARD_MODALITIES = ("image", "text")  # where a card keeps its value (not the token modality enum)
@@ -165,8 +167,6 @@ def answer_prefix(key: str) -> str:
 
 def prompt_inputs(processor, examples: list["RecallExample"]):
     """Processor inputs of the prompts (left-padded batch), ending with the answer prefix."""
-    from ..prompts import build_inputs
-
     return build_inputs(processor, [ex.messages for ex in examples], add_generation_prompt=False,
                         continue_final_message=True)
 

@@ -18,6 +18,11 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
+from ..checkpoints import load_model, save_gates
+from ..config import DBTrimKVConfig
+from ..training import TrainConfig, train
 from .recall_model import RECALL_MODEL_DIR, load_recipe
 from .tasks import TRAIN_SEED_BASE, make_example
 from .train_model import sample_task
@@ -85,11 +90,7 @@ def train_gates(config_path: str | Path = "train-recall-gates", examples: int = 
     `serve_memory_size`: the M saved as the gates' default eviction (default: the training M). A
     chat about one image is ~50 tokens, where the training M (sized for 400-token card streams)
     leaves too little of the question: the shipped model is served with a larger one."""
-    import torch
 
-    from ..checkpoints import load_model, save_gates
-    from ..config import DBTrimKVConfig
-    from ..training import TrainConfig, train
 
     if threads:
         torch.set_num_threads(threads)

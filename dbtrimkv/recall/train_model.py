@@ -39,13 +39,17 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
 
+from .. import tiny
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
 from .tasks import (
@@ -266,9 +270,7 @@ def initial_model(recipe: dict[str, Any]):
     directory, else a fresh model of the recipe's sizes (deterministic by seed)."""
     if not recipe.get("init"):
         return build_model(recipe["model"], recipe["seed"])
-    from transformers import AutoModelForImageTextToText
 
-    from .. import tiny
 
     init = Path(recipe["init"])
     if not (init / "model.safetensors").is_file():
@@ -283,8 +285,6 @@ RESUME_DIR = "resume"
 def save_checkpoint(directory: Path, model, processor, optimizer, state: dict[str, Any]) -> None:
     """Weights (safetensors), optimiser state (tensors only) and the loop state; written to a
     temporary directory first and renamed, so an interruption leaves the previous checkpoint intact."""
-    import shutil
-
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     save_model(model, processor, partial)
@@ -296,8 +296,6 @@ def save_checkpoint(directory: Path, model, processor, optimizer, state: dict[st
 
 def load_checkpoint(directory: Path, model, optimizer) -> dict[str, Any]:
     """Restore weights and optimiser state saved by `save_checkpoint`; returns the loop state."""
-    from safetensors.torch import load_file
-
     model.load_state_dict(load_file(directory / "model.safetensors"))
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     return json.loads((directory / "state.json").read_text(encoding="utf-8"))

@@ -6,9 +6,9 @@
 `model`, `checkpoint`, `log`, `trainer`, `config`.
 """
 
-from .attention import TRAIN_ATTENTION_NAME, enable_training_attention, teacher_attention
+from .train_attention import TRAIN_ATTENTION_NAME, enable_training_attention, teacher_attention
 from .capacity import capacity_loss
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .synthetic import write_synthetic_dataset
 from .trainer import TrainResult, train
 

@@ -16,7 +16,7 @@ from ..checkpoints import holds_gates, load_model
 from ..gates import attach_retention_gates, gate_parameters, text_attention_modules
 from ..loading import load_base_model
 from ..model_state import model_state
-from .attention import enable_training_attention
+from .train_attention import enable_training_attention
 
 
 def base_model_name(name: str) -> str:

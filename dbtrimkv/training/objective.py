@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..gates import text_attention_modules
-from .attention import teacher_attention
+from .train_attention import teacher_attention
 from .capacity import capacity_loss
 from .distill import distillation_losses
 

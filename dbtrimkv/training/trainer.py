@@ -23,10 +23,10 @@ from ..checkpoints import export_released_format, save_gates
 from ..eviction_settings import resolve_eviction
 from ..errors import ConfigError
 from ..prompts import VideoOptions, is_multimodal, tokenizer_of
-from . import checkpoint as ckpt
-from .attention import disable_training_attention
+from . import run_checkpoints as ckpt
+from .train_attention import disable_training_attention
 from .collate import Collator, EpochSampler, pack_examples
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .data import ChatDataset, read_chats
 from .log import MetricsLog
 from .model import load_for_training, prepare_for_gate_training, unique_gate_parameters

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
 from ..cache import DBTrimKVCache
 from ..config import DBTrimKVConfig
@@ -81,8 +82,6 @@ class StreamOptions:
 def frame_size(processor, height: int, width: int, frame_tokens: int = DEFAULT_FRAME_TOKENS) -> tuple[int, int]:
     """(height, width) every frame is resized to: aspect ratio kept, sides multiples of
     patch_size x merge_size, at most `frame_tokens` merged tokens per frame (Qwen's own rounding)."""
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
-
     vp = processor.video_processor
     factor = vp.patch_size * vp.merge_size
     return smart_resize(1, height, width, temporal_factor=1, factor=factor, min_pixels=factor * factor,

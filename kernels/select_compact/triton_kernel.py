@@ -28,7 +28,7 @@ imported before the variable was set, on its fast numpy path.
 Assumes positions are unique inside a segment (the layout keeps them strictly increasing).
 The lookahead bonus uses `exp`/`log` (expm1 via Kahan's trick, which the interpreter supports)
 instead of torch's `expm1`, so with `lookahead > 1` two entries whose reference scores differ by a
-few ulp may be ordered differently; the DESIGN invariant (min kept >= max evicted) still holds
+few ulp may be ordered differently; the contract's invariant (min kept >= max evicted, docs/architecture.md) still holds
 up to that rounding.
 """
 

@@ -1,6 +1,6 @@
 """A dense reference engine: full K/V (DynamicCache) plus a mask of evicted entries.
 
-It applies the DESIGN eviction rule by brute force (python sort over (layer, head, position)
+It applies the eviction contract (docs/architecture.md) by brute force (python sort over (layer, head, position)
 entries) at the same moments as the engine (before a forward would exceed
 budget + L*H*max(buffer, n)), and attends over the full cache with evicted entries masked out.
 If the engine's pool, tables, kernels and bookkeeping are right, its logits equal these.

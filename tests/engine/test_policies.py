@@ -1,4 +1,4 @@
-"""Every policy keeps exactly what the DESIGN rule says, and memory stays inside the stated bound."""
+"""Every policy keeps exactly what the eviction contract (docs/architecture.md) says, and memory stays inside the stated bound."""
 
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ def test_lookahead(triton_backend, device, policy):
         kept_ref = {slot for s in segs for slot in expected.segment_slots(s)}
         assert len(kept) == len(kept_ref) == min(int(keep[g]), len(before))
         evicted = set(before) - kept
-        if kept and evicted:  # the DESIGN invariant, up to a few float32 ulps
+        if kept and evicted:  # the contract's invariant, up to a few float32 ulps
             lowest_kept, highest_evicted = min(score[x] for x in kept), max(score[x] for x in evicted)
             assert lowest_kept >= highest_evicted - 1e-5 * max(1.0, abs(highest_evicted))
         for slot in kept ^ kept_ref:  # any disagreement is a near-tie at the threshold

@@ -10,7 +10,7 @@ from training_helpers import gated_model
 
 from dbtrimkv.gates import text_attention_modules
 from dbtrimkv.prompts import build_inputs
-from dbtrimkv.training.attention import teacher_attention
+from dbtrimkv.training.train_attention import teacher_attention
 from dbtrimkv.training.biased_attention import biased_attention, biased_flex_attention
 
 B, HQ, HKV, T, D = 2, 4, 2, 9, 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.training.config import TrainConfig
+from dbtrimkv.training.train_config import TrainConfig
 
 
 def test_shipped_presets_load():

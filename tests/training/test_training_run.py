@@ -13,7 +13,7 @@ import dbtrimkv
 from dbtrimkv.gates import gate_outputs, text_config_of
 from dbtrimkv.model_state import model_state
 from dbtrimkv.training import train
-from dbtrimkv.training.checkpoint import checkpoint_dir
+from dbtrimkv.training.run_checkpoints import checkpoint_dir
 
 METRICS = ("loss", "kl", "ntp", "capacity", "mass_ratio")
 

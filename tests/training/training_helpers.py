@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dbtrimkv.training.config import TrainConfig
+from dbtrimkv.training.train_config import TrainConfig
 from dbtrimkv.training.model import load_for_training, prepare_for_gate_training
 
 

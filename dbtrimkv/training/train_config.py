@@ -17,7 +17,7 @@ import yaml
 from ..errors import ConfigError
 from ..gates import GATE_TYPES
 from ..presets import load_yaml
-from .attention import BACKENDS
+from .train_attention import BACKENDS
 from .capacity import CAPACITY_MODES
 from .distill import LOSS_KINDS
 

@@ -25,9 +25,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
 
-from ..attention import ATTENTION_NAME, LazyCausalMask, set_text_attention
+from ..attention import LazyCausalMask
 from ..errors import ConfigError
-from ..gates import text_attention_modules
+from ..model_anatomy import RETENTION_ATTENTION, set_text_attention, text_attention_modules
 from .biased_attention import biased_attention, biased_flex_attention
 
 TRAIN_ATTENTION_NAME = "dbtrimkv_train"
@@ -110,7 +110,7 @@ def enable_training_attention(model, backend: str = "auto") -> str:
 
 def disable_training_attention(model) -> None:
     """Back to the inference attention (`dbtrimkv`) that `attach_retention_gates` installed."""
-    set_text_attention(model, ATTENTION_NAME)
+    set_text_attention(model, RETENTION_ATTENTION)
 
 
 @contextmanager
