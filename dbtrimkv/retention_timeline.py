@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .errors import ConfigError
 from .modality import MODALITY_NAMES, Modality
 
 KIND_COLORS = {"text": "#b0b0b0", "image": "#1f77b4", "video": "#ff7f0e"}
@@ -86,8 +88,6 @@ def build(cache, token_ids: torch.Tensor, tokenizer, image_token_id: int | None 
 
 def check_output(path: str | Path) -> Path:
     """`path` as a PNG destination whose folder exists (checked before any model is loaded)."""
-    from .errors import ConfigError
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"the retention plot is a PNG: give a path ending in .png, got {path}")
@@ -135,7 +135,6 @@ def plot(timeline: Timeline, path: str | Path | None = None, title: str = "reten
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
-    from PIL import Image
 
     heads, kinds, edges = binned(timeline, max_columns)
     layers = heads.shape[0]

@@ -14,6 +14,8 @@ from ..checkpoints import load_model
 from ..errors import DBTrimKVError
 from ..pipeline import DBTrimKVPipeline
 from ..prompts import VideoOptions
+from ..retention_timeline import check_output
+from ..retention_timeline import conversation_tokens, save
 from .common import TINY_NOTICE, add_eviction_args, add_media_args, add_model_args, eviction_config
 
 HELP = "commands: /image PATH, /video PATH (attach to the next message), /stats, /reset, /exit"
@@ -49,8 +51,6 @@ def load_pipeline(args):
 
 
 def run(args) -> int:
-    from ..retention_timeline import check_output
-
     plot = check_output(args.retention_plot) if args.retention_plot else None
     pipe = load_pipeline(args)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
@@ -66,8 +66,6 @@ def run(args) -> int:
 
 
 def _plot(cache, pipe, path) -> None:
-    from ..retention_timeline import conversation_tokens, save
-
     save(cache, conversation_tokens(cache), pipe.tokenizer, path, title=f"retention timeline ({cache.config.policy}, "
          f"budget {cache.budget} entries)")
     print(f"retention timeline: {path}", file=sys.stderr)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..eval.harness import BenchmarkSpec, run_benchmark
+from ..eval.long_video import LongVideoSpec, run_long_video as run
+from ..eval.long_video_report import write_report
 from ..eval.report import write_report
 from ..loading import resolve_device
 from ..policies import policy_names
@@ -66,9 +68,6 @@ def _add_synthetic(sub) -> None:
 
 
 def _add_long_video(sub) -> None:
-    from ..policies import policy_names
-    from .common import add_model_args
-
     p = sub.add_parser("long-video", help="accuracy and memory vs video length (1 min to an hour) per policy",
                        description="Stream synthetic videos (one digit frame at a random time among distractor "
                                    "frames, the question at the end) through video-qa's windowed path at one memory "
@@ -140,10 +139,6 @@ def run_synthetic(args) -> int:
 
 
 def run_long_video(args) -> int:
-    from ..errors import ConfigError
-    from ..eval.long_video import LongVideoSpec, run_long_video as run
-    from ..eval.long_video_report import write_report
-
     if any(m <= 0 for m in args.minutes) or args.fps <= 0 or args.examples < 1 or args.memory_size < 1:
         raise ConfigError("--minutes and --fps must be > 0, --examples and --memory-size at least 1")
     if args.full_cache_cap_mb <= 0 or args.window_frames < 1:

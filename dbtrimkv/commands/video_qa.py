@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..checkpoints import load_model
 from ..errors import ConfigError
 from ..pipeline import format_bytes
+from ..retention_timeline import check_output
+from ..retention_timeline import fork_tokens, save
 from ..video_qa import StreamOptions, VideoQA, load_dataset, run_dataset
 from ..video_qa.runner import load_predictions, metrics_path
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
@@ -94,8 +97,6 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.retention_plot is not None:
-        from ..retention_timeline import check_output
-
         if args.video is None:
             raise ConfigError("--retention-plot goes with --video (one plot per question)")
         check_output(args.retention_plot)
@@ -129,9 +130,7 @@ def _single(qa, args) -> int:
 
 def _plot(qa, encoded, answer, path: str, number: int | None) -> None:
     """The answering fork's timeline; the video's token ids come from the encoding (a cache keeps positions)."""
-    from pathlib import Path
 
-    from ..retention_timeline import fork_tokens, save
 
     path = Path(path)
     if number is not None:

@@ -13,7 +13,13 @@ import argparse
 import sys
 import threading
 
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config, format_bytes
+from ..checkpoints import load_model
+from ..errors import ConfigError
+from ..pipeline import format_bytes
+from ..video_qa.live import LiveSession
+from ..video_qa.sources import stream_frames
+from ..video_qa.streaming import StreamOptions
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 from .video_qa import add_answer_length_arg, add_window_args
 
 DESCRIPTION = """\
@@ -43,8 +49,6 @@ def add_parser(sub) -> None:
 
 def parse_line(line: str) -> tuple[float | None, str]:
     """(`SECONDS` of an `@SECONDS question` line or None, the question)."""
-    from ..errors import ConfigError
-
     if not line.startswith("@"):
         return None, line
     head, _, question = line[1:].partition(" ")
@@ -56,12 +60,6 @@ def parse_line(line: str) -> tuple[float | None, str]:
 
 
 def run(args) -> int:
-    from ..checkpoints import load_model
-    from ..errors import ConfigError
-    from ..video_qa.live import LiveSession
-    from ..video_qa.sources import stream_frames
-    from ..video_qa.streaming import StreamOptions
-
     if args.fps <= 0:
         raise ConfigError(f"--fps must be > 0 for a live source, got {args.fps}")
     if args.max_new_tokens < 1:

@@ -26,8 +26,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..checkpoints import gates_are_trained, load_model
 from ..config import DBTrimKVConfig
+from ..loading import DEFAULT_MODEL
 from ..recall.tasks import DIGITS, VIDEO_QUESTION, draw_digit, draw_shape
+from ..retention_timeline import fork_tokens, save
 from ..video_qa.streaming import StreamOptions, ask, encode_windows, frame_windows
 
 logger = logging.getLogger(__name__)
@@ -135,8 +138,6 @@ def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     peak["rss"] = max(peak["rss"], rss_bytes())
     if timeline is not None:
-        from ..retention_timeline import fork_tokens, save
-
         save(answer.cache, fork_tokens(encoded.token_ids, answer.cache), processor.tokenizer, timeline,
              title=f"retention timeline: {video.minutes:g} min video at {video.fps:g} fps, digit frame at "
                    f"{video.needle / video.fps:.0f} s, answer {answer.text!r} ({policy}, M = {spec.memory_size})")
@@ -166,9 +167,6 @@ def run_long_video(spec: LongVideoSpec, model_name: str | None = None, device: s
     at all once it ran out of memory (a longer video only adds tokens). Returns the results dict.
     With `spec.timeline_minutes`, `global`'s retention timeline on seed 0 at that length goes to
     `timeline_path`."""
-    from ..checkpoints import gates_are_trained, load_model
-    from ..loading import DEFAULT_MODEL
-
     model_name = str(model_name or DEFAULT_MODEL)  # the shipped tiny-recall model
     model, processor = load_model(model_name, device=device, dtype=dtype)
     cells, full_oom_at = [], None
