@@ -18,9 +18,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..eval.harness import BenchmarkSpec, run_benchmark
+from ..eval import long_video_report, report
 from ..eval.long_video import LongVideoSpec, run_long_video as run
-from ..eval.long_video_report import write_report
-from ..eval.report import write_report
 from ..loading import resolve_device
 from ..policies import policy_names
 from ..recall.tasks import TASK_KINDS
@@ -133,7 +132,7 @@ def run_synthetic(args) -> int:
     _log_to_stderr()
     spec = BenchmarkSpec.from_args(args)
     results = run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
-    paths = write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
+    paths = report.write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -153,7 +152,7 @@ def run_long_video(args) -> int:
     if timeline is not None:
         timeline.parent.mkdir(parents=True, exist_ok=True)
     results = run(spec, args.model, device=args.device, dtype=args.dtype, timeline_path=timeline)
-    paths = write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
+    paths = long_video_report.write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
     paths += [timeline] if timeline is not None else []
     print("\n".join(str(p) for p in paths))
     return 0
