@@ -9,7 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import uvicorn
+
+from ..checkpoints import load_model
+from ..config import DBTrimKVConfig
 from ..errors import ConfigError
+from ..serving import create_server, startup_report
+from ..serving.admission import parse_kv_memory
+from ..serving.app import HTTPOptions
+from ..serving.server import ServerOptions
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 from .demo import _positive_float, _positive_int
 
@@ -55,10 +63,6 @@ def add_parser(sub) -> None:
 
 def options_from_args(args):
     """`ServerOptions` from the flags, or ConfigError naming the bad one (before any model loads)."""
-    from ..serving.admission import parse_kv_memory
-    from ..serving.app import HTTPOptions
-    from ..serving.server import ServerOptions
-
     if args.full_cache:
         raise ConfigError("--full-cache cannot be served: admission control needs each request's KV bound")
     if args.api_key is not None and not args.api_key.strip():
@@ -78,11 +82,7 @@ def options_from_args(args):
 
 
 def run(args) -> int:
-    import uvicorn
 
-    from ..checkpoints import load_model
-    from ..config import DBTrimKVConfig
-    from ..serving import create_server, startup_report
 
     options = options_from_args(args)
     if args.config:

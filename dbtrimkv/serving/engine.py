@@ -25,12 +25,14 @@ import torch
 from ..cache import DBTrimKVCache, SlotPool
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
+from ..errors import DBTrimKVError
 from ..gates import text_config_of
 from ..generation import VisionStream, is_vision_language, model_lock, token_positions
 from ..pipeline import stop_token_ids
 from ..prompts import tokenizer_of
 from .admission import Admission, request_bound
 from .api_errors import APIError, InternalError, QueueFull, TooLarge, Unavailable
+from .api_errors import BadRequest
 from .batch_step import RowInput, forward_rows
 from .detokenize import TextTracker
 from .metrics import Metrics
@@ -412,9 +414,6 @@ class Engine:
 
 
 def _as_api_error(exc: Exception) -> APIError:
-    from ..errors import DBTrimKVError
-    from .api_errors import BadRequest
-
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, DBTrimKVError):

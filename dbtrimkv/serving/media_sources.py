@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from PIL import Image
+
 from ..errors import MediaError
 from ..media import Video, load_image, load_video
 from .api_errors import BadRequest, TooLarge
@@ -35,8 +37,6 @@ class MediaPolicy:
 def load_image_url(url: str, policy: MediaPolicy, where: str):
     data = _read(url, policy, where, "image")
     try:
-        from PIL import Image
-
         with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
             img.load()
             return load_image(img)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from .api_errors import BadRequest
+from .api_errors import ModelNotFound
 from .media_sources import MediaPolicy, load_image_url, load_video_url
 from .sampling import SamplingParams
 
@@ -55,8 +56,6 @@ def parse_chat_request(body, limits: ServerLimits) -> ChatRequest:
             raise BadRequest(f"{what} are not supported by this server", param=name)
     model = body.get("model", limits.model_name)
     if model != limits.model_name:
-        from .api_errors import ModelNotFound
-
         raise ModelNotFound(f"the model {model!r} does not exist; this server serves {limits.model_name!r}", param="model")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported", param="n")

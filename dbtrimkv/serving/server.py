@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
+from ..pipeline import format_bytes
 from .admission import pool_slots, slot_bytes
 from .app import HTTPOptions, build_app
 from .engine import Engine
@@ -63,8 +64,6 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
 
 
 def startup_report(engine: Engine) -> str:
-    from ..commands.common import format_bytes
-
     per_slot = slot_bytes(engine.head_dim, engine.dtype)
     pool = engine.admission.pool_slots
     config = engine.config
