@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from ..checkpoints import load_model
+from .. import checkpoints
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..serving import create_server, startup_report
@@ -89,7 +89,7 @@ def run(args) -> int:
         DBTrimKVConfig.load(args.config)  # a bad preset fails before the model loads
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
     app, engine = create_server(model, processor, eviction_config(args, model), options)
     print(startup_report(engine), file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:

@@ -51,7 +51,8 @@ class Event:
 
 
 def config_key(config: DBTrimKVConfig) -> tuple:
-    return tuple(sorted(config.to_dict().items()))
+    return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)  # policy_options is a dict
+                        for k, v in config.to_dict().items()))
 
 
 @dataclass
