@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from ..checkpoints import load_model
+from .. import checkpoints
 from ..errors import DBTrimKVError
 from ..pipeline import DBTrimKVPipeline
 from ..prompts import VideoOptions
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 def load_pipeline(args):
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
     return DBTrimKVPipeline(model, processor, eviction_config(args, model),
                             video=VideoOptions(args.video_fps, args.video_max_frames))
 

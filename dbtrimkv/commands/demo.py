@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from ..checkpoints import load_model
+from .. import checkpoints
 from ..pipeline import DBTrimKVPipeline
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 
@@ -76,7 +76,7 @@ def run(args) -> int:
     notice = TINY_NOTICE if args.model is None else None
     if notice:
         print(notice, file=sys.stderr)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
     pipeline = DBTrimKVPipeline(model, processor, eviction_config(args, model))
     examples = importlib.import_module("dbtrimkv.demos.examples").example_rows() if args.model is None else None
     demo = demo_module.build_demo(pipeline, max_video_seconds=args.max_video_seconds,

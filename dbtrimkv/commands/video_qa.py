@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..checkpoints import load_model
+from .. import checkpoints
 from ..errors import ConfigError
 from ..pipeline import format_bytes
 from ..retention_timeline import check_output
@@ -104,7 +104,7 @@ def run(args) -> int:
                             frame_tokens=args.frame_tokens)
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
     qa = VideoQA(model, processor, eviction_config(args, model), options, args.max_new_tokens,
                  progress=not args.no_progress)
     return _single(qa, args) if args.video is not None else _dataset(qa, args)

@@ -13,7 +13,7 @@ import argparse
 import sys
 import threading
 
-from ..checkpoints import load_model
+from .. import checkpoints
 from ..errors import ConfigError
 from ..pipeline import format_bytes
 from ..video_qa.live import LiveSession
@@ -68,7 +68,7 @@ def run(args) -> int:
     frames = stream_frames(args.source, fps=args.fps, realtime=args.realtime, format=args.format)
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
     session = LiveSession(model, processor, eviction_config(args, model), options, args.max_new_tokens)
     watcher = _Watcher(session, frames)
     watcher.start()

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import checkpoints
 from ..cache import DBTrimKVCache
-from ..checkpoints import describe, gates_are_trained, load_model
+from ..checkpoints import describe, gates_are_trained
 from ..config import DBTrimKVConfig
 from ..generation import generate
 from ..loading import DEFAULT_MODEL
@@ -95,7 +96,7 @@ def _summary(name: str, budget: float | None, rows: list[dict], key: str) -> dic
 def run_benchmark(spec: BenchmarkSpec, model_name=None, device="cpu", dtype=None) -> dict:
     """Answer every prompt with a full cache and under every (policy, budget); returns the results dict."""
     model_name = str(model_name or DEFAULT_MODEL)  # the shipped tiny-recall model
-    model, processor = load_model(model_name, device=device, dtype=dtype)
+    model, processor = checkpoints.load_model(model_name, device=device, dtype=dtype)
     if not gates_are_trained(model):
         logger.warning("%s has untrained retention gates: the learned policies rank by recency only", model_name)
     text = text_config_of(model)

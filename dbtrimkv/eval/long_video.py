@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..checkpoints import gates_are_trained, load_model
+from .. import checkpoints
+from ..checkpoints import gates_are_trained
 from ..config import DBTrimKVConfig
 from ..loading import DEFAULT_MODEL
 from ..recall.tasks import DIGITS, VIDEO_QUESTION, draw_digit, draw_shape
@@ -168,7 +169,7 @@ def run_long_video(spec: LongVideoSpec, model_name: str | None = None, device: s
     With `spec.timeline_minutes`, `global`'s retention timeline on seed 0 at that length goes to
     `timeline_path`."""
     model_name = str(model_name or DEFAULT_MODEL)  # the shipped tiny-recall model
-    model, processor = load_model(model_name, device=device, dtype=dtype)
+    model, processor = checkpoints.load_model(model_name, device=device, dtype=dtype)
     cells, full_oom_at = [], None
     for minutes in spec.minutes:
         videos = [LongVideo(seed, minutes, spec.fps, spec.image_size) for seed in range(spec.examples)]
