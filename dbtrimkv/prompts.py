@@ -50,26 +50,58 @@ def normalize_messages(messages) -> list[dict]:
     return out
 
 
-def _load_media(messages, video: VideoOptions):
+def _load_media(messages, video: VideoOptions, processor=None, notes: list | None = None):
     images, videos = [], []
+    frame_size = video_frame_size(processor)
     for message in messages:
         for part in message["content"]:
             if part["type"] == "image":
                 images.append(load_image(part.get("image", part.get("path"))))
             elif part["type"] == "video":
-                videos.append(_as_video(part, video))
+                videos.append(_as_video(part, video, frame_size))
+                if notes is not None and videos[-1].sampling:
+                    notes.append(videos[-1].sampling)
     return images, videos
 
 
-def _as_video(part: dict, options: VideoOptions) -> Video:
+def _as_video(part: dict, options: VideoOptions, frame_size=None) -> Video:
     value = part.get("video", part.get("path"))
+    fps, max_frames = part.get("fps", options.fps), part.get("max_frames", options.max_frames)
     if isinstance(value, Video):
         return value
     if isinstance(value, (list, tuple)):
-        return frames_to_video(list(value), fps=float(part.get("fps", options.fps)))
+        return frames_to_video(list(value), fps=fps)
     if value is None:
         raise MediaError("video part has no 'video' value")
-    return load_video(value, fps=float(part.get("fps", options.fps)), max_frames=part.get("max_frames", options.max_frames))
+    return load_video(value, fps=fps, max_frames=max_frames, frame_size=frame_size)
+
+
+def video_frame_size(processor):
+    """`(num_frames, height, width) -> (height, width)`: the size Qwen3-VL's video processor would resize
+    frames to, so videos are downscaled to it while they are decoded (None for other processors)."""
+    vp = getattr(processor, "video_processor", None)
+    size = getattr(vp, "size", None)
+    longest = getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
+    shortest = getattr(size, "shortest_edge", None) or (size.get("shortest_edge") if isinstance(size, dict) else None)
+    if not (longest and shortest and getattr(vp, "patch_size", None) and getattr(vp, "merge_size", None)):
+        return None
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    factor, temporal = vp.patch_size * vp.merge_size, getattr(vp, "temporal_patch_size", 2) or 2
+
+    def frame_size(num_frames: int, height: int, width: int) -> tuple[int, int]:
+        num_frames = max(num_frames, temporal)
+        max_pixels = longest
+        if getattr(vp, "cap_pixels_per_frame", False) and getattr(vp, "max_video_tokens", None):
+            per_frame = max(min(vp.max_video_tokens * factor * factor, longest // num_frames), int(shortest * 1.05))
+            max_pixels = per_frame * num_frames
+        try:
+            return smart_resize(num_frames, height, width, temporal_factor=temporal, factor=factor,
+                                min_pixels=shortest, max_pixels=max_pixels)
+        except ValueError as exc:  # the aspect ratio Qwen3-VL refuses
+            raise MediaError(f"video frames of {width}x{height} pixels cannot be used: {exc}") from None
+
+    return frame_size
 
 
 def is_multimodal(processor) -> bool:
@@ -81,10 +113,12 @@ def tokenizer_of(processor):
 
 
 def build_inputs(processor, conversations, add_generation_prompt: bool = True,
-                 video: VideoOptions | None = None, continue_final_message: bool = False):
+                 video: VideoOptions | None = None, continue_final_message: bool = False,
+                 notes: list | None = None):
     """Processor outputs (input_ids, attention_mask, mm_token_type_ids, pixels, grids) for a batch.
 
-    `conversations` is one chat (list of messages / string) or a list of chats.
+    `conversations` is one chat (list of messages / string) or a list of chats. `notes`, if given,
+    receives one line per video whose frames were spread over its duration to fit `max_frames`.
     """
     video = video or VideoOptions()
     if isinstance(conversations, str) or (conversations and isinstance(conversations[0], dict)):
@@ -95,7 +129,7 @@ def build_inputs(processor, conversations, add_generation_prompt: bool = True,
     template_kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message)
     texts = [processor.apply_chat_template(_placeholders(chat), **template_kwargs) for chat in chats]
-    media = [_load_media(chat, video) for chat in chats]
+    media = [_load_media(chat, video, processor, notes) for chat in chats]
     images = [img for imgs, _ in media for img in imgs]
     videos = [vid for _, vids in media for vid in vids]
     if not is_multimodal(processor):
