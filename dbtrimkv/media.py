@@ -234,9 +234,12 @@ def video_info(path: str | Path) -> tuple[float, int]:
         container.close()
 
 
-def _check_sampling(fps: float, max_frames: int | None) -> None:
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps) or fps <= 0:
-        raise MediaError(f"video fps must be a positive number, got {fps!r}")
+def _check_sampling(fps: float, max_frames: int | None, every_frame_ok: bool = True) -> None:
+    """fps: a finite number > 0 (0 = every frame, where `every_frame_ok`); max_frames: >= 1 or None."""
+    if (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps) or fps < 0
+            or (fps == 0 and not every_frame_ok)):
+        raise MediaError(f"video fps must be a positive number{' (0 = every frame)' if every_frame_ok else ''}, "
+                         f"got {fps!r}")
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer))
                                    or max_frames < 1):
         raise MediaError(f"video max_frames must be a positive integer or None, got {max_frames!r}")
@@ -275,7 +278,7 @@ def iter_video_frames(path: str | Path, fps: float = 2.0, max_frames: int | None
     try:
         stream = container.streams.video[0]
         src_fps = _stream_fps(stream)
-        step = max(src_fps / fps, 1.0)
+        step = max(src_fps / fps, 1.0) if fps else 1.0
         next_pick, count, size = 0.0, 0, None
         for index, frame in _decoded(container, stream, path):
             if index < start_frame or index + 1e-9 < next_pick:
@@ -303,7 +306,7 @@ def _frame_size(frame_size, height: int, width: int) -> tuple[int, int]:
 def sample_indices(total: int, src_fps: float, fps: float, max_frames: int | None) -> list[int]:
     """Source frame indices to keep: every 1/fps interval's first frame, or, when that is more than
     `max_frames`, `max_frames` indices spread evenly from the first to the last frame."""
-    step = max(src_fps / fps, 1.0)
+    step = max(src_fps / fps, 1.0) if fps else 1.0
     grid = sorted({i for i in (math.ceil(k * step - 1e-9) for k in range(math.ceil(total / step))) if i < total})
     if max_frames is None or len(grid) <= max_frames:
         return grid
@@ -325,7 +328,8 @@ def load_video(path: str | Path, fps: float = 2.0, max_frames: int | None = 64,
             wanted = sample_indices(total, src_fps, fps, max_frames)
             frames, indices = _decode_indices(container, stream, path, set(wanted), len(wanted), frame_size)
         else:
-            frames, indices, total = _decode_thinned(container, stream, path, src_fps / fps, max_frames, frame_size)
+            step = src_fps / fps if fps else 1.0
+            frames, indices, total = _decode_thinned(container, stream, path, step, max_frames, frame_size)
     finally:
         container.close()
     if not frames:
@@ -333,7 +337,8 @@ def load_video(path: str | Path, fps: float = 2.0, max_frames: int | None = 64,
     on_grid = len(indices) == len(sample_indices(total, src_fps, fps, None))
     sampling = "" if on_grid else (
         f"video {Path(path).name}: {len(indices)} frames spread over {total / src_fps:.1f} s "
-        f"({len(indices) * src_fps / total:.2f} fps, within the {max_frames}-frame limit; asked for {fps:g} fps)")
+        f"({len(indices) * src_fps / total:.2f} fps, within the {max_frames}-frame limit; asked for "
+        f"{f'{fps:g} fps' if fps else 'every frame'})")
     video = frames_to_video(frames, fps=src_fps, frames_indices=indices, total_num_frames=total, source=str(path))
     video.sampling = sampling
     return video
@@ -386,7 +391,7 @@ def frames_to_video(frames, fps: float = 2.0, frames_indices: list[int] | None =
     """A `Video` from a list of frames (PIL images, paths or HxWx3 arrays) at `fps`."""
     if frames is None or len(frames) == 0:
         raise MediaError(f"video {source} has no frames")
-    _check_sampling(fps, None)
+    _check_sampling(fps, None, every_frame_ok=False)
     arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f, VIDEO_MAX_FRAME_PIXELS)) for f in frames]
     shape = arrays[0].shape
     if any(a.shape != shape for a in arrays):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import arguments
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config, format_bytes
 
 DESCRIPTION = """\
@@ -46,11 +47,11 @@ def add_parser(sub) -> None:
                      help="folder relative video paths resolve against (default: the annotation file's folder)")
     src.add_argument("--output", metavar="FILE", default=None,
                      help="predictions JSONL for --dataset (required with it; appended to, resumed from)")
-    src.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of --dataset")
+    src.add_argument("--limit", type=arguments.positive_int, default=None, metavar="N", help="only the first N questions of --dataset")
     v = p.add_argument_group("video streaming")
-    v.add_argument("--fps", type=float, default=2.0, metavar="F",
+    v.add_argument("--fps", type=arguments.video_fps, default=2.0, metavar="F",
                    help="frames sampled per second of video; 0 = every frame (default: 2)")
-    v.add_argument("--max-frames", type=int, default=None, metavar="N",
+    v.add_argument("--max-frames", type=arguments.positive_int, default=None, metavar="N",
                    help="stop after this many sampled frames (default: no limit, the whole video streams through)")
     add_window_args(v, window_frames=32, what="sampled frames decoded, encoded and prefilled together")
     add_model_args(p)
@@ -68,12 +69,12 @@ def add_window_args(group, window_frames: int, what: str) -> None:
     """`--window-frames` and `--frame-tokens`, shared with `dbtrimkv watch`."""
     group.add_argument("--window-frames", type=int, default=window_frames, metavar="N",
                        help=f"{what} (default: {window_frames})")
-    group.add_argument("--frame-tokens", type=int, default=128, metavar="N",
+    group.add_argument("--frame-tokens", type=arguments.int_in(1, 16384), default=128, metavar="N",
                        help="at most this many vision tokens per frame group; fixes the frame size (default: 128)")
 
 
 def add_answer_length_arg(p, default: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=default, metavar="N",
+    p.add_argument("--max-new-tokens", type=arguments.new_tokens, default=default, metavar="N",
                    help=f"tokens to generate per answer at most (default: {default})")
 
 

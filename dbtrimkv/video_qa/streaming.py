@@ -51,6 +51,10 @@ from ..prompts import tokenizer_of, tokens_by_modality
 DEFAULT_FRAME_TOKENS = 128
 
 
+MAX_WINDOW_FRAMES = 4096  # decoded frames held at once
+MAX_FRAME_TOKENS = 16384
+
+
 @dataclass
 class StreamOptions:
     """How a video is sampled and cut into windows.
@@ -67,14 +71,14 @@ class StreamOptions:
     frame_tokens: int = DEFAULT_FRAME_TOKENS
 
     def __post_init__(self) -> None:
-        if self.fps < 0:
-            raise ConfigError(f"fps must be >= 0 (0 keeps every frame), got {self.fps}")
-        if self.max_frames is not None and self.max_frames < 1:
+        if not isinstance(self.fps, (int, float)) or not math.isfinite(self.fps) or self.fps < 0:
+            raise ConfigError(f"fps must be a finite number >= 0 (0 keeps every frame), got {self.fps}")
+        if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
             raise ConfigError(f"max_frames must be at least 1, got {self.max_frames}")
-        if self.window_frames < 1:
-            raise ConfigError(f"window_frames must be at least 1, got {self.window_frames}")
-        if self.frame_tokens < 1:
-            raise ConfigError(f"frame_tokens must be at least 1, got {self.frame_tokens}")
+        for name, high in (("window_frames", MAX_WINDOW_FRAMES), ("frame_tokens", MAX_FRAME_TOKENS)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= high:
+                raise ConfigError(f"{name} must be at least 1 and at most {high}, got {value}")
 
 
 def frame_size(processor, height: int, width: int, frame_tokens: int = DEFAULT_FRAME_TOKENS) -> tuple[int, int]:
