@@ -18,6 +18,7 @@ streaming, stopping criteria are transformers'), which decodes through the same 
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -256,8 +257,28 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     """
     if not isinstance(cache, DBTrimKVCache):
         raise ConfigError("dbtrimkv.generate needs a DBTrimKVCache")
+    _check_generate_arguments(inputs, cache, max_new_tokens, prefill_chunk)
     with model_lock(model):
         return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs)
+
+
+def _check_generate_arguments(inputs, cache: DBTrimKVCache, max_new_tokens, prefill_chunk) -> None:
+    """ConfigError for arguments that would otherwise fail deep inside torch or transformers."""
+    from .config import MAX_PREFILL_CHUNK
+
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not whole(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if prefill_chunk is not None and (not whole(prefill_chunk) or not 1 <= prefill_chunk <= MAX_PREFILL_CHUNK):
+        raise ConfigError(f"prefill_chunk must be an integer in [1, {MAX_PREFILL_CHUNK}] or None, got {prefill_chunk!r}")
+    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ConfigError("inputs must hold input_ids of shape [batch, tokens] (see dbtrimkv.prompts.build_inputs)")
+    if cache.batch_size not in (-1, ids.shape[0]):
+        raise ConfigError(f"this cache holds {cache.batch_size} sequences, but the input has {ids.shape[0]}: "
+                          "use a new cache for a batch of another size")
 
 
 def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs):

@@ -231,10 +231,19 @@ class DBTrimKVPipeline:
 
 
 def user_message(text: str, images=(), videos=()) -> list[dict]:
-    parts = [{"type": "image", "image": image} for image in images]
-    parts += [{"type": "video", "video": video} for video in videos]
+    parts = [{"type": "image", "image": image} for image in _as_list(images)]
+    parts += [{"type": "video", "video": video} for video in _as_list(videos)]
     parts.append({"type": "text", "text": text})
     return [{"role": "user", "content": parts}]
+
+
+def _as_list(media) -> list:
+    """`images=` / `videos=` as a list: one path, bytes or picture is a list of one; None is empty."""
+    if media is None:
+        return []
+    if isinstance(media, (str, bytes, bytearray, Path)) or not isinstance(media, (list, tuple)):
+        return [media]
+    return list(media)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

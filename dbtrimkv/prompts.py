@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MediaError
+from .errors import MediaError, PromptError
 from .media import Video, frames_to_video, load_image, load_video
 from .modality import MODALITY_NAMES
 
@@ -28,26 +28,72 @@ class VideoOptions:
 
 
 def normalize_messages(messages) -> list[dict]:
-    """Accept a plain string or a chat list; return a chat list with list-of-parts contents."""
+    """Accept a plain string or a chat list; return a chat list with list-of-parts contents.
+
+    A content may be a string or a list of parts; a part may be a bare string (text) or a dict with
+    `type` text / image / video. Anything else is a `PromptError`."""
     if isinstance(messages, str):
         return [{"role": "user", "content": [{"type": "text", "text": messages}]}]
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
+        raise PromptError(f"messages must be a string or a list of {{'role': ..., 'content': ...}} dicts, "
+                          f"got {_describe(messages)}")
+    if not messages:
+        raise PromptError("a chat needs at least one message")
     out = []
     for message in messages:
         if "role" not in message or "content" not in message:
-            raise ValueError(f"each message needs 'role' and 'content', got keys {sorted(message)}")
+            raise PromptError(f"each message needs 'role' and 'content', got keys {sorted(map(str, message))}")
+        if not isinstance(message["role"], str) or not message["role"]:
+            raise PromptError(f"a message role must be a string such as 'user', got {message['role']!r}")
         content = message["content"]
         if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        parts = []
-        for part in content:
-            kind = part.get("type") or next((k for k in MODALITY_NAMES if k in part), None)
-            if kind not in MODALITY_NAMES:
-                raise ValueError(f"unsupported message part {part!r}: type must be text, image or video")
-            parts.append(dict(part, type=kind))
-        out.append({"role": message["role"], "content": parts})
+            content = [content]
+        if not isinstance(content, (list, tuple)):
+            raise PromptError(f"message content must be a string or a list of parts, got {_describe(content)}")
+        out.append({"role": message["role"], "content": [_part(p) for p in content]})
     return out
+
+
+def _part(part) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise PromptError(f"a message part must be a string or a dict, got {_describe(part)}")
+    kind = part.get("type") or next((k for k in MODALITY_NAMES if k in part), None)
+    if kind not in MODALITY_NAMES:
+        raise PromptError(f"unsupported message part {_describe(part)}: type must be text, image or video")
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise PromptError(f"a text part needs a string 'text', got {_describe(part.get('text'))}")
+    return dict(part, type=kind)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def escape_special_tokens(chat: list[dict], tokenizer) -> list[dict]:
+    """The chat with the tokenizer's added-token strings (`<|image_pad|>`, `<|im_end|>`, ...) in text
+    parts broken by a zero-width space, so user text is read as plain text: it cannot open a turn,
+    claim an image, or end the prompt (what chat UIs do with such text)."""
+    pattern = _special_pattern(tokenizer)
+    if pattern is None:
+        return chat
+    escape = lambda match: match.group(0)[0] + ZERO_WIDTH_SPACE + match.group(0)[1:]  # noqa: E731
+    return [{**m, "content": [dict(p, text=pattern.sub(escape, p["text"])) if p["type"] == "text" else p
+                              for p in m["content"]]} for m in chat]
+
+
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def _special_pattern(tokenizer):
+    import re
+
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    strings = sorted({getattr(t, "content", str(t)) for t in decoder.values()} - {""}, key=len, reverse=True)
+    strings = [s for s in strings if len(s) > 1]
+    return re.compile("|".join(map(re.escape, strings))) if strings else None
 
 
 def _load_media(messages, video: VideoOptions, processor=None, notes: list | None = None):
@@ -121,10 +167,14 @@ def build_inputs(processor, conversations, add_generation_prompt: bool = True,
     receives one line per video whose frames were spread over its duration to fit `max_frames`.
     """
     video = video or VideoOptions()
-    if isinstance(conversations, str) or (conversations and isinstance(conversations[0], dict)):
+    if isinstance(conversations, str) or (isinstance(conversations, (list, tuple)) and conversations
+                                          and isinstance(conversations[0], dict)):
         conversations = [conversations]
-    chats = [normalize_messages(c) for c in conversations]
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise PromptError(f"give a chat (a string or a list of messages) or a list of chats, got "
+                          f"{_describe(conversations)}")
     tokenizer = tokenizer_of(processor)
+    chats = [escape_special_tokens(normalize_messages(c), tokenizer) for c in conversations]
     tokenizer.padding_side = "left"
     template_kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message)

@@ -111,4 +111,7 @@ def interactive(pipe, images, videos, options, plot=None) -> int:
                 _plot(conversation.cache, pipe, plot)
         except DBTrimKVError as exc:  # a bad file should not end the conversation
             print(f"dbtrimkv: error: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - nor should anything else: report it and go on
+            print(f"dbtrimkv: error: this turn failed ({type(exc).__name__}: {exc}); the chat goes on",
+                  file=sys.stderr)
         images, videos = [], []

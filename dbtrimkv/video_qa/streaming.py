@@ -39,12 +39,12 @@ from PIL import Image
 
 from ..cache import DBTrimKVCache
 from ..config import DBTrimKVConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptError
 from ..generation import generate, model_lock, prefill
 from ..media import Video, iter_video_frames, video_info
 from ..modality import MODALITY_NAMES
 from ..pipeline import GenerationStats, collect_stats
-from ..prompts import tokenizer_of, tokens_by_modality
+from ..prompts import escape_special_tokens, tokenizer_of, tokens_by_modality
 
 # qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
 # (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.
@@ -145,7 +145,10 @@ def _window(processor, frames, indices, fps: float, total: int) -> Window:
 
 def prompt_parts(processor, question: str) -> tuple[str, str]:
     """The chat text before and after the video placeholder of `[video, question]` as one user turn."""
+    if not isinstance(question, str):
+        raise PromptError(f"a question must be a string, got {type(question).__name__}")
     chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    chat = escape_special_tokens(chat, tokenizer_of(processor))
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     prefix, found, suffix = text.partition(processor.video_token)
     if not found:
