@@ -147,7 +147,9 @@ def _dataset(qa, args) -> int:
     from ..video_qa.runner import load_predictions, metrics_path
 
     items = load_dataset(args.dataset, args.format, args.video_dir)[: args.limit]
-    metrics = run_dataset(qa, items, args.output, progress=not args.no_progress)
+    settings = {"model": args.model or "tiny-recall", "eviction": qa.config.to_dict(), "stream": vars(qa.options),
+                "max_new_tokens": args.max_new_tokens}
+    metrics = run_dataset(qa, items, args.output, progress=not args.no_progress, settings=settings)
     acc = "n/a" if metrics["accuracy"] is None else f"{100 * metrics['accuracy']:.2f}%"
     print(f"accuracy: {acc} ({metrics['correct']}/{metrics['total']}) | unparsed answers: {metrics['unparsed']} | "
           f"errors: {metrics['errors']} | predictions: {args.output} | metrics: {metrics_path(args.output)}")
