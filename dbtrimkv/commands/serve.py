@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
-from .demo import _positive_float, _positive_int
+from .arguments import positive_float as _positive_float, positive_int as _positive_int
 
 
 def add_parser(sub) -> None:
