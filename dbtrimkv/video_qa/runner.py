@@ -30,7 +30,7 @@ def load_predictions(path: str | Path) -> dict[str, dict]:
     A last line without its newline was cut off mid-write: it is removed from the file.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():  # nothing yet, or a device such as /dev/null (never read: /dev/zero is endless)
         return {}
     try:
         text = path.read_bytes().decode("utf-8")
@@ -98,7 +98,7 @@ def settings_path(output: str | Path) -> Path:
 
 
 def _check_settings(output: Path, settings: dict | None) -> None:
-    if settings is None:
+    if settings is None or (output.exists() and not output.is_file()):  # a device: nothing to resume
         return
     path = settings_path(output)
     if path.exists():
