@@ -29,6 +29,7 @@ import torch
 from .cache import DBTrimKVCache
 from .errors import ConfigError
 from .modality import Modality, VISUAL_MODALITIES
+from .rope_scaling import whole_prompt_rotary
 from .transformers_compat import cache_kwargs
 
 
@@ -191,7 +192,15 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
     embed = model.get_input_embeddings()
     stream = VisionStream(model, inputs, types, mask) if is_vision_language(model) else None
     report = _progress(progress, upto, chunk)
-    hidden = None
+    with whole_prompt_rotary(model, int(positions.max()) if positions.numel() else 0):
+        hidden = _prefill_chunks(model, lm, embed, ids, mask, types, positions, stream, cache, chunk, upto, report)
+    _finish_positions(model, cache, positions[..., :upto], mask[:, :upto])
+    return model.get_output_embeddings()(hidden) if hidden is not None else None
+
+
+def _prefill_chunks(model, lm, embed, ids, mask, types, positions, stream, cache, chunk, upto, report):
+    """The chunk loop of `prefill`; returns the last hidden state `[B, hidden]` (None if nothing ran)."""
+    batch, device, hidden = ids.shape[0], ids.device, None
     for start in range(0, upto, chunk):
         end = min(start + chunk, upto)
         embeds = embed(ids[:, start:end])
@@ -207,8 +216,7 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
                  position_ids=positions[..., start:end], use_cache=True, **cache_kwargs(cache), **kwargs)
         hidden = out.last_hidden_state[:, -1]
         report(end)
-    _finish_positions(model, cache, positions[..., :upto], mask[:, :upto])
-    return model.get_output_embeddings()(hidden) if hidden is not None else None
+    return hidden
 
 
 def _finish_positions(model, cache: DBTrimKVCache, positions: torch.Tensor, mask: torch.Tensor) -> None:
