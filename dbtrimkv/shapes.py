@@ -146,8 +146,9 @@ def fill_random(model, seed: int, std: float) -> None:
     """Deterministic pseudo-random weights at ~1 ns per parameter: matrices get N(0, std) values read
     from one random block at a per-tensor, per-slice offset; norm weights 1, other vectors 0."""
     gen = torch.Generator().manual_seed(seed)
-    block = torch.randn(2 * _BLOCK, generator=gen) * std
+    blocks = {torch.device("cpu"): torch.randn(2 * _BLOCK, generator=gen, device="cpu") * std}
     for index, (name, param) in enumerate(model.named_parameters()):
+        block = blocks.setdefault(param.device, blocks[torch.device("cpu")].to(param.device))
         flat = param.view(-1)
         if param.ndim == 1:
             flat.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
