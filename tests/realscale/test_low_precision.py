@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import image_chat, random_image, randomize_gates, video_chat
+from helpers import image_chat, mixed_chats, plain_and_gated, random_image, randomize_gates
 from low_precision import assert_logits_close, first_divergence
 from masked_reference import MaskedReference
 
@@ -24,23 +24,6 @@ STEPS = 12
 DTYPES = [torch.bfloat16, torch.float16]
 
 
-def _chats(kind: str):
-    if kind == "image":
-        return [image_chat(random_image(1), "Hi?"), image_chat(random_image(2, 96, 128), "What is in this picture?")]
-    if kind == "video":
-        frames = [random_image(20 + i, 48, 64) for i in range(6)]
-        return [video_chat(frames, "Describe the clip."), image_chat(random_image(3), "And this?")]
-    return ["Hello", "Tell me a much longer story about caches, please."]
-
-
-def _pair(variant: str, dtype):
-    plain, processor = build_tiny(variant, dtype=dtype)
-    gated, _ = build_tiny(variant, dtype=dtype)
-    dbtrimkv.attach_retention_gates(gated, intermediate_size=32)
-    randomize_gates(gated)
-    return plain, gated, processor
-
-
 def _generate(model, inputs, **kwargs):
     return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
                           return_dict_in_generate=True, **kwargs)
@@ -50,8 +33,8 @@ def _generate(model, inputs, **kwargs):
 @pytest.mark.parametrize("variant, kind", [("qwen3_vl", "image"), ("qwen3_vl", "video"), ("qwen3_vl_moe", "image"),
                                            ("qwen3", "text")])
 def test_full_budget_matches_dynamic_cache(variant, kind, dtype):
-    plain, gated, processor = _pair(variant, dtype)
-    inputs = build_inputs(processor, _chats(kind))
+    plain, gated, processor = plain_and_gated(variant, dtype)
+    inputs = build_inputs(processor, mixed_chats(kind))
     assert (inputs["attention_mask"][:, 0] == 0).any()  # left padding in the batch
     ref = _generate(plain, inputs)
     cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig())
@@ -69,8 +52,8 @@ def test_full_budget_matches_dynamic_cache(variant, kind, dtype):
 def test_chunked_prefill_matches_one_shot(variant, kind, chunk, dtype):
     from low_precision import logit_tolerance
 
-    plain, gated, processor = _pair(variant, dtype)
-    inputs = build_inputs(processor, _chats(kind))
+    plain, gated, processor = plain_and_gated(variant, dtype)
+    inputs = build_inputs(processor, mixed_chats(kind))
     with torch.no_grad():
         one_shot = plain(**inputs).logits[:, -1]
     cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig())
