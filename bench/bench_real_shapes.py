@@ -341,7 +341,7 @@ def markdown(report: dict) -> str:
               f"{fit['video_tokens_per_frame']} tokens/frame); ours stays at "
               + ", ".join(f"{k}: {v['kv_bound_gib_36_layers']} GiB" for k, v in fit["ours"].items())
               + " of KV (36 layers) for any length."]
-    if "media" in report:
+    if report.get("media"):
         lines += ["", "| media | vision tokens | grid (t, h, w) | prompt tokens | processor s | prefill s | KV entries (bound) | evictions | peak RSS GiB |",
                   "|---|---:|---|---:|---:|---:|---|---:|---:|"]
         for name, entry in report["media"].items():
