@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import re
 import warnings
@@ -22,11 +23,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from safetensors.torch import load_file
 
-from .config import DBTrimKVConfig
-from .errors import CheckpointError
+from .config import MAX_BUFFER_SIZE, MAX_MEMORY_SIZE, DBTrimKVConfig
+from .errors import CheckpointError, ConfigError
 from .eviction_settings import default_eviction_config
 from .gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of
-from .loading import DEFAULT_MODEL, TINY_ALIASES, load_base_model, read_config, resolve_model_dir
+from .loading import DEFAULT_MODEL, TINY_ALIASES, load_base_model, read_config, resolve_model_dir, unpickling_refusal
 from .model_anatomy import text_attention_modules, text_config_of
 from .model_state import existing_state, model_state
 
@@ -94,8 +95,10 @@ def export_released_format(model, directory: str | Path, eviction: DBTrimKVConfi
         base_model=_base_model_name(model, base_model),
         retention_gate=spec.gate_type, retention_gate_intermediate_size=spec.intermediate_size,
         retention_gate_bias_init=spec.bias_init, tie_retention_gate_layers=spec.tie_layers,
-        memory_size=memory, buffer_size=eviction.buffer_size, trainable_params="self_attn.retention_gate",
+        buffer_size=eviction.buffer_size, trainable_params="self_attn.retention_gate",
     )
+    if memory is not None:  # an unbounded eviction states no memory_size (0 / null are refused on load)
+        config["memory_size"] = memory
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     torch.save(tensors, directory / RELEASED_WEIGHTS)
     return directory
@@ -141,54 +144,121 @@ def holds_gates(name: str) -> bool:
 def _resolve_base(directory: Path, base_model) -> str:
     if not base_model:
         raise CheckpointError(f"{directory}: the checkpoint does not name its base_model")
+    if not isinstance(base_model, str):
+        raise CheckpointError(f"{directory}: base_model must be a model name or path, got {base_model!r}")
     local = Path(base_model)
     if not local.is_absolute() and (directory / local).is_dir():
         return str((directory / local).resolve())
     return str(base_model)
 
 
+MAX_GATE_INTERMEDIATE = 65536  # and at most GATE_WIDTH_PER_HIDDEN x the model's hidden size
+GATE_WIDTH_PER_HIDDEN = 8
+
+
+def _hidden_size(config: dict) -> int | None:
+    for section in (config.get("text_config"), config):
+        if isinstance(section, dict) and _is_count(section.get("hidden_size")):
+            return section["hidden_size"]
+    return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _checked_int(source: str, key: str, value, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise CheckpointError(f"{source}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def gate_settings(source: str, meta: dict, keys: dict[str, str], hidden_size: int | None) -> dict:
+    """The gate constructor arguments a checkpoint's metadata describes, each one checked (type and
+    bounds, the width relative to the hidden size) before anything is allocated.
+
+    `keys` maps gate_type / intermediate_size / bias_init / tie_layers to the metadata's key names."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(meta).__name__}")
+    gate_type = meta.get(keys["gate_type"])
+    if gate_type not in GATE_TYPES:
+        raise CheckpointError(f"{source}: {keys['gate_type']} must be one of {', '.join(GATE_TYPES)}, "
+                              f"got {gate_type!r}")
+    high = MAX_GATE_INTERMEDIATE if hidden_size is None else min(MAX_GATE_INTERMEDIATE,
+                                                                  GATE_WIDTH_PER_HIDDEN * hidden_size)
+    size = _checked_int(source, keys["intermediate_size"], meta.get(keys["intermediate_size"], 512), 1, high)
+    bias = meta.get(keys["bias_init"], 18.0)
+    if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias) or abs(bias) > 1e4:
+        raise CheckpointError(f"{source}: {keys['bias_init']} must be a finite number, got {bias!r}")
+    tie = meta.get(keys["tie_layers"], gate_type == "rg10")
+    if not isinstance(tie, bool):
+        raise CheckpointError(f"{source}: {keys['tie_layers']} must be true or false, got {tie!r}")
+    return dict(gate_type=gate_type, intermediate_size=size, bias_init=float(bias), tie_layers=tie)
+
+
+def released_eviction(source: str, config: dict) -> DBTrimKVConfig:
+    """The eviction a released checkpoint was trained for: memory_size M per head and buffer_size.
+    A memory_size that is present but 0, null or not a positive integer is an error: it must not
+    silently turn the budget off."""
+
+    memory = None
+    if "memory_size" in config:
+        memory = _checked_int(source, "memory_size", config["memory_size"], 1, MAX_MEMORY_SIZE)
+    buffer = _checked_int(source, "buffer_size", config.get("buffer_size", 32), 0, MAX_BUFFER_SIZE)
+    return DBTrimKVConfig(memory_size=memory, buffer_size=buffer)
+
+
+RELEASED_KEYS = dict(gate_type="retention_gate", intermediate_size="retention_gate_intermediate_size",
+                     bias_init="retention_gate_bias_init", tie_layers="tie_retention_gate_layers")
+OWN_KEYS = dict(gate_type="gate_type", intermediate_size="intermediate_size", bias_init="bias_init",
+                tie_layers="tie_layers")
+
+
 def _load_released(directory: Path, device, dtype):
     config = read_config(directory)
-    gate_type = config.get("retention_gate")
-    if gate_type not in GATE_TYPES:
-        raise CheckpointError(f"{directory}/config.json: retention_gate must be one of {GATE_TYPES}, got {gate_type!r}")
+    source = f"{directory}/config.json"
+    gates = gate_settings(source, config, RELEASED_KEYS, _hidden_size(config))
+    eviction = released_eviction(source, config)
     base = _resolve_base(directory, config.get("base_model"))
     model, processor = load_base_model(base, device=device, dtype=dtype)
-    attach_retention_gates(
-        model, gate_type=gate_type,
-        intermediate_size=int(config.get("retention_gate_intermediate_size", 512)),
-        bias_init=float(config.get("retention_gate_bias_init", 18.0)),
-        tie_layers=bool(config.get("tie_retention_gate_layers", gate_type == "rg10")),
-    )
+    attach_retention_gates(model, **gates)
     state = read_released_weights(directory / RELEASED_WEIGHTS)
     load_gate_state(model, state, source=str(directory / RELEASED_WEIGHTS))
-    memory, buffer = config.get("memory_size"), config.get("buffer_size")
-    model_state(model).default_eviction = DBTrimKVConfig(
-        memory_size=int(memory) if memory else None,
-        buffer_size=int(buffer) if buffer is not None else 32,
-    )
+    model_state(model).default_eviction = eviction
     _mark_loaded(model, base, directory)
     return model, processor
 
 
 def _load_own(directory: Path, device, dtype):
+    source = str(directory / GATES_JSON)
     try:
-        meta = json.loads((directory / GATES_JSON).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{directory / GATES_JSON} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / GATES_JSON}: not a dbtrimkv gates file (format={meta.get('format')!r})")
+        meta = json.loads((directory / GATES_JSON).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{source}: not a dbtrimkv gates file (format={found!r})")
+    for key in ("gate_type", "intermediate_size"):
+        if key not in meta:
+            raise CheckpointError(f"{source}: missing {key}")
+    hidden = meta.get("hidden_size") if _is_count(meta.get("hidden_size")) else None
+    gates = gate_settings(source, meta, OWN_KEYS, hidden)
+    eviction = None
+    if meta.get("eviction") is not None:
+        try:
+            eviction = DBTrimKVConfig.from_dict(meta["eviction"])
+        except ConfigError as exc:
+            raise CheckpointError(f"{source}: eviction: {exc}") from None
     base = _resolve_base(directory, meta.get("base_model"))
     model, processor = load_base_model(base, device=device, dtype=dtype)
-    attach_retention_gates(model, gate_type=meta["gate_type"], intermediate_size=meta["intermediate_size"],
-                           bias_init=meta.get("bias_init", 18.0), tie_layers=meta.get("tie_layers", True))
+    attach_retention_gates(model, **gates)
     try:
         state = load_file(str(directory / GATES_WEIGHTS))
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read {directory / GATES_WEIGHTS}: {exc}") from None
     load_gate_state(model, state, source=str(directory / GATES_WEIGHTS))
-    if meta.get("eviction"):
-        model_state(model).default_eviction = DBTrimKVConfig.from_dict(meta["eviction"])
+    if eviction is not None:
+        model_state(model).default_eviction = eviction
     _mark_loaded(model, base, directory)
     return model, processor
 
@@ -201,21 +271,23 @@ def _mark_loaded(model, base: str, directory: Path) -> None:
 def read_released_weights(path: Path) -> dict[str, torch.Tensor]:
     """`torch.load(weights_only=True)` with clear errors; values must all be tensors."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols; the outcome is reported below
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise CheckpointError(
-                f"{path}: refusing to unpickle it: it holds objects other than tensors ({found.group(1)})"
-            ) from None
+        refusal = unpickling_refusal(path, exc)
+        if refusal:
+            raise CheckpointError(refusal) from None
         raise CheckpointError(f"{path}: not a readable torch state dict (corrupt or not a torch.save file)") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch state dict ({exc})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+            MemoryError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch state dict (corrupt or not a torch.save file: "
+                              f"{type(exc).__name__} {exc})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+        raise CheckpointError(f"{path}: entries that are not tensors named by strings: {', '.join(map(str, bad[:5]))}")
     return state
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+from .commands.arguments import OneLineParser
+from .commands.common import check_before_load
 from .environment import version_report
 from .errors import DBTrimKVError
 
@@ -30,7 +33,7 @@ class VersionReport(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbtrimkv", description="Qwen3-VL inside a fixed KV-cache budget.")
+    parser = OneLineParser(prog="dbtrimkv", description="Qwen3-VL inside a fixed KV-cache budget.")
     parser.add_argument("--version", action=VersionReport,
                         help="print dbtrimkv's version, the versions of the libraries it hooks, and whether "
                              "CUDA and the Triton kernels are usable, then exit")
@@ -43,12 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_before_load(args)
         return args.func(args)
     except DBTrimKVError as exc:
         print(f"dbtrimkv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `dbtrimkv ... | head`: the reader left; stop quietly
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

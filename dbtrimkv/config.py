@@ -18,6 +18,8 @@ defaults, presets and explicit options wins is decided in `dbtrimkv.eviction_set
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,8 +28,19 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .policies import EvictionPolicy, get_policy
+from .policies import EvictionPolicy, get_policy, policy_names
 from .presets import load_yaml
+
+# Bounds on every setting, so no file or flag can ask for an absurd reservation (the pool holds up to
+# budget + layers x KV heads x max(buffer_size, prefill chunk) entries per sequence).
+MAX_BUDGET = 2**31 - 1  # slot ids are int32
+MAX_MEMORY_SIZE = 2**24
+MAX_BUFFER_SIZE = 8192
+MAX_PREFILL_CHUNK = 2**20
+MAX_LOOKAHEAD = 2**20
+_INT_BOUNDS = {"budget": (1, MAX_BUDGET), "memory_size": (1, MAX_MEMORY_SIZE), "buffer_size": (0, MAX_BUFFER_SIZE),
+               "lookahead": (1, MAX_LOOKAHEAD), "min_per_head": (0, MAX_MEMORY_SIZE),
+               "prefill_chunk": (1, MAX_PREFILL_CHUNK)}
 
 
 @dataclass
@@ -45,24 +58,32 @@ class DBTrimKVConfig:
     def __post_init__(self) -> None:
         if self.budget is not None and self.memory_size is not None:
             raise ConfigError("set either budget (entries per sequence) or memory_size (entries per head), not both")
-        for name in ("budget", "memory_size"):
+        for name, (low, high) in _INT_BOUNDS.items():
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.buffer_size) or self.buffer_size < 0:
-            raise ConfigError(f"buffer_size must be a non-negative integer, got {self.buffer_size!r}")
-        if not _is_int(self.lookahead) or self.lookahead < 1:
-            raise ConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
-        if not _is_int(self.min_per_head) or self.min_per_head < 0:
-            raise ConfigError(f"min_per_head must be a non-negative integer, got {self.min_per_head!r}")
-        if not _is_int(self.prefill_chunk) or self.prefill_chunk < 1:
-            raise ConfigError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+            if value is None and name in ("budget", "memory_size"):
+                continue
+            if not _is_int(value) or not low <= value <= high:
+                kind = "a positive integer" if low == 1 else "a non-negative integer"
+                raise ConfigError(f"{name} must be {kind} (at most {high}), got {value!r}")
+            setattr(self, name, int(value))  # numpy integers become plain ints
+        if not isinstance(self.policy, str) or self.policy not in policy_names():
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(policy_names())}")
         if not isinstance(self.policy_options, Mapping):
             raise ConfigError(f"policy_options must be a mapping of option -> value, got {self.policy_options!r}")
         self.policy_options = dict(self.policy_options)
         if "threshold" in self.policy_options:
             raise ConfigError("set the threshold policy's tau with the `threshold` setting, not in policy_options")
-        if self.threshold is not None and self.policy != "threshold":
+        if self.threshold is not None:
+            if not _is_real(self.threshold):
+                raise ConfigError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
+            self.threshold = float(self.threshold)
+        if self.policy == "threshold":
+            if self.threshold is None or not 0.0 < self.threshold <= 1.0:
+                raise ConfigError(
+                    f"the threshold policy needs threshold tau in (0, 1] (entries with beta^age >= tau stay), "
+                    f"got {self.threshold!r}"
+                )
+        elif self.threshold is not None:
             raise ConfigError(f"threshold is only used by the threshold policy, not by {self.policy!r}")
         self.build_policy()  # checks the policy name and its options now, not when a cache is built
 
@@ -99,7 +120,14 @@ class DBTrimKVConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DBTrimKVConfig":
-        data = dict(data.get("eviction", data))  # accept a preset with an `eviction:` section
+        if not isinstance(data, dict):
+            raise ConfigError(f"eviction settings must be a mapping, got {type(data).__name__}")
+        data = data.get("eviction", data) if "eviction" in data else data  # a preset's `eviction:` section
+        if not isinstance(data, dict):
+            raise ConfigError(f"the eviction section must be a mapping of settings, got {_kind(data)}")
+        data = dict(data)
+        if any(not isinstance(key, str) for key in data):
+            raise ConfigError(f"eviction setting names must be strings, got {sorted(map(repr, data))}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -109,12 +137,14 @@ class DBTrimKVConfig:
     @staticmethod
     def read_settings(name_or_path: str | Path) -> dict[str, Any]:
         """The raw mapping of a JSON file, a YAML file, or a preset name from `configs/`."""
+        if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+            raise ConfigError(f"a config is a preset name or a YAML/JSON path, got {name_or_path!r}")
         path = Path(name_or_path)
         if path.suffix == ".json" and path.is_file():
-            return json.loads(path.read_text())
+            return _read_structured(path, json.loads)
         try:
             return load_yaml(name_or_path)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
             raise ConfigError(str(exc)) from None
 
     @classmethod
@@ -156,5 +186,29 @@ def apply_settings(settings: dict[str, Any], layer: Mapping[str, Any]) -> dict[s
     return out
 
 
+def _kind(value) -> str:
+    return "nothing (null)" if value is None else type(value).__name__
+
+
+def _read_structured(path: Path, parse) -> Any:
+    """Parse a JSON/YAML file's text with a ConfigError for unreadable, non-UTF-8 or malformed files."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise ConfigError(f"{path} is empty")
+    try:
+        return parse(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: malformed JSON ({exc})") from None
+
+
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -15,6 +15,10 @@ class MediaError(DBTrimKVError, ValueError):
     """An image or video that is missing, unreadable or corrupt."""
 
 
+class PromptError(DBTrimKVError, ValueError):
+    """Chat messages in the wrong shape (not a string or a list of role/content messages)."""
+
+
 class ModelLoadError(DBTrimKVError, OSError):
     """A model name or directory that cannot be resolved or is not supported."""
 

@@ -18,6 +18,7 @@ streaming, stopping criteria are transformers'), which decodes through the same 
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from .cache import DBTrimKVCache
+from .config import MAX_PREFILL_CHUNK
 from .errors import ConfigError
 from .modality import Modality, VISUAL_MODALITIES
 from .model_state import model_state
+from .rope_scaling import whole_prompt_rotary
 from .transformers_compat import cache_kwargs
 
 
@@ -191,7 +194,15 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
     embed = model.get_input_embeddings()
     stream = VisionStream(model, inputs, types, mask) if is_vision_language(model) else None
     report = _progress(progress, upto, chunk)
-    hidden = None
+    with whole_prompt_rotary(model, int(positions.max()) if positions.numel() else 0):
+        hidden = _prefill_chunks(model, lm, embed, ids, mask, types, positions, stream, cache, chunk, upto, report)
+    _finish_positions(model, cache, positions[..., :upto], mask[:, :upto])
+    return model.get_output_embeddings()(hidden) if hidden is not None else None
+
+
+def _prefill_chunks(model, lm, embed, ids, mask, types, positions, stream, cache, chunk, upto, report):
+    """The chunk loop of `prefill`; returns the last hidden state `[B, hidden]` (None if nothing ran)."""
+    batch, device, hidden = ids.shape[0], ids.device, None
     for start in range(0, upto, chunk):
         end = min(start + chunk, upto)
         embeds = embed(ids[:, start:end])
@@ -207,8 +218,7 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
                  position_ids=positions[..., start:end], use_cache=True, **cache_kwargs(cache), **kwargs)
         hidden = out.last_hidden_state[:, -1]
         report(end)
-    _finish_positions(model, cache, positions[..., :upto], mask[:, :upto])
-    return model.get_output_embeddings()(hidden) if hidden is not None else None
+    return hidden
 
 
 def _finish_positions(model, cache: DBTrimKVCache, positions: torch.Tensor, mask: torch.Tensor) -> None:
@@ -254,8 +264,26 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     """
     if not isinstance(cache, DBTrimKVCache):
         raise ConfigError("dbtrimkv.generate needs a DBTrimKVCache")
+    _check_generate_arguments(inputs, cache, max_new_tokens, prefill_chunk)
     with model_lock(model):
         return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs)
+
+
+def _check_generate_arguments(inputs, cache: DBTrimKVCache, max_new_tokens, prefill_chunk) -> None:
+    """ConfigError for arguments that would otherwise fail deep inside torch or transformers."""
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not whole(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if prefill_chunk is not None and (not whole(prefill_chunk) or not 1 <= prefill_chunk <= MAX_PREFILL_CHUNK):
+        raise ConfigError(f"prefill_chunk must be an integer in [1, {MAX_PREFILL_CHUNK}] or None, got {prefill_chunk!r}")
+    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ConfigError("inputs must hold input_ids of shape [batch, tokens] (see dbtrimkv.prompts.build_inputs)")
+    if cache.batch_size not in (-1, ids.shape[0]):
+        raise ConfigError(f"this cache holds {cache.batch_size} sequences, but the input has {ids.shape[0]}: "
+                          "use a new cache for a batch of another size")
 
 
 def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs):

@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -98,9 +100,26 @@ def read_config(directory: Path) -> dict:
     if not config_path.is_file():
         raise ModelLoadError(f"{directory} is not a model directory: it has no config.json")
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"{config_path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {config_path}: {exc.strerror or exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def unpickling_refusal(path, exc: Exception) -> str | None:
+    """The message for a pickle that `weights_only=True` refused (objects other than tensors), else None.
+
+    torch words the refusal differently across releases ("Unsupported global: GLOBAL x" before 2.13,
+    "Trying to load unsupported GLOBAL x whose module y is blocked" since), but always as an
+    `UnpicklingError` of the weights-only unpickler naming the GLOBAL it would have imported."""
+    found = re.search(r"GLOBAL\s+([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+    if found is None:
+        return None
+    return f"{path}: refusing to unpickle it: it holds objects other than tensors ({found.group(1)})"
 
 
 def is_supported_text_decoder(model_type: str) -> bool:
@@ -120,11 +139,15 @@ def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
             f"unsupported model type {model_type!r} in {directory}: dbtrimkv runs Qwen3-VL, Qwen3-VL-MoE and "
             "decoder-only language models"
         )
+
     try:
         with quiet_weight_loading():
             model = model_cls.from_pretrained(directory, dtype=dtype)
         processor = processor_cls.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as exc:
+    except pickle.UnpicklingError as exc:
+        refusal = unpickling_refusal(directory, exc)
+        raise ModelLoadError(refusal or f"cannot load the model in {directory}: corrupt weights ({exc})") from None
+    except (OSError, ValueError, KeyError, EOFError) as exc:
         raise ModelLoadError(f"cannot load the model in {directory}: {exc}") from None
     return model.to(device).eval(), processor
 

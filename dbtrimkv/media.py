@@ -1,17 +1,32 @@
-"""Read images and videos for the processor, with clear errors for bad files.
+"""Read images and videos for the processor in bounded memory, with clear errors for bad files.
 
 Why: transformers' Qwen3-VL processor wants decoded frames plus metadata (it would otherwise try
-torchcodec / torchvision video readers that CPU machines do not have). Videos are decoded with
-PyAV at a chosen sampling rate; `iter_video_frames` streams them so long videos never need to be
-held in memory whole.
+torchcodec / torchvision video readers that CPU machines do not have), and a small file can declare
+an enormous picture (a 12 KB PNG of 10000 x 10000 pixels, a 7 MB clip of 6000 px frames). So:
+
+- Images: the size is read from the header before any pixel is decoded; a file whose decoded
+  pixels would need more than `MAX_IMAGE_DECODE_BYTES` (in its own pixel format) is refused with a
+  `MediaError`, as are empty images and aspect ratios over `MAX_ASPECT_RATIO` (Qwen3-VL's processor
+  rejects those). Larger images are downscaled while decoding (JPEG `draft`, then `reduce` /
+  `thumbnail`) to at most `IMAGE_MAX_PIXELS` (the real Qwen3-VL image processor's own ceiling).
+- Videos: decoded with PyAV one frame at a time; each kept frame is resized by libswscale as it is
+  converted, so no full-resolution RGB frame is ever kept. `load_video` samples at `fps`; when that
+  would exceed `max_frames` it spreads `max_frames` frames evenly over the whole duration (as
+  qwen-vl-utils does) instead of keeping only the beginning, and says so in `Video.sampling`.
+  `iter_video_frames` streams, so long videos never need to be held in memory whole.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import numbers
+import os
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,25 +34,128 @@ from transformers.video_utils import VideoMetadata
 
 from .errors import MediaError
 
-def load_image(image) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an HxWx3 uint8 array."""
+MAX_IMAGE_DECODE_BYTES = 256 * 2**20  # decoded pixels, in the file's own format, before downscaling
+IMAGE_MAX_PIXELS = 16_777_216  # images are downscaled to at most this many pixels (Qwen3-VL's longest_edge)
+MAX_ASPECT_RATIO = 200  # Qwen3-VL's processors refuse longer / thinner images
+MAX_VIDEO_FRAME_PIXELS = 40_000_000  # source frame size a video may declare (8K UHD is 33 MP)
+VIDEO_MAX_FRAME_PIXELS = 768 * 32 * 32  # default per-frame ceiling after decoding (qwen-vl-utils' VIDEO_MAX_PIXELS)
+
+# bytes per pixel while decoding and converting, by PIL mode ("1" and "P" need a converted copy)
+_DECODE_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 4, "PA": 5, "LA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3,
+                           "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4, "I;16": 2}
+
+
+def _image_source(image):
+    """A path or a binary file object for PIL, from the accepted input types."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if len(image) == 0:
+            raise MediaError("image bytes are empty")
+        return io.BytesIO(bytes(image)), "from bytes"
+    if hasattr(image, "read"):
+        return image, "from a file object"
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not str(image):
+            raise MediaError("image path is empty")
+        if not path.exists():
+            raise MediaError(f"image not found: {path}")
+        if not path.is_file():
+            raise MediaError(f"image path is not a file: {path}")
+        return path, str(path)
+    raise MediaError(f"an image must be a path, bytes, a binary file object, a PIL image or an HxWx3 array, "
+                     f"got {type(image).__name__}")
+
+
+def check_image_size(width: int, height: int, what: str = "image") -> None:
+    """Refuse empty images and aspect ratios Qwen3-VL cannot take."""
+    if width <= 0 or height <= 0:
+        raise MediaError(f"{what} is empty ({width}x{height} pixels)")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise MediaError(f"{what} is {width}x{height} pixels: the aspect ratio must be at most {MAX_ASPECT_RATIO}:1")
+
+
+def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most `max_pixels` (unchanged if it fits)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _downscaled_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
+    """An RGB copy of a loaded image, at most `max_pixels` pixels (the resize runs before the RGB copy)."""
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode not in ("L", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+    target = _fit(*img.size, max_pixels)
+    if target != img.size:
+        img = img.resize(target, Image.BICUBIC, reducing_gap=2.0)
+    return img.convert("RGB")
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise MediaError(f"image array must have shape HxW, HxWx1, HxWx3 or HxWx4, got {tuple(array.shape)}")
+    check_image_size(array.shape[1], array.shape[0], "image array")
+    if array.shape[0] * array.shape[1] * 4 > MAX_IMAGE_DECODE_BYTES:
+        raise MediaError(f"image array of {array.shape[1]}x{array.shape[0]} pixels is too large")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype.kind in "iu":
+        if array.dtype != np.uint8 and (array.min() < 0 or array.max() > 255):
+            raise MediaError(f"integer image array values must be in 0..255, got {array.min()}..{array.max()}")
+    elif array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise MediaError("image array contains NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 255:
+            raise MediaError(f"float image array values must be in 0..1 (or 0..255), got {low:g}..{high:g}")
+        array = array * 255 if high <= 1 else array
+        array = np.rint(array)
+    else:
+        raise MediaError(f"image array must hold numbers, got dtype {array.dtype}")
+    array = np.ascontiguousarray(array.astype(np.uint8))
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return Image.fromarray(array)
+
+
+def load_image(image, max_pixels: int = IMAGE_MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image of at most `max_pixels` pixels from a path, bytes, a binary file object, a PIL
+    image or an HxW(x1/3/4) array. Raises `MediaError` for anything that is not a usable image."""
+    if image is None:
+        raise MediaError("image is None: give a path, bytes, a PIL image or an array")
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        check_image_size(*image.size)
+        return _downscaled_rgb(image, max_pixels)
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise MediaError(f"image array must have shape HxWx3 (or 4), got {tuple(image.shape)}")
-        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
-    path = Path(image)
-    if not path.exists():
-        raise MediaError(f"image not found: {path}")
-    if not path.is_file():
-        raise MediaError(f"image path is not a file: {path}")
+        return _downscaled_rgb(_array_image(image), max_pixels)
+    source, name = _image_source(image)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MediaError(f"cannot read image {path}: not a valid or complete image file ({exc})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap follows
+            with Image.open(source) as img:  # reads the header only
+                width, height = img.size
+                check_image_size(width, height, f"image {name}")
+                if img.format == "JPEG" and width * height > max_pixels:
+                    img.draft("RGB", _fit(width, height, max_pixels))  # DCT scaling while decoding
+                need = img.size[0] * img.size[1] * _DECODE_BYTES_PER_PIXEL.get(img.mode, 4)
+                if need > MAX_IMAGE_DECODE_BYTES:
+                    raise MediaError(f"image {name} declares {width}x{height} pixels ({img.mode}): decoding it "
+                                     f"would need {need / 2**20:.0f} MiB, over the {MAX_IMAGE_DECODE_BYTES // 2**20} "
+                                     f"MiB limit")
+                img.load()
+                return _downscaled_rgb(img, max_pixels)
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"image {name} declares too many pixels to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError,
+            IndexError, struct.error) as exc:
+        if isinstance(exc, MediaError):
+            raise
+        raise MediaError(f"cannot read image {name}: not a valid or complete image file ({exc})") from None
 
 
 @dataclass
@@ -49,6 +167,7 @@ class Video:
     frames_indices: list[int] = field(default_factory=list)  # index of each kept frame in the source
     total_num_frames: int = 0
     source: str = ""
+    sampling: str = ""  # how the frames were picked, when it differs from what was asked (else "")
 
     @property
     def duration(self) -> float:
@@ -63,79 +182,207 @@ class Video:
         )
 
 
-def _open_video(path: Path):
+def _open_video(path):
     import av
 
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        raise MediaError(f"a video must be a path or a list of frames, got {type(path).__name__}")
+    path = Path(path)
     if not path.exists():
         raise MediaError(f"video not found: {path}")
     if not path.is_file():
         raise MediaError(f"video path is not a file: {path}")
     try:
         container = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as exc:
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise MediaError(f"cannot read video {path}: {exc}") from None
     if not container.streams.video:
         container.close()
         raise MediaError(f"cannot read video {path}: the file has no video stream")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
+    if width * height > MAX_VIDEO_FRAME_PIXELS:
+        container.close()
+        raise MediaError(f"video {path} has {width}x{height} pixel frames, over the "
+                         f"{MAX_VIDEO_FRAME_PIXELS / 1e6:.0f} megapixel limit")
     return container
 
 
+def _stream_fps(stream) -> float:
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    return fps if math.isfinite(fps) and fps > 0 else 24.0
+
+
+def _stream_frames(container, stream, fps: float) -> int:
+    frames = stream.frames or 0
+    if not frames and stream.duration and stream.time_base:
+        frames = round(float(stream.duration * stream.time_base) * fps)
+    if not frames and container.duration:
+        frames = round(container.duration / 1_000_000 * fps)
+    return max(int(frames), 0)
+
+
 def video_info(path: str | Path) -> tuple[float, int]:
-    """(frames per second, number of frames) of a video file."""
-    path = Path(path)
+    """(frames per second, number of frames) of a video file (0 frames when the container does not say)."""
     container = _open_video(path)
     try:
         stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
-        frames = stream.frames
-        if not frames and stream.duration:
-            frames = round(float(stream.duration * stream.time_base) * fps)
-        return fps, int(frames or 0)
+        fps = _stream_fps(stream)
+        return fps, _stream_frames(container, stream, fps)
     finally:
         container.close()
 
 
+def _check_sampling(fps: float, max_frames: int | None, every_frame_ok: bool = True) -> None:
+    """fps: a finite number > 0 (0 = every frame, where `every_frame_ok`); max_frames: >= 1 or None."""
+    if (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps) or fps < 0
+            or (fps == 0 and not every_frame_ok)):
+        raise MediaError(f"video fps must be a positive number{' (0 = every frame)' if every_frame_ok else ''}, "
+                         f"got {fps!r}")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer))
+                                   or max_frames < 1):
+        raise MediaError(f"video max_frames must be a positive integer or None, got {max_frames!r}")
+
+
+def _decoded(container, stream, path) -> Iterator[tuple[int, object]]:
+    import av
+
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            yield index, frame
+    except (av.FFmpegError, ValueError, MemoryError) as exc:
+        raise MediaError(f"cannot read video {path}: decoding failed ({exc})") from None
+
+
+def _rgb(frame, size: tuple[int, int] | None) -> np.ndarray:
+    """The frame as RGB uint8, resized by libswscale to `size` (height, width) during the conversion."""
+    if size is None or (frame.height, frame.width) == tuple(size):
+        return frame.to_ndarray(format="rgb24")
+    height, width = size
+    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+
+
 def iter_video_frames(path: str | Path, fps: float = 2.0, max_frames: int | None = None,
-                      start_frame: int = 0) -> Iterator[tuple[int, np.ndarray, float]]:
+                      start_frame: int = 0, frame_size: Callable[[int, int], tuple[int, int]] | None = None,
+                      ) -> Iterator[tuple[int, np.ndarray, float]]:
     """Yield `(source frame index, RGB uint8 frame, source fps)` sampled at about `fps`.
 
     Sampling keeps the first source frame of every 1/fps interval, so the result does not depend
-    on how the stream is chunked. Stops after `max_frames` sampled frames.
+    on how the stream is chunked. Stops after `max_frames` sampled frames. `frame_size(height,
+    width)` -> (height, width) resizes every kept frame while it is converted (default: frames over
+    `VIDEO_MAX_FRAME_PIXELS` are scaled down to it); only one source frame is decoded at a time.
     """
-    import av
-
-    path = Path(path)
+    _check_sampling(fps, max_frames)
     container = _open_video(path)
     try:
         stream = container.streams.video[0]
-        src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
-        step = max(src_fps / fps, 1.0) if fps and fps > 0 else 1.0
-        next_pick, count = 0.0, 0
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                if index < start_frame or index + 1e-9 < next_pick:
-                    continue
-                next_pick = math.floor(index / step + 1e-9) * step + step
-                yield index, frame.to_ndarray(format="rgb24"), src_fps
-                count += 1
-                if max_frames is not None and count >= max_frames:
-                    return
-        except (av.FFmpegError, ValueError) as exc:
-            raise MediaError(f"cannot read video {path}: decoding failed ({exc})") from None
+        src_fps = _stream_fps(stream)
+        step = max(src_fps / fps, 1.0) if fps else 1.0
+        next_pick, count, size = 0.0, 0, None
+        for index, frame in _decoded(container, stream, path):
+            if index < start_frame or index + 1e-9 < next_pick:
+                continue
+            next_pick = math.floor(index / step + 1e-9) * step + step
+            if size is None:
+                size = _frame_size(frame_size, frame.height, frame.width)
+            yield index, _rgb(frame, size), src_fps
+            count += 1
+            if max_frames is not None and count >= max_frames:
+                return
         if count == 0 and start_frame == 0:
             raise MediaError(f"cannot read video {path}: no frames could be decoded")
     finally:
         container.close()
 
 
-def load_video(path: str | Path, fps: float = 2.0, max_frames: int | None = 64) -> Video:
-    """Decode a video file at about `fps` frames per second, at most `max_frames` frames."""
-    picked, indices, src_fps = [], [], 24.0
-    for index, frame, src_fps in iter_video_frames(path, fps=fps, max_frames=max_frames):
-        picked.append(frame)
+def _frame_size(frame_size, height: int, width: int) -> tuple[int, int]:
+    if frame_size is not None:
+        return tuple(int(v) for v in frame_size(height, width))
+    w, h = _fit(width, height, VIDEO_MAX_FRAME_PIXELS)
+    return (h, w)
+
+
+def sample_indices(total: int, src_fps: float, fps: float, max_frames: int | None) -> list[int]:
+    """Source frame indices to keep: every 1/fps interval's first frame, or, when that is more than
+    `max_frames`, `max_frames` indices spread evenly from the first to the last frame."""
+    step = max(src_fps / fps, 1.0) if fps else 1.0
+    grid = sorted({i for i in (math.ceil(k * step - 1e-9) for k in range(math.ceil(total / step))) if i < total})
+    if max_frames is None or len(grid) <= max_frames:
+        return grid
+    return sorted({int(round(i)) for i in np.linspace(0, total - 1, max_frames)})
+
+
+def load_video(path: str | Path, fps: float = 2.0, max_frames: int | None = 64,
+               frame_size: Callable[[int, int, int], tuple[int, int]] | None = None) -> Video:
+    """Decode a video file at about `fps` frames per second, at most `max_frames` frames spread over
+    the whole duration. `frame_size(num_frames, height, width)` -> (height, width) picks the size
+    every frame is resized to while decoding (default: at most `VIDEO_MAX_FRAME_PIXELS` pixels)."""
+    _check_sampling(fps, max_frames)
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        src_fps = _stream_fps(stream)
+        total = _stream_frames(container, stream, src_fps)
+        if total:
+            wanted = sample_indices(total, src_fps, fps, max_frames)
+            frames, indices = _decode_indices(container, stream, path, set(wanted), len(wanted), frame_size)
+        else:
+            step = src_fps / fps if fps else 1.0
+            frames, indices, total = _decode_thinned(container, stream, path, step, max_frames, frame_size)
+    finally:
+        container.close()
+    if not frames:
+        raise MediaError(f"cannot read video {path}: no frames could be decoded")
+    on_grid = len(indices) == len(sample_indices(total, src_fps, fps, None))
+    sampling = "" if on_grid else (
+        f"video {Path(path).name}: {len(indices)} frames spread over {total / src_fps:.1f} s "
+        f"({len(indices) * src_fps / total:.2f} fps, within the {max_frames}-frame limit; asked for "
+        f"{f'{fps:g} fps' if fps else 'every frame'})")
+    video = frames_to_video(frames, fps=src_fps, frames_indices=indices, total_num_frames=total, source=str(path))
+    video.sampling = sampling
+    return video
+
+
+def _decode_indices(container, stream, path, wanted: set[int], count: int, frame_size):
+    frames, indices, size = [], [], None
+    last = max(wanted)
+    for index, frame in _decoded(container, stream, path):
+        if index in wanted:
+            if size is None:
+                size = _sized(frame_size, count, frame.height, frame.width)
+            frames.append(_rgb(frame, size))
+            indices.append(index)
+        if index >= last:
+            break
+    return frames, indices
+
+
+def _decode_thinned(container, stream, path, step: float, max_frames: int | None, frame_size):
+    """For streams that do not say how long they are: sample every `step` frames, and whenever more
+    than `max_frames` are kept, drop every other one and double the step (stays spread over the whole)."""
+    step = max(step, 1.0)
+    frames, indices, size, next_pick, seen = [], [], None, 0.0, 0
+    for index, frame in _decoded(container, stream, path):
+        seen = index + 1
+        if index + 1e-9 < next_pick:
+            continue
+        next_pick += step
+        while next_pick <= index:
+            next_pick += step
+        if size is None:
+            size = _sized(frame_size, max_frames or 64, frame.height, frame.width)
+        frames.append(_rgb(frame, size))
         indices.append(index)
-    total = video_info(path)[1] or (indices[-1] + 1)
-    return frames_to_video(picked, fps=src_fps, frames_indices=indices, total_num_frames=total, source=str(path))
+        if max_frames is not None and len(frames) > max_frames:
+            frames, indices, step = frames[::2], indices[::2], step * 2
+            next_pick = indices[-1] + step
+    return frames, indices, seen
+
+
+def _sized(frame_size, count: int, height: int, width: int) -> tuple[int, int]:
+    if frame_size is not None:
+        return tuple(int(v) for v in frame_size(max(count, 2), height, width))
+    return _frame_size(None, height, width)
 
 
 def frames_to_video(frames, fps: float = 2.0, frames_indices: list[int] | None = None,
@@ -143,10 +390,12 @@ def frames_to_video(frames, fps: float = 2.0, frames_indices: list[int] | None =
     """A `Video` from a list of frames (PIL images, paths or HxWx3 arrays) at `fps`."""
     if frames is None or len(frames) == 0:
         raise MediaError(f"video {source} has no frames")
-    arrays = [np.asarray(load_image(f)) for f in frames]
+    _check_sampling(fps, None, every_frame_ok=False)
+    arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f, VIDEO_MAX_FRAME_PIXELS)) for f in frames]
     shape = arrays[0].shape
     if any(a.shape != shape for a in arrays):
-        arrays = [np.asarray(Image.fromarray(a).resize((shape[1], shape[0]))) for a in arrays]
+        arrays = [a if a.shape == shape else np.asarray(Image.fromarray(a).resize((shape[1], shape[0])))
+                  for a in arrays]
     stacked = np.stack(arrays)
     if len(stacked) == 1:  # the vision tower patches frames in pairs
         stacked = np.concatenate([stacked, stacked])
@@ -155,3 +404,10 @@ def frames_to_video(frames, fps: float = 2.0, frames_indices: list[int] | None =
         indices = indices + [indices[-1]] * (len(stacked) - len(indices))
     return Video(frames=stacked, fps=fps, frames_indices=indices,
                  total_num_frames=total_num_frames or (indices[-1] + 1), source=source)
+
+
+def _is_rgb_frame(frame) -> bool:
+    """A decoded frame that is already RGB uint8 within the size limits (no copy needed)."""
+    return (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[-1] == 3
+            and 0 < frame.shape[0] * frame.shape[1] <= VIDEO_MAX_FRAME_PIXELS
+            and max(frame.shape[:2]) / min(frame.shape[:2]) <= MAX_ASPECT_RATIO)

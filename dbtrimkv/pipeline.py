@@ -53,6 +53,7 @@ class GenerationStats:
     evictions: int
     budget: int | None
     policy: str
+    notes: list[str] = field(default_factory=list)  # e.g. how a long video's frames were sampled
 
     @property
     def tokens_per_second(self) -> float:
@@ -77,7 +78,7 @@ class GenerationStats:
             f"({format_bytes(self.kv_bytes)} of {format_bytes(self.kv_bytes_full)}, {100 * self.kv_fraction:.1f}%) | "
             f"kept by modality: text {r['text']}, image {r['image']}, video {r['video']} | "
             f"policy {self.policy}, budget {budget}, evictions {self.evictions}"
-        )
+        ) + "".join(f"\nnote: {note}" for note in self.notes)
 
 
 @dataclass
@@ -148,8 +149,9 @@ class DBTrimKVPipeline:
     def new_cache(self, config: DBTrimKVConfig | None = None) -> DBTrimKVCache:
         return DBTrimKVCache(self.model, config or self.config)
 
-    def build_inputs(self, messages, add_generation_prompt: bool = True):
-        return build_inputs(self.processor, messages, add_generation_prompt=add_generation_prompt, video=self.video)
+    def build_inputs(self, messages, add_generation_prompt: bool = True, notes: list | None = None):
+        return build_inputs(self.processor, messages, add_generation_prompt=add_generation_prompt, video=self.video,
+                            notes=notes)
 
     def _generation_kwargs(self, do_sample, temperature, top_p, max_new_tokens):
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
@@ -167,14 +169,15 @@ class DBTrimKVPipeline:
         """
         batched = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict) \
             and not isinstance(messages, str)
-        inputs = self.build_inputs(messages)
+        notes: list[str] = []
+        inputs = self.build_inputs(messages, notes=notes)
         cache = self.new_cache()
         kwargs = self._generation_kwargs(do_sample, temperature, top_p, max_new_tokens)
         if stream:
             if inputs["input_ids"].shape[0] != 1:
                 raise ConfigError("stream=True takes one conversation, not a batch")
-            return self._stream(inputs, cache, kwargs, progress)
-        outputs = self._run(inputs, cache, kwargs, progress)
+            return self._stream(inputs, cache, kwargs, progress, notes=notes)
+        outputs = self._run(inputs, cache, kwargs, progress, notes=notes)
         return outputs if batched else outputs[0]
 
     def chat(self, text: str, images=(), videos=(), **kwargs):
@@ -184,7 +187,8 @@ class DBTrimKVPipeline:
     def conversation(self, system: str | None = None) -> "Conversation":
         return Conversation(self, system=system)
 
-    def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0) -> list[PipelineOutput]:
+    def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
+             notes: list[str] = ()) -> list[PipelineOutput]:
         timings: dict = {}
         with torch.inference_mode():
             new = generate(self.model, inputs, cache, progress=progress, timings=timings, **kwargs)
@@ -192,19 +196,20 @@ class DBTrimKVPipeline:
         for b in range(new.shape[0]):
             ids = _strip_padding(new[b], stop)
             stats = collect_stats(cache, inputs, b, len(ids), timings, evictions_before)
+            stats.notes = list(notes)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             outputs.append(PipelineOutput(text, stats, ids, cache=cache, batch_index=b))
         return outputs
 
     def _stream(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
-                on_done=None) -> StreamingOutput:
+                on_done=None, notes: list[str] = ()) -> StreamingOutput:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
 
         def work():
             try:
                 result["outputs"] = self._run(inputs, cache, dict(kwargs, streamer=streamer), progress,
-                                              evictions_before)
+                                              evictions_before, notes)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
                 result["error"] = exc
                 streamer.end()
@@ -225,10 +230,19 @@ class DBTrimKVPipeline:
 
 
 def user_message(text: str, images=(), videos=()) -> list[dict]:
-    parts = [{"type": "image", "image": image} for image in images]
-    parts += [{"type": "video", "video": video} for video in videos]
+    parts = [{"type": "image", "image": image} for image in _as_list(images)]
+    parts += [{"type": "video", "video": video} for video in _as_list(videos)]
     parts.append({"type": "text", "text": text})
     return [{"role": "user", "content": parts}]
+
+
+def _as_list(media) -> list:
+    """`images=` / `videos=` as a list: one path, bytes or picture is a list of one; None is empty."""
+    if media is None:
+        return []
+    if isinstance(media, (str, bytes, bytearray, Path)) or not isinstance(media, (list, tuple)):
+        return [media]
+    return list(media)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -281,11 +295,11 @@ class Conversation:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self._last_ids: list[int] | None = None
 
-    def _turn_inputs(self, message: list[dict]):
+    def _turn_inputs(self, message: list[dict], notes: list | None = None):
         """Inputs for the new turn only, prefixed with what closes the previous assistant turn."""
         pipe = self.pipeline
         chat = (self.messages if self._last_ids is None else []) + message
-        inputs = pipe.build_inputs(chat)
+        inputs = pipe.build_inputs(chat, notes=notes)
         if self._last_ids is None:
             return inputs
         stop = stop_token_ids(pipe.model, pipe.tokenizer)
@@ -298,7 +312,8 @@ class Conversation:
         if (images or videos) and not is_multimodal(pipe.processor):
             raise ConfigError("this model is text-only: it cannot take images or videos")
         message = user_message(text, images, videos)
-        inputs = self._turn_inputs(message)
+        notes: list[str] = []
+        inputs = self._turn_inputs(message, notes)
         kwargs = pipe._generation_kwargs(do_sample, temperature, top_p, max_new_tokens)
         before = self.cache.num_evictions
 
@@ -307,8 +322,8 @@ class Conversation:
             self._last_ids = out.token_ids
 
         if stream:
-            return pipe._stream(inputs, self.cache, kwargs, progress, before, on_done=record)
-        out = pipe._run(inputs, self.cache, kwargs, progress, before)[0]
+            return pipe._stream(inputs, self.cache, kwargs, progress, before, on_done=record, notes=notes)
+        out = pipe._run(inputs, self.cache, kwargs, progress, before, notes)[0]
         record(out)
         return out
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 
 def preset_names() -> list[str]:
     """Names of the shipped presets (file names without `.yaml`)."""
@@ -36,8 +38,17 @@ def preset_path(name_or_path: str | Path) -> Path:
 def load_yaml(name_or_path: str | Path) -> dict[str, Any]:
     """Parse a preset or YAML file into a dict (safe loader: plain data only)."""
     path = preset_path(name_or_path)
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML ({' '.join(str(exc).split())})") from None
+    except (OSError, RecursionError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data

@@ -101,12 +101,16 @@ def vocab_size() -> int:
     return (n + 63) // 64 * 64
 
 
-def build_processor(tokenizer=None):
-    """A Qwen3VLProcessor (real image + video processors) around the tiny tokenizer."""
+def build_processor(tokenizer=None, vision: dict | None = None, settings: dict | None = None):
+    """A Qwen3VLProcessor (real image + video processors) around the tiny tokenizer.
+
+    `vision` (patch sizes) and `settings` (min/max pixels, video frame limits) default to the tiny
+    spec; `dbtrimkv.shapes` passes the released models' values.
+    """
     ensure_torchvision_importable()
 
     spec = tiny_spec()
-    vis, proc = spec["vision"], spec["processor"]
+    vis, proc = vision or spec["vision"], settings or spec["processor"]
     tokenizer = tokenizer or build_tokenizer()
     common = dict(patch_size=vis["patch_size"], temporal_patch_size=vis["temporal_patch_size"],
                   merge_size=vis["spatial_merge_size"])
@@ -123,6 +127,15 @@ def build_processor(tokenizer=None):
     return Qwen3VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
+    )
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen3-VL config's image / video / vision start / end token ids in `tokenizer`'s vocabulary."""
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    return dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
 
 
@@ -150,16 +163,12 @@ def build_config(variant: str = "qwen3_vl"):
     spec = tiny_spec()
     tokenizer = build_tokenizer()
     text = _text_kwargs(spec, tokenizer)
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     if variant == "qwen3":
         text = dict(text)
         rope = text.pop("rope_parameters")
         return Qwen3Config(**text, rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]})
     vision = dict(spec["vision"], out_hidden_size=spec["text"]["hidden_size"])
-    token_ids = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
+    token_ids = vision_token_ids(tokenizer)
     if variant == "qwen3_vl":
         config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     else:

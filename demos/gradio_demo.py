@@ -19,6 +19,10 @@ Launched by `dbtrimkv demo` (dbtrimkv/commands/demo.py), which loads this file f
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import gradio as gr
 import torch
 
@@ -44,6 +48,17 @@ def session_config(base: DBTrimKVConfig, budget: float | None, memory_size: floa
     limit = {"memory_size": int(memory_size)} if memory_size else {"budget": int(budget)} if budget else {}
     return resolve_eviction(config=base, policy=policy, threshold=threshold if policy == "threshold" else None,
                             full_cache=not limit, **limit)
+
+
+def user_message_of(exc: Exception, *uploads: str | None, unexpected: bool = False) -> str:
+    """The error for the page: uploaded files named by their file name only, other absolute paths
+    hidden, so the message shows nothing of the server's folders."""
+    text = str(exc)
+    for upload in uploads:
+        if upload:
+            text = text.replace(str(Path(upload).parent) + os.sep, "").replace(str(upload), Path(upload).name)
+    text = re.sub(r"(?<![\w.])/(?:[\w.\-]+/)+([\w.\-]+)", r"\1", text)  # any other absolute path -> its name
+    return f"Something went wrong with this request ({type(exc).__name__}: {text})" if unexpected else text
 
 
 def check_video(path: str, max_seconds: float) -> None:
@@ -161,7 +176,9 @@ def build_demo(pipeline: DBTrimKVPipeline, max_video_seconds: float = 60.0, max_
             image_map, heatmap = session.retention_pictures()
             timeline = session.retention_timeline()
         except DBTrimKVError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(user_message_of(exc, image_path, video_path)) from None
+        except Exception as exc:  # noqa: BLE001 - the browser gets one line, never a server traceback or path
+            raise gr.Error(user_message_of(exc, image_path, video_path, unexpected=True)) from None
         yield gr.skip(), gr.skip(), gr.skip(), session.history, session, stats_markdown(stats), image_map, \
             heatmap, stats.to_dict(), timeline
 

@@ -64,3 +64,25 @@ def brute_force_keep(entries, keep: int, seen: int, lookahead: int = 1):
 
     ranked = sorted(entries, key=lambda e: (-score(e), -e[2], e[0], e[1]))
     return set((e[0], e[1], e[2]) for e in ranked[:keep]), score
+
+
+def mixed_chats(kind: str):
+    """A left-padded batch of two chats: `image` (two images), `video` (a clip and an image) or text."""
+    if kind == "image":
+        return [image_chat(random_image(1), "Hi?"), image_chat(random_image(2, 96, 128), "What is in this picture?")]
+    if kind == "video":
+        frames = [random_image(20 + i, 48, 64) for i in range(6)]
+        return [video_chat(frames, "Describe the clip."), image_chat(random_image(3), "And this?")]
+    return ["Hello", "Tell me a much longer story about caches, please."]
+
+
+def plain_and_gated(variant: str, dtype=torch.float32):
+    """Two copies of a tiny model, the second with randomized gates: `(plain, gated, processor)`."""
+    import dbtrimkv
+    from dbtrimkv.tiny import build_tiny
+
+    plain, processor = build_tiny(variant, dtype=dtype)
+    gated, _ = build_tiny(variant, dtype=dtype)
+    dbtrimkv.attach_retention_gates(gated, intermediate_size=32)
+    randomize_gates(gated)
+    return plain, gated, processor

@@ -16,6 +16,7 @@ from ..pipeline import DBTrimKVPipeline
 from ..prompts import VideoOptions
 from ..retention_timeline import check_output
 from ..retention_timeline import conversation_tokens, save
+from . import arguments
 from .common import TINY_NOTICE, add_eviction_args, add_media_args, add_model_args, eviction_config
 
 HELP = "commands: /image PATH, /video PATH (attach to the next message), /stats, /reset, /exit"
@@ -32,10 +33,10 @@ def add_parser(sub) -> None:
     add_media_args(p)
     add_model_args(p)
     add_eviction_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most per answer (default: 64)")
+    p.add_argument("--max-new-tokens", type=arguments.new_tokens, default=64, help="tokens to generate at most per answer (default: 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample)")
+    p.add_argument("--temperature", type=arguments.temperature, default=None, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=arguments.top_p, default=None, help="nucleus sampling mass in (0, 1] (with --sample)")
     p.add_argument("--retention-plot", metavar="PATH", default=None,
                    help="write a retention timeline PNG after the answer (interactive: after every turn): "
                         "tokens in order x layers, coloured by the KV heads still holding each token")
@@ -106,4 +107,7 @@ def interactive(pipe, images, videos, options, plot=None) -> int:
                 _plot(conversation.cache, pipe, plot)
         except DBTrimKVError as exc:  # a bad file should not end the conversation
             print(f"dbtrimkv: error: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - nor should anything else: report it and go on
+            print(f"dbtrimkv: error: this turn failed ({type(exc).__name__}: {exc}); the chat goes on",
+                  file=sys.stderr)
         images, videos = [], []

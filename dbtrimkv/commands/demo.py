@@ -7,12 +7,12 @@ the subpackage `dbtrimkv.demos`.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from .. import checkpoints
 from ..pipeline import DBTrimKVPipeline
+from . import arguments
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 
 
@@ -32,38 +32,18 @@ def add_parser(sub) -> None:
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the demo "
                         "to the network)")
-    g.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    g.add_argument("--port", type=arguments.port, default=7860, help="port to listen on, 1-65535 (default: 7860)")
     g.add_argument("--share", action="store_true",
                    help="also open a public *.gradio.live link through Gradio's relay (off by default)")
-    g.add_argument("--max-upload-mb", type=_positive_float, default=50.0,
+    g.add_argument("--max-upload-mb", type=arguments.positive_float, default=50.0,
                    help="largest accepted upload in MiB; bigger files are refused (default: 50)")
-    g.add_argument("--max-video-seconds", type=_positive_float, default=60.0,
+    g.add_argument("--max-video-seconds", type=arguments.positive_float, default=60.0,
                    help="longer videos are refused with a message in the page (default: 60)")
-    g.add_argument("--queue-size", type=_positive_int, default=16,
+    g.add_argument("--queue-size", type=arguments.positive_int, default=16,
                    help="requests that may wait for the model; more are turned away (default: 16)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=256,
+    g.add_argument("--max-new-tokens", type=arguments.new_tokens, default=256,
                    help="upper end of the page's 'max new tokens' slider (default: 256)")
     p.set_defaults(func=run)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def load_demo_module():
@@ -72,6 +52,7 @@ def load_demo_module():
 
 
 def run(args) -> int:
+    arguments.check_port_free(args.host, args.port)
     demo_module = load_demo_module()
     notice = TINY_NOTICE if args.model is None else None
     if notice:

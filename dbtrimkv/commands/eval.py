@@ -16,15 +16,17 @@ import logging
 import sys
 from pathlib import Path
 
+from ..config import MAX_BUFFER_SIZE, MAX_PREFILL_CHUNK
 from ..errors import ConfigError
-from ..eval.harness import BenchmarkSpec, run_benchmark
 from ..eval import long_video_report, report
+from ..eval.harness import BenchmarkSpec, run_benchmark
 from ..eval.long_video import LongVideoSpec, run_long_video as run
 from ..loading import resolve_device
 from ..policies import policy_names
 from ..recall.tasks import TASK_KINDS
 from ..recall.train_gates import train_gates
 from ..recall.train_model import train
+from . import arguments
 from .common import add_model_args
 
 
@@ -46,21 +48,21 @@ def _add_synthetic(sub) -> None:
     p.add_argument("--policies", nargs="+", default=["global", "head", "streaming", "snapkv", "h2o", "knorm", "random"],
                    choices=policy_names(), metavar="POLICY",
                    help=f"policies to compare (choices: {', '.join(policy_names())})")
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.25, 0.5], metavar="FRACTION",
+    p.add_argument("--budgets", nargs="+", type=arguments.fraction, default=[0.02, 0.05, 0.1, 0.25, 0.5], metavar="FRACTION",
                    help="KV budgets as fractions of each prompt's full cache, in (0, 1]")
     p.add_argument("--kind", choices=tuple(TASK_KINDS), default="cards",
                    help="card stream, video clip or single image prompts")
-    p.add_argument("--examples", type=int, default=100, help="held-out prompts (seeds 0..N-1; default: 100)")
-    p.add_argument("--num-cards", type=int, default=8)
-    p.add_argument("--filler", type=int, default=32, help="filler characters between cards / around the clip")
-    p.add_argument("--distractors", type=int, default=1, help="distractor images between two cards")
-    p.add_argument("--frames", type=int, default=8, help="video frames (--kind video)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--examples", type=arguments.int_in(1, 100_000), default=100, help="held-out prompts (seeds 0..N-1; default: 100)")
+    p.add_argument("--num-cards", type=arguments.int_in(1, 1000), default=8)
+    p.add_argument("--filler", type=arguments.int_in(0, 100_000), default=32, help="filler characters between cards / around the clip")
+    p.add_argument("--distractors", type=arguments.int_in(0, 100), default=1, help="distractor images between two cards")
+    p.add_argument("--frames", type=arguments.int_in(1, 1000), default=8, help="video frames (--kind video)")
+    p.add_argument("--image-size", type=arguments.int_in(8, 1024), default=32)
     p.add_argument("--answer-modality", choices=("image", "text", "any"), default="any")
-    p.add_argument("--needle", type=float, default=None, help="place of the queried card / frame in [0, 1] "
+    p.add_argument("--needle", type=arguments.unit_interval, default=None, help="place of the queried card / frame in [0, 1] "
                    "(default: random)")
-    p.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens per prefill step (default: 32)")
-    p.add_argument("--buffer-size", type=int, default=0, help="tokens between evictions while decoding")
+    p.add_argument("--prefill-chunk", type=arguments.int_in(1, MAX_PREFILL_CHUNK), default=32, help="prompt tokens per prefill step (default: 32)")
+    p.add_argument("--buffer-size", type=arguments.int_in(0, MAX_BUFFER_SIZE), default=0, help="tokens between evictions while decoding")
     p.add_argument("--output", default="bench/synthetic_recall", help="output prefix: writes .json, .md and .png")
     add_model_args(p, default="the shipped tiny-recall model")
     p.set_defaults(func=run_synthetic)
@@ -98,13 +100,13 @@ def _add_train_recall(sub) -> None:
                                    "save it (safetensors + processor) to the recipe's output.")
     p.add_argument("--config", default="recall-tiny", help="recipe YAML or preset name (default: recall-tiny)")
     p.add_argument("--output", default=None, help="model directory (default: the recipe's output)")
-    p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--steps", type=arguments.positive_int, default=None, help="override the recipe's step count")
+    p.add_argument("--threads", type=arguments.int_in(1, 1024), default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--device", default="cpu", type=arguments.device, help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/resume/ if a checkpoint is there (the recipe's checkpoint_every "
                         "writes it); the resumed run ends with the same weights as an uninterrupted one")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+    p.add_argument("--stop-at", type=arguments.positive_int, default=None, metavar="STEP",
                    help="end this session after STEP with a checkpoint (continue later with --resume)")
     p.set_defaults(func=run_train_recall)
 
@@ -114,11 +116,11 @@ def _add_train_gates(sub) -> None:
                        description="Distil rg10 gates with a global capacity loss (dbtrimkv.training) on synthetic "
                                    "recall prompts and save them next to the model (save_gates).")
     p.add_argument("--config", default="train-recall-gates", help="training YAML (default: train-recall-gates)")
-    p.add_argument("--examples", type=int, default=2000, help="recall chats written as training data (default: 2000)")
-    p.add_argument("--serve-memory-size", type=int, default=None, metavar="M",
+    p.add_argument("--examples", type=arguments.int_in(1, 10_000_000), default=2000, help="recall chats written as training data (default: 2000)")
+    p.add_argument("--serve-memory-size", type=arguments.positive_int, default=None, metavar="M",
                    help="memory size M saved as the gates' default eviction, what `dbtrimkv chat` / the demo use "
                         "without budget options (default: the training memory_size)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--threads", type=arguments.int_in(1, 1024), default=1, help="torch CPU threads (default: 1)")
     p.set_defaults(func=run_train_gates)
 
 
@@ -127,8 +129,9 @@ def _log_to_stderr() -> None:
 
 
 def run_synthetic(args) -> int:
-    if any(not 0.0 < b <= 1.0 for b in args.budgets):
-        raise ConfigError(f"--budgets are fractions of the full cache in (0, 1], got {args.budgets}")
+    if "threshold" in args.policies:
+        raise ConfigError("eval synthetic compares budget policies; threshold needs a tau per run and is not "
+                          "part of this benchmark: drop it from --policies")
     _log_to_stderr()
     spec = BenchmarkSpec.from_args(args)
     results = run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)

@@ -18,8 +18,8 @@ from ..serving import create_server, startup_report
 from ..serving.admission import parse_kv_memory
 from ..serving.app import HTTPOptions
 from ..serving.server import ServerOptions
+from .arguments import positive_float as _positive_float, positive_int as _positive_int
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
-from .demo import _positive_float, _positive_int
 
 
 def add_parser(sub) -> None:

@@ -13,6 +13,7 @@ from ..retention_timeline import check_output
 from ..retention_timeline import fork_tokens, save
 from ..video_qa import StreamOptions, VideoQA, load_dataset, run_dataset
 from ..video_qa.runner import load_predictions, metrics_path
+from . import arguments
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 
 DESCRIPTION = """\
@@ -54,11 +55,11 @@ def add_parser(sub) -> None:
                      help="folder relative video paths resolve against (default: the annotation file's folder)")
     src.add_argument("--output", metavar="FILE", default=None,
                      help="predictions JSONL for --dataset (required with it; appended to, resumed from)")
-    src.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of --dataset")
+    src.add_argument("--limit", type=arguments.positive_int, default=None, metavar="N", help="only the first N questions of --dataset")
     v = p.add_argument_group("video streaming")
-    v.add_argument("--fps", type=float, default=2.0, metavar="F",
+    v.add_argument("--fps", type=arguments.video_fps, default=2.0, metavar="F",
                    help="frames sampled per second of video; 0 = every frame (default: 2)")
-    v.add_argument("--max-frames", type=int, default=None, metavar="N",
+    v.add_argument("--max-frames", type=arguments.positive_int, default=None, metavar="N",
                    help="stop after this many sampled frames (default: no limit, the whole video streams through)")
     add_window_args(v, window_frames=32, what="sampled frames decoded, encoded and prefilled together")
     add_model_args(p)
@@ -76,12 +77,12 @@ def add_window_args(group, window_frames: int, what: str) -> None:
     """`--window-frames` and `--frame-tokens`, shared with `dbtrimkv watch`."""
     group.add_argument("--window-frames", type=int, default=window_frames, metavar="N",
                        help=f"{what} (default: {window_frames})")
-    group.add_argument("--frame-tokens", type=int, default=128, metavar="N",
+    group.add_argument("--frame-tokens", type=arguments.int_in(1, 16384), default=128, metavar="N",
                        help="at most this many vision tokens per frame group; fixes the frame size (default: 128)")
 
 
 def add_answer_length_arg(p, default: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=default, metavar="N",
+    p.add_argument("--max-new-tokens", type=arguments.new_tokens, default=default, metavar="N",
                    help=f"tokens to generate per answer at most (default: {default})")
 
 
@@ -143,7 +144,9 @@ def _plot(qa, encoded, answer, path: str, number: int | None) -> None:
 
 def _dataset(qa, args) -> int:
     items = load_dataset(args.dataset, args.format, args.video_dir)[: args.limit]
-    metrics = run_dataset(qa, items, args.output, progress=not args.no_progress)
+    settings = {"model": args.model or "tiny-recall", "eviction": qa.config.to_dict(), "stream": vars(qa.options),
+                "max_new_tokens": args.max_new_tokens}
+    metrics = run_dataset(qa, items, args.output, progress=not args.no_progress, settings=settings)
     acc = "n/a" if metrics["accuracy"] is None else f"{100 * metrics['accuracy']:.2f}%"
     print(f"accuracy: {acc} ({metrics['correct']}/{metrics['total']}) | unparsed answers: {metrics['unparsed']} | "
           f"errors: {metrics['errors']} | predictions: {args.output} | metrics: {metrics_path(args.output)}")

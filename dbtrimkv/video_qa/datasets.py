@@ -72,6 +72,9 @@ def load_dataset(path: str | Path, fmt: str, video_dir: str | Path | None = None
         if item.id in seen:
             raise DatasetError(f"{path}: question id {item.id!r} appears twice; ids must be unique")
         seen.add(item.id)
+        if len(item.options) > len(LETTERS):
+            raise DatasetError(f"{path}: question {item.id!r} has {len(item.options)} options; at most "
+                               f"{len(LETTERS)} (A-Z) can be lettered")
     return items
 
 
@@ -84,14 +87,25 @@ def read_records(path: Path) -> list[dict]:
         except ImportError:
             raise DatasetError(f"{path}: reading Parquet needs pandas (pip install pandas pyarrow), "
                                "or convert the file to JSON / JSONL") from None
-        return pandas.read_parquet(path).to_dict(orient="records")
-    text = path.read_text(encoding="utf-8")
+        try:
+            return pandas.read_parquet(path).to_dict(orient="records")
+        except ImportError:
+            raise DatasetError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), "
+                               "or convert the file to JSON / JSONL") from None
+        except Exception as exc:  # noqa: BLE001 - pyarrow's errors have no common base
+            raise DatasetError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         if path.suffix == ".json":
             records = json.loads(text)
         else:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DatasetError(f"{path}: expected a list of records (JSON objects)")
@@ -129,7 +143,8 @@ def _letter(answer, options: list[str]) -> str:
 def _videomme(record: dict, position: int, path: Path, video_dir: Path) -> QAItem:
     options = [split_option(str(o))[1] for o in record["options"]]
     video = record.get("video") or record.get("video_path") or str(record["videoID"])
-    return QAItem(str(record.get("question_id") or f"{record['video_id']}-{position}"), _find_video(video, video_dir),
+    question_id = record.get("question_id") or f"{record.get('video_id') or record['videoID']}-{position}"
+    return QAItem(str(question_id), _find_video(video, video_dir),
                   str(record["question"]), options, _letter(record["answer"], options), _tags(record))
 
 

@@ -15,6 +15,7 @@ Accuracy is computed over the dataset's ids from the predictions file, overall a
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,9 +30,12 @@ def load_predictions(path: str | Path) -> dict[str, dict]:
     A last line without its newline was cut off mid-write: it is removed from the file.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():  # nothing yet, or a device such as /dev/null (never read: /dev/zero is endless)
         return {}
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read the predictions file {path}: {exc}") from None
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         path.write_text(text, encoding="utf-8")
@@ -73,16 +77,54 @@ def _answer_record(item: QAItem, encoded, answer) -> dict:
     })
 
 
-def run_dataset(answerer, items: list[QAItem], output: str | Path, progress: bool = True) -> dict:
+def run_dataset(answerer, items: list[QAItem], output: str | Path, progress: bool = True,
+                settings: dict | None = None) -> dict:
     """Answer every item not yet in `output` (JSONL, appended), then write and return the metrics.
 
-    `answerer` has `encode(video_path)` and `ask(encoded, prompt)` (a `VideoQA`).
+    `answerer` has `encode(video_path)` and `ask(encoded, prompt)` (a `VideoQA`). `settings` (model,
+    eviction, sampling, ...) are recorded next to the predictions and in the metrics; resuming an
+    output made with other settings is refused (its answers would be mixed with these).
     """
+    output = Path(output)
+    try:
+        return _run(answerer, items, output, progress, settings)
+    except OSError as exc:
+        raise DatasetError(f"cannot write the predictions to {output}: {exc.strerror or exc}") from None
+
+
+def settings_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + ".settings.json")
+
+
+def _check_settings(output: Path, settings: dict | None) -> None:
+    if settings is None or (output.exists() and not output.is_file()):  # a device: nothing to resume
+        return
+    path = settings_path(output)
+    if path.exists():
+        try:
+            before = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{path} is not valid JSON ({exc}); delete it with {output} to start over") from None
+        if before != settings:
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            raise DatasetError(f"{output} holds answers made with other settings (changed: {', '.join(changed)}); "
+                               f"pass another --output, or delete {output} and {path.name} to start over")
+    elif output.exists() and output.stat().st_size:
+        raise DatasetError(f"{output} holds answers whose settings were not recorded; pass another --output, "
+                           "or delete it to start over")
+    else:
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _run(answerer, items: list[QAItem], output: Path, progress: bool, settings: dict | None) -> dict:
     from tqdm.auto import tqdm
 
-    output = Path(output)
+    if output.is_dir():
+        raise DatasetError(f"--output {output} is a directory; give a file name such as {output / 'preds.jsonl'}")
     output.parent.mkdir(parents=True, exist_ok=True)
     done = load_predictions(output)
+    _check_settings(output, settings)
     todo = [item for item in items if item.id not in done or "error" in done[item.id]]
     by_video: dict[Path, list[QAItem]] = defaultdict(list)
     for item in todo:
@@ -98,7 +140,7 @@ def run_dataset(answerer, items: list[QAItem], output: str | Path, progress: boo
             try:
                 encoded = answerer.encode(video)
             except MediaError as exc:
-                bar.write(f"skipping {video}: {exc}")
+                bar.write(f"skipping {video}: {exc}", file=sys.stderr)
                 for item in group:
                     write(_record(item, error=str(exc), correct=False if item.answer is not None else None))
                 continue
@@ -106,6 +148,8 @@ def run_dataset(answerer, items: list[QAItem], output: str | Path, progress: boo
                 write(_answer_record(item, encoded, answerer.ask(encoded, item.prompt())))
             del encoded  # one video cache alive at a time
     metrics = accuracy(items, load_predictions(output))
+    if settings is not None:
+        metrics["settings"] = settings
     metrics_path(output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
 

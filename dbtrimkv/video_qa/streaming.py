@@ -40,17 +40,21 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
 from ..cache import DBTrimKVCache
 from ..config import DBTrimKVConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptError
 from ..eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
 from ..media import Video, iter_video_frames, video_info
 from ..modality import MODALITY_NAMES
 from ..pipeline import GenerationStats, collect_stats
-from ..prompts import tokenizer_of, tokens_by_modality
+from ..prompts import escape_special_tokens, tokenizer_of, tokens_by_modality
 
 # qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
 # (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.
 DEFAULT_FRAME_TOKENS = 128
+
+
+MAX_WINDOW_FRAMES = 4096  # decoded frames held at once
+MAX_FRAME_TOKENS = 16384
 
 
 @dataclass
@@ -69,14 +73,14 @@ class StreamOptions:
     frame_tokens: int = DEFAULT_FRAME_TOKENS
 
     def __post_init__(self) -> None:
-        if self.fps < 0:
-            raise ConfigError(f"fps must be >= 0 (0 keeps every frame), got {self.fps}")
-        if self.max_frames is not None and self.max_frames < 1:
+        if not isinstance(self.fps, (int, float)) or not math.isfinite(self.fps) or self.fps < 0:
+            raise ConfigError(f"fps must be a finite number >= 0 (0 keeps every frame), got {self.fps}")
+        if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
             raise ConfigError(f"max_frames must be at least 1, got {self.max_frames}")
-        if self.window_frames < 1:
-            raise ConfigError(f"window_frames must be at least 1, got {self.window_frames}")
-        if self.frame_tokens < 1:
-            raise ConfigError(f"frame_tokens must be at least 1, got {self.frame_tokens}")
+        for name, high in (("window_frames", MAX_WINDOW_FRAMES), ("frame_tokens", MAX_FRAME_TOKENS)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= high:
+                raise ConfigError(f"{name} must be at least 1 and at most {high}, got {value}")
 
 
 def frame_size(processor, height: int, width: int, frame_tokens: int = DEFAULT_FRAME_TOKENS) -> tuple[int, int]:
@@ -141,7 +145,10 @@ def _window(processor, frames, indices, fps: float, total: int) -> Window:
 
 def prompt_parts(processor, question: str) -> tuple[str, str]:
     """The chat text before and after the video placeholder of `[video, question]` as one user turn."""
+    if not isinstance(question, str):
+        raise PromptError(f"a question must be a string, got {type(question).__name__}")
     chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    chat = escape_special_tokens(chat, tokenizer_of(processor))
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     prefix, found, suffix = text.partition(processor.video_token)
     if not found:

@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import image_chat, random_image, randomize_gates, video_chat
+from helpers import image_chat, mixed_chats, plain_and_gated, random_image
 
 import dbtrimkv
 from dbtrimkv.generation import generate, prefill
 from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
 from dbtrimkv.transformers_compat import cache_kwargs
 
 STEPS = 16
-
-
-def _chats(kind: str):
-    if kind == "image":
-        return [image_chat(random_image(1), "Hi?"), image_chat(random_image(2, 96, 128), "What is in this picture?")]
-    if kind == "video":
-        frames = [random_image(20 + i, 48, 64) for i in range(6)]
-        return [video_chat(frames, "Describe the clip."), image_chat(random_image(3), "And this?")]
-    return ["Hello", "Tell me a much longer story about caches, please."]
-
-
-def _pair(variant: str):
-    plain, processor = build_tiny(variant)
-    gated, _ = build_tiny(variant)
-    dbtrimkv.attach_retention_gates(gated, intermediate_size=32)
-    randomize_gates(gated)
-    return plain, gated, processor
 
 
 def _generate(model, inputs, **kwargs):
@@ -41,8 +23,8 @@ def _generate(model, inputs, **kwargs):
                                            ("qwen3", "text")])
 @pytest.mark.parametrize("budget", [None, 10**6])
 def test_logits_and_tokens_match_dynamic_cache(variant, kind, budget):
-    plain, gated, processor = _pair(variant)
-    inputs = build_inputs(processor, _chats(kind))
+    plain, gated, processor = plain_and_gated(variant)
+    inputs = build_inputs(processor, mixed_chats(kind))
     assert (inputs["attention_mask"][:, 0] == 0).any()  # batch of 2 with left padding
     ref = _generate(plain, inputs)
     cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig(budget=budget))
@@ -58,8 +40,8 @@ def test_logits_and_tokens_match_dynamic_cache(variant, kind, budget):
 
 
 def test_gates_alone_do_not_change_the_model():
-    plain, gated, processor = _pair("qwen3_vl")
-    inputs = build_inputs(processor, _chats("image"))
+    plain, gated, processor = plain_and_gated("qwen3_vl")
+    inputs = build_inputs(processor, mixed_chats("image"))
     with torch.no_grad():
         assert torch.allclose(plain(**inputs).logits, gated(**inputs).logits, atol=1e-6)
 
@@ -67,8 +49,8 @@ def test_gates_alone_do_not_change_the_model():
 @pytest.mark.parametrize("variant, kind", [("qwen3_vl", "video"), ("qwen3_vl", "image"), ("qwen3", "text")])
 @pytest.mark.parametrize("chunk", [1, 5, 13])
 def test_chunked_prefill_matches_one_shot(variant, kind, chunk):
-    plain, gated, processor = _pair(variant)
-    inputs = build_inputs(processor, _chats(kind))
+    plain, gated, processor = plain_and_gated(variant)
+    inputs = build_inputs(processor, mixed_chats(kind))
     with torch.no_grad():
         one_shot = plain(**inputs).logits[:, -1]
     cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig())
@@ -80,8 +62,8 @@ def test_chunked_prefill_matches_one_shot(variant, kind, chunk):
 
 @pytest.mark.parametrize("variant, kind", [("qwen3_vl", "video"), ("qwen3", "text")])
 def test_generate_helper_matches_hf_generate(variant, kind):
-    plain, gated, processor = _pair(variant)
-    inputs = build_inputs(processor, _chats(kind))
+    plain, gated, processor = plain_and_gated(variant)
+    inputs = build_inputs(processor, mixed_chats(kind))
     ref = plain.generate(**inputs, max_new_tokens=10, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig(prefill_chunk=7))
     out = generate(gated, inputs, cache, max_new_tokens=10, do_sample=False)
@@ -90,7 +72,7 @@ def test_generate_helper_matches_hf_generate(variant, kind):
 
 def test_second_turn_continues_the_cache():
     """A new turn appended to a cache equals prefilling the whole conversation at once."""
-    plain, gated, processor = _pair("qwen3_vl")
+    plain, gated, processor = plain_and_gated("qwen3_vl")
     first = [image_chat(random_image(5), "What is this?")]
     cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig(prefill_chunk=6))
     answer = generate(gated, build_inputs(processor, first), cache, max_new_tokens=4, do_sample=False)

@@ -1,0 +1,358 @@
+"""Real shapes on CPU: a Qwen3-VL-4B-shaped bf16 model on a photo + 2k tokens of text and on a
+10-minute video at 1 fps, ours at M=128 / M=512 vs transformers' full cache; then real media sizes
+(1920x1080 and 4000x3000 photos, a 2-minute 720p 30 fps video) through the real Qwen3-VL processor
+settings and the engine with chunked prefill and eviction.
+
+Everything is real except the weights (random) and the depth: the 36-layer weights are counted
+exactly on the meta device (bytes, and whether they fit in `--ram-gib`), then the run uses
+`--layers` text layers and `--vision-depth` vision blocks at full width, because bf16 prefill of
+tens of thousands of tokens through 36 layers does not fit in the CPU time of a shared 2-core
+machine. KV bytes scale linearly with depth, so the 36-layer KV figures and the context length at
+which the full cache stops fitting are derived from the measured per-layer bytes.
+
+Measured per run, in one process (ratios compare like with like): prefill seconds (prompt in,
+first token out), decode ms/token, KV bytes (transformers' DynamicCache tensors vs our slot pool
+as allocated), peak RSS during the run (sampled from /proc/self/statm). Writes JSON to `--out`
+and a markdown table beside it (`.md`).
+
+    OMP_NUM_THREADS=1 nice -n 10 python bench/bench_real_shapes.py --out bench/results/real_shapes_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dbtrimkv
+from dbtrimkv import shapes
+from dbtrimkv.prompts import VideoOptions, build_inputs, tokens_by_modality
+from dbtrimkv.transformers_compat import cache_kwargs
+
+SHAPE = "qwen3-vl-4b"
+GIB = 1 << 30
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's resident set size every few ms; `peak` since the last `reset()`."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        gc.collect()
+        self.peak = self.current()
+
+    def stop(self):
+        self._stop.set()
+
+
+class StepClock:
+    """A stopping criterion that only records when each generated token came out."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-sized image with smooth structure and sensor-like noise (content does not matter)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / (37 + 11 * c) + y / (53 + 7 * c)) for c in range(3)], -1)
+    base += rng.normal(0, 12, size=(height, width, 1)).astype(np.float32)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def synthetic_frames(count: int, width: int, height: int) -> list[np.ndarray]:
+    """`count` frames of a moving pattern (a 10-minute clip at 1 fps, kept in memory at this size)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    return [np.clip(np.stack([128 + 100 * np.sin((x + 7 * t) / (29 + 9 * c) + y / 41) for c in range(3)], -1),
+                    0, 255).astype(np.uint8) for t in range(count)]
+
+
+def write_720p_clip(path: Path, seconds: int, fps: int = 30) -> Path:
+    """A 1280x720 `fps` mp4 of `seconds` seconds (a sliding gradient with a moving block: compresses
+    to a few MB), written with PyAV."""
+    import av
+
+    width, height = 1280, 720
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x // 5 + c * 40) % 256 for c in range(3)], -1).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for t in range(seconds * fps):
+            frame = np.roll(base, 4 * t, axis=1)
+            top, left = (t * 3) % (height - 120), (t * 7) % (width - 160)
+            frame[top:top + 120, left:left + 160] = (255 - 2 * (t % 100), 80, 2 * (t % 120))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def chat(media: dict, text: str):
+    return [{"role": "user", "content": [media, {"type": "text", "text": text}]}]
+
+
+def filler_text(tokens: int) -> str:
+    """About `tokens` tokens of text for the byte-level tokenizer (one token per byte)."""
+    sentence = "The slot pool keeps every cached entry in place while the gates decide what stays. "
+    return (sentence * (tokens // len(sentence) + 1))[:tokens]
+
+
+def hf_kv_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def timed(result: dict, clock: StepClock, start: float, decode_tokens: int) -> dict:
+    stamps = clock.stamps
+    result["prefill_s"] = round(stamps[0] - start, 3)
+    result["decode_ms_per_token"] = round(1000 * (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), 2)
+    result["decode_tokens"] = len(stamps)
+    return result
+
+
+@torch.no_grad()
+def run_hf(model, inputs, rss: PeakRSS, decode_tokens: int) -> dict:
+    from transformers import DynamicCache
+
+    rss.reset()
+    before = rss.current()
+    cache = DynamicCache(config=model.config)
+    clock = StepClock()
+    start = time.perf_counter()
+    model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                   do_sample=False, stopping_criteria=[clock])
+    result = timed({"cache": "hf full"}, clock, start, decode_tokens)
+    result.update(kv_bytes=hf_kv_bytes(cache), peak_rss_gib=round(rss.peak / GIB, 3),
+                  peak_rss_over_model_gib=round((rss.peak - before) / GIB, 3))
+    del cache
+    return result
+
+
+@torch.no_grad()
+def run_ours(model, inputs, rss: PeakRSS, memory_size: int, decode_tokens: int, chunk: int) -> dict:
+    rss.reset()
+    before = rss.current()
+    config = dbtrimkv.DBTrimKVConfig(memory_size=memory_size, buffer_size=128, prefill_chunk=chunk)
+    cache = dbtrimkv.DBTrimKVCache(model, config)
+    clock = StepClock()
+    start = time.perf_counter()
+    dbtrimkv.generate(model, inputs, cache, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                      do_sample=False, stopping_criteria=[clock])
+    result = timed({"cache": f"ours M={memory_size}"}, clock, start, decode_tokens)
+    bound = cache.budget + cache.segments_per_sequence * max(config.buffer_size, chunk)
+    result.update(kv_bytes=cache.storage_bytes(), kv_entries=cache.num_entries(0), bound_entries=bound,
+                  bound_bytes=bound * cache.entry_bytes(), evictions=cache.num_evictions,
+                  kept_by_modality=cache.retained_by_modality(0),
+                  peak_rss_gib=round(rss.peak / GIB, 3), peak_rss_over_model_gib=round((rss.peak - before) / GIB, 3))
+    del cache
+    return result
+
+
+def weights_bytes(num_layers: int | None, vision_depth: int | None) -> int:
+    """Exact parameter bytes (bf16) of the shape at that depth, counted on the meta device."""
+    from transformers import AutoModelForImageTextToText
+
+    config = shapes.build_config(SHAPE, num_layers, vision_depth)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prompt_summary(inputs) -> dict:
+    out = {"prompt_tokens": int(inputs["input_ids"].shape[1]), **tokens_by_modality(inputs, 0)}
+    for key in ("image_grid_thw", "video_grid_thw"):
+        if inputs.get(key) is not None:
+            out[key] = inputs[key].tolist()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--vision-depth", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=int, default=6)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--ram-gib", type=float, default=24.0)
+    parser.add_argument("--video-minutes", type=float, default=10.0)
+    parser.add_argument("--clip-seconds", type=int, default=120, help="length of the 720p 30 fps clip")
+    parser.add_argument("--skip-media", action="store_true", help="only the photo + text and the 1-fps video")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/real_shapes_cpu.json"))
+    args = parser.parse_args()
+    rss = PeakRSS()
+    report: dict = {"shape": SHAPE, "dtype": "bfloat16", "layers": args.layers, "vision_depth": args.vision_depth,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
+    full = weights_bytes(None, None)
+    ran = weights_bytes(args.layers, args.vision_depth)
+    text = shapes.load_shape(SHAPE)["text"]
+    L, H, D = text["num_hidden_layers"], text["num_key_value_heads"], text["head_dim"]
+    report["memory"] = {"weights_36_layers_gib": round(full / GIB, 3), "weights_run_gib": round(ran / GIB, 3),
+                        "weights_36_layers_fit": full < args.ram_gib * GIB,
+                        "hf_kv_bytes_per_token_36_layers": 2 * L * H * D * 2}
+    print(json.dumps(report, indent=1), flush=True)
+
+    t0 = time.perf_counter()
+    model, processor = shapes.build_model(SHAPE, num_layers=args.layers, vision_depth=args.vision_depth,
+                                          dtype=torch.bfloat16)
+    report["build_s"] = round(time.perf_counter() - t0, 1)
+    report["rss_after_build_gib"] = round(rss.current() / GIB, 3)
+    frames = synthetic_frames(int(args.video_minutes * 60), 160, 96)
+    scenarios = {
+        "photo 1920x1080 + 2k text": [chat({"type": "image", "image": photo(1920, 1080)}, filler_text(2000))],
+        f"video {args.video_minutes:g} min @1fps (160x96)": [chat({"type": "video", "video": frames, "fps": 1.0},
+                                                                   "What happens in this video?")],
+    }
+    inputs = {name: build_inputs(processor, chats) for name, chats in scenarios.items()}
+    del frames
+    results = {name: {"prompt": prompt_summary(inp), "runs": []} for name, inp in inputs.items()}
+    report["scenarios"] = results
+
+    def save():  # after every run, so a cut-short run still leaves its numbers
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    for name, inp in inputs.items():  # the plain model first (no gates, no hooks)
+        print(f"[hf] {name} {results[name]['prompt']['prompt_tokens']} tokens", flush=True)
+        results[name]["runs"].append(run_hf(model, inp, rss, args.decode_tokens))
+        print(results[name]["runs"][-1], flush=True)
+        save()
+    dbtrimkv.attach_retention_gates(model)
+    for name, inp in inputs.items():
+        for memory_size in (128, 512):
+            print(f"[ours M={memory_size}] {name}", flush=True)
+            results[name]["runs"].append(run_ours(model, inp, rss, memory_size, args.decode_tokens, args.chunk))
+            print(results[name]["runs"][-1], flush=True)
+            save()
+    del inputs
+    for name, entry in results.items():
+        hf = entry["runs"][0]
+        for run in entry["runs"][1:]:
+            run["vs_hf"] = {k: round(run[k] / hf[k], 3) for k in ("prefill_s", "decode_ms_per_token", "kv_bytes",
+                                                                   "peak_rss_gib") if hf[k]}
+    report["fit"] = fit_statement(report, results, args, L)
+    save()
+    if not args.skip_media:
+        report["media"] = {}
+        media_runs(model, processor, rss, args, report["media"], save)
+    rss.stop()
+    save()
+    args.out.with_suffix(".md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+
+
+def fit_statement(report: dict, results: dict, args, full_layers: int) -> dict:
+    """Where the full cache stops fitting in `--ram-gib` at 36 layers, from the measured bytes."""
+    per_token = report["memory"]["hf_kv_bytes_per_token_36_layers"]
+    weights = report["memory"]["weights_36_layers_gib"] * GIB
+    runtime = report["rss_after_build_gib"] * GIB - report["memory"]["weights_run_gib"] * GIB
+    video = next(v for k, v in results.items() if k.startswith("video"))
+    per_frame = video["prompt"]["video"] / (args.video_minutes * 60)
+    free = args.ram_gib * GIB - weights - runtime
+    tokens = int(free // per_token)
+    ours = {}
+    for run in video["runs"][1:]:
+        scale = full_layers / args.layers
+        ours[run["cache"]] = {"kv_bound_gib_36_layers": round(run["bound_bytes"] * scale / GIB, 3)}
+    return {"ram_gib": args.ram_gib, "full_cache_max_tokens_36_layers": tokens,
+            "full_cache_max_video_minutes_at_1fps": round(tokens / per_frame / 60, 1),
+            "video_tokens_per_frame": round(per_frame, 1), "ours": ours,
+            "note": "weights + runtime + KV; activations of a one-shot prefill come on top for the full cache"}
+
+
+def media_runs(model, processor, rss: PeakRSS, args, out: dict, save) -> None:
+    """Real media sizes through the real processor settings and the engine (ours, M=128); the
+    1920x1080 photo is the photo scenario above."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        clip = write_720p_clip(Path(tmp) / "clip.mp4", args.clip_seconds)
+        made = {"clip_write_s": round(time.perf_counter() - t, 1), "clip_mb": round(clip.stat().st_size / 1e6, 2)}
+        items = {
+            "photo 4000x3000": chat({"type": "image", "image": photo(4000, 3000, 2)}, "Describe the photo."),
+            f"video {args.clip_seconds}s 720p 30fps @2fps": chat({"type": "video", "video": str(clip)},
+                                                                "What happens?"),
+        }
+        for name, messages in items.items():
+            rss.reset()
+            t = time.perf_counter()
+            inputs = build_inputs(processor, [messages], video=VideoOptions(fps=2.0, max_frames=None))
+            entry = {"processor_s": round(time.perf_counter() - t, 2), "prompt": prompt_summary(inputs)}
+            print(f"[media] {name} {entry['prompt']}", flush=True)
+            entry["run"] = run_ours(model, inputs, rss, 128, 2, args.chunk)
+            if name.startswith("video"):
+                entry.update(made)
+            out[name] = entry
+            print(entry, flush=True)
+            save()
+            del inputs
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Qwen3-VL-4B shape, bf16, {report['layers']} text layers + {report['vision_depth']} vision block(s) "
+             f"at full width ({report['memory']['weights_run_gib']} GiB of weights; all 36 layers would be "
+             f"{report['memory']['weights_36_layers_gib']} GiB), {report['threads']} thread(s)", "",
+             "| prompt | tokens | cache | prefill s | decode ms/tok | KV MiB | peak RSS GiB | prefill x | decode x | KV x | RSS x |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in report["scenarios"].items():
+        for run in entry["runs"]:
+            ratio = run.get("vs_hf", {})
+            lines.append(f"| {name} | {entry['prompt']['prompt_tokens']} | {run['cache']} | {run['prefill_s']} | "
+                         f"{run['decode_ms_per_token']} | {run['kv_bytes'] / 2**20:.1f} | {run['peak_rss_gib']} | "
+                         + " | ".join(str(ratio.get(k, "")) for k in ("prefill_s", "decode_ms_per_token", "kv_bytes",
+                                                                       "peak_rss_gib")) + " |")
+    fit = report["fit"]
+    lines += ["", f"Full cache at 36 layers in {fit['ram_gib']:g} GiB: at most {fit['full_cache_max_tokens_36_layers']} "
+              f"tokens (about {fit['full_cache_max_video_minutes_at_1fps']} min of 1-fps video at "
+              f"{fit['video_tokens_per_frame']} tokens/frame); ours stays at "
+              + ", ".join(f"{k}: {v['kv_bound_gib_36_layers']} GiB" for k, v in fit["ours"].items())
+              + " of KV (36 layers) for any length."]
+    if report.get("media"):
+        lines += ["", "| media | vision tokens | grid (t, h, w) | prompt tokens | processor s | prefill s | KV entries (bound) | evictions | peak RSS GiB |",
+                  "|---|---:|---|---:|---:|---:|---|---:|---:|"]
+        for name, entry in report["media"].items():
+            p, run = entry["prompt"], entry["run"]
+            grid = p.get("image_grid_thw", p.get("video_grid_thw"))
+            grid = grid[0] if grid and len(grid) == 1 else grid
+            lines.append(f"| {name} | {p.get('image', 0) + p.get('video', 0)} | {grid} | {p['prompt_tokens']} | "
+                         f"{entry['processor_s']} | {run['prefill_s']} | {run['kv_entries']} ({run['bound_entries']}) | "
+                         f"{run['evictions']} | {run['peak_rss_gib']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
