@@ -51,7 +51,13 @@ def named_settings(source: str | Path | Mapping) -> dict[str, Any]:
     data = DBTrimKVConfig.read_settings(source) if isinstance(source, (str, Path)) else source
     if not isinstance(data, Mapping):
         raise ConfigError(f"eviction settings must be a mapping, a file or a preset name, got {type(source).__name__}")
-    data = dict(data.get("eviction", data))
+    section = data.get("eviction", data)
+    if not isinstance(section, Mapping):
+        kind = "nothing (null)" if section is None else type(section).__name__
+        raise ConfigError(f"the eviction section must be a mapping of settings, got {kind}")
+    if any(not isinstance(key, str) for key in section):
+        raise ConfigError(f"eviction setting names must be strings, got {sorted(map(repr, section))}")
+    data = dict(section)
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"unknown eviction setting(s): {', '.join(unknown)}; known: {', '.join(sorted(SETTINGS))}")
