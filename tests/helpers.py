@@ -86,3 +86,22 @@ def plain_and_gated(variant: str, dtype=torch.float32):
     dbtrimkv.attach_retention_gates(gated, intermediate_size=32)
     randomize_gates(gated)
     return plain, gated, processor
+
+
+def write_clip(path, frames: int, fps: int = 8, height: int = 48, width: int = 64, seed: int = 0,
+               codec: str = "mpeg4"):
+    """A random mp4 (PyAV). Clips with the same seed share their first frames, so a longer clip is
+    the shorter one continued."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -71,18 +71,3 @@ def write_big_clip(path, side: int = 6000, frames: int = 64, fps: int = 2) -> No
             packet.pts = packet.dts = int(i / (fps * time_base))
             packet.time_base, packet.stream, packet.is_keyframe = time_base, stream, True
             container.mux(packet)
-
-
-def write_clip(path, frames: int, fps: int = 8, height: int = 48, width: int = 64, codec: str = "mpeg4") -> None:
-    import av
-
-    rng = np.random.default_rng(frames)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for _ in range(frames):
-            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)

@@ -10,7 +10,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from media_files import declared_size, encoded, png_bytes, write_clip
+from helpers import write_clip
+from media_files import declared_size, encoded, png_bytes
 from PIL import Image
 
 from dbtrimkv.errors import ConfigError, DBTrimKVError, MediaError, PromptError

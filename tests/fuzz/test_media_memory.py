@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from media_files import png_bytes, write_big_clip, write_clip
+from helpers import write_clip
+from media_files import png_bytes, write_big_clip
 
 from dbtrimkv.errors import MediaError
 from dbtrimkv.media import VIDEO_MAX_FRAME_PIXELS, iter_video_frames, load_image, load_video, sample_indices

@@ -6,30 +6,11 @@ and two torch threads fighting over a busy core make the tiny model's many small
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from helpers import randomize_gates
+from helpers import randomize_gates, write_clip
 
 import dbtrimkv
 from dbtrimkv.tiny import build_tiny
-
-
-def write_clip(path, frames: int, fps: int = 8, height: int = 48, width: int = 64, seed: int = 0):
-    """A random mp4 (PyAV, mpeg4). Clips with the same seed share their first frames, so a longer
-    clip is the shorter one continued."""
-    import av
-
-    rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for _ in range(frames):
-            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
