@@ -30,6 +30,7 @@ import yaml
 from .errors import ConfigError
 from .policies import EvictionPolicy, get_policy, policy_names
 from .presets import load_yaml
+from .text_files import read_utf8
 
 # Bounds on every setting, so no file or flag can ask for an absurd reservation (the pool holds up to
 # budget + layers x KV heads x max(buffer_size, prefill chunk) entries per sequence).
@@ -192,12 +193,7 @@ def _kind(value) -> str:
 
 def _read_structured(path: Path, parse) -> Any:
     """Parse a JSON/YAML file's text with a ConfigError for unreadable, non-UTF-8 or malformed files."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    text = read_utf8(path, ConfigError)
     if not text.strip():
         raise ConfigError(f"{path} is empty")
     try:

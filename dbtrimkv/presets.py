@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .text_files import read_utf8
 
 
 def preset_names() -> list[str]:
@@ -38,14 +39,12 @@ def preset_path(name_or_path: str | Path) -> Path:
 def load_yaml(name_or_path: str | Path) -> dict[str, Any]:
     """Parse a preset or YAML file into a dict (safe loader: plain data only)."""
     path = preset_path(name_or_path)
+    text = read_utf8(path, ConfigError)
     try:
-        text = path.read_bytes().decode("utf-8")
         data = yaml.safe_load(text)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML ({' '.join(str(exc).split())})") from None
-    except (OSError, RecursionError) as exc:
+    except RecursionError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     if data is None:
         raise ConfigError(f"{path} is empty")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DBTrimKVError
+from ..text_files import read_utf8
 from .answers import LETTERS, format_options, split_option
 
 FORMATS = ("videomme", "mlvu", "jsonl")
@@ -94,12 +95,7 @@ def read_records(path: Path) -> list[dict]:
                                "or convert the file to JSON / JSONL") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow's errors have no common base
             raise DatasetError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    text = read_utf8(path, DatasetError)
     try:
         if path.suffix == ".json":
             records = json.loads(text)
