@@ -18,7 +18,10 @@ Bookkeeping per forward of the language model (driven by the hooks in `dbtrimkv.
 2. each layer writes its new K/V and log beta into those slots (padding never cached) and attends:
    on CUDA through the slot tables (Triton kernels), on CPU over `KVViews`, contiguous per-layer
    copies of the cached K/V that only an eviction or a multi-token forward makes stale
-   (`view_attention.py`: the cached entries need no causal mask, only the new tokens do).
+   (`view_attention.py`: the cached entries need no causal mask, only the new tokens do). The views
+   are a second copy of the kept entries: `views_limit` caps their bytes (a server sizes pool and
+   views together); a forward whose views would exceed it attends through the slot tables instead
+   (the torch reference kernel: same contract, no copy kept).
 So a sequence never holds more than `budget + L*H*max(buffer_size, n)` entries, n = tokens of
 the current forward (1 when decoding, the chunk size when prefilling in chunks).
 
@@ -45,6 +48,11 @@ from .requests import ParkedSequence, RequestTable
 from .tables import SlotTables
 from .view_attention import attend_view, attend_view_and_new
 from .views import KVViews
+
+
+def uses_views(pool_tensor: torch.Tensor) -> bool:
+    """Does a cache whose pool holds tensors like this attend over `KVViews` (CPU, torch kernels)?"""
+    return pool_tensor.device.type == "cpu" and backend_for(pool_tensor) == "torch"
 
 
 class RetentionCacheLayer(CacheLayerMixin):
@@ -113,6 +121,9 @@ class DBTrimKVCache(Cache):
         self._slots: torch.Tensor | None = None  # [L, N, H] pool slots of this forward's new entries
         self._padded = False  # some column of this forward is padding
         self.views: KVViews | None = KVViews(self.num_layers)  # CPU attention path; None when kernels read the pool
+        self.views_limit: int | None = None  # most bytes the views may take (None: no limit)
+        self.views_skipped = 0  # forwards that attended through the pool because the views would pass views_limit
+        self._views_now = False  # this forward attends over the views
         self._views_outdated = False  # the last forward added rows the views do not hold
         self._new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # multi-token forwards: this layer's K/V
         self._pending_modality = None
@@ -151,7 +162,7 @@ class DBTrimKVCache(Cache):
         self.device = device
         self.pool = SlotPool(self.head_dim, dtype, device)
         self.tables = SlotTables(len(self.requests) * self.segments_per_sequence, device)
-        if device.type != "cpu" or backend_for(self.pool.k) != "torch":
+        if not uses_views(self.pool.k):
             self.views = None  # CUDA / Triton: the ragged kernels read the slot pool in place
         for layer in self.layers:
             layer.is_initialized = True
@@ -259,8 +270,7 @@ class DBTrimKVCache(Cache):
         self.requests.record_forward(counts, lh)
         self.columns += length
         self._padded = any(n != length for n in counts)
-        if self.views is not None:
-            self._prepare_views(decode=length == 1)
+        self._views_now = self.views is not None and self._prepare_views(decode=length == 1)
         self._place_new_entries()
 
     def _place_new_entries(self) -> None:
@@ -282,18 +292,26 @@ class DBTrimKVCache(Cache):
                            slots.flatten(), counts)
         self._slots = slots
 
-    def _prepare_views(self, decode: bool) -> None:
+    def _prepare_views(self, decode: bool) -> bool:
         """Rebuild the views from the slot tables (before this forward appends) if they miss entries; a
-        decode step then reserves its new column in every layer's view."""
+        decode step then reserves its new column in every layer's view. False (views dropped) when
+        the rebuilt views would take more than `views_limit` bytes: this forward reads the pool."""
         views = self.views
         if views.stale or self._views_outdated or (decode and views.spare < 1):
             segments = torch.arange(self.tables.num_segments, device=self.device).view(
                 len(self.requests), self.num_layers, self.num_kv_heads).transpose(0, 1)
             slots, valid = self.tables.padded_slots(segments)
+            if self.views_limit is not None and KVViews.planned_bytes(
+                    *slots.shape[:3], KVViews.columns_for(slots.shape[3], self.config.buffer_size), self.head_dim,
+                    self.pool.dtype) > self.views_limit:
+                views.invalidate()
+                self.views_skipped += 1
+                return False
             views.rebuild(self.pool, slots, valid, headroom=self.config.buffer_size)
         self._views_outdated = not decode  # a multi-token forward's rows are not mirrored
         if decode and self.plan.token_batch.numel():
             views.plan_append(self.plan.token_batch)
+        return True
 
     def views_bytes(self) -> int:
         """Bytes of the CPU attention views (0 where the kernels read the pool in place)."""
@@ -385,9 +403,9 @@ class DBTrimKVCache(Cache):
                 beta_rows = log_beta
             self.pool.write_rows(slots, k_rows.reshape(slots.numel(), -1), v_rows.reshape(slots.numel(), -1),
                                  beta_rows.reshape(-1))
-            if self.views is not None and key_states.shape[2] == 1:
+            if self._views_now and key_states.shape[2] == 1:
                 self.views.append(layer_idx, k_rows, v_rows)
-        if self.views is not None and key_states.shape[2] > 1:
+        if self._views_now and key_states.shape[2] > 1:
             self._new_kv[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
@@ -395,7 +413,7 @@ class DBTrimKVCache(Cache):
         """Attention of this forward's queries `[B, Hq, T, D]` over the layer's cached entries.
         (`plan.query_positions` gives their logical positions, -1 for padding.)"""
         self.policy.observe_attention(self, layer_idx, query)
-        if self.views is not None:
+        if self._views_now:
             return self._attend_views(layer_idx, query, scale)
         t = self.tables
         return ragged_attention(query, self.plan.query_positions, self.pool.k, self.pool.v, self.pool.pos,
@@ -500,7 +518,7 @@ class DBTrimKVCache(Cache):
         if self.policy_scores is not None:
             other.policy_scores = self.policy_scores.clone()
         other._staged, other.plan, other._pending_modality = {}, None, None
-        other._new_kv, other._slots = {}, None
+        other._new_kv, other._slots, other._views_now = {}, None, False
         if self.views is not None:
             other.views = KVViews(self.num_layers)  # rebuilt from the cloned pool on its next forward
         return other

@@ -44,15 +44,29 @@ class KVViews:
         self._append_at = None
 
     def storage_bytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        """Bytes the views hold now (K, V, bias and the row counts)."""
+        tensors = (self.k, self.v, self.bias, self.length)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @staticmethod
+    def columns_for(used: int, headroom: int) -> int:
+        """Columns `rebuild` gives views whose longest segment holds `used` rows."""
+        return used + max(headroom, used // 8, 1)
+
+    @staticmethod
+    def planned_bytes(num_layers: int, batch: int, heads: int, columns: int, dim: int, dtype: torch.dtype) -> int:
+        """Bytes `storage_bytes` reports for views of `columns` columns (what a memory limit must allow)."""
+        element = torch.empty(0, dtype=dtype).element_size()
+        segments = num_layers * batch * heads
+        return segments * (columns * (2 * dim + 1) * element + 8)
 
     def rebuild(self, pool, slots: torch.Tensor, valid: torch.Tensor, headroom: int) -> None:
         """Copy the entries `slots[l, b, h, :n]` (padded `[L, B, H, n]`, `valid` marks real ones) out of
         the pool, leaving `headroom` spare columns (at least n // 8) for decode steps."""
         self.invalidate()
         num_layers, batch, heads, used = slots.shape
-        spare = max(headroom, used // 8, 1)
-        columns = used + spare
+        columns = self.columns_for(used, headroom)
+        spare = columns - used
         dim = pool.k.shape[1]
         make = pool.k.new_empty if used else pool.k.new_zeros
         self.k = make(num_layers, batch, heads, columns, dim)

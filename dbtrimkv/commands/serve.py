@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
         description="Serve POST /v1/chat/completions (OpenAI schema, streaming, images and videos as data URIs), "
                     "GET /v1/models, /health and /metrics (Prometheus). Requests share one KV pool sized once at "
                     "start-up; a request is admitted only when its worst-case KV (budget + layers x KV heads x "
-                    "max(buffer, prefill chunk)) fits, so memory never grows past the pool. Listens on 127.0.0.1 "
-                    "unless --host says otherwise.")
+                    "max(buffer, prefill chunk)) and, on CPU, its attention views fit, so KV memory never grows past "
+                    "--kv-memory. Listens on 127.0.0.1 unless --host says otherwise.")
     add_model_args(p)
     add_eviction_args(p)
     g = p.add_argument_group("server")
@@ -37,11 +37,14 @@ def add_parser(sub) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     g.add_argument("--kv-memory", default="1GiB",
-                   help="KV pool size: bytes (4GiB, 512MiB) or a fraction of the device's free memory (0.5) "
-                        "(default: 1GiB)")
+                   help="KV memory (the pool and, on CPU, the attention views together): bytes (4GiB, 512MiB) or "
+                        "a fraction of the device's free memory (0.5) (default: 1GiB)")
     g.add_argument("--max-running", type=_positive_int, default=16, help="requests in the running batch (default: 16)")
     g.add_argument("--max-queue", type=_positive_int, default=64,
                    help="requests that may wait for admission; more get 429 with Retry-After (default: 64)")
+    g.add_argument("--max-prefill-tokens-per-step", type=_positive_int, default=None, metavar="N",
+                   help="prompt tokens one engine step may prefill; prefills beyond it wait a step while the running "
+                        "requests keep decoding (default: max(2048, --prefill-chunk); at least --prefill-chunk)")
     g.add_argument("--max-sessions", type=_positive_int, default=64,
                    help="conversations (session_id) whose cache stays in the pool between requests; the least "
                         "recently used are dropped beyond this or when the pool needs room (default: 64)")
@@ -71,12 +74,16 @@ def options_from_args(args):
         raise ConfigError(f"--allow-media-dir {args.allow_media_dir} is not a directory")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    cap, chunk = args.max_prefill_tokens_per_step, args.prefill_chunk
+    if cap is not None and chunk is not None and cap < chunk:
+        raise ConfigError(f"--max-prefill-tokens-per-step ({cap}) must be at least --prefill-chunk ({chunk}): a chunk "
+                          "is never split (that would change answers)")
     http = HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,
                        max_prompt_tokens=args.max_prompt_tokens)
     return ServerOptions(
         model_name=args.served_model_name or args.model or "tiny-recall", kv_memory=parse_kv_memory(args.kv_memory),
         max_running=args.max_running, max_queue=args.max_queue, max_sessions=args.max_sessions,
-        max_tokens=args.max_tokens, http=http, allow_media_dir=args.allow_media_dir,
+        max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step, http=http, allow_media_dir=args.allow_media_dir,
         allow_remote_media=args.allow_remote_media, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
     )
 

@@ -1,18 +1,31 @@
-"""Admission control from the memory bound: size the pool once, admit only what is sure to fit.
+"""Admission control from the memory bound: size the pool (and the views) once, admit only what fits.
 
 Why: a sequence in a `DBTrimKVCache` never holds more than `budget + L*H*max(buffer_size, n)`
 entries, n the tokens of one forward (the prefill chunk, or 1 when decoding). So a request's peak
 KV is known before it starts, and a server can reserve exactly that much of one pool sized at
 start-up: a request runs only when its bound fits beside the bounds of the running ones (and the
-slots of parked sessions), otherwise it waits. Memory never grows past the pool, whatever the load.
+slots of parked sessions), otherwise it waits.
+
+On CPU the caches also keep `KVViews`, contiguous per-layer copies of the running rows' kept
+entries, padded to the longest segment of their batch. `--kv-memory` pays for both: `split_memory`
+gives the pool the share a default request's bound takes, the views the rest. Each request also
+reserves view bytes for `view_columns` columns per segment (its bound spread evenly over its
+segments, or every token it can see when that is fewer, plus the views' decode headroom), and a
+batch's views are reserved as its rows x its widest reservation (the padding is real). The engine
+caps every batch's views at what its rows reserved (`DBTrimKVCache.views_limit`: beyond it a
+forward attends through the pool, keeping no copy), so pool bytes + view bytes never exceed
+`--kv-memory`, whatever the load.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from ..cache.views import KVViews
 from ..errors import ConfigError
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -51,10 +64,17 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def pool_slots(kv_memory: tuple[str, float], head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+def memory_bytes(kv_memory: tuple[str, float], device: torch.device) -> int:
+    """Bytes `--kv-memory` stands for (a fraction is of the device's free memory now)."""
     kind, value = kv_memory
-    size = value * available_memory(device) if kind == "fraction" else value
-    return int(size // slot_bytes(head_dim, dtype))
+    return int(value * available_memory(device) if kind == "fraction" else value)
+
+
+def split_memory(total: int, per_slot: int, bound: int, view_bytes: int) -> tuple[int, int]:
+    """(pool slots, view bytes) out of `total` bytes, in the proportion of one request that reserves
+    `bound` slots and `view_bytes` of views (0 where the kernels read the pool: all of it is pool)."""
+    slots = int(total * bound // (bound * per_slot + view_bytes))
+    return slots, total - slots * per_slot
 
 
 def request_bound(budget: int, segments: int, buffer_size: int, chunk: int, new_tokens: int) -> int:
@@ -64,24 +84,62 @@ def request_bound(budget: int, segments: int, buffer_size: int, chunk: int, new_
     return budget + segments * max(buffer_size, min(chunk, max(new_tokens, 1)), 1)
 
 
-class Admission:
-    """Slots reserved in the pool: running requests reserve their bound, parked sessions what they hold."""
+def view_columns(bound: int, segments: int, seen_max: int, buffer_size: int) -> int:
+    """View columns per segment reserved for a request: its bound spread evenly over its segments,
+    or every token it can see if that is fewer (a segment holds one entry per token), plus headroom."""
+    return KVViews.columns_for(min(seen_max, -(-bound // segments)), buffer_size)
 
-    def __init__(self, pool_slots: int):
-        self.pool_slots = pool_slots
-        self.running: dict[str, int] = {}
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a running request reserves: pool slots (its bound) and view columns in its batch `group`."""
+
+    slots: int
+    group: tuple = ()
+    view_columns: int = 0
+
+
+class Admission:
+    """Memory reserved: running requests reserve their bound in the pool and their views (rows x the
+    batch's widest reservation, per batch); parked sessions the slots they hold (they have no views).
+    `row_view_bytes(columns)` gives one row's view bytes; None where the caches keep no views."""
+
+    def __init__(self, pool_slots: int, view_bytes: int = 0, row_view_bytes: Callable[[int], int] | None = None):
+        self.pool_slots, self.view_bytes, self.row_view_bytes = pool_slots, view_bytes, row_view_bytes
+        self.running: dict[str, Reservation] = {}
         self.parked: dict[str, int] = {}
 
     @property
     def reserved(self) -> int:
-        return sum(self.running.values()) + sum(self.parked.values())
+        """Pool slots reserved."""
+        return sum(r.slots for r in self.running.values()) + sum(self.parked.values())
 
-    def fits(self, bound: int, releasing: int = 0) -> bool:
-        """Would a request with this bound fit, if `releasing` parked slots it takes over were freed?"""
-        return self.reserved - releasing + bound <= self.pool_slots
+    def group_view_bytes(self, group: tuple, extra: Reservation | None = None) -> int:
+        """View bytes reserved for one batch (with `extra` admitted to it)."""
+        members = [r for r in self.running.values() if r.group == group] + ([extra] if extra is not None else [])
+        if self.row_view_bytes is None or not members:
+            return 0
+        return len(members) * self.row_view_bytes(max(r.view_columns for r in members))
 
-    def admit(self, request_id: str, bound: int) -> None:
-        self.running[request_id] = bound
+    def views_reserved(self, extra: Reservation | None = None) -> int:
+        """View bytes reserved over all batches (with `extra` admitted)."""
+        groups = {r.group for r in self.running.values()} | ({extra.group} if extra is not None else set())
+        return sum(self.group_view_bytes(g, extra if extra is not None and extra.group == g else None) for g in groups)
+
+    def alone_fits(self, reservation: Reservation) -> bool:
+        """Could the request ever run (in an empty server)?"""
+        views = 0 if self.row_view_bytes is None else self.row_view_bytes(reservation.view_columns)
+        return reservation.slots <= self.pool_slots and views <= self.view_bytes
+
+    def views_fit(self, reservation: Reservation) -> bool:
+        return self.views_reserved(reservation) <= self.view_bytes
+
+    def slots_fit(self, reservation: Reservation, releasing: int = 0) -> bool:
+        """Do its slots fit, if `releasing` parked slots it takes over were freed?"""
+        return self.reserved - releasing + reservation.slots <= self.pool_slots
+
+    def admit(self, request_id: str, reservation: Reservation) -> None:
+        self.running[request_id] = reservation
 
     def release(self, request_id: str) -> None:
         self.running.pop(request_id, None)

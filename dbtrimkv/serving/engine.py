@@ -1,14 +1,22 @@
-"""The engine loop: continuous batching of chat requests inside one bounded KV pool.
+"""The engine loop: continuous batching of chat requests inside one bounded KV memory.
 
-Why: one thread owns the model and the pool. At every token boundary it drops cancelled requests
-(their slots return to the pool at once), admits waiting requests whose memory bound fits
-(`admission.py`), runs one batched forward per eviction setting (`batch_step.py`), samples, and
-retires finished requests (a session's row is parked in the pool for its next turn). Each request
-is a row of a serving cache: it prefills its prompt in chunks of its own `prefill_chunk` (all but
-the last token, like `dbtrimkv.generate`), then feeds the last prompt token and decodes one token
-per step beside the others, so a long prefill never stalls the decoders for more than one chunk.
+Why: one thread owns the model, the pool and the views. At every token boundary (one engine step)
+it drops cancelled requests (their slots return to the pool at once), admits waiting requests
+whose bound and views fit (`admission.py`), runs one batched forward per eviction setting
+(`batch_step.py`), samples, and retires finished requests (a session's row is parked in the pool
+for its next turn). Each request is a row of a serving cache: it prefills its prompt in chunks of
+its own `prefill_chunk` (all but the last token, like `dbtrimkv.generate`), then feeds the last
+prompt token and decodes one token per step beside the others.
+
+Prefill budget: a step feeds at most `max_prefill_tokens` prompt tokens (decoding rows always feed
+their token). Prefilling rows get their next chunk oldest first while the budget lasts; a row
+left out sits out of the batch for that step (parked: slots kept, nothing fed, no eviction) and
+comes back with the same chunk later, so its answer is what it gets alone and many long prompts
+admitted together never make one long step that stalls the decoders.
+
 Results go back through each request's `sink` (called from this thread; the HTTP layer hands
-them to its event loop).
+them to its event loop). `steps` records, per engine step, the prompt and decode tokens fed and the
+pool and view bytes held (bounded; tests and the benchmark read it).
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from typing import Callable
 import torch
 
 from ..cache import DBTrimKVCache, SlotPool
+from ..cache.cache import uses_views
+from ..cache.requests import ParkedSequence
+from ..cache.views import KVViews
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..errors import DBTrimKVError
@@ -30,7 +41,7 @@ from ..gates import text_config_of
 from ..generation import VisionStream, is_vision_language, model_lock, token_positions
 from ..pipeline import stop_token_ids
 from ..prompts import tokenizer_of
-from .admission import Admission, request_bound
+from .admission import Admission, Reservation, request_bound, slot_bytes, split_memory, view_columns
 from .api_errors import APIError, InternalError, QueueFull, TooLarge, Unavailable
 from .api_errors import BadRequest
 from .batch_step import RowInput, forward_rows
@@ -72,6 +83,7 @@ class EngineRequest:
     # set by the engine
     prompt_len: int = 0
     bound: int = 0
+    reservation: Reservation | None = None
     cached_tokens: int = 0
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
@@ -86,16 +98,34 @@ class EngineRequest:
         self.prompt_len = int(self.inputs["input_ids"].shape[1])
 
 
-class _Group:
-    """Running requests with one eviction setting: the rows of one serving cache, in row order."""
+@dataclass
+class StepRecord:
+    """One engine step: prompt tokens and decode tokens fed, and the most KV bytes held during it."""
 
-    def __init__(self, cache):
-        self.cache, self.requests = cache, []
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    pool_bytes: int = 0
+    views_bytes: int = 0
+
+
+class _Group:
+    """Running requests with one eviction setting: the rows of one serving cache, in row order, and
+    the prefilling requests sitting out this step (`paused`, parked out of the cache)."""
+
+    def __init__(self, key: tuple, cache):
+        self.key, self.cache, self.requests = key, cache, []
+        self.paused: dict[str, tuple[EngineRequest, ParkedSequence]] = {}
+
+
+MAX_STEP_RECORDS = 100_000
 
 
 class Engine:
-    def __init__(self, model, processor, config: DBTrimKVConfig, pool_slots: int, max_running: int = 16,
-                 max_queue: int = 64, max_sessions: int = 64, metrics: Metrics | None = None):
+    def __init__(self, model, processor, config: DBTrimKVConfig, kv_memory: int, max_running: int = 16,
+                 max_queue: int = 64, max_sessions: int = 64, max_prefill_tokens: int | None = None,
+                 metrics: Metrics | None = None):
+        """`kv_memory` bytes pay for the pool and (on CPU) the attention views; a step feeds at most
+        `max_prefill_tokens` prompt tokens (default: max(2048, the prefill chunk))."""
         text = text_config_of(model)
         self.model, self.processor, self.config = model, processor, config
         self.tokenizer = tokenizer_of(processor)
@@ -109,34 +139,74 @@ class Engine:
         if config.resolve_budget(self.num_layers, self.num_kv_heads) is None:
             raise ConfigError("the server needs a KV budget (--budget or --memory-size): admission control relies on "
                               "each request's bound, and a full cache has none")
+        self.max_prefill_tokens = max(2048, config.prefill_chunk) if max_prefill_tokens is None else max_prefill_tokens
+        if self.max_prefill_tokens < config.prefill_chunk:
+            raise ConfigError(f"--max-prefill-tokens-per-step ({self.max_prefill_tokens}) must be at least the prefill "
+                              f"chunk ({config.prefill_chunk}): a chunk is never split (that would change answers)")
+        self.kv_memory = int(kv_memory)
+        self.slot_bytes = slot_bytes(self.head_dim, self.dtype)
+        views = uses_views(torch.empty(0, dtype=self.dtype, device=self.device))
+        self.row_view_bytes = self._row_view_bytes if views else None
+        bound = self.bound_for(config, config.prefill_chunk)
+        default_views = self.row_view_bytes(view_columns(bound, self.segments, bound, config.buffer_size)) if views else 0
+        pool_slots, view_bytes = split_memory(self.kv_memory, self.slot_bytes, bound, default_views)
         self.pool = SlotPool(self.head_dim, self.dtype, self.device)
-        self.pool.ensure_free(pool_slots, limit=pool_slots)  # allocated once; it never grows
-        self.admission = Admission(pool_slots)
+        if pool_slots:
+            self.pool.ensure_free(pool_slots, limit=pool_slots)  # allocated once; it never grows
+        self.admission = Admission(pool_slots, view_bytes, self.row_view_bytes)
         self.sessions = SessionStore(max_sessions)
         self.metrics = metrics or Metrics()
         self.max_running, self.max_queue = max_running, max_queue
         self.groups: dict[tuple, _Group] = {}
+        self.steps: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
         self.waiting: deque[EngineRequest] = deque()
         self.cancelled: set[str] = set()
         self.cond = threading.Condition()
         self.stopping = False
         self._thread: threading.Thread | None = None
         self._evictions = (0, 0)
+        self.metrics.set("kv_memory_bytes", self.kv_memory)
         self.metrics.set("kv_pool_slots", pool_slots)
-        self.metrics.set("kv_request_bound_slots", self.bound_for(config, config.prefill_chunk))
+        self.metrics.set("kv_pool_bytes", self.pool_bytes)
+        self.metrics.set("kv_views_limit_bytes", view_bytes)
+        self.metrics.set("kv_request_bound_slots", bound)
+        self.metrics.set("kv_request_views_bytes", default_views)
+        self.metrics.set("max_prefill_tokens_per_step", self.max_prefill_tokens)
 
     # --- limits ------------------------------------------------------------------------------
     def bound_for(self, config: DBTrimKVConfig, new_tokens: int) -> int:
         budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
         return request_bound(budget, self.segments, config.buffer_size, config.prefill_chunk, new_tokens)
 
+    def _row_view_bytes(self, columns: int) -> int:
+        return KVViews.planned_bytes(self.num_layers, 1, self.num_kv_heads, columns, self.head_dim, self.dtype)
+
+    def reservation_for(self, request: EngineRequest) -> Reservation:
+        """The request's bound in the pool and its view columns (from every token it can ever see)."""
+        bound = self.bound_for(request.config, request.prompt_len)
+        cached = request.session.parked.state.seen if request.continues and request.session is not None else 0
+        seen_max = cached + request.prompt_len + request.sampling.max_tokens
+        return Reservation(bound, config_key(request.config),
+                           view_columns(bound, self.segments, seen_max, request.config.buffer_size))
+
     @property
     def slots_in_use(self) -> int:
         return self.pool.capacity - self.pool.num_free
 
     @property
+    def pool_bytes(self) -> int:
+        """Bytes of the pool (allocated once)."""
+        return self.pool.capacity * self.slot_bytes
+
+    def views_bytes(self) -> int:
+        """Bytes the attention views hold now, over all batches."""
+        return sum(g.cache.views_bytes() for g in list(self.groups.values()))
+
+    @property
     def running(self) -> list[EngineRequest]:
-        return [r for g in list(self.groups.values()) for r in list(g.requests)]
+        """Admitted requests: the rows of every batch and those sitting out this step."""
+        return [r for g in list(self.groups.values())
+                for r in list(g.requests) + [p[0] for p in list(g.paused.values())]]
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
@@ -144,12 +214,14 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: EngineRequest) -> None:
-        bound = self.bound_for(request.config, request.prompt_len)
-        if bound > self.admission.pool_slots:
-            raise TooLarge(f"this request may hold up to {bound} KV entries, more than the whole pool "
-                           f"({self.admission.pool_slots}); lower its budget or prefill chunk, or start the server "
-                           "with more --kv-memory")
-        request.bound = bound
+        reservation = self.reservation_for(request)
+        if not self.admission.alone_fits(reservation):
+            views = self.row_view_bytes(reservation.view_columns) if self.row_view_bytes is not None else 0
+            raise TooLarge(f"this request may hold up to {reservation.slots} KV entries and {views} bytes of attention "
+                           f"views, more than the whole pool ({self.admission.pool_slots} entries) or view memory "
+                           f"({self.admission.view_bytes} bytes); lower its budget or prefill chunk, or start the "
+                           "server with more --kv-memory")
+        request.bound, request.reservation = reservation.slots, reservation
         with self.cond:
             if self.stopping:
                 raise Unavailable("the server is shutting down")
@@ -185,9 +257,7 @@ class Engine:
             try:
                 self._drop_cancelled(cancelled)
                 self._admit()
-                for group in list(self.groups.values()):
-                    if group.requests:
-                        self._step(group)
+                self._run_step()
                 self._update_gauges()
             except Exception as exc:  # noqa: BLE001 - a bug must fail requests, not hang every client
                 traceback.print_exc()
@@ -208,7 +278,7 @@ class Engine:
                 self.sessions.unreserve(request.session)
             request.sink(Event("error", error=error))
         for group in self.groups.values():
-            for request in list(group.requests):
+            for request in list(group.requests) + [p[0] for p in list(group.paused.values())]:
                 self._retire(group, request, None, error=error)
 
     def _drop_cancelled(self, ids: set[str]) -> None:
@@ -222,7 +292,7 @@ class Engine:
             if request.session is not None:
                 self.sessions.unreserve(request.session)
         for group in self.groups.values():
-            for request in [r for r in group.requests if r.id in ids]:
+            for request in [r for r in list(group.requests) + [p[0] for p in group.paused.values()] if r.id in ids]:
                 self._retire(group, request, "cancelled")
 
     def _admit(self) -> None:
@@ -240,13 +310,18 @@ class Engine:
                 self.waiting.remove(request)
             try:
                 self._start(request)
-            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the engine
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the engine (it failed before its row was added)
+                if request.session is not None:
+                    self.sessions.unreserve(request.session)
                 request.sink(Event("error", error=_as_api_error(exc)))
 
     def _make_room(self, request: EngineRequest) -> bool:
-        """Does the request fit, after dropping idle sessions least recently used first if needed?"""
+        """Does the request fit, after dropping idle sessions least recently used first if the pool needs
+        it? (Sessions hold no views: dropping them frees no view memory.)"""
+        if not self.admission.views_fit(request.reservation):
+            return False
         releasing = request.session.parked.num_slots if request.session is not None else 0
-        while not self.admission.fits(request.bound, releasing):
+        while not self.admission.slots_fit(request.reservation, releasing):
             dropped = self.sessions.drop_least_recent("the pool needed the room for a new request")
             if dropped is None:
                 return False
@@ -254,25 +329,9 @@ class Engine:
         return True
 
     def _start(self, request: EngineRequest) -> None:
-        parked = None
-        if request.session is not None:
-            self.sessions.take(request.session.id)
-            self.admission.unpark(request.session.id)
-            if request.continues:
-                parked = request.session.parked
-            else:
-                self.pool.release(request.session.parked.slots)
-        key = config_key(request.config)
-        group = self.groups.get(key)
-        if group is None:
-            cache = DBTrimKVCache(self.model, request.config)
-            cache.use_pool(self.pool)
-            group = self.groups[key] = _Group(cache)
-        group.cache.add_sequence(parked)
-        group.requests.append(request)
-        self.admission.admit(request.id, request.bound)
+        """Prepare the request's positions and streams (what may fail on bad input), then add its row."""
+        parked = request.session.parked if request.session is not None and request.continues else None
         seen, rope_delta = (parked.state.seen, parked.state.rope_delta) if parked is not None else (0, 0)
-        request.cached_tokens = seen
         inputs = request.inputs
         ids = inputs["input_ids"].to(self.device)
         mask = torch.ones_like(ids)
@@ -284,13 +343,70 @@ class Engine:
             request.vision = VisionStream(self.model, request.inputs, types, mask)
         request.sampler = Sampler(request.sampling)
         request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
+        request.cached_tokens = seen
+        if request.session is not None:
+            self.sessions.take(request.session.id)
+            self.admission.unpark(request.session.id)
+            if parked is None:
+                self.pool.release(request.session.parked.slots)
+        key = config_key(request.config)
+        group = self.groups.get(key)
+        if group is None:
+            cache = DBTrimKVCache(self.model, request.config)
+            cache.use_pool(self.pool)
+            group = self.groups[key] = _Group(key, cache)
+        group.cache.add_sequence(parked)
+        group.requests.append(request)
+        self.admission.admit(request.id, request.reservation)
+        group.cache.views_limit = self.admission.group_view_bytes(key)
+
+    # --- one step --------------------------------------------------------------------------------
+    @staticmethod
+    def _next_chunk(request: EngineRequest) -> tuple[int, int]:
+        """Prompt columns [start, end) the request feeds next: a chunk of all but the last prompt token,
+        then the last one alone (its logits give the first generated token)."""
+        total, start = request.prompt_len, request.prefilled
+        return start, total if start == total - 1 else min(total - 1, start + request.config.prefill_chunk)
+
+    def _run_step(self) -> None:
+        """One token boundary: every decoding row feeds a token; prefilling rows feed their next chunk,
+        oldest first, while the step's prefill budget lasts; the others sit out this step."""
+        prefilling = sorted((r for r in self.running if r.prefilled < r.prompt_len), key=lambda r: r.arrival)
+        budget, granted = self.max_prefill_tokens, set()
+        for request in prefilling:
+            start, end = self._next_chunk(request)
+            if end - start <= budget:
+                budget -= end - start
+                granted.add(request.id)
+        record = StepRecord(pool_bytes=self.pool_bytes)
+        for group in list(self.groups.values()):
+            self._sit_out(group, {r.id for r in prefilling} - granted)
+            if group.requests:
+                self._step(group, record)
+                record.views_bytes = max(record.views_bytes, self.views_bytes())
+        if record.prefill_tokens or record.decode_tokens:
+            self.steps.append(record)
+            self.metrics.observe("step_prefill_tokens", record.prefill_tokens)
+            self.metrics.set("step_prefill_tokens_peak", max(self.metrics.get("step_prefill_tokens_peak"),
+                                                             record.prefill_tokens))
+            self.metrics.set("kv_views_bytes_peak", max(self.metrics.get("kv_views_bytes_peak"), record.views_bytes))
+
+    def _sit_out(self, group: _Group, waiting: set[str]) -> None:
+        """Park the rows that feed nothing this step out of the batch; bring back those that feed again."""
+        for request in [r for r in group.requests if r.id in waiting]:
+            parked = group.cache.park_sequence(group.requests.index(request))
+            group.requests.remove(request)
+            group.paused[request.id] = (request, parked)
+        for request_id in [i for i in group.paused if i not in waiting]:
+            request, parked = group.paused.pop(request_id)
+            group.cache.add_sequence(parked)
+            group.requests.append(request)
 
     def _row_input(self, request: EngineRequest, cache, row: int) -> tuple[RowInput, bool]:
         """What a request feeds this step, and whether its last logits give its next token."""
         total = request.prompt_len
         if request.prefilled < total:
-            start = request.prefilled
-            end = total if start == total - 1 else min(total - 1, start + request.config.prefill_chunk)
+            start, end = self._next_chunk(request)
             ids = request.inputs["input_ids"][0, start:end]
             vision = (request.vision, start, end) if request.vision is not None else None
             return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
@@ -302,7 +418,7 @@ class Engine:
         token = torch.tensor([request.generated[-1]], device=self.device)
         return RowInput(token, pos, torch.zeros_like(token)), True
 
-    def _step(self, group: _Group) -> None:
+    def _step(self, group: _Group, record: StepRecord) -> None:
         cache, requests = group.cache, list(group.requests)
         plans = [self._row_input(r, cache, b) for b, r in enumerate(requests)]
         seen_before = list(cache.seen)
@@ -320,10 +436,13 @@ class Engine:
         for b, (request, (row_input, samples)) in enumerate(zip(requests, plans)):
             if request.prefilled < request.prompt_len:
                 request.prefilled += row_input.ids.numel()
+                record.prefill_tokens += row_input.ids.numel()
                 self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
                 if request.prefilled == request.prompt_len and self.vision_language:
                     last = int(request.positions[1:].max()) if request.prompt_len else seen_before[b] - 1
                     cache.requests[b].rope_delta = last + 1 - (seen_before[b] + row_input.ids.numel())
+            else:
+                record.decode_tokens += 1
             if not samples:
                 continue
             token = request.sampler(logits[b])
@@ -355,10 +474,14 @@ class Engine:
 
     def _retire(self, group: _Group, request: EngineRequest, reason: str | None, error: APIError | None = None) -> None:
         """Take a request out of the batch: park its session row or free its slots; tell the client."""
-        row = group.requests.index(request)
-        group.requests.pop(row)
-        parked = group.cache.park_sequence(row)
+        if request.id in group.paused:
+            parked = group.paused.pop(request.id)[1]
+        else:
+            row = group.requests.index(request)
+            group.requests.pop(row)
+            parked = group.cache.park_sequence(row)
         self.admission.release(request.id)
+        group.cache.views_limit = self.admission.group_view_bytes(group.key)
         keep = request.session_id is not None and reason in ("stop", "length")
         if keep:
             reply = request.tracker.text
@@ -399,7 +522,8 @@ class Engine:
         m.set("sessions_parked", len(self.sessions))
         m.set("kv_slots_in_use", self.slots_in_use)
         m.set("kv_slots_reserved", self.admission.reserved)
-        m.set("kv_views_bytes", sum(g.cache.views_bytes() for g in list(self.groups.values())))
+        m.set("kv_views_bytes", self.views_bytes())
+        m.set("kv_views_reserved_bytes", self.admission.views_reserved())
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -410,8 +534,11 @@ class Engine:
         m.inc("evictions_total", evictions - self._evictions[0])
         m.inc("evicted_entries_total", evicted - self._evictions[1])
         self._evictions = (evictions, evicted)
+        m.set("kv_views_skipped_total", sum(g.cache.views_skipped for g in self.groups.values()))
         if self.pool.capacity != self.admission.pool_slots:
             raise RuntimeError("the KV pool grew past its start-up size; admission control is broken")
+        if self.pool_bytes + self.views_bytes() > self.kv_memory:
+            raise RuntimeError("the KV pool and views hold more than --kv-memory; admission control is broken")
 
 
 def _as_api_error(exc: Exception) -> APIError:

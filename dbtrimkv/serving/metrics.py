@@ -10,6 +10,7 @@ import bisect
 import threading
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 PREFIX = "dbtrimkv_"
 
 
@@ -33,13 +34,23 @@ class Metrics:
         "requests_running": ("gauge", "Requests in the running batch"),
         "requests_waiting": ("gauge", "Requests waiting for admission"),
         "sessions_parked": ("gauge", "Sessions whose cache is parked in the pool"),
+        "kv_memory_bytes": ("gauge", "--kv-memory: bytes the pool and the attention views may hold together"),
         "kv_pool_slots": ("gauge", "KV entries (slots) the pool holds; fixed at start-up"),
+        "kv_pool_bytes": ("gauge", "Bytes of the pool (slots x bytes per slot); fixed at start-up"),
         "kv_slots_in_use": ("gauge", "KV entries in use (running requests and parked sessions)"),
         "kv_slots_in_use_peak": ("gauge", "Most KV entries ever in use at once"),
         "kv_views_bytes": ("gauge", "Bytes of the CPU attention views (contiguous per-layer copies of the cached K/V; "
                                     "0 on CUDA, where the kernels read the pool in place)"),
+        "kv_views_bytes_peak": ("gauge", "Most bytes the attention views held at once"),
+        "kv_views_limit_bytes": ("gauge", "Bytes of --kv-memory left to the attention views (--kv-memory - pool bytes)"),
+        "kv_views_reserved_bytes": ("gauge", "View bytes reserved by admission (per batch: rows x its widest reservation)"),
+        "kv_views_skipped_total": ("counter", "Forwards that attended through the pool because their views would "
+                                              "have passed their reservation"),
         "kv_slots_reserved": ("gauge", "KV entries reserved by admission (bounds of running requests + parked sessions)"),
         "kv_request_bound_slots": ("gauge", "Per-request bound for a default request with a full prefill chunk"),
+        "kv_request_views_bytes": ("gauge", "View bytes reserved for a default request with a full prefill chunk"),
+        "max_prefill_tokens_per_step": ("gauge", "Most prompt tokens one engine step may prefill"),
+        "step_prefill_tokens_peak": ("gauge", "Most prompt tokens one engine step prefilled"),
         "evictions_total": ("counter", "Eviction passes run"),
         "evicted_entries_total": ("counter", "KV entries evicted"),
         "prompt_tokens_total": ("counter", "Prompt tokens prefilled"),
@@ -48,6 +59,7 @@ class Metrics:
         "requests_finished_total": ("counter", "Requests finished, by reason"),
         "requests_rejected_total": ("counter", "Requests refused, by HTTP status"),
         "engine_steps_total": ("counter", "Batched forwards run"),
+        "step_prefill_tokens": ("histogram", "Prompt tokens prefilled per engine step"),
         "time_to_first_token_seconds": ("histogram", "Time from arrival to the first generated token"),
         "time_per_output_token_seconds": ("histogram", "Time between consecutive generated tokens of a request"),
         "request_latency_seconds": ("histogram", "Time from arrival to the last token"),
@@ -57,7 +69,8 @@ class Metrics:
         self.lock = threading.Lock()
         self.values: dict[str, float] = {}
         self.labelled: dict[str, dict[tuple[str, str], float]] = {}
-        self.histograms = {name: Histogram() for name, (kind, _) in self.HELP.items() if kind == "histogram"}
+        self.histograms = {name: Histogram(TOKEN_BUCKETS if name.endswith("_tokens") else LATENCY_BUCKETS)
+                           for name, (kind, _) in self.HELP.items() if kind == "histogram"}
 
     def set(self, name: str, value: float) -> None:
         with self.lock:

@@ -16,7 +16,7 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
 from ..pipeline import format_bytes
-from .admission import pool_slots, slot_bytes
+from .admission import Reservation, memory_bytes, view_columns
 from .app import HTTPOptions, build_app
 from .engine import Engine
 from .media_sources import MediaPolicy
@@ -32,6 +32,7 @@ class ServerOptions:
     max_sessions: int = 64
     max_tokens: int = 4096
     default_max_tokens: int = 256
+    max_prefill_tokens: int | None = None  # per engine step; None: max(2048, the prefill chunk)
     http: HTTPOptions = field(default_factory=HTTPOptions)
     allow_media_dir: Path | None = None
     allow_remote_media: bool = False
@@ -49,12 +50,14 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
     if budget is None:
         raise ConfigError("dbtrimkv serve needs a KV budget (--budget or --memory-size; --full-cache has no bound "
                           "to admit requests by)")
-    slots = pool_slots(options.kv_memory, head_dim, param.dtype, param.device)
-    engine = Engine(model, processor, config, slots, options.max_running, options.max_queue, options.max_sessions)
+    engine = Engine(model, processor, config, memory_bytes(options.kv_memory, param.device), options.max_running,
+                    options.max_queue, options.max_sessions, options.max_prefill_tokens)
     smallest = engine.bound_for(config, 1)
-    if slots < smallest:
-        raise ConfigError(f"--kv-memory holds {slots} KV entries, but one request needs up to {smallest}; give the "
-                          "pool more memory or lower the budget")
+    one_token = Reservation(smallest, (), view_columns(smallest, layers * heads, 2, config.buffer_size))
+    if not engine.admission.alone_fits(one_token):
+        raise ConfigError(f"--kv-memory holds {engine.admission.pool_slots} KV entries and "
+                          f"{engine.admission.view_bytes} bytes of attention views, but one request needs up to "
+                          f"{smallest} entries and their views; give it more memory or lower the budget")
     media = MediaPolicy(allow_dir=options.allow_media_dir, allow_remote=options.allow_remote_media,
                         max_bytes=options.http.max_request_bytes, video_fps=options.video_fps,
                         video_max_frames=options.video_max_frames)
@@ -64,15 +67,24 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
 
 
 def startup_report(engine: Engine) -> str:
-    per_slot = slot_bytes(engine.head_dim, engine.dtype)
-    pool = engine.admission.pool_slots
-    config = engine.config
+    admission, config = engine.admission, engine.config
+    pool = admission.pool_slots
     full = engine.bound_for(config, config.prefill_chunk)
     budget = config.resolve_budget(engine.num_layers, engine.num_kv_heads)
+    per_request_views = engine.metrics.get("kv_request_views_bytes")
+    fit = pool // full if not per_request_views else min(pool // full, int(admission.view_bytes // per_request_views))
+    if engine.row_view_bytes is None:
+        views = "No attention views (the kernels read the pool in place): all of it is pool."
+    else:
+        views = (f"Attention views (CPU: contiguous copies of the running requests' kept K/V): up to "
+                 f"{format_bytes(admission.view_bytes)}, {format_bytes(per_request_views)} reserved per such request.")
     return (
-        f"KV pool: {pool} entries ({format_bytes(pool * per_slot)}, {per_slot} bytes each), allocated once.\n"
+        f"KV memory: {format_bytes(engine.kv_memory)} for the pool and the attention views together, never more.\n"
+        f"KV pool: {pool} entries ({format_bytes(engine.pool_bytes)}, {engine.slot_bytes} bytes each), allocated once. "
+        f"{views}\n"
         f"Per-request bound: budget {budget} + {engine.num_layers} layers x {engine.num_kv_heads} KV heads x "
         f"max(buffer {config.buffer_size}, prefill chunk {config.prefill_chunk}) = {full} entries for a prompt of "
-        f"{config.prefill_chunk}+ tokens (less for shorter prompts): at least {pool // full} such requests run at "
-        f"once (--max-running {engine.max_running}, --max-queue {engine.max_queue} waiting)."
+        f"{config.prefill_chunk}+ tokens (less for shorter prompts): at least {fit} such requests run at "
+        f"once (--max-running {engine.max_running}, --max-queue {engine.max_queue} waiting). A step prefills at most "
+        f"{engine.max_prefill_tokens} prompt tokens (--max-prefill-tokens-per-step)."
     )

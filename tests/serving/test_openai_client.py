@@ -14,13 +14,16 @@ import pytest
 
 from serving_helpers import EXAMPLES, image_message, start_server
 
-SLOT_BYTES = 2 * 32 * 4 + 13  # tiny-recall: K and V (head_dim 32, fp32) + log beta, position, modality, free id
-POOL_SLOTS = 3200  # an image chat's bound is 96 + 6 x ~50 entries: about 7 fit at once, so 16 clients queue
+# Pool and views share 2 MiB: 3734 slots (an image chat's bound is 96 + 6 x ~50 entries: 9 fit) and
+# 1092706 bytes of views (an image chat reserves 6 segments x 98 columns x 260 bytes + 48: 7 fit), so
+# the views decide and under 16 clients some wait although their bound alone would fit.
+KV_MEMORY = 2 * 2**20
+POOL_SLOTS, VIEW_BYTES, CHAT_VIEWS = 3734, 1092706, 6 * (98 * 260 + 8)
 
 
 @pytest.fixture(scope="module")
 def server(recall_pipeline):
-    running = start_server(recall_pipeline, kv_memory=("bytes", POOL_SLOTS * SLOT_BYTES), max_running=16, max_queue=64)
+    running = start_server(recall_pipeline, kv_memory=("bytes", KV_MEMORY), max_running=16, max_queue=64)
     yield running
     running.close()
 
@@ -45,7 +48,9 @@ def test_models_health_and_metrics(server):
     assert [m.id for m in client.models.list()] == ["tiny-recall"]
     assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
     m = server.metrics()
-    assert m["dbtrimkv_kv_pool_slots"] == POOL_SLOTS
+    assert m["dbtrimkv_kv_pool_slots"] == POOL_SLOTS and m["dbtrimkv_kv_pool_bytes"] == POOL_SLOTS * 269
+    assert m["dbtrimkv_kv_views_limit_bytes"] == VIEW_BYTES == KV_MEMORY - POOL_SLOTS * 269
+    assert m["dbtrimkv_kv_memory_bytes"] == KV_MEMORY
     assert "dbtrimkv_time_to_first_token_seconds_count" in m
 
 
@@ -86,9 +91,17 @@ def test_sixteen_concurrent_clients_get_their_answers_alone(server):
     assert all(s["dbtrimkv_kv_slots_in_use"] <= pool_slots for s in samples)
     assert all(s["dbtrimkv_kv_slots_reserved"] <= pool_slots for s in samples)
     assert 0 < final["dbtrimkv_kv_slots_in_use_peak"] <= pool_slots
-    assert max(s["dbtrimkv_requests_running"] for s in samples) > 1  # they really ran together
-    assert max(s["dbtrimkv_requests_waiting"] for s in samples) > 0  # and the bound made some wait
-    assert final["dbtrimkv_kv_slots_in_use"] == 0  # every slot came back
+    # pool + views never pass --kv-memory: in every /metrics sample and at every engine step
+    assert all(s["dbtrimkv_kv_pool_bytes"] + s["dbtrimkv_kv_views_bytes"] <= KV_MEMORY for s in samples)
+    assert all(s["dbtrimkv_kv_views_reserved_bytes"] <= VIEW_BYTES for s in samples)
+    steps = list(server.engine.steps)
+    assert steps and all(r.pool_bytes + r.views_bytes <= KV_MEMORY for r in steps)
+    assert 0 < final["dbtrimkv_kv_views_bytes_peak"] == max(r.views_bytes for r in steps) <= VIEW_BYTES
+    running = max(s["dbtrimkv_requests_running"] for s in samples)
+    assert 1 < running <= VIEW_BYTES // CHAT_VIEWS == 7  # they ran together, as many as their views allow
+    assert running * 396 < pool_slots  # the pool alone would have taken more: the views made them wait
+    assert max(s["dbtrimkv_requests_waiting"] for s in samples) > 0
+    assert final["dbtrimkv_kv_slots_in_use"] == 0 and final["dbtrimkv_kv_views_bytes"] == 0  # all came back
 
 
 def test_malformed_requests_get_400_with_a_message(server):

@@ -6,7 +6,7 @@ import pytest
 
 from dbtrimkv.cli import main
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.serving.admission import Admission, parse_kv_memory, request_bound
+from dbtrimkv.serving.admission import Admission, Reservation, parse_kv_memory, request_bound, split_memory, view_columns
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -16,6 +16,7 @@ from dbtrimkv.serving.admission import Admission, parse_kv_memory, request_bound
     (["--allow-media-dir", "/no/such/dir"], "is not a directory"),
     (["--api-key", " "], "--api-key must not be empty"),
     (["--port", "70000"], "--port must be in 0..65535"),
+    (["--prefill-chunk", "512", "--max-prefill-tokens-per-step", "256"], "must be at least --prefill-chunk (512)"),
 ])
 def test_bad_flags_fail_before_loading(argv, message, monkeypatch, capsys):
     def no_load(*args, **kwargs):
@@ -33,9 +34,17 @@ def test_startup_report_and_listen_address(monkeypatch, capsys):
     assert main(["serve", "--kv-memory", "2MiB", "--port", "8123"]) == 0
     assert calls["host"] == "127.0.0.1" and calls["port"] == 8123
     err = capsys.readouterr().err
-    slots = 2 * 1024 * 1024 // (2 * 32 * 4 + 13)
-    assert f"KV pool: {slots} entries" in err
+    # tiny-recall, default request (prefill chunk 2048): bound 12384 slots of 269 bytes; views of
+    # 6 segments x (2064 + 258 headroom) columns x (K, V, bias: 65 x 4 bytes) + 6 row counts x 8
+    bound, views = 12384, 6 * (2322 * 65 * 4 + 8)
+    slots = 2 * 1024 * 1024 * bound // (bound * 269 + views)
+    assert (slots, views) == (3734, 3622368)
+    assert "KV memory: 2.0 MiB for the pool and the attention views together" in err
+    assert f"KV pool: {slots} entries (980.9 KiB, 269 bytes each)" in err
+    assert "Attention views (CPU: contiguous copies of the running requests' kept K/V): up to 1.0 MiB, 3.5 MiB " \
+           "reserved per such request" in err
     assert "Per-request bound: budget 96 + 3 layers x 2 KV heads x max(buffer 32, prefill chunk 2048) = 12384" in err
+    assert "A step prefills at most 2048 prompt tokens" in err
 
 
 def test_pool_too_small_for_one_request(capsys):
@@ -57,11 +66,38 @@ def test_admission_arithmetic():
     assert request_bound(96, 6, 32, 2048, 50) == 96 + 6 * 50
     assert request_bound(96, 6, 32, 2048, 10) == 96 + 6 * 32
     assert request_bound(96, 6, 32, 16, 5000) == 96 + 6 * 32
-    admission = Admission(1000)
-    admission.admit("a", 600)
-    assert not admission.fits(500) and admission.fits(400)
+    admission = Admission(1000)  # no views (the kernels read the pool)
+    admission.admit("a", Reservation(600))
+    assert not admission.slots_fit(Reservation(500)) and admission.slots_fit(Reservation(400))
     admission.park("s", 300)
-    assert not admission.fits(400) and admission.fits(400, releasing=300)
+    assert not admission.slots_fit(Reservation(400)) and admission.slots_fit(Reservation(400), releasing=300)
     admission.release("a")
     admission.unpark("s")
-    assert admission.reserved == 0
+    assert admission.reserved == 0 and admission.views_reserved() == 0
+
+
+def test_view_reservations():
+    # a request's view columns: its bound spread over its segments, or every token it can see if fewer
+    assert view_columns(396, 6, 74, 32) == 66 + 32
+    assert view_columns(396, 6, 40, 32) == 40 + 32
+    assert view_columns(12384, 6, 10**6, 32) == 2064 + 2064 // 8
+    row = lambda columns: 10 * columns  # noqa: E731 - bytes of one row's views
+    admission = Admission(10_000, view_bytes=2000, row_view_bytes=row)
+    admission.admit("a", Reservation(100, "g", 50))
+    admission.admit("b", Reservation(100, "g", 30))
+    assert admission.group_view_bytes("g") == 2 * 500  # rows x the widest: the batch is padded to it
+    wide = Reservation(100, "g", 80)
+    assert admission.views_reserved(wide) == 3 * 800 and not admission.views_fit(wide)
+    assert admission.slots_fit(wide) and admission.alone_fits(wide)
+    other = Reservation(100, "h", 80)  # another eviction setting: its own batch, its own padding
+    assert admission.views_reserved(other) == 1000 + 800 and admission.views_fit(other)
+    assert not admission.alone_fits(Reservation(100, "g", 201)) and not admission.alone_fits(Reservation(10_001))
+    admission.release("a")
+    assert admission.group_view_bytes("g") == 300
+
+
+def test_memory_split():
+    # the pool gets the share of one default request's bound; the views the rest; nothing is left over
+    slots, views = split_memory(1_000_000, 269, 396, 150_000)
+    assert slots == 1_000_000 * 396 // (396 * 269 + 150_000) and views == 1_000_000 - slots * 269
+    assert split_memory(1_000_000, 269, 396, 0) == (1_000_000 // 269, 1_000_000 % 269)
