@@ -100,8 +100,10 @@ class EngineRequest:
 
 @dataclass
 class StepRecord:
-    """One engine step: prompt tokens and decode tokens fed, and the most KV bytes held during it."""
+    """One engine step: requests admitted, prompt tokens and decode tokens fed, and the most KV bytes
+    held during it."""
 
+    running: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
     pool_bytes: int = 0
@@ -378,7 +380,7 @@ class Engine:
             if end - start <= budget:
                 budget -= end - start
                 granted.add(request.id)
-        record = StepRecord(pool_bytes=self.pool_bytes)
+        record = StepRecord(running=len(self.running), pool_bytes=self.pool_bytes)
         for group in list(self.groups.values()):
             self._sit_out(group, {r.id for r in prefilling} - granted)
             if group.requests:

@@ -147,3 +147,60 @@ def test_a_long_prefill_does_not_stall_decoding(engine, random_vl):
         while events[name].get(timeout=60).kind == "token":
             pass
     assert jobs["short"].last_token_at < jobs["long"].first_token_at
+
+
+def test_pool_and_views_stay_within_kv_memory_under_sixteen_requests(engine, random_vl):
+    """16 requests in a memory for about 5 (each reserves 72 slots of 141 bytes and 12720 bytes of
+    views): at every engine step pool bytes + view bytes <= kv_memory, the rest wait, answers do not change."""
+    model, processor = random_vl
+    prompts = chats(16)
+    alone = [run(engine, processor, [p])[0] for p in prompts]
+    tight = Engine(model, processor, CONFIG, kv_memory=120_000, max_running=16)
+    admission = tight.admission
+    assert admission.pool_slots * 141 + admission.view_bytes == 120_000
+    tight.start()
+    try:
+        assert run(tight, processor, prompts) == alone
+    finally:
+        tight.stop()
+    steps = list(tight.steps)
+    assert all(r.pool_bytes + r.views_bytes <= 120_000 for r in steps)
+    assert max(r.views_bytes for r in steps) > 0  # the views did serve
+    fit = min(admission.pool_slots // 72, admission.view_bytes // 12720)
+    assert 2 <= fit < 16 and max(r.running for r in steps) == fit  # as many ran at once as fit, the rest waited
+    assert tight.metrics.get("kv_views_bytes_peak") == max(r.views_bytes for r in steps)
+
+
+def test_prefill_budget_caps_every_step_and_answers_do_not_change(engine, random_vl):
+    """Six long prompts admitted together with a budget of two chunks per step: no step prefills more,
+    a request that decodes meanwhile is never held up, and every answer is the one it gets alone."""
+    model, processor = random_vl
+    texts = ["a long document about rivers " * (6 + 2 * i) for i in range(6)]
+    prompts = [[{"role": "user", "content": "hi"}]] + [[{"role": "user", "content": t}] for t in texts]
+    alone = [run(engine, processor, [p], max_tokens=24 if i == 0 else 4)[0] for i, p in enumerate(prompts)]
+    cap = 2 * CONFIG.prefill_chunk
+    capped = Engine(model, processor, CONFIG, kv_memory=64 * 2**20, max_prefill_tokens=cap)
+    capped.start()
+    jobs = []
+    try:
+        for i, prompt in enumerate(prompts):
+            events: queue.Queue = queue.Queue()
+            job = EngineRequest(f"p{i}", build_inputs(processor, prompt), CONFIG,
+                                SamplingParams(max_tokens=24 if i == 0 else 4, temperature=0, ignore_eos=True), events.put)
+            capped.submit(job)
+            jobs.append((job, events))
+        for job, events in jobs:
+            while (event := events.get(timeout=60)).kind == "token":
+                pass
+            assert event.kind == "done", event.error
+    finally:
+        capped.stop()
+    assert [job.generated for job, _ in jobs] == alone
+    long_prompts = sum(job.prompt_len for job, _ in jobs[1:])
+    assert long_prompts > 20 * cap
+    steps = list(capped.steps)
+    assert max(r.prefill_tokens for r in steps) == cap  # several rows' chunks in one step, never more than the cap
+    assert sum(r.prefill_tokens for r in steps) == sum(job.prompt_len for job, _ in jobs)
+    short = jobs[0][0]
+    assert short.last_token_at < max(job.first_token_at for job, _ in jobs[1:])  # it decoded while they prefilled
+    assert capped.metrics.get("step_prefill_tokens_peak") == cap
