@@ -5,12 +5,14 @@ share a GIL) and clients send OpenAI chat requests over HTTP. Two server modes, 
 - batched:        continuous batching, --max-running 16 (the default)
 - one-at-a-time:  --max-running 1: requests are served one after another (what a server without
                   batching does), the others wait in the queue.
-Each model's pool holds about 12 worst-case requests, so under 16 clients admission control holds
-some back (the occupancy trace shows it). Every request generates exactly `--max-tokens` tokens (`ignore_eos`, greedy), so throughput is
-comparable. Reported per (model, mode, clients): requests/s, generated tokens/s, p50 / p99 request
-latency, p50 time to first token (streamed), and the gain of batching over one-at-a-time. During
-the 16-client batched run `/metrics` is sampled every 50 ms: KV entries in use, reserved by
-admission, and the pool size, over time (JSON + PNG).
+Each model's `--kv-memory` (pool and attention views together) holds about 12 of its requests, so
+under 16 clients admission control holds some back (the occupancy trace shows it). Every request
+generates exactly `--max-tokens` tokens (`ignore_eos`, greedy), so throughput is comparable.
+Reported per (model, mode, clients): requests/s, generated tokens/s, p50 / p99 request latency, p50
+time to first token (streamed), and the gain of batching over one-at-a-time. During the 16-client
+batched run `/metrics` is sampled every 50 ms: KV entries in use and reserved against the pool, and
+bytes of pool + views against `--kv-memory`, over time (JSON + PNG); the peak of the views is the
+server's own per-step maximum (`dbtrimkv_kv_views_bytes_peak`), not only what the samples caught.
 
 Models: `tiny-recall` (the shipped toy Qwen3-VL; image chats of ~50 tokens) and a medium random
 text model (Qwen3 architecture, 8 layers, hidden 512, 8 / 4 heads, head_dim 64; prompts of ~130
@@ -38,11 +40,12 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-# kv_memory: a pool of about 12 request bounds (tiny-recall: 96 + 6 x 50 entries of 269 bytes; medium:
-# 1024 + 32 x ~150 entries of 525 bytes), so under 16 clients admission holds some back
+# kv_memory: pool + views for about 12 requests (tiny-recall: a bound of 96 + 6 x 50 entries of 269 bytes and
+# 153 KB of views; medium: 1024 + 32 x ~150 entries of 525 bytes and 3.4 MB of views), so under 16 clients
+# admission holds some back
 MODELS = {
-    "tiny-recall": {"memory_size": 16, "kv_memory": "1.25MiB", "requests": {1: 6, 4: 12, 16: 32}},
-    "medium-random": {"memory_size": 32, "kv_memory": "35MiB", "requests": {1: 3, 4: 8, 16: 16}},
+    "tiny-recall": {"memory_size": 16, "kv_memory": "3.5MiB", "requests": {1: 6, 4: 12, 16: 32}},
+    "medium-random": {"memory_size": 32, "kv_memory": "75MiB", "requests": {1: 3, 4: 8, 16: 16}},
 }
 
 
@@ -148,7 +151,11 @@ def sample_metrics(base: str, stop: threading.Event, out: list, t0: float) -> No
             m = parse_metrics(client.get(base + "/metrics", timeout=5).text)
             out.append({"t": round(time.perf_counter() - t0, 3), "in_use": m["dbtrimkv_kv_slots_in_use"],
                         "reserved": m["dbtrimkv_kv_slots_reserved"], "pool": m["dbtrimkv_kv_pool_slots"],
-                        "running": m["dbtrimkv_requests_running"], "waiting": m["dbtrimkv_requests_waiting"]})
+                        "running": m["dbtrimkv_requests_running"], "waiting": m["dbtrimkv_requests_waiting"],
+                        "pool_bytes": m["dbtrimkv_kv_pool_bytes"], "views_bytes": m["dbtrimkv_kv_views_bytes"],
+                        "views_reserved_bytes": m["dbtrimkv_kv_views_reserved_bytes"],
+                        "views_peak_bytes": m["dbtrimkv_kv_views_bytes_peak"], "memory": m["dbtrimkv_kv_memory_bytes"],
+                        "views_skipped": m["dbtrimkv_kv_views_skipped_total"]})
             stop.wait(0.05)
 
 
@@ -192,14 +199,23 @@ def plot(traces: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(traces), figsize=(6 * len(traces), 3.5), squeeze=False)
-    for ax, (model, trace) in zip(axes[0], traces.items()):
+    fig, axes = plt.subplots(2, len(traces), figsize=(6 * len(traces), 7), squeeze=False)
+    for column, (model, trace) in enumerate(traces.items()):
         t = [s["t"] for s in trace]
+        ax = axes[0][column]
         ax.plot(t, [s["in_use"] for s in trace], label="KV entries in use")
         ax.plot(t, [s["reserved"] for s in trace], label="reserved (bounds)")
         ax.axhline(trace[0]["pool"], color="k", linestyle="--", label="pool")
         ax.set(title=f"{model}: 16 clients, batched", xlabel="seconds", ylabel="KV entries")
         ax.legend(fontsize=8)
+        ax = axes[1][column]
+        mib = 2**20
+        ax.stackplot(t, [s["pool_bytes"] / mib for s in trace], [s["views_bytes"] / mib for s in trace],
+                     labels=["pool (allocated once)", "attention views"])
+        ax.plot(t, [(s["pool_bytes"] + s["views_reserved_bytes"]) / mib for s in trace], label="pool + views reserved")
+        ax.axhline(trace[0]["memory"] / mib, color="k", linestyle="--", label="--kv-memory")
+        ax.set(xlabel="seconds", ylabel="MiB")
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -243,7 +259,12 @@ def main() -> None:
                          and r["clients"] == row["clients"])
             row["gain"] = f"{row['tokens_per_s'] / alone['tokens_per_s']:.2f}x"
     peaks = {m: {"peak_in_use": max(s["in_use"] for s in tr), "peak_reserved": max(s["reserved"] for s in tr),
-                 "pool": tr[0]["pool"], "peak_running": max(s["running"] for s in tr)} for m, tr in traces.items()}
+                 "pool": tr[0]["pool"], "peak_running": max(s["running"] for s in tr),
+                 "pool_bytes": tr[0]["pool_bytes"], "kv_memory_bytes": tr[0]["memory"],
+                 "peak_views_bytes": tr[-1]["views_peak_bytes"],
+                 "peak_views_sampled_bytes": max(s["views_bytes"] for s in tr),
+                 "peak_pool_plus_views_bytes": tr[0]["pool_bytes"] + tr[-1]["views_peak_bytes"],
+                 "views_skipped": tr[-1]["views_skipped"]} for m, tr in traces.items()}
     import torch
 
     result = {"rows": rows, "occupancy_peaks": peaks, "occupancy_traces": traces, "max_tokens": args.max_tokens,
@@ -252,9 +273,12 @@ def main() -> None:
                       "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "server_threads": 1}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    md = table(rows) + "\n\nKV pool under 16 clients (batched): " + "; ".join(
+    md = table(rows) + "\n\nKV memory under 16 clients (batched): " + "; ".join(
         f"{m}: peak {p['peak_in_use']:.0f} entries in use, {p['peak_reserved']:.0f} reserved, pool {p['pool']:.0f}, "
-        f"{p['peak_running']:.0f} running at most" for m, p in peaks.items()) + "\n"
+        f"{p['peak_running']:.0f} running at most; pool {p['pool_bytes'] / 2**20:.2f} MiB + views peak "
+        f"{p['peak_views_bytes'] / 2**20:.2f} MiB = {p['peak_pool_plus_views_bytes'] / 2**20:.2f} MiB of "
+        f"--kv-memory {p['kv_memory_bytes'] / 2**20:.2f} MiB ({p['views_skipped']:.0f} forwards attended through the pool)"
+        for m, p in peaks.items()) + "\n"
     args.out.with_suffix(".md").write_text(md)
     plot(traces, args.out.with_suffix(".png"))
     print(md)
