@@ -109,21 +109,22 @@ class Admission:
         self.running: dict[str, Reservation] = {}
         self.parked: dict[str, int] = {}
 
+    # (the /metrics handler reads these from another thread: iterate over snapshots, `list(...)`)
     @property
     def reserved(self) -> int:
         """Pool slots reserved."""
-        return sum(r.slots for r in self.running.values()) + sum(self.parked.values())
+        return sum(r.slots for r in list(self.running.values())) + sum(list(self.parked.values()))
 
     def group_view_bytes(self, group: tuple, extra: Reservation | None = None) -> int:
         """View bytes reserved for one batch (with `extra` admitted to it)."""
-        members = [r for r in self.running.values() if r.group == group] + ([extra] if extra is not None else [])
+        members = [r for r in list(self.running.values()) if r.group == group] + ([extra] if extra is not None else [])
         if self.row_view_bytes is None or not members:
             return 0
         return len(members) * self.row_view_bytes(max(r.view_columns for r in members))
 
     def views_reserved(self, extra: Reservation | None = None) -> int:
         """View bytes reserved over all batches (with `extra` admitted)."""
-        groups = {r.group for r in self.running.values()} | ({extra.group} if extra is not None else set())
+        groups = {r.group for r in list(self.running.values())} | ({extra.group} if extra is not None else set())
         return sum(self.group_view_bytes(g, extra if extra is not None and extra.group == g else None) for g in groups)
 
     def alone_fits(self, reservation: Reservation) -> bool:

@@ -216,6 +216,9 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: EngineRequest) -> None:
+        if request.config.prefill_chunk > self.max_prefill_tokens:
+            raise BadRequest(f"prefill chunk {request.config.prefill_chunk} is larger than the server's prefill budget "
+                             f"per step ({self.max_prefill_tokens})")
         reservation = self.reservation_for(request)
         if not self.admission.alone_fits(reservation):
             views = self.row_view_bytes(reservation.view_columns) if self.row_view_bytes is not None else 0
@@ -385,7 +388,6 @@ class Engine:
             self._sit_out(group, {r.id for r in prefilling} - granted)
             if group.requests:
                 self._step(group, record)
-                record.views_bytes = max(record.views_bytes, self.views_bytes())
         if record.prefill_tokens or record.decode_tokens:
             self.steps.append(record)
             self.metrics.observe("step_prefill_tokens", record.prefill_tokens)
@@ -433,6 +435,9 @@ class Engine:
                 self._retire(group, request, None, error=_as_api_error(exc))
             return
         self.metrics.inc("engine_steps_total")
+        record.views_bytes = max(record.views_bytes, self.views_bytes())  # before retiring drops this batch's views
+        if self.pool_bytes + record.views_bytes > self.kv_memory:
+            raise RuntimeError("the KV pool and views hold more than --kv-memory; admission control is broken")
         now = time.monotonic()
         finished = []
         for b, (request, (row_input, samples)) in enumerate(zip(requests, plans)):
@@ -539,8 +544,6 @@ class Engine:
         m.set("kv_views_skipped_total", sum(g.cache.views_skipped for g in self.groups.values()))
         if self.pool.capacity != self.admission.pool_slots:
             raise RuntimeError("the KV pool grew past its start-up size; admission control is broken")
-        if self.pool_bytes + self.views_bytes() > self.kv_memory:
-            raise RuntimeError("the KV pool and views hold more than --kv-memory; admission control is broken")
 
 
 def _as_api_error(exc: Exception) -> APIError:

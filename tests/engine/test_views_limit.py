@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_gates
+from helpers import gated_tiny_text, randomize_gates
 
 import dbtrimkv
 from dbtrimkv.cache.views import KVViews
 from dbtrimkv.generation import prefill
-from dbtrimkv.tiny import build_tiny
 from dbtrimkv.transformers_compat import cache_kwargs
 
 
 @pytest.fixture(scope="module")
 def gated():
-    model, _ = build_tiny("qwen3")
-    dbtrimkv.attach_retention_gates(model, intermediate_size=16)
+    model, _ = gated_tiny_text(intermediate_size=16)
     randomize_gates(model, seed=11)
     return model
 

@@ -11,6 +11,7 @@ from dbtrimkv import DBTrimKVConfig, DBTrimKVPipeline, load_model
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.cache import DBTrimKVCache, SlotPool
 from dbtrimkv.generation import token_positions
+from dbtrimkv.serving.api_errors import BadRequest
 from dbtrimkv.serving.batch_step import RowInput, forward_rows
 from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.serving.sampling import SamplingParams
@@ -204,3 +205,7 @@ def test_prefill_budget_caps_every_step_and_answers_do_not_change(engine, random
     short = jobs[0][0]
     assert short.last_token_at < max(job.first_token_at for job, _ in jobs[1:])  # it decoded while they prefilled
     assert capped.metrics.get("step_prefill_tokens_peak") == cap
+    wide = EngineRequest("wide", build_inputs(processor, prompts[1]), CONFIG.replace(prefill_chunk=cap + 1),
+                         SamplingParams(max_tokens=1), lambda event: None)
+    with pytest.raises(BadRequest, match="prefill budget per step"):  # it could never get its chunk
+        capped.submit(wide)
