@@ -83,7 +83,8 @@ def options_from_args(args):
     return ServerOptions(
         model_name=args.served_model_name or args.model or "tiny-recall", kv_memory=parse_kv_memory(args.kv_memory),
         max_running=args.max_running, max_queue=args.max_queue, max_sessions=args.max_sessions,
-        max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step, http=http, allow_media_dir=args.allow_media_dir,
+        max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step, http=http,
+        allow_media_dir=args.allow_media_dir,
         allow_remote_media=args.allow_remote_media, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
     )
 

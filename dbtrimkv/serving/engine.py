@@ -150,7 +150,8 @@ class Engine:
         views = uses_views(torch.empty(0, dtype=self.dtype, device=self.device))
         self.row_view_bytes = self._row_view_bytes if views else None
         bound = self.bound_for(config, config.prefill_chunk)
-        default_views = self.row_view_bytes(view_columns(bound, self.segments, bound, config.buffer_size)) if views else 0
+        default_views = (self.row_view_bytes(view_columns(bound, self.segments, bound, config.buffer_size))
+                         if views else 0)
         pool_slots, view_bytes = split_memory(self.kv_memory, self.slot_bytes, bound, default_views)
         self.pool = SlotPool(self.head_dim, self.dtype, self.device)
         if pool_slots:
@@ -315,7 +316,7 @@ class Engine:
                 self.waiting.remove(request)
             try:
                 self._start(request)
-            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the engine (it failed before its row was added)
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the engine (it failed before joining)
                 if request.session is not None:
                     self.sessions.unreserve(request.session)
                 request.sink(Event("error", error=_as_api_error(exc)))

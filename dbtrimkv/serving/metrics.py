@@ -42,8 +42,8 @@ class Metrics:
         "kv_views_bytes": ("gauge", "Bytes of the CPU attention views (contiguous per-layer copies of the cached K/V; "
                                     "0 on CUDA, where the kernels read the pool in place)"),
         "kv_views_bytes_peak": ("gauge", "Most bytes the attention views held at once"),
-        "kv_views_limit_bytes": ("gauge", "Bytes of --kv-memory left to the attention views (--kv-memory - pool bytes)"),
-        "kv_views_reserved_bytes": ("gauge", "View bytes reserved by admission (per batch: rows x its widest reservation)"),
+        "kv_views_limit_bytes": ("gauge", "Bytes of --kv-memory left to the attention views (minus the pool's)"),
+        "kv_views_reserved_bytes": ("gauge", "View bytes reserved by admission (per batch: rows x widest reservation)"),
         "kv_views_skipped_total": ("counter", "Forwards that attended through the pool because their views would "
                                               "have passed their reservation"),
         "kv_slots_reserved": ("gauge", "KV entries reserved by admission (bounds of running requests + parked sessions)"),

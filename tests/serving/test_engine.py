@@ -187,7 +187,8 @@ def test_prefill_budget_caps_every_step_and_answers_do_not_change(engine, random
         for i, prompt in enumerate(prompts):
             events: queue.Queue = queue.Queue()
             job = EngineRequest(f"p{i}", build_inputs(processor, prompt), CONFIG,
-                                SamplingParams(max_tokens=24 if i == 0 else 4, temperature=0, ignore_eos=True), events.put)
+                                SamplingParams(max_tokens=24 if i == 0 else 4, temperature=0, ignore_eos=True),
+                                events.put)
             capped.submit(job)
             jobs.append((job, events))
         for job, events in jobs:

@@ -6,7 +6,8 @@ import pytest
 
 from dbtrimkv.cli import main
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.serving.admission import Admission, Reservation, parse_kv_memory, request_bound, split_memory, view_columns
+from dbtrimkv.serving.admission import (Admission, Reservation, parse_kv_memory, request_bound, split_memory,
+                                        view_columns)
 
 
 @pytest.mark.parametrize("argv, message", [
