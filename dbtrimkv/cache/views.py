@@ -44,9 +44,9 @@ class KVViews:
         self._append_at = None
 
     def storage_bytes(self) -> int:
-        """Bytes the views hold now (K, V, bias and the row counts)."""
-        tensors = (self.k, self.v, self.bias, self.length)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes the views hold now: every tensor they keep (`planned_bytes` must count the same)."""
+        tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def columns_for(used: int, headroom: int) -> int:
@@ -55,7 +55,8 @@ class KVViews:
 
     @staticmethod
     def planned_bytes(num_layers: int, batch: int, heads: int, columns: int, dim: int, dtype: torch.dtype) -> int:
-        """Bytes `storage_bytes` reports for views of `columns` columns (what a memory limit must allow)."""
+        """Bytes `storage_bytes` reports for views of `columns` columns (what a memory limit must allow):
+        K and V, the bias (one per column) and the row counts (int64, one per segment)."""
         element = torch.empty(0, dtype=dtype).element_size()
         segments = num_layers * batch * heads
         return segments * (columns * (2 * dim + 1) * element + 8)
