@@ -69,7 +69,8 @@ class GenerationStats:
 
     def summary(self) -> str:
         p, r = self.prompt_tokens, self.retained_entries
-        budget = "none (full cache)" if self.budget is None else f"{self.budget} entries"
+        budget = f"{self.budget} entries" if self.budget is not None else (
+            "none (tau alone evicts)" if self.policy == "threshold" else "none (full cache)")
         return (
             f"prompt tokens: {sum(p.values())} (text {p['text']}, image {p['image']}, video {p['video']}) | "
             f"new tokens: {self.new_tokens} | prefill {self.prefill_seconds:.2f} s, decode {self.decode_seconds:.2f} s "

@@ -328,14 +328,19 @@ class DBTrimKVCache(Cache):
             return None
         return sum(self._bound(n) for n in counts)
 
+    def _evicts(self) -> bool:
+        """Whether this cache ever evicts: it has a budget, or its policy drops entries by a rule of its
+        own (threshold's tau, which applies without a budget too)."""
+        return self.budget is not None or self.policy.periodic
+
     def _evict_before_append(self, counts: list[int]) -> None:
-        if self.budget is None:
+        if not self._evicts():
             return
         lh = self.segments_per_sequence
         due = [
             b for b, (row, n) in enumerate(zip(self.requests, counts))
             if row.entries > 0 and (
-                row.entries + n * lh > self._bound(n)
+                (self.budget is not None and row.entries + n * lh > self._bound(n))
                 or (self.policy.periodic and row.since_eviction >= max(self.config.buffer_size, 1))
             )
         ]
@@ -344,8 +349,9 @@ class DBTrimKVCache(Cache):
 
     @torch.no_grad()
     def evict(self, sequences: list[int] | None = None) -> int:
-        """Shrink the given sequences (default: all) to their budget now; returns entries evicted."""
-        if self.budget is None or self.pool is None:
+        """Shrink the given sequences (default: all) to their budget (and, for the threshold policy, drop
+        every entry below tau) now; returns entries evicted."""
+        if not self._evicts() or self.pool is None:
             return 0
         sequences = list(range(len(self.requests))) if sequences is None else list(sequences)
         evicted = self.policy.evict(self, sequences)

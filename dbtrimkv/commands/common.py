@@ -60,7 +60,7 @@ def add_eviction_args(p: argparse.ArgumentParser) -> None:
                    help="tokens decoded between evictions (default from the config: 32)")
     g.add_argument("--prefill-chunk", type=arguments.int_in(1, MAX_PREFILL_CHUNK), default=None,
                    help="prompt tokens per prefill step; peak memory is budget + layers x heads x chunk")
-    g.add_argument("--full-cache", action="store_true", help="no budget: keep every entry (baseline)")
+    g.add_argument("--full-cache", action="store_true", help="no budget: keep every entry (baseline; the threshold policy still drops entries below tau)")
 
 
 def _policy_options_help() -> str:

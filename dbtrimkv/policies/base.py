@@ -79,7 +79,7 @@ class EvictionPolicy:
     """Base policy: rank by retention score inside groups of `group_size` segments."""
 
     name: ClassVar[str] = "base"
-    periodic: ClassVar[bool] = False  # also evict every `buffer_size` tokens, not only when over the bound
+    periodic: ClassVar[bool] = False  # also evict every `buffer_size` tokens (with or without a budget)
 
     def options(self) -> dict:
         """This instance's options by name."""
@@ -137,7 +137,9 @@ class EvictionPolicy:
 
     def keep_tensor(self, cache: "DBTrimKVCache", sequences: list[int]) -> torch.Tensor:
         """Per-group keep counts for the whole batch; sequences not listed keep everything."""
-        per_seq = self.keep_counts(cache.budget, cache.num_layers, cache.num_kv_heads)
-        keep = torch.full((cache.batch_size, len(per_seq)), NO_LIMIT, dtype=torch.int64)
-        keep[sequences] = torch.tensor(per_seq, dtype=torch.int64)
+        groups = cache.segments_per_sequence // self.group_size(cache.num_layers, cache.num_kv_heads)
+        keep = torch.full((cache.batch_size, groups), NO_LIMIT, dtype=torch.int64)
+        if cache.budget is not None:  # without one only a policy's own rule (threshold's tau) evicts
+            keep[sequences] = torch.tensor(self.keep_counts(cache.budget, cache.num_layers, cache.num_kv_heads),
+                                           dtype=torch.int64)
         return keep.flatten().to(cache.device)

@@ -57,10 +57,13 @@ class HeadPolicy(EvictionPolicy):
 @register_policy
 @dataclass
 class ThresholdPolicy(EvictionPolicy):
-    """Keep entries whose decayed retention beta^(t+1-i) is at least tau (`threshold`); budget is a
-    hard cap.
+    """Keep entries whose decayed retention beta^(t+1-i) is at least tau (`threshold`); a budget, if
+    set, is a hard cap on top.
 
-    Evicts every `buffer_size` tokens (not only when over the bound) so memory follows tau.
+    Evicts every `buffer_size` tokens (not only when over the bound) so memory follows tau. Without a
+    budget tau alone decides (TRIM-KV's threshold mode): a sequence then holds the entries whose
+    decayed retention is still >= tau plus up to L*H*buffer_size new ones, which is as much as the
+    gates say is worth keeping; there is no fixed bound (gates predicting beta ~ 1 keep everything).
     """
 
     name: ClassVar[str] = "threshold"
