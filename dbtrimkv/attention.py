@@ -118,11 +118,13 @@ def _decoder_post_hook(decoder, args, kwargs, output):
 
 
 def _model_pre_hook(model, args, kwargs):
-    """Record the modality of the tokens this forward will add (generated tokens are text)."""
+    """Record the modality of the tokens this forward will add. A placeholder id is an image / video
+    token only in a call that carries that modality's pixels: a generated `<|image_pad|>` is text."""
     cache = cache_from_call(kwargs)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(cache, DBTrimKVCache) and isinstance(input_ids, torch.Tensor):
-        cache.note_input_ids(input_ids)
+        cache.note_input_ids(input_ids, images=kwargs.get("pixel_values") is not None,
+                             videos=kwargs.get("pixel_values_videos") is not None)
 
 
 def install_retention_attention(model) -> None:

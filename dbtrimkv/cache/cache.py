@@ -226,12 +226,13 @@ class DBTrimKVCache(Cache):
             self.views.invalidate()
 
     # --- hooks --------------------------------------------------------------------------------
-    def note_input_ids(self, input_ids: torch.Tensor) -> None:
-        """Remember the modality of the next forward's tokens (from the image / video token ids)."""
+    def note_input_ids(self, input_ids: torch.Tensor, images: bool = True, videos: bool = True) -> None:
+        """Remember the modality of the next forward's tokens (from the image / video token ids; `images` /
+        `videos` False: this forward has no such pixels, so those ids are text, e.g. generated ones)."""
         modality = torch.zeros_like(input_ids, dtype=torch.int8)
-        if self.image_token_id is not None:
+        if images and self.image_token_id is not None:
             modality[input_ids == self.image_token_id] = Modality.IMAGE
-        if self.video_token_id is not None:
+        if videos and self.video_token_id is not None:
             modality[input_ids == self.video_token_id] = Modality.VIDEO
         self._pending_modality = modality
 
