@@ -11,6 +11,7 @@ from slot_pools import SlotPool, random_slot_pool
 
 from dbtrimkv.kernels import dispatch, select_and_compact
 from dbtrimkv.kernels.select_compact import naive
+from dbtrimkv.policies.base import NO_LIMIT
 
 L, H = 3, 2  # layers and KV heads of the small test pools
 POLICIES = {"global": L * H, "layer": H, "head": 1}
@@ -128,6 +129,9 @@ def test_min_score(triton_backend, device, policy):
     keep = random_keep(40, pool, POLICIES[policy], (0.3, 1.5))  # some groups capped, some only filtered
     assert_same_eviction(pool, keep, POLICIES[policy], min_score=threshold)
     assert_same_eviction(pool, keep, POLICIES[policy], min_score=threshold, floor=2)
+    no_budget = torch.full_like(keep, NO_LIMIT)  # the threshold policy without a budget: tau alone evicts
+    after = assert_same_eviction(pool, no_budget, POLICIES[policy], min_score=threshold)
+    assert 0 < int(after.seg_len.sum()) < int(pool.seg_len.sum())
 
 
 def test_min_score_at_an_exact_score(triton_backend, device):

@@ -209,8 +209,8 @@ class CacheInvariants:
         if views:
             cache = self.cache
             columns = self.max_bound + max(cache.config.buffer_size, self.max_bound // 8, 1)
-            most = 2 * cache.num_layers * len(held) * cache.num_kv_heads * columns * cache.head_dim * \
-                cache.pool.k.element_size()
+            segments = cache.num_layers * len(held) * cache.num_kv_heads  # K, V and a bias per column, a count
+            most = segments * (columns * (2 * cache.head_dim + 1) * cache.pool.k.element_size() + 8)
             if views > most:
                 raise InvariantViolation(f"the attention views take {views} bytes, above their bound {most}")
 
