@@ -63,6 +63,9 @@ def _add_synthetic(sub) -> None:
                    "(default: random)")
     p.add_argument("--prefill-chunk", type=arguments.int_in(1, MAX_PREFILL_CHUNK), default=32, help="prompt tokens per prefill step (default: 32)")
     p.add_argument("--buffer-size", type=arguments.int_in(0, MAX_BUFFER_SIZE), default=0, help="tokens between evictions while decoding")
+    p.add_argument("--threshold", type=arguments.fraction, default=None, metavar="TAU",
+                   help="tau of the threshold policy (needed when it is among --policies): it drops entries whose "
+                        "decayed retention is below tau, and each budget stays its hard cap")
     p.add_argument("--output", default="bench/synthetic_recall", help="output prefix: writes .json, .md and .png")
     add_model_args(p, default="the shipped tiny-recall model")
     p.set_defaults(func=run_synthetic)
@@ -129,9 +132,10 @@ def _log_to_stderr() -> None:
 
 
 def run_synthetic(args) -> int:
-    if "threshold" in args.policies:
-        raise ConfigError("eval synthetic compares budget policies; threshold needs a tau per run and is not "
-                          "part of this benchmark: drop it from --policies")
+    if ("threshold" in args.policies) != (args.threshold is not None):
+        raise ConfigError("the threshold policy needs its tau: pass --threshold TAU with --policies ... threshold"
+                          if args.threshold is None else
+                          "--threshold is the threshold policy's tau: add threshold to --policies or drop it")
     _log_to_stderr()
     spec = BenchmarkSpec.from_args(args)
     results = run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)

@@ -49,6 +49,7 @@ class BenchmarkSpec:
     budgets: list[float] = field(default_factory=lambda: [0.05, 0.25])
     prefill_chunk: int = 32
     buffer_size: int = 0
+    threshold: float | None = None  # tau of the threshold policy, with each budget as its hard cap
 
     def make_task(self) -> RecallTask | VideoRecallTask | ImageRecallTask:
         return TASK_KINDS[self.kind](**self.task)
@@ -67,7 +68,8 @@ class BenchmarkSpec:
         else:
             task = dict(filler=args.filler, image_size=args.image_size)
         return cls(kind=args.kind, task=task, examples=args.examples, policies=list(args.policies),
-                   budgets=list(args.budgets), prefill_chunk=args.prefill_chunk, buffer_size=args.buffer_size)
+                   budgets=list(args.budgets), prefill_chunk=args.prefill_chunk, buffer_size=args.buffer_size,
+                   threshold=args.threshold)
 
 
 def entry_budget(fraction: float, prompt_tokens: int, segments: int) -> int:
@@ -112,7 +114,8 @@ def run_benchmark(spec: BenchmarkSpec, model_name=None, device="cpu", dtype=None
         for policy in spec.policies:
             for fraction in spec.budgets:
                 budget = entry_budget(fraction, tokens, segments)
-                config = DBTrimKVConfig(budget=budget, policy=policy, **base)
+                tau = spec.threshold if policy == "threshold" else None
+                config = DBTrimKVConfig(budget=budget, policy=policy, threshold=tau, **base)
                 predicted, peak = answer(model, processor, inputs, config)
                 bound = budget + segments * max(spec.buffer_size, spec.prefill_chunk)
                 if peak > bound:

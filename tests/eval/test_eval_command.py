@@ -66,3 +66,39 @@ def test_train_recall_on_a_missing_gpu_is_one_clear_error(tmp_path):
                              "--output", str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_threshold_runs_with_its_tau_and_each_budget_as_its_cap(monkeypatch):
+    """`--policies threshold --threshold TAU`: every threshold answer is made with that tau and the grid's
+    budget (the harness also checks the bound); the other policies get no tau."""
+    from dbtrimkv.eval import harness
+
+    seen, real = [], harness.answer
+
+    def spy(model, processor, inputs, config):
+        seen.append((config.policy, config.threshold, config.budget))
+        return real(model, processor, inputs, config)
+
+    monkeypatch.setattr(harness, "answer", spy)
+    spec = harness.BenchmarkSpec(kind="cards", task=dict(num_cards=2, filler=8), examples=2,
+                                 policies=["global", "threshold"], budgets=[0.25, 0.5], threshold=0.5)
+    out = harness.run_benchmark(spec)
+    by_policy = {}
+    for policy, tau, budget in seen:
+        by_policy.setdefault(policy, []).append((tau, budget))
+    assert [tau for tau, _ in by_policy["threshold"]] == [0.5] * 4
+    assert all(tau is None for tau, _ in by_policy["global"])  # the full cache and the global runs
+    assert [b for _, b in by_policy["threshold"]] == [b for _, b in by_policy["global"] if b is not None]
+    assert all(b is not None for _, b in by_policy["threshold"])
+    rows = [r for r in out["results"] if r["policy"] == "threshold"]
+    assert [r["budget"] for r in rows] == [0.25, 0.5] and all(r["examples"] == 2 for r in rows)
+    assert out["spec"]["threshold"] == 0.5
+
+
+def test_threshold_and_its_tau_go_together(tmp_path):
+    for flags, message in ((["--policies", "threshold"], "needs its tau"),
+                           (["--policies", "global", "--threshold", "0.5"], "add threshold to --policies")):
+        result = subprocess.run([sys.executable, "-m", "dbtrimkv.cli", "eval", "synthetic", *flags,
+                                 "--output", str(tmp_path / "t")], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("dbtrimkv: error:") and message in result.stderr

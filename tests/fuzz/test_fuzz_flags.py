@@ -59,7 +59,7 @@ SYNTHETIC_FLAGS = (
     [["--examples", v] for v in ("0", "-1")]
     + [["--needle", v] for v in ("2", "-0.5", "nan")]
     + [["--budgets", v] for v in ("0", "2", "nan", "-0.1")]
-    + [["--policies", "threshold"], ["--policies", "nope"]]
+    + [["--policies", "threshold"], ["--policies", "nope"], ["--threshold", "0.5"], ["--threshold", "0"]]
     + [["--image-size", "0"], ["--num-cards", "0"], ["--frames", "0"], ["--filler", "-1"],
        ["--prefill-chunk", "0"], ["--buffer-size", "-1"], ["--distractors", "-2"]]
 )
