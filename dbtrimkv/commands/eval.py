@@ -73,8 +73,8 @@ def _add_synthetic(sub) -> None:
 
 def _add_long_video(sub) -> None:
     p = sub.add_parser("long-video", help="accuracy and memory vs video length (1 min to an hour) per policy",
-                       description="Stream synthetic videos (one digit frame at a random time among distractor "
-                                   "frames, the question at the end) through video-qa's windowed path at one memory "
+                       description="Stream synthetic videos (a digit shown on 3 consecutive frames at a random "
+                                   "time among distractor frames, the question at the end) through video-qa's windowed path at one memory "
                                    "size, for each length and policy, and the full cache up to a KV memory cap. "
                                    "Writes JSON, markdown tables and a PNG (accuracy and memory vs length).")
     p.add_argument("--minutes", nargs="+", type=float, default=[1, 2, 5, 10, 30, 60], metavar="MIN",
@@ -123,6 +123,10 @@ def _add_train_gates(sub) -> None:
     p.add_argument("--serve-memory-size", type=arguments.positive_int, default=None, metavar="M",
                    help="memory size M saved as the gates' default eviction, what `dbtrimkv chat` / the demo use "
                         "without budget options (default: the training memory_size)")
+    p.add_argument("--recipe", default="recall-tiny-clips",
+                   help="the model's training recipe: its mixture (and gate_data section) draws the chats, its "
+                        "output is the model the gates are trained for and saved into (default: recall-tiny-clips, "
+                        "the shipped model's)")
     p.add_argument("--threads", type=arguments.int_in(1, 1024), default=1, help="torch CPU threads (default: 1)")
     p.set_defaults(func=run_train_gates)
 
@@ -178,6 +182,6 @@ def run_train_recall(args) -> int:
 def run_train_gates(args) -> int:
     _log_to_stderr()
     print(train_gates(args.config, examples=args.examples, threads=args.threads,
-                      serve_memory_size=args.serve_memory_size))
+                      serve_memory_size=args.serve_memory_size, recipe=args.recipe))
     return 0
 

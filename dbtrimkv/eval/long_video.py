@@ -1,4 +1,4 @@
-"""Long-video recall: one digit frame somewhere in minutes to an hour of distractor frames.
+"""Long-video recall: a digit held for 3 frames somewhere in minutes to an hour of distractor frames.
 
 Why: a fixed KV budget matters most for long videos, where a full cache grows with every frame.
 This benchmark streams synthetic videos of growing length through `video-qa`'s windowed path
@@ -10,8 +10,10 @@ that it is recorded as out of memory.
 
 A video is a pure function of its seed and length: frame `i` is drawn from its own
 `random.Random`, so frames are generated one window at a time and never held all at once (an
-hour at 2 fps is 7,200 frames). The digit frame sits at a uniformly random time; the question
-(`which digit is in the video?`) comes after the last frame, as the recall task's clips have it.
+hour at 2 fps is 7,200 frames). The digit is on screen for `DIGIT_HOLD` (3) consecutive frames
+starting at a uniformly random time, as in the recall task's clips (`dbtrimkv.recall.tasks`: three
+frames always contain one whole 2-frame group of Qwen3-VL's video patching, so the digit gets a
+vision token of its own); the question (`which digit is in the video?`) comes after the last frame.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .. import checkpoints
 from ..checkpoints import gates_are_trained
 from ..config import DBTrimKVConfig
 from ..loading import DEFAULT_MODEL
-from ..recall.tasks import DIGITS, VIDEO_QUESTION, draw_digit, draw_shape
+from ..recall.tasks import DIGIT_HOLD, DIGITS, VIDEO_QUESTION, draw_digit, draw_shape
 from ..retention_timeline import fork_tokens, save
 from ..video_qa.streaming import StreamOptions, ask, encode_windows, frame_windows
 
@@ -42,30 +44,33 @@ OOM = "out of memory"
 
 @dataclass(frozen=True)
 class LongVideo:
-    """A synthetic video: `minutes` at `fps` frames per second of `image_size`-pixel frames, one of
-    which (at a random time) shows `digit`; all others show distractor shapes."""
+    """A synthetic video: `minutes` at `fps` frames per second of `image_size`-pixel frames, of which
+    `hold` consecutive ones from frame `needle` (a random time) show `digit`, one still image; all
+    others show distractor shapes."""
 
     seed: int
     minutes: float
     fps: float = 1.0
     image_size: int = 32
+    hold: int = DIGIT_HOLD
 
     @property
     def num_frames(self) -> int:
-        return max(2, round(self.minutes * 60 * self.fps))
+        return max(self.hold, 2, round(self.minutes * 60 * self.fps))
 
     @property
     def needle(self) -> int:
-        return random.Random(f"needle:{self.seed}:{self.num_frames}").randrange(self.num_frames)
+        """The first digit frame."""
+        return random.Random(f"needle:{self.seed}:{self.num_frames}").randrange(self.num_frames - self.hold + 1)
 
     @property
     def digit(self) -> str:
         return random.Random(f"digit:{self.seed}").choice(DIGITS)
 
     def frame(self, index: int) -> np.ndarray:
+        if self.needle <= index < self.needle + self.hold:  # the digit's still image, drawn from the first's rng
+            return np.asarray(draw_digit(self.digit, self.image_size, random.Random(f"frame:{self.seed}:{self.needle}"))[0])
         rng = random.Random(f"frame:{self.seed}:{index}")
-        if index == self.needle:
-            return np.asarray(draw_digit(self.digit, self.image_size, rng)[0])
         return np.asarray(draw_shape(self.image_size, rng))
 
     def frames(self) -> Iterator[tuple[int, np.ndarray, float]]:
@@ -140,8 +145,9 @@ def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec
     peak["rss"] = max(peak["rss"], rss_bytes())
     if timeline is not None:
         save(answer.cache, fork_tokens(encoded.token_ids, answer.cache), processor.tokenizer, timeline,
-             title=f"retention timeline: {video.minutes:g} min video at {video.fps:g} fps, digit frame at "
-                   f"{video.needle / video.fps:.0f} s, answer {answer.text!r} ({policy}, M = {spec.memory_size})")
+             title=f"retention timeline: {video.minutes:g} min video at {video.fps:g} fps, digit frames at "
+                   f"{video.needle / video.fps:.0f}-{(video.needle + video.hold - 1) / video.fps:.0f} s, "
+                   f"answer {answer.text!r} ({policy}, M = {spec.memory_size})")
     return {"status": "ok", "answer": answer.text, "correct": parse_digit(answer.text) == video.digit,
             "kv_bytes": max(peak["kv"], encoded.cache.storage_bytes()), "peak_entries": encoded.cache.peak_entries[0],
             "prompt_tokens": sum(answer.stats.prompt_tokens.values()), "rss_bytes": peak["rss"], "seconds": seconds,

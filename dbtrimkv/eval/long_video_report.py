@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..recall.tasks import DIGITS
+from ..recall.tasks import DIGIT_HOLD, DIGITS
 from .long_video import FULL, OOM
 from .report import report_paths
 
@@ -71,7 +71,7 @@ def markdown(results: dict, command: str, png_name: str) -> str:
         "# Long-video recall: accuracy and memory vs video length\n\n"
         f"Command: `{command}`\n\n"
         f"Model: {results['model']} (gates trained: {results['gates_trained']}). Synthetic videos at {spec['fps']:g} fps ({results['frames_per_minute']} frames a "
-        f"minute, {spec['image_size']} px), one digit frame at a random time, the question after the last frame; "
+        f"minute, {spec['image_size']} px), the digit on {DIGIT_HOLD} consecutive frames (a still image) at a random time, the question after the last frame; "
         f"{spec['examples']} videos per length, streamed through video-qa's windowed path ({spec['window_frames']} "
         f"frames per window) at memory size M = {spec['memory_size']} per (layer, KV head). The full cache runs until "
         f"its KV storage passes {spec['full_cache_cap_mb']:g} MiB (OOM). Chance: {100 / len(DIGITS):.0f}%.\n"

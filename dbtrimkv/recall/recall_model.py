@@ -18,7 +18,6 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 
 from .. import presets, tiny
 
-RECALL_MODEL_DIR = Path("runs/recall-tiny")  # relative to the working directory, as in the recipes
 RECIPE = "recall-tiny.yaml"
 
 

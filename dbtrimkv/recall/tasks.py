@@ -10,7 +10,15 @@ answer. Everything else in the prompt is noise, so a cache that evicts the needl
 value loses the answer.
 
 The video variant is one clip between filler text: every frame shows a distractor shape except
-one, which shows the digit to report. The image variant is one digit image and its question: the
+`DIGIT_HOLD` (3) consecutive frames at a random place, which show the digit to report (the same
+still image, as a video holds a caption on screen: 1.5 s at 2 fps). Why three frames and not one:
+Qwen3-VL embeds a video in groups of two consecutive frames (temporal patch size 2) and at 32 px
+a group is one vision token, so a digit on one frame only is always fused into one token with a
+distractor frame (measured on the first shipped model: 50% of 8-frame clips answered with the
+digit on one frame, 89% with it on an aligned pair, without any training). Three consecutive
+frames always contain one whole group whatever their phase, so the digit always has a token of
+its own, as a single image has; a real video never shows content for exactly one sampled frame.
+The long-video benchmark (`dbtrimkv.eval.long_video`) uses the same definition. The image variant is one digit image and its question: the
 plain "ask about an image" chat a user of the shipped toy model can type.
 
 Everything is a pure function of the seed (`random.Random(seed)`, shapes drawn with PIL), so a
@@ -34,6 +42,8 @@ CARD_MODALITIES = ("image", "text")  # where a card keeps its value (not the tok
 TRAIN_SEED_BASE = 1_000_000
 # the answer prefixes of the clip and single-image variants: fixed, so a model learns to write them
 ANSWER_PREFIXES = {"video": "video:", "image": "image:"}
+
+DIGIT_HOLD = 3  # consecutive frames showing the digit in a clip (see the module docstring)
 
 # Seven-segment digits: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle.
 SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg", "5": "acdfg", "6": "acdefg",
@@ -83,17 +93,21 @@ class RecallTask:
 
 @dataclass(frozen=True)
 class VideoRecallTask:
-    """Parameters of the video variant: `frames` frames, the one at relative place `needle` shows a digit."""
+    """Parameters of the video variant: `frames` frames, of which `hold` consecutive ones starting at
+    relative place `needle` (of the possible starts; None = uniform) show the digit."""
 
     frames: int = 16
     filler: int = 48
     image_size: int = 32
     needle: float | None = None
     fps: float = 2.0
+    hold: int = DIGIT_HOLD
 
     def __post_init__(self) -> None:
         if self.frames < 2 or self.image_size < 32 or self.filler < 0:
             raise ValueError("frames must be >= 2, image_size >= 32, filler >= 0")
+        if not 1 <= self.hold <= self.frames:
+            raise ValueError(f"hold must be in [1, frames = {self.frames}], got {self.hold}")
         if self.needle is not None and not 0.0 <= self.needle <= 1.0:
             raise ValueError(f"needle must be in [0, 1] or None, got {self.needle}")
 
@@ -114,7 +128,7 @@ class ImageRecallTask:
 class Card:
     """One key/value binding. `image` is the seven-segment glyph (image cards) or None (text cards);
     `box` is where the glyph was drawn (x0, y0, x1, y1), so tests can read the digit back. In the
-    video variant the clip is the one card and `frame` the index of its digit frame."""
+    video variant the clip is the one card and `frame` the index of its first digit frame."""
 
     key: str
     value: str
@@ -314,17 +328,20 @@ VIDEO_QUESTION = "which digit is in the video?"
 
 
 def video_example(seed: int, task: VideoRecallTask | None = None) -> RecallExample:
-    """A clip of distractor frames with one digit frame, between filler text; answer: the digit. The
-    answer prefix `video:` is fixed, so a model can learn to write it: a plain chat about a clip
+    """A clip of distractor frames with the digit held for `task.hold` consecutive frames, between
+    filler text; answer: the digit. The answer prefix `video:` is fixed, so a model can learn to write it: a plain chat about a clip
     (the CLI, the demo) gets `video:` and the digit."""
     task = task or VideoRecallTask()
     rng = random.Random(seed)
-    needle = rng.randint(0, task.frames - 1) if task.needle is None else round(task.needle * (task.frames - 1))
+    last = task.frames - task.hold
+    needle = rng.randint(0, last) if task.needle is None else round(task.needle * last)
     digit = rng.choice(DIGITS)
     frames, box = [], None
     for i in range(task.frames):
         if i == needle:
             frame, box = draw_digit(digit, task.image_size, rng)
+        elif needle < i < needle + task.hold:
+            frame = frames[-1]  # the same still image: the digit stays on screen
         else:
             frame = draw_shape(task.image_size, rng)
         frames.append(frame)

@@ -23,11 +23,13 @@ import torch
 from ..checkpoints import load_model, save_gates
 from ..config import DBTrimKVConfig
 from ..training import TrainConfig, train
-from .recall_model import RECALL_MODEL_DIR, load_recipe
+from .recall_model import load_recipe
 from .tasks import TRAIN_SEED_BASE, make_example
 from .train_model import sample_task
 
 logger = logging.getLogger(__name__)
+
+SHIPPED_RECIPE = "recall-tiny-clips.yaml"  # the recipe of the shipped tiny-recall model
 
 GATE_DATA_SEED_BASE = TRAIN_SEED_BASE + 900_000_000  # apart from the base model's training seeds
 BASE_FILES = ("config.json", "generation_config.json", "model.safetensors", "chat_template.jinja",
@@ -83,23 +85,26 @@ def _stage_base_model(source: Path, directory: Path) -> Path:
 
 
 def train_gates(config_path: str | Path = "train-recall-gates", examples: int = 2000,
-                threads: int | None = 1, asset_dir: str | Path = RECALL_MODEL_DIR,
-                serve_memory_size: int | None = None) -> Path:
+                threads: int | None = 1, asset_dir: str | Path | None = None,
+                serve_memory_size: int | None = None, recipe: str | Path = SHIPPED_RECIPE) -> Path:
     """Write the data, train the gates as the YAML says, save them into `asset_dir`; returns `asset_dir`.
 
-    `serve_memory_size`: the M saved as the gates' default eviction (default: the training M). A
-    chat about one image is ~50 tokens, where the training M (sized for 400-token card streams)
-    leaves too little of the question: the shipped model is served with a larger one."""
-
-
+    `recipe`: the model's training recipe; the chats are drawn from its mixture (updated by its
+    `gate_data` section: clips short enough for the gates' `max_length`) at its last curriculum
+    stage, and `asset_dir` defaults to its `output`. `serve_memory_size`: the M saved as the gates'
+    default eviction (default: the training M). A chat about one image is ~50 tokens, where the
+    training M (sized for 400-token card streams) leaves too little of the question: the shipped
+    model is served with a larger one."""
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig.load(config_path)
-    recipe = load_recipe()
+    spec = load_recipe(recipe)
+    mixture = {**spec["mixture"], **spec.get("gate_data", {})}
+    asset_dir = Path(asset_dir or spec["output"])
     output = Path(config.output_dir)
     data = write_recall_dataset(config.train_data or output / "data" / "train.jsonl",
-                                examples, recipe["mixture"], recipe["curriculum"]["stages"][-1])
-    base = _stage_base_model(Path(asset_dir), output / "base")
+                                examples, mixture, spec["curriculum"]["stages"][-1])
+    base = _stage_base_model(asset_dir, output / "base")
     config = dataclasses.replace(config, model=str(base), train_data=str(data))
     result = train(config)
     model, _ = load_model(result.output_dir)

@@ -53,7 +53,7 @@ from .. import tiny
 from ..prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
 from .tasks import (
-    DIGITS, KEYS, TASK_KINDS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples,
+    DIGIT_HOLD, DIGITS, KEYS, TASK_KINDS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples,
     make_example, prompt_inputs,
 )
 
@@ -67,7 +67,8 @@ CHECK_SEED_BASE = 500_000  # curriculum check sets: held out from training, apar
 
 def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallTask | VideoRecallTask | ImageRecallTask:
     """The task of one training batch (one task per batch keeps padding low): a clip (probability
-    `video`), a single image (`image`) or a card stream; `stage` = [max cards, max filler] of the
+    `video`; the digit on `video_hold` consecutive frames, default `DIGIT_HOLD`), a single image
+    (`image`) or a card stream; `stage` = [max cards, max filler] of the
     curriculum, or [max cards, max filler, "text"] for card streams whose values are all text (no
     images, no video)."""
     rng = random.Random(seed)
@@ -77,7 +78,8 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
     if rng.random() < mixture["video"] and not text_only:
         # half the clips come without filler: the layout of a plain chat about a clip (CLI, demo)
         filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)
-        return VideoRecallTask(frames=_clip_frames(rng, mixture), filler=filler, image_size=size)
+        return VideoRecallTask(frames=_clip_frames(rng, mixture), filler=filler, image_size=size,
+                               hold=mixture.get("video_hold", DIGIT_HOLD))
     if rng.random() < mixture.get("image", 0.0) and not text_only:
         filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)  # half as `dbtrimkv chat --image` sends
         return ImageRecallTask(filler=filler, image_size=size)

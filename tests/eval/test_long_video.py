@@ -12,9 +12,9 @@ from dbtrimkv.eval.long_video import FULL, OOM, LongVideo, LongVideoSpec, parse_
 from dbtrimkv.recall.tasks import SEGMENTS
 
 
-def test_a_video_is_a_pure_function_of_its_seed_and_has_exactly_one_digit_frame():
+def test_a_video_is_a_pure_function_of_its_seed_and_holds_the_digit_for_three_frames():
     video = LongVideo(seed=3, minutes=0.5, fps=2.0)
-    assert video.num_frames == 60 and 0 <= video.needle < 60
+    assert video.num_frames == 60 and 0 <= video.needle <= 57 and video.hold == 3
     frames = list(video.frames())
     assert [i for i, _, _ in frames] == list(range(60)) and {fps for _, _, fps in frames} == {2.0}
     assert all(np.array_equal(frame, video.frame(i)) for i, frame, _ in frames)  # redrawn identically, lazily
@@ -26,6 +26,8 @@ def test_a_video_is_a_pure_function_of_its_seed_and_has_exactly_one_digit_frame(
 
     rng = random.Random(f"frame:3:{video.needle}")
     assert np.array_equal(video.frame(video.needle), np.asarray(draw_digit(video.digit, 32, rng)[0]))
+    held = [i for i in range(60) if np.array_equal(video.frame(i), video.frame(video.needle))]
+    assert held == [video.needle, video.needle + 1, video.needle + 2]  # one still image for three frames
     assert video.digit in SEGMENTS
 
 

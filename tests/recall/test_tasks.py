@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dbtrimkv.recall.tasks import (
-    DIGITS, IMAGE_QUESTION, KEYS, SEGMENTS, ImageRecallTask, RecallTask, VideoRecallTask, answer_prefix, image_example,
+    DIGIT_HOLD, DIGITS, IMAGE_QUESTION, KEYS, SEGMENTS, ImageRecallTask, RecallTask, VideoRecallTask, answer_prefix, image_example,
     question_text, recall_example, segment_rects, video_example,
 )
 
@@ -131,14 +131,23 @@ def test_example_images_are_the_generated_ones():
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_video_has_one_digit_frame_holding_the_answer(seed):
+def test_video_holds_the_digit_for_three_consecutive_frames(seed):
     ex = video_example(seed, VideoRecallTask(frames=6 + seed))
     frames = ex.messages[0]["content"][1]["video"]
-    assert len(frames) == 6 + seed
+    assert len(frames) == 6 + seed and DIGIT_HOLD == 3
     needle = ex.cards[0].frame
+    assert 0 <= needle <= len(frames) - 3
     assert read_digit(frames[needle], ex.cards[0].box) == ex.answer and ex.answer_modality == "video"
+    held = [i for i, frame in enumerate(frames) if frame.tobytes() == frames[needle].tobytes()]
+    assert held == [needle, needle + 1, needle + 2]  # one still image, then distractors again
+    # three consecutive frames always hold a whole 2-frame group (Qwen3-VL's temporal patch), whatever the phase
+    assert any(i % 2 == 0 and i + 1 in held for i in held)
     placed = video_example(seed, VideoRecallTask(frames=9, needle=1.0))
-    assert placed.cards[0].frame == 8
+    assert placed.cards[0].frame == 6
+    single = video_example(seed, VideoRecallTask(frames=9, needle=1.0, hold=1))
+    assert single.cards[0].frame == 8
+    with pytest.raises(ValueError, match="hold"):
+        VideoRecallTask(frames=4, hold=5)
 
 
 @pytest.mark.parametrize("seed", range(8))
