@@ -14,7 +14,7 @@ from dbtrimkv.config import DBTrimKVConfig
 from dbtrimkv.demos.examples import example_images
 from dbtrimkv.errors import ModelLoadError
 from dbtrimkv.eval.harness import answer
-from dbtrimkv.recall.tasks import ImageRecallTask, RecallTask, examples, prompt_inputs
+from dbtrimkv.recall.tasks import ImageRecallTask, RecallTask, VideoRecallTask, examples, prompt_inputs
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,12 @@ def test_default_is_the_shipped_recall_model_with_trained_gates(shipped):
 
 
 def test_default_answers_generated_prompts_with_a_full_cache(shipped):
-    """A fixed set of held-out prompts of the benchmark's default shapes, answered through the engine.
-    (Not clips: the shipped model answers 46% of held-out clips, see configs/recall-tiny.yaml.)"""
+    """A fixed set of held-out prompts of the benchmark's default shapes (card streams, single images and
+    8-frame clips), answered through the engine."""
     model, processor = shipped
     prompts = examples("cards", range(24), RecallTask(num_cards=8, filler=32, distractors=1))
     prompts += examples("image", range(8), ImageRecallTask(filler=0))
+    prompts += examples("video", range(8), VideoRecallTask(frames=8, filler=32))
     wrong = []
     for example in prompts:
         predicted, _ = answer(model, processor, prompt_inputs(processor, [example]), DBTrimKVConfig(prefill_chunk=32))
