@@ -350,8 +350,8 @@ def fit_statement(report: dict, results: dict, args, full_layers: int) -> dict |
     """Where the full cache stops fitting in `--ram-gib` at 36 layers, from measured bytes: KV per
     token from the full cache's measured size (scaled to 36 layers if that row ran fewer), weights
     at 36 layers plus the runtime (RSS after building minus weights) of the deepest model run, and
-    the full cache's one-shot prefill activations per prompt token from its longest row (transient
-    per layer, so independent of depth)."""
+    the full cache's one-shot prefill memory above the model and its KV, per prompt token, from its
+    longest row (measured at that row's depth; extrapolated linearly in the prompt length)."""
     rows = [entry for entry in results.values() if entry.get("runs") and "rss_before_gib" in entry["runs"][0]]
     if not rows:
         return None
