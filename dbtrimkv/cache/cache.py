@@ -42,11 +42,12 @@ from ..modality import MODALITY_NAMES, Modality
 from ..model_anatomy import RETENTION_ATTENTION, text_attention_name, text_config_of
 from ..model_state import existing_state
 from ..transformers_compat import integration_error
+from .attention_stats import from_pool, from_views
 from .forward_plan import ForwardPlan
 from .pool import SlotPool
 from .requests import ParkedSequence, RequestTable
 from .tables import SlotTables
-from .view_attention import attend_view, attend_view_and_new
+from .view_attention import attend_view, attend_view_and_new, attend_view_with_mass, attention_mass
 from .views import KVViews
 
 
@@ -120,6 +121,7 @@ class DBTrimKVCache(Cache):
         self.plan: ForwardPlan | None = None  # the current (or last) forward's token layout
         self._slots: torch.Tensor | None = None  # [L, N, H] pool slots of this forward's new entries
         self._padded = False  # some column of this forward is padding
+        self._counted: torch.Tensor | None = None  # [B, T] queries whose attention the policy reads (None: none)
         self.views: KVViews | None = KVViews(self.num_layers)  # CPU attention path; None when kernels read the pool
         self.views_limit: int | None = None  # most bytes the views may take (None: no limit)
         self.views_skipped = 0  # forwards that attended through the pool because the views would pass views_limit
@@ -271,8 +273,11 @@ class DBTrimKVCache(Cache):
         self.requests.record_forward(counts, lh)
         self.columns += length
         self._padded = any(n != length for n in counts)
+        self._counted = self.policy.observed_queries(self.plan)
         self._views_now = self.views is not None and self._prepare_views(decode=length == 1)
         self._place_new_entries()
+        if self._views_now and length == 1 and self._slots is not None:
+            self.views.append_slots(self._slots)
 
     def _place_new_entries(self) -> None:
         """Once per forward, for every layer at once: take the new entries' slots, write their positions
@@ -313,6 +318,10 @@ class DBTrimKVCache(Cache):
         if decode and self.plan.token_batch.numel():
             views.plan_append(self.plan.token_batch)
         return True
+
+    def new_slots(self, layer_idx: int) -> torch.Tensor:
+        """Pool slots `[N, H]` of this forward's new entries in one layer (plan token order)."""
+        return self._slots[layer_idx]
 
     def views_bytes(self) -> int:
         """Bytes of the CPU attention views (0 where the kernels read the pool in place)."""
@@ -418,10 +427,12 @@ class DBTrimKVCache(Cache):
 
     def attend(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this forward's queries `[B, Hq, T, D]` over the layer's cached entries.
-        (`plan.query_positions` gives their logical positions, -1 for padding.)"""
-        self.policy.observe_attention(self, layer_idx, query)
+        (`plan.query_positions` gives their logical positions, -1 for padding.) A policy that reads
+        attention statistics gets them here (`attention_stats`)."""
         if self._views_now:
             return self._attend_views(layer_idx, query, scale)
+        if self._counted is not None:
+            self.policy.observe_attention(self, layer_idx, from_pool(self, layer_idx, query, self._counted, scale))
         t = self.tables
         return ragged_attention(query, self.plan.query_positions, self.pool.k, self.pool.v, self.pool.pos,
                                 t.table, t.seg_start, t.seg_len, layer_idx, self.num_layers, scale)
@@ -432,11 +443,18 @@ class DBTrimKVCache(Cache):
         q_valid = self.plan.query_positions >= 0 if self._padded else None
         k, v, bias = views.k[layer_idx].to(dtype), views.v[layer_idx].to(dtype), views.bias[layer_idx].to(dtype)
         if query.shape[2] == 1:  # decode: the new token is in the view already
-            return attend_view(query, q_valid, k, v, bias, scale)
+            if self._counted is None:
+                return attend_view(query, q_valid, k, v, bias, scale)
+            out, mass = attend_view_with_mass(query, q_valid, k, v, bias, scale, self._counted)
+            self.policy.observe_attention(self, layer_idx, from_views(self, layer_idx, mass))
+            return out
         k_new, v_new = self._new_kv.pop(layer_idx)
         pool_dtype = self.pool.dtype  # attend to exactly what the pool stores
-        return attend_view_and_new(query, q_valid, k, v, bias, k_new.to(pool_dtype).to(dtype),
-                                   v_new.to(pool_dtype).to(dtype), scale)
+        k_new, v_new = k_new.to(pool_dtype), v_new.to(pool_dtype)
+        if self._counted is not None:
+            mass = attention_mass(query, self._counted, views.k[layer_idx], views.length[layer_idx], k_new, q_valid, scale)
+            self.policy.observe_attention(self, layer_idx, from_views(self, layer_idx, *mass, q_valid))
+        return attend_view_and_new(query, q_valid, k, v, bias, k_new.to(dtype), v_new.to(dtype), scale)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.columns

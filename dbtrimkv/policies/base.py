@@ -26,6 +26,8 @@ from ..kernels import select_and_compact, select_and_compact_by_score
 
 if TYPE_CHECKING:
     from ..cache import DBTrimKVCache
+    from ..cache.attention_stats import LayerAttention
+    from ..cache.forward_plan import ForwardPlan
 
 _REGISTRY: dict[str, type["EvictionPolicy"]] = {}
 
@@ -131,9 +133,15 @@ class EvictionPolicy:
             cache.config.min_per_head,
         )
 
-    def observe_attention(self, cache: "DBTrimKVCache", layer_idx: int, query: torch.Tensor) -> None:
-        """Called before each layer attends (queries `[B, Hq, T, D]`); policies that score entries by
-        attention statistics accumulate them here. Default: nothing."""
+    def observed_queries(self, plan: "ForwardPlan") -> torch.Tensor | None:
+        """The queries `[B, T]` (bool) of a forward whose attention this policy reads, asked once per
+        forward; None (the default) = none, and `observe_attention` is never called."""
+        return None
+
+    def observe_attention(self, cache: "DBTrimKVCache", layer_idx: int, attention: "LayerAttention") -> None:
+        """Called at each layer's attention with the attention its cached entries (this forward's new
+        ones included) received from the `observed_queries` (`cache.attention_stats.LayerAttention`);
+        policies that score entries by attention statistics accumulate them here. Default: nothing."""
 
     def keep_tensor(self, cache: "DBTrimKVCache", sequences: list[int]) -> torch.Tensor:
         """Per-group keep counts for the whole batch; sequences not listed keep everything."""

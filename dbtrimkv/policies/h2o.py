@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import register_policy
-from .scored import PerHeadScorePolicy, attention_mass, layer_entries, slot_state
+from .scored import PerHeadScorePolicy, slot_state
 
 
 @register_policy
@@ -29,15 +29,17 @@ class H2OPolicy(PerHeadScorePolicy):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"policy 'h2o': recent_fraction must be a number in [0, 1], got {value!r}")
 
-    def observe_attention(self, cache, layer_idx, query):
+    def observed_queries(self, plan):
+        return plan.query_positions >= 0
+
+    def observe_attention(self, cache, layer_idx, attention):
         q_pos = cache.plan.query_positions
-        slots, key_pos, valid = layer_entries(cache, layer_idx)
-        mass = attention_mass(cache, query, q_pos, slots, key_pos, valid)
+        slots, key_pos, valid, mass = attention.slots, attention.positions, attention.valid, attention.mass
         first = torch.where(q_pos >= 0, q_pos, q_pos.new_full((), torch.iinfo(torch.int64).max)).amin(1)
         new = valid & (key_pos >= first[:, None, None])  # cached by this forward: its slot may be reused
         scores = slot_state(cache).clone()
         scores[slots[new]] = 0.0
-        cache.policy_scores = scores.index_add(0, slots[valid], mass[valid])
+        cache.policy_scores = scores.index_add_(0, slots.flatten(), mass.flatten())  # 0 where not valid
 
     def slot_scores(self, cache):
         seg, index = cache.tables.enumerate_entries()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import check_int, register_policy
-from .scored import PerHeadScorePolicy, attention_mass, layer_entries, slot_state
+from .scored import PerHeadScorePolicy, slot_state
 
 
 @register_policy
@@ -35,12 +35,13 @@ class SnapKVPolicy(PerHeadScorePolicy):
         if self.kernel % 2 == 0:
             raise ConfigError(f"policy 'snapkv': kernel must be odd (a centred pooling window), got {self.kernel}")
 
-    def observe_attention(self, cache, layer_idx, query):
-        q_pos = cache.plan.query_positions
+    def observed_queries(self, plan):
+        q_pos = plan.query_positions
         last = q_pos.amax(1, keepdim=True)
-        in_window = (q_pos >= 0) & (q_pos > last - self.window)
-        slots, key_pos, valid = layer_entries(cache, layer_idx)
-        mass = attention_mass(cache, query, torch.where(in_window, q_pos, -1), slots, key_pos, valid)
+        return (q_pos >= 0) & (q_pos > last - self.window)
+
+    def observe_attention(self, cache, layer_idx, attention):
+        slots, valid, mass = attention.slots, attention.valid, attention.mass
         batch, heads, length = mass.shape
         pooled = F.avg_pool1d(mass.view(batch * heads, 1, length), self.kernel, stride=1, padding=self.kernel // 2,
                               count_include_pad=False).view(batch, heads, length)

@@ -71,3 +71,30 @@ def test_pool_takes_its_bound_once_in_chunked_prefill(gated):
         capacities.append(cache.pool.capacity)
     bound = cache.budget + cache.segments_per_sequence * 8
     assert capacities == [bound] * len(capacities)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o"])
+@pytest.mark.parametrize("seed", range(2))
+def test_attention_statistics_from_the_views_match_the_pool_reference(gated, policy, seed):
+    """SnapKV and H2O read the attention their entries received from the views the attention itself
+    used (`attention_stats.from_views`); the slot-pool path recomputes it (`from_pool`, the reference).
+    Same scores per slot after every forward, same entries kept, same logits."""
+    gen = torch.Generator().manual_seed(40 + seed)
+    batch, length = 2 + seed, 37
+    ids = torch.randint(0, gated.config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :9] = 0  # left padding
+    config = dbtrimkv.DBTrimKVConfig(memory_size=3, buffer_size=2, policy=policy)
+    fast, cache = _run(gated, config, ids, mask, 6 + seed, 9, views=True)
+    slow, reference = _run(gated, config, ids, mask, 6 + seed, 9, views=False)
+    assert cache.views_bytes() > 0 and reference.views_bytes() == 0
+    assert cache.num_evictions >= 2 and cache.num_evictions == reference.num_evictions
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for b in range(batch):
+        assert [[p.tolist() for p in layer] for layer in cache.retained_positions(b)] == \
+            [[p.tolist() for p in layer] for layer in reference.retained_positions(b)]
+    kept = torch.cat([cache.retained_slots(b) for b in range(batch)])
+    assert torch.equal(kept, torch.cat([reference.retained_slots(b) for b in range(batch)]))
+    assert cache.policy_scores[kept].abs().sum() > 0
+    torch.testing.assert_close(cache.policy_scores[kept], reference.policy_scores[kept], atol=1e-5, rtol=1e-5)

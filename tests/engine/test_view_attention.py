@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbtrimkv.cache.view_attention import attend_view, attend_view_and_new, reference_attention, validity_bias
+from dbtrimkv.cache.view_attention import (attend_view, attend_view_and_new, attend_view_with_mass, attention_mass,
+                                           reference_attention, reference_attention_mass, validity_bias)
 from dbtrimkv.cache.views import KVViews
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -96,12 +97,15 @@ def test_views_rebuild_and_append_equal_a_fresh_gather(seed):
     for _ in range(views.spare):
         token_batch = torch.tensor([b for b in range(batch) if torch.rand((), generator=gen) < 0.7], dtype=torch.long)
         views.plan_append(token_batch)
+        step = []
         for l in range(layers):
             new = torch.tensor([[free.pop() for _ in range(heads)] for _ in token_batch.tolist()], dtype=torch.long)
             views.append(l, pool.k[new], pool.v[new])
+            step.append(new.view(-1, heads))
             for i, b in enumerate(token_batch.tolist()):
                 for h in range(heads):
                     rows[l][b][h].append(int(new[i, h]))
+        views.append_slots(torch.stack(step))
     assert views.spare == 0
     for l in range(layers):
         for b in range(batch):
@@ -110,5 +114,69 @@ def test_views_rebuild_and_append_equal_a_fresh_gather(seed):
                 assert int(views.length[l, b, h]) == n
                 assert torch.equal(views.k[l, b, h, :n], pool.k[rows[l][b][h]])
                 assert torch.equal(views.v[l, b, h, :n], pool.v[rows[l][b][h]])
+                assert views.slots[l, b, h, :n].tolist() == rows[l][b][h]
                 assert torch.all(views.bias[l, b, h, 0, :n] == 0)
                 assert torch.all(views.bias[l, b, h, 0, n:] == torch.finfo(torch.float32).min)
+
+
+def _counted(seed: int, q_valid, batch: int, new: int, window: int | None):
+    """The queries a policy counts: every real one (H2O) or the last `window` real ones (SnapKV)."""
+    real = torch.ones(batch, new, dtype=torch.bool) if q_valid is None else q_valid
+    if window is None:
+        return real
+    rank = real.cumsum(1)
+    return real & (rank > rank[:, -1:] - window)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("padding", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("window", [None, 3], ids=["all", "window"])
+def test_attention_mass_matches_reference(dtype, seed, padding, window, monkeypatch):
+    """Prefill (view + causal new columns): the mass each key receives from the counted queries equals
+    the reference softmax's column sums, in blocks of queries as in one."""
+    monkeypatch.setattr("dbtrimkv.cache.view_attention.MASS_QUERY_BLOCK", 4)  # several blocks per case
+    new = 2 + seed * 5
+    q, q_valid, view_k, _, length, k_new, _, scale = random_case(70 + seed, dtype, new, padding)
+    counted = _counted(seed, q_valid, q.shape[0], new, window)
+    got = attention_mass(q, counted, view_k, length, k_new, q_valid, scale)
+    want = reference_attention_mass(q, counted, view_k, length, k_new, q_valid, scale)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    rows = counted.sum(1).float() * (q.shape[1] // view_k.shape[1])  # each counted query spreads mass 1 per head
+    torch.testing.assert_close(got[0].sum(-1) + got[1].sum(-1), rows[:, None].expand_as(got[0].sum(-1)),
+                               atol=1e-4, rtol=1e-4)
+    assert torch.all(got[0][torch.arange(view_k.shape[2]) >= length[..., None]] == 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_attention_mass_in_decode_reads_the_view_only(seed):
+    q, _, view_k, _, length, _, _, scale = random_case(90 + seed, torch.float32, 1, False)
+    length = length.clamp(min=1)
+    counted = torch.ones(q.shape[0], 1, dtype=torch.bool)
+    got = attention_mass(q, counted, view_k, length, None, None, scale)
+    want = reference_attention_mass(q, counted, view_k, length, None, None, scale)
+    assert got[1].shape[2] == 0
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_with_mass_matches_reference(dtype, seed):
+    """Decode for a policy that reads attention: one softmax gives the output and the mass per view row."""
+    q, _, view_k, view_v, length, k_new, v_new, scale = random_case(110 + seed, dtype, 1, False)
+    length = length.clamp(min=1)
+    batch = q.shape[0]
+    counted = torch.ones(batch, 1, dtype=torch.bool)
+    q_valid = None
+    if batch > 1:  # a padding row: zero output, no mass
+        counted[0] = False
+        q_valid = counted.clone()
+    out, mass = attend_view_with_mass(q, q_valid, view_k, view_v, validity_bias(length, view_k.shape[2], dtype), scale,
+                                      counted)
+    want = reference_attention(q, q_valid, view_k, view_v, length, k_new[:, :, :0], v_new[:, :, :0], scale)
+    assert out.dtype == dtype and mass.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    want_mass, _ = reference_attention_mass(q, counted, view_k, length, None, None, scale)
+    torch.testing.assert_close(mass, want_mass, atol=2e-5, rtol=2e-5)

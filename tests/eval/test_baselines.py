@@ -48,11 +48,17 @@ def run(model, policy, budget, chunk=8, prompt=PROMPT, new_tokens=6, spy=None):
 
     cache.policy.evict = audited
     if spy is not None:
-        observe = cache.policy.observe_attention
-        cache.policy.observe_attention = lambda c, layer, q: (spy(c, layer, q), observe(c, layer, q))
+        spy_on_attention(cache, spy)
     generate(model, build_inputs(tokenizer, PROMPT if prompt is None else prompt), cache, max_new_tokens=new_tokens,
              do_sample=False)
     return cache, records
+
+
+def spy_on_attention(cache, spy):
+    """Call `spy(cache, layer, query)` at every layer's attention (after the layer's new entries are cached,
+    when the policy receives the attention statistics of those queries)."""
+    attend = cache.attend
+    cache.attend = lambda layer, query, scale: (spy(cache, layer, query), attend(layer, query, scale))[1]
 
 
 def test_baselines_are_registered_and_ignore_the_gates(model):
@@ -228,13 +234,11 @@ def test_snapkv_scores_are_the_pooled_window_attention_and_the_top_stay(model):
     tiny, tokenizer = model
     cache = dbtrimkv.DBTrimKVCache(tiny, dbtrimkv.DBTrimKVConfig(policy="snapkv", budget=10_000))
     captured = {}
-    observe = cache.policy.observe_attention
 
     def spy(c, layer, query):
         captured[layer] = [(query.clone(), c.plan.query_positions.clone(), layer_snapshot(c, layer)[0])]
-        observe(c, layer, query)
 
-    cache.policy.observe_attention = spy
+    spy_on_attention(cache, spy)
     inputs = build_inputs(tokenizer, PROMPT[:45])
     assert inputs["input_ids"].shape[1] > 2 * WINDOW
     with torch.no_grad():

@@ -1,0 +1,105 @@
+"""`LayerAttention`: the attention each cached entry of one layer received, for the policies that rank
+by it (SnapKV, H2O).
+
+Why: those policies need attention probabilities, which the attention kernels never hand out. A
+policy says which queries it counts (`EvictionPolicy.observed_queries`, once per forward); the
+cache then gives it, per layer, the probability mass each cached entry received from them, summed
+over the query heads of its KV head, in the segment's table order (position order) padded to the
+layer's longest segment, with the entries' slots and positions. Two producers, same values:
+
+- `from_views` (CPU): lays out the mass that the attention over the contiguous K/V views computed
+  (`view_attention`: in decode the softmax of the attention itself, in prefill the counted queries'
+  softmax over the same view and new keys): no keys gathered from the pool;
+- `from_pool` (the plain reference, and the path when the kernels read the slot pool, i.e. CUDA):
+  gathers the layer's keys through the slot tables and recomputes the softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+QUERY_BLOCK = 256  # queries per block in `from_pool` (bounds its logits to block x entries)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """One layer's cached entries, `[B, H, Lmax]` in each segment's table (position) order."""
+
+    slots: torch.Tensor  # int64 pool slot ids (0 where not valid)
+    valid: torch.Tensor  # bool
+    mass: torch.Tensor  # float32 attention received from the counted queries (0 where not valid)
+    pool_positions: torch.Tensor  # the pool's position column, read by `positions` on demand
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 logical positions (-1 where not valid)."""
+        return torch.where(self.valid, self.pool_positions[self.slots].to(torch.int64), -1)
+
+
+def from_pool(cache, layer_idx: int, query: torch.Tensor, counted: torch.Tensor, scale: float) -> LayerAttention:
+    """The reference: the layer's entries read through the slot tables, their keys gathered from the
+    pool, and the softmax of the counted queries (`[B, T]` bool) recomputed in float32 blocks."""
+    segs = cache.tables.layer_segments(layer_idx, cache.num_layers, cache.num_kv_heads)
+    slots, valid = cache.tables.padded_slots(segs)
+    key_pos = LayerAttention(slots, valid, None, cache.pool.pos).positions
+    query_pos = cache.plan.query_positions
+    picked = counted.any(0)
+    query, query_pos, counted = query[:, :, picked], query_pos[:, picked], counted[:, picked]
+    batch, num_q = query.shape[:2]
+    group = num_q // cache.num_kv_heads
+    keys = cache.pool.k.index_select(0, slots.flatten()).view(*slots.shape, -1).to(torch.float32)  # [B, H, L, D]
+    keys = keys.repeat_interleave(group, dim=1)  # [B, Hq, L, D]
+    mass = torch.zeros(batch, num_q, keys.shape[2], dtype=torch.float32, device=query.device)
+    for start in range(0, query.shape[2], QUERY_BLOCK):
+        q = query[:, :, start : start + QUERY_BLOCK].to(torch.float32)
+        qp = query_pos[:, start : start + QUERY_BLOCK].to(torch.int64)
+        logits = torch.einsum("bhtd,bhld->bhtl", q, keys) * scale
+        visible = valid[:, :, None, :] & (key_pos[:, :, None, :] <= qp[:, None, :, None])  # [B, H, t, L]
+        visible = visible.repeat_interleave(group, dim=1)
+        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        mass += (probs * counted[:, None, start : start + QUERY_BLOCK, None]).sum(2)
+    return LayerAttention(slots, valid, mass.view(batch, cache.num_kv_heads, group, -1).sum(2), cache.pool.pos)
+
+
+def from_views(cache, layer_idx: int, mass_view: torch.Tensor, mass_new: torch.Tensor | None = None,
+               new_valid: torch.Tensor | None = None) -> LayerAttention:
+    """The CPU path: the mass the attention over the views computed (`view_attention.attention_mass`,
+    `attend_view_with_mass`) over the layer's view rows `[B, H, C]` (the entries cached before this
+    forward, or all of them when decoding) and over this forward's new columns `mass_new` `[B, H, T]`
+    (prefill; None when decoding; `new_valid` `[B, T]` marks the real columns, None = all), laid out
+    like `from_pool` (the view's valid rows, then the new real tokens, per segment)."""
+    views = cache.views
+    length = views.length[layer_idx]
+    if mass_new is None:
+        longest = views.longest(layer_idx)
+        slots = views.slots[layer_idx][..., :longest]  # 0 past each length
+        valid = torch.arange(longest, device=length.device) < length[..., None]
+        mass = mass_view[..., :longest]
+    else:
+        batch, heads, fresh = mass_new.shape
+        view_valid = torch.arange(mass_view.shape[2], device=length.device) < length[..., None]
+        new_slots = torch.zeros(batch, fresh, heads, dtype=torch.int64, device=length.device)
+        plan = cache.plan
+        new_slots[plan.token_batch, plan.token_column] = cache.new_slots(layer_idx).to(torch.int64)
+        real = torch.ones(batch, fresh, dtype=torch.bool, device=length.device) if new_valid is None else new_valid
+        valid = torch.cat([view_valid, real[:, None, :].expand(batch, heads, fresh)], -1)
+        slots, mass = _compact(valid, torch.cat([views.slots[layer_idx], new_slots.transpose(1, 2)], -1),
+                               torch.cat([mass_view, mass_new], -1))
+        valid = torch.arange(slots.shape[2], device=length.device) < valid.sum(-1, keepdim=True)
+    return LayerAttention(slots, valid, mass, cache.pool.pos)
+
+
+def _compact(valid: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+    """Each of `values` `[B, H, N]` with its valid entries moved to the front (order kept), padded with 0
+    to the most valid entries of any row."""
+    rank = valid.cumsum(-1) - 1
+    longest = int(valid.sum(-1).max()) if valid.numel() else 0
+    index = torch.where(valid, rank, longest)  # invalid ones land in a spare last column
+    out = []
+    for value in values:
+        dest = value.new_zeros(*value.shape[:-1], longest + 1)
+        out.append(dest.scatter_(-1, index, torch.where(valid, value, 0))[..., :longest])
+    return out
