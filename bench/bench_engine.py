@@ -18,6 +18,10 @@ Prefill of a random `context`-token prompt (seconds; peak RSS above the RSS befo
 Decode (ms per token, mean over the steps after 2 warm-up steps):
 - ours-M:       continues the cache the prefill left, `--decode-steps` steps (>= buffer_size, so the
                 mean includes the evictions)
+- snapkv-M, h2o-M (`--policies`): the same engine and budget under a baseline policy that reads
+                attention statistics, continuing a cache prefilled (chunked, evicting, not timed)
+                with the last `--policy-prefill-max` tokens of the prompt (decode at a fixed budget
+                does not depend on how long the prompt was)
 - dense-M:      the limit of this design: the gated model (gates run, nothing evicted) over a plain
                 contiguous cache that starts with M entries per head and grows like ours (the same
                 mean size over the steps): a `StaticCache` (preallocated) and a `DynamicCache`
@@ -26,6 +30,8 @@ Decode (ms per token, mean over the steps after 2 warm-up steps):
                 paths, `--full-steps` steps, up to `--full-max` tokens
 
     OMP_NUM_THREADS=1 taskset -c 1 python bench/bench_engine.py --out bench/results/engine_cpu.json
+
+`--skip` leaves sections out (`hf-prefill`, `full`, `policies`) for partial reruns.
 """
 
 from __future__ import annotations
@@ -192,7 +198,7 @@ def measure_context(args, context: int, plain, gated, fixed, dtype, device) -> d
     def hf_prefill(model, cache):
         return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
 
-    if context <= args.hf_prefill_max:
+    if context <= args.hf_prefill_max and "hf-prefill" not in args.skip:
         row["hf_dynamic_prefill_s"], row["hf_dynamic_prefill_peak_bytes"], _ = timed_prefill(
             hf_prefill(plain, DynamicCache(config=config)), device)
     if context <= args.extra_prefill_max:
@@ -208,22 +214,32 @@ def measure_context(args, context: int, plain, gated, fixed, dtype, device) -> d
         lambda: prefill(gated, {"input_ids": ids}, ours, chunk=args.prefill_chunk), device)
     print(json.dumps(row), flush=True)
 
-    # decode at the fixed budget vs the dense cache of the same size (the limit)
+    # decode at the fixed budget vs the dense cache of the same size (the limit), and the baseline policies
     m = args.memory_size
     dense_static = random_fill(StaticCache(config=config, max_cache_len=m + args.decode_steps + WARMUP), config, m,
                                dtype, device, gen)
     dense_dynamic = random_fill(DynamicCache(config=config), config, m, dtype, device, gen)
-    decode = decode_interleaved({"ours": (gated, ours, context), "dense_static": (gated, dense_static, m),
-                                 "dense_dynamic": (gated, dense_dynamic, m)}, args.decode_steps, device)
+    runners = {"ours": (gated, ours, context), "dense_static": (gated, dense_static, m),
+               "dense_dynamic": (gated, dense_dynamic, m)}
+    tail = ids[:, -min(context, args.policy_prefill_max):]
+    for policy in [] if "policies" in args.skip else args.policies:
+        cache = dbtrimkv.DBTrimKVCache(gated, fixed.replace(policy=policy))
+        with torch.inference_mode():
+            prefill(gated, {"input_ids": tail}, cache, chunk=args.prefill_chunk)
+        runners[policy] = (gated, cache, tail.shape[1])
+    decode = decode_interleaved(runners, args.decode_steps, device)
     row.update(ours_decode_ms=decode["ours"], dense_static_decode_ms=decode["dense_static"],
                dense_dynamic_decode_ms=decode["dense_dynamic"],
                ours_kv_bytes=ours.storage_bytes(), ours_views_bytes=ours.views_bytes(),
                ours_peak_entries=max(ours.peak_entries), evictions=ours.num_evictions)
-    del ours, dense_static, dense_dynamic
+    for policy in runners.keys() - {"ours", "dense_static", "dense_dynamic"}:
+        row[f"{policy}_decode_ms"] = decode[policy]
+        row[f"{policy}_prefill_tokens"] = tail.shape[1]
+    del ours, dense_static, dense_dynamic, runners
     gc.collect()
 
     # budget >= length: everything cached
-    if context <= args.full_max:
+    if context <= args.full_max and "full" not in args.skip:
         total = context + args.full_steps + WARMUP
         runners = {
             "hf_dynamic": (plain, random_fill(DynamicCache(config=config), config, context, dtype, device, gen), context),
@@ -252,9 +268,12 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--full-steps", type=int, default=6)
-    parser.add_argument("--hf-prefill-max", type=int, default=16384)
+    parser.add_argument("--hf-prefill-max", type=int, default=32768)
     parser.add_argument("--extra-prefill-max", type=int, default=4096)
-    parser.add_argument("--full-max", type=int, default=16384)
+    parser.add_argument("--full-max", type=int, default=32768)
+    parser.add_argument("--policies", nargs="*", default=["snapkv", "h2o"])
+    parser.add_argument("--policy-prefill-max", type=int, default=4096)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf-prefill", "full", "policies"])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -279,7 +298,8 @@ def main() -> None:
         threads=torch.get_num_threads(), dtype=args.dtype, torch=torch.__version__,
         model=dict(layers=args.layers, hidden=args.hidden, heads=16, kv_heads=8, head_dim=128),
         gated_model_bytes=model_bytes, memory_size=args.memory_size, buffer_size=args.buffer_size,
-        prefill_chunk=args.prefill_chunk, budget_entries=budget, bound_entries=bound_entries,
+        prefill_chunk=args.prefill_chunk, policies=[] if "policies" in args.skip else args.policies,
+        skipped=args.skip, budget_entries=budget, bound_entries=bound_entries,
         bound_bytes=bound_entries * entry_bytes, decode_steps=args.decode_steps, full_steps=args.full_steps,
         rows=rows, eviction_ms=time_eviction(gated, config, fixed, dtype, device),
         seconds=time.perf_counter() - started,
@@ -339,6 +359,23 @@ def table(result: dict) -> str:
             f"{_ratio(r.get('ours_full_decode_ms'), r.get('hf_static_decode_ms'))} | "
             f"{(r['ours_kv_bytes'] + r['ours_views_bytes']) / MIB:.0f} |"
         )
+    policies = result.get("policies", [])
+    if policies:
+        lines += [
+            "",
+            f"Decode at the same budget under the baseline policies that read attention statistics, CPU ms per "
+            f"token (same {result['decode_steps']} steps, interleaved with ours-M, whose policy is `global`)",
+            "",
+            "| context | ours-M (global) | " + " | ".join(f"{p}-M" for p in policies) + " | "
+            + " | ".join(f"{p} / global" for p in policies) + " |",
+            "|---:|---:|" + "---:|" * (2 * len(policies)),
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['context']} | {r['ours_decode_ms']:.1f} | "
+                + " | ".join(_num(r.get(f"{p}_decode_ms"), ".1f") for p in policies) + " | "
+                + " | ".join(_ratio(r.get(f"{p}_decode_ms"), r["ours_decode_ms"]) for p in policies) + " |"
+            )
     lines += [
         "",
         f"KV bound (budget + L*H*max(buffer, chunk) entries): {result['bound_bytes'] / MIB:.0f} MiB; "

@@ -80,13 +80,14 @@ def from_views(cache, layer_idx: int, mass_view: torch.Tensor, mass_new: torch.T
         mass = mass_view[..., :longest]
     else:
         batch, heads, fresh = mass_new.shape
-        view_valid = torch.arange(mass_view.shape[2], device=length.device) < length[..., None]
+        used = mass_view.shape[2]  # the view's columns the attention read
+        view_valid = torch.arange(used, device=length.device) < length[..., None]
         new_slots = torch.zeros(batch, fresh, heads, dtype=torch.int64, device=length.device)
         plan = cache.plan
         new_slots[plan.token_batch, plan.token_column] = cache.new_slots(layer_idx).to(torch.int64)
         real = torch.ones(batch, fresh, dtype=torch.bool, device=length.device) if new_valid is None else new_valid
         valid = torch.cat([view_valid, real[:, None, :].expand(batch, heads, fresh)], -1)
-        slots, mass = _compact(valid, torch.cat([views.slots[layer_idx], new_slots.transpose(1, 2)], -1),
+        slots, mass = _compact(valid, torch.cat([views.slots[layer_idx, ..., :used], new_slots.transpose(1, 2)], -1),
                                torch.cat([mass_view, mass_new], -1))
         valid = torch.arange(slots.shape[2], device=length.device) < valid.sum(-1, keepdim=True)
     return LayerAttention(slots, valid, mass, cache.pool.pos)

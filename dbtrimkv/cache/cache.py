@@ -441,7 +441,9 @@ class DBTrimKVCache(Cache):
         """CPU path: attention over the layer's contiguous view plus this forward's own K/V."""
         views, dtype = self.views, query.dtype
         q_valid = self.plan.query_positions >= 0 if self._padded else None
-        k, v, bias = views.k[layer_idx].to(dtype), views.v[layer_idx].to(dtype), views.bias[layer_idx].to(dtype)
+        used = views.longest(layer_idx)  # columns past every segment's length are spare: not attended
+        k, v = views.k[layer_idx, :, :, :used].to(dtype), views.v[layer_idx, :, :, :used].to(dtype)
+        bias = views.bias[layer_idx, ..., :used].to(dtype)
         if query.shape[2] == 1:  # decode: the new token is in the view already
             if self._counted is None:
                 return attend_view(query, q_valid, k, v, bias, scale)
@@ -452,7 +454,8 @@ class DBTrimKVCache(Cache):
         pool_dtype = self.pool.dtype  # attend to exactly what the pool stores
         k_new, v_new = k_new.to(pool_dtype), v_new.to(pool_dtype)
         if self._counted is not None:
-            mass = attention_mass(query, self._counted, views.k[layer_idx], views.length[layer_idx], k_new, q_valid, scale)
+            mass = attention_mass(query, self._counted, views.k[layer_idx, :, :, :used], views.length[layer_idx], k_new,
+                                  q_valid, scale)
             self.policy.observe_attention(self, layer_idx, from_views(self, layer_idx, *mass, q_valid))
         return attend_view_and_new(query, q_valid, k, v, bias, k_new.to(dtype), v_new.to(dtype), scale)
 

@@ -95,10 +95,8 @@ def attend_view_and_new(q, q_valid, view_k, view_v, view_bias, k_new, v_new, sca
                                        scale=scale)
     old_out = old_out.reshape(batch, q_heads, length, dim)
     old_lse = old_lse.reshape(batch, q_heads, length)
-    top = torch.maximum(old_lse, new_lse)
-    w_old = torch.exp(old_lse - top)[..., None]
-    w_new = torch.exp(new_lse - top)[..., None]
-    out = (old_out.float() * w_old + new_out.float() * w_new) / (w_old + w_new)
+    # softmax over both key sets = the two outputs weighted by exp(lse) / (exp(old lse) + exp(new lse))
+    out = torch.lerp(new_out.float(), old_out.float(), torch.sigmoid(old_lse - new_lse)[..., None])
     return _zero_padding(out.to(q.dtype), q_valid)
 
 
