@@ -5,7 +5,7 @@ Why: those policies need attention probabilities, which the attention kernels ne
 policy says which queries it counts (`EvictionPolicy.observed_queries`, once per forward); the
 cache then gives it, per layer, the probability mass each cached entry received from them, summed
 over the query heads of its KV head, in the segment's table order (position order) padded to the
-layer's longest segment, with the entries' slots and positions. Two producers, same values:
+layer's longest segment, with the entries' slots (and the slots this forward filled). Two producers, same values:
 
 - `from_views` (CPU): lays out the mass that the attention over the contiguous K/V views computed
   (`view_attention`: in decode the softmax of the attention itself, in prefill the counted queries'
@@ -31,12 +31,7 @@ class LayerAttention:
     slots: torch.Tensor  # int64 pool slot ids (0 where not valid)
     valid: torch.Tensor  # bool
     mass: torch.Tensor  # float32 attention received from the counted queries (0 where not valid)
-    pool_positions: torch.Tensor  # the pool's position column, read by `positions` on demand
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """int64 logical positions (-1 where not valid)."""
-        return torch.where(self.valid, self.pool_positions[self.slots].to(torch.int64), -1)
+    new_slots: torch.Tensor  # int64 `[N]` slots of the entries this forward cached in this layer
 
 
 def from_pool(cache, layer_idx: int, query: torch.Tensor, counted: torch.Tensor, scale: float) -> LayerAttention:
@@ -44,7 +39,7 @@ def from_pool(cache, layer_idx: int, query: torch.Tensor, counted: torch.Tensor,
     pool, and the softmax of the counted queries (`[B, T]` bool) recomputed in float32 blocks."""
     segs = cache.tables.layer_segments(layer_idx, cache.num_layers, cache.num_kv_heads)
     slots, valid = cache.tables.padded_slots(segs)
-    key_pos = LayerAttention(slots, valid, None, cache.pool.pos).positions
+    key_pos = torch.where(valid, cache.pool.pos[slots].to(torch.int64), -1)
     query_pos = cache.plan.query_positions
     picked = counted.any(0)
     query, query_pos, counted = query[:, :, picked], query_pos[:, picked], counted[:, picked]
@@ -61,7 +56,8 @@ def from_pool(cache, layer_idx: int, query: torch.Tensor, counted: torch.Tensor,
         visible = visible.repeat_interleave(group, dim=1)
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
         mass += (probs * counted[:, None, start : start + QUERY_BLOCK, None]).sum(2)
-    return LayerAttention(slots, valid, mass.view(batch, cache.num_kv_heads, group, -1).sum(2), cache.pool.pos)
+    return LayerAttention(slots, valid, mass.view(batch, cache.num_kv_heads, group, -1).sum(2),
+                          _new_slots(cache, layer_idx))
 
 
 def from_views(cache, layer_idx: int, mass_view: torch.Tensor, mass_new: torch.Tensor | None = None,
@@ -90,7 +86,12 @@ def from_views(cache, layer_idx: int, mass_view: torch.Tensor, mass_new: torch.T
         slots, mass = _compact(valid, torch.cat([views.slots[layer_idx, ..., :used], new_slots.transpose(1, 2)], -1),
                                torch.cat([mass_view, mass_new], -1))
         valid = torch.arange(slots.shape[2], device=length.device) < valid.sum(-1, keepdim=True)
-    return LayerAttention(slots, valid, mass, cache.pool.pos)
+    return LayerAttention(slots, valid, mass, _new_slots(cache, layer_idx))
+
+
+def _new_slots(cache, layer_idx: int) -> torch.Tensor:
+    new = cache.new_slots(layer_idx)
+    return torch.empty(0, dtype=torch.int64, device=cache.device) if new is None else new.flatten().to(torch.int64)
 
 
 def _compact(valid: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:

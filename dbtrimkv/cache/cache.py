@@ -319,9 +319,9 @@ class DBTrimKVCache(Cache):
             views.plan_append(self.plan.token_batch)
         return True
 
-    def new_slots(self, layer_idx: int) -> torch.Tensor:
-        """Pool slots `[N, H]` of this forward's new entries in one layer (plan token order)."""
-        return self._slots[layer_idx]
+    def new_slots(self, layer_idx: int) -> torch.Tensor | None:
+        """Pool slots `[N, H]` of this forward's new entries in one layer (plan token order; None: none)."""
+        return None if self._slots is None else self._slots[layer_idx]
 
     def views_bytes(self) -> int:
         """Bytes of the CPU attention views (0 where the kernels read the pool in place)."""

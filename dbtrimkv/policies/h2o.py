@@ -33,13 +33,9 @@ class H2OPolicy(PerHeadScorePolicy):
         return plan.query_positions >= 0
 
     def observe_attention(self, cache, layer_idx, attention):
-        q_pos = cache.plan.query_positions
-        slots, key_pos, valid, mass = attention.slots, attention.positions, attention.valid, attention.mass
-        first = torch.where(q_pos >= 0, q_pos, q_pos.new_full((), torch.iinfo(torch.int64).max)).amin(1)
-        new = valid & (key_pos >= first[:, None, None])  # cached by this forward: its slot may be reused
-        scores = slot_state(cache).clone()
-        scores[slots[new]] = 0.0
-        cache.policy_scores = scores.index_add_(0, slots.flatten(), mass.flatten())  # 0 where not valid
+        # an entry cached by this forward may reuse an evicted entry's slot: its sum starts at 0
+        scores = slot_state(cache).index_fill(0, attention.new_slots, 0.0)
+        cache.policy_scores = scores.index_add_(0, attention.slots.flatten(), attention.mass.flatten())  # 0 if not valid
 
     def slot_scores(self, cache):
         seg, index = cache.tables.enumerate_entries()

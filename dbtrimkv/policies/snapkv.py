@@ -43,11 +43,13 @@ class SnapKVPolicy(PerHeadScorePolicy):
     def observe_attention(self, cache, layer_idx, attention):
         slots, valid, mass = attention.slots, attention.valid, attention.mass
         batch, heads, length = mass.shape
-        pooled = F.avg_pool1d(mass.view(batch * heads, 1, length), self.kernel, stride=1, padding=self.kernel // 2,
+        pooled = F.avg_pool1d(mass.reshape(batch * heads, 1, length), self.kernel, stride=1, padding=self.kernel // 2,
                               count_include_pad=False).view(batch, heads, length)
-        scores = slot_state(cache).clone()
-        scores[slots[valid]] = pooled[valid]
-        cache.policy_scores = scores
+        state = slot_state(cache)
+        capacity = state.numel()
+        scores = torch.cat([state, state.new_zeros(1)])  # a spare last slot takes the padding's writes
+        scores.index_put_((torch.where(valid, slots, capacity).flatten(),), pooled.flatten())
+        cache.policy_scores = scores[:capacity]
 
     def slot_scores(self, cache):
         return slot_state(cache)
