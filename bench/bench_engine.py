@@ -37,6 +37,7 @@ Decode (ms per token, mean over the steps after 2 warm-up steps):
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -62,9 +63,10 @@ def build_models(layers: int, hidden: int, dtype, device):
                          max_position_embeddings=1 << 17)
     torch.manual_seed(0)
     plain = Qwen3ForCausalLM(config).to(device=device, dtype=dtype).eval()
-    torch.manual_seed(0)
-    gated = Qwen3ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    torch.manual_seed(0)  # its own config: attaching gates switches the config's attention to `dbtrimkv`
+    gated = Qwen3ForCausalLM(copy.deepcopy(config)).to(device=device, dtype=dtype).eval()
     dbtrimkv.attach_retention_gates(gated)
+    assert plain.config._attn_implementation == "sdpa", plain.config._attn_implementation  # HF's own best path
     return plain, gated
 
 

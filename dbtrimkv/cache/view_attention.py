@@ -79,18 +79,19 @@ def attend_view_and_new(q, q_valid, view_k, view_v, view_bias, k_new, v_new, sca
     batch, q_heads, length, dim = q.shape
     kv_heads = k_new.shape[1]
     group = q_heads // kv_heads
-    k_rep = k_new[:, :, None].expand(batch, kv_heads, group, length, dim).reshape(batch, q_heads, length, dim)
-    v_rep = v_new[:, :, None].expand(batch, kv_heads, group, length, dim).reshape(batch, q_heads, length, dim)
-    if q_valid is None:
-        new_out, new_lse = _flash_with_lse(q, k_rep, v_rep, 0.0, True, scale=scale)
-    else:
+    mask = None
+    if q_valid is not None:
         causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
         allowed = (causal & q_valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=q.device)
         mask = torch.zeros(batch, 1, length, length, dtype=q.dtype, device=q.device)
         mask.masked_fill_(~allowed[:, None], torch.finfo(q.dtype).min)
-        new_out, new_lse = _flash_with_lse(q, k_rep, v_rep, 0.0, False, attn_mask=mask, scale=scale)
-    if view_k.shape[2] == 0:
-        return _zero_padding(new_out, q_valid)
+    if view_k.shape[2] == 0:  # nothing cached before (a first chunk): plain causal attention, no merge
+        out = F.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                             enable_gqa=True)
+        return _zero_padding(out, q_valid)
+    k_rep = k_new[:, :, None].expand(batch, kv_heads, group, length, dim).reshape(batch, q_heads, length, dim)
+    v_rep = v_new[:, :, None].expand(batch, kv_heads, group, length, dim).reshape(batch, q_heads, length, dim)
+    new_out, new_lse = _flash_with_lse(q, k_rep, v_rep, 0.0, mask is None, attn_mask=mask, scale=scale)
     old_out, old_lse = _flash_with_lse(_grouped(q, kv_heads), view_k, view_v, 0.0, False, attn_mask=view_bias,
                                        scale=scale)
     old_out = old_out.reshape(batch, q_heads, length, dim)
