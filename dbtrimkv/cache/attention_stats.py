@@ -5,7 +5,8 @@ Why: those policies need attention probabilities, which the attention kernels ne
 policy says which queries it counts (`EvictionPolicy.observed_queries`, once per forward); the
 cache then gives it, per layer, the probability mass each cached entry received from them, summed
 over the query heads of its KV head, in the segment's table order (position order) padded to the
-layer's longest segment, with the entries' slots (and the slots this forward filled). Two producers, same values:
+layer's longest segment, with the entries' slots (and the slots this forward filled). Two
+producers, same values:
 
 - `from_views` (CPU): lays out the mass that the attention over the contiguous K/V views computed
   (`view_attention`: in decode the softmax of the attention itself, in prefill the counted queries'
@@ -66,27 +67,30 @@ def from_views(cache, layer_idx: int, mass_view: torch.Tensor, mass_new: torch.T
     `attend_view_with_mass`) over the layer's view rows `[B, H, C]` (the entries cached before this
     forward, or all of them when decoding) and over this forward's new columns `mass_new` `[B, H, T]`
     (prefill; None when decoding; `new_valid` `[B, T]` marks the real columns, None = all), laid out
-    like `from_pool` (the view's valid rows, then the new real tokens, per segment)."""
-    views = cache.views
-    length = views.length[layer_idx]
+    like the slot tables (a segment's view rows are its first entries, this forward's real tokens the
+    rest, in order)."""
+    segs = cache.tables.layer_segments(layer_idx, cache.num_layers, cache.num_kv_heads)
+    slots, valid = cache.tables.padded_slots(segs)
     if mass_new is None:
-        longest = views.longest(layer_idx)
-        slots = views.slots[layer_idx][..., :longest]  # 0 past each length
-        valid = torch.arange(longest, device=length.device) < length[..., None]
-        mass = mass_view[..., :longest]
+        mass = mass_view[..., : slots.shape[2]]
     else:
         batch, heads, fresh = mass_new.shape
-        used = mass_view.shape[2]  # the view's columns the attention read
-        view_valid = torch.arange(used, device=length.device) < length[..., None]
-        new_slots = torch.zeros(batch, fresh, heads, dtype=torch.int64, device=length.device)
-        plan = cache.plan
-        new_slots[plan.token_batch, plan.token_column] = cache.new_slots(layer_idx).to(torch.int64)
+        length = cache.views.length[layer_idx]
+        view_valid = torch.arange(mass_view.shape[2], device=length.device) < length[..., None]
         real = torch.ones(batch, fresh, dtype=torch.bool, device=length.device) if new_valid is None else new_valid
-        valid = torch.cat([view_valid, real[:, None, :].expand(batch, heads, fresh)], -1)
-        slots, mass = _compact(valid, torch.cat([views.slots[layer_idx, ..., :used], new_slots.transpose(1, 2)], -1),
-                               torch.cat([mass_view, mass_new], -1))
-        valid = torch.arange(slots.shape[2], device=length.device) < valid.sum(-1, keepdim=True)
+        kept = torch.cat([view_valid, real[:, None, :].expand(batch, heads, fresh)], -1)
+        mass = _compact(kept, torch.cat([mass_view, mass_new], -1))
     return LayerAttention(slots, valid, mass, _new_slots(cache, layer_idx))
+
+
+def _compact(valid: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` `[B, H, N]` with its valid entries moved to the front (order kept), padded with 0 to the
+    most valid entries of any row."""
+    rank = valid.cumsum(-1) - 1
+    longest = int(valid.sum(-1).max()) if valid.numel() else 0
+    index = torch.where(valid, rank, longest)  # invalid ones land in a spare last column
+    dest = value.new_zeros(*value.shape[:-1], longest + 1)
+    return dest.scatter_(-1, index, torch.where(valid, value, 0))[..., :longest]
 
 
 def _new_slots(cache, layer_idx: int) -> torch.Tensor:

@@ -276,8 +276,6 @@ class DBTrimKVCache(Cache):
         self._counted = self.policy.observed_queries(self.plan)
         self._views_now = self.views is not None and self._prepare_views(decode=length == 1)
         self._place_new_entries()
-        if self._views_now and length == 1 and self._slots is not None:
-            self.views.append_slots(self._slots)
 
     def _place_new_entries(self) -> None:
         """Once per forward, for every layer at once: take the new entries' slots, write their positions

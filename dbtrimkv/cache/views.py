@@ -4,8 +4,7 @@ Why: the slot pool scatters a segment's rows, so attending through the slot tabl
 gathering every kept row again at every decode step, although they only change when an eviction
 does. The views hold, for every layer, the cached entries of each (sequence, KV head) as the first
 `length[l, b, h]` rows of `k[l, b, h]` / `v[l, b, h]` (in table order, i.e. position order), plus
-an additive validity bias for SDPA and the pool slot of every row (`slots`, so that attention
-statistics over a view can be credited to the entries: `attention_stats.from_views`). They are rebuilt from the pool (one gather for all layers)
+an additive validity bias for SDPA. They are rebuilt from the pool (one gather for all layers)
 only when they are stale: after an eviction or a multi-token forward (whose new rows the views do
 not mirror), or when a decode step finds no spare column. A decode step writes its new rows into
 the pool and the views alike.
@@ -31,7 +30,6 @@ class KVViews:
         self.v: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None  # [L, B, H, 1, C], 0 valid / dtype min
         self.length: torch.Tensor | None = None  # [L, B, H] int64 rows in use
-        self.slots: torch.Tensor | None = None  # [L, B, H, C] int64 pool slot of each row (0 past length)
         self.spare = 0  # columns every segment still has free (host count, no device read)
         self._append_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._longest: list[int] | None = None  # rows in use of each layer's longest segment (read once)
@@ -42,7 +40,7 @@ class KVViews:
 
     def invalidate(self) -> None:
         """Drop the views (after an eviction, or a forward whose new rows they do not hold)."""
-        self.k = self.v = self.bias = self.length = self.slots = None
+        self.k = self.v = self.bias = self.length = None
         self.spare = 0
         self._append_at = None
         self._longest = None
@@ -76,9 +74,8 @@ class KVViews:
         make = pool.k.new_empty if used else pool.k.new_zeros
         self.k = make(num_layers, batch, heads, columns, dim)
         self.v = make(num_layers, batch, heads, columns, dim)
-        self.slots = torch.nn.functional.pad(torch.where(valid, slots, 0), (0, spare))
-        if used:  # one pass per tensor; padding columns copy pool row 0 (finite), the bias hides them
-            index = self.slots.flatten()
+        if used:  # one pass per tensor; padding columns copy some pool row (finite), the bias hides them
+            index = torch.nn.functional.pad(slots, (0, spare)).flatten()
             torch.index_select(pool.k, 0, index, out=self.k.view(-1, dim))
             torch.index_select(pool.v, 0, index, out=self.v.view(-1, dim))
         self.length = valid.sum(-1)
@@ -104,12 +101,6 @@ class KVViews:
         if self._longest is None:
             self._longest = self.length.flatten(1).amax(1).tolist() if self.length.numel() else [0] * self.num_layers
         return self._longest[layer]
-
-    def append_slots(self, slots: torch.Tensor) -> None:
-        """Record the pool slots `[L, N, H]` of this decode step's rows (in the columns `plan_append` reserved)."""
-        rows, head, column = self._append_at
-        layer = torch.arange(self.num_layers, device=rows.device)[:, None, None].expand_as(column)
-        self.slots[layer, rows.expand_as(column), head.expand_as(column), column] = slots.to(torch.int64)
 
     def append(self, layer: int, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
         """Write this decode step's rows `[N, H, D]` of one layer into the columns `plan_append` reserved."""
