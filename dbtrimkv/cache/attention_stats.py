@@ -96,16 +96,3 @@ def _compact(valid: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def _new_slots(cache, layer_idx: int) -> torch.Tensor:
     new = cache.new_slots(layer_idx)
     return torch.empty(0, dtype=torch.int64, device=cache.device) if new is None else new.flatten().to(torch.int64)
-
-
-def _compact(valid: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
-    """Each of `values` `[B, H, N]` with its valid entries moved to the front (order kept), padded with 0
-    to the most valid entries of any row."""
-    rank = valid.cumsum(-1) - 1
-    longest = int(valid.sum(-1).max()) if valid.numel() else 0
-    index = torch.where(valid, rank, longest)  # invalid ones land in a spare last column
-    out = []
-    for value in values:
-        dest = value.new_zeros(*value.shape[:-1], longest + 1)
-        out.append(dest.scatter_(-1, index, torch.where(valid, value, 0))[..., :longest])
-    return out
