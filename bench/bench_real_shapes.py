@@ -23,6 +23,7 @@ DynamicCache tensors vs our slot pool as allocated), peak RSS during the run (sa
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -44,6 +45,7 @@ from dbtrimkv.transformers_compat import cache_kwargs
 SHAPE = "qwen3-vl-4b"
 GIB = 1 << 30
 PAGE = os.sysconf("SC_PAGE_SIZE")
+_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc; None elsewhere (then rows share the heap)
 
 
 class PeakRSS:
@@ -65,7 +67,11 @@ class PeakRSS:
             time.sleep(self.interval)
 
     def reset(self) -> None:
+        """Start a row: collect garbage and hand the heap the previous row freed back to the OS (glibc keeps
+        it otherwise), so every row's peak starts from the model, not from the rows before it."""
         gc.collect()
+        if _TRIM is not None:
+            _TRIM(0)
         self.peak = self.current()
 
     def stop(self):
