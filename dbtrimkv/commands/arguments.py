@@ -40,34 +40,32 @@ def _number(text: str, kind):
     return value
 
 
-def int_in(low: int | None = None, high: int | None = None):
-    """An argparse type: a whole number in [low, high]."""
+def _number_in(kind, name: str, low, high, low_open: bool = False):
+    """An argparse type: a `kind` number (int, or finite float) in [low, high] (or (low, high] with `low_open`)."""
+    show = str if kind is int else "{:g}".format
 
-    def parse(text: str) -> int:
-        value = _number(text, int)
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    def parse(text: str):
+        value = _number(text, kind)
+        got = value if kind is int else text
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'greater than' if low_open else 'at least'} {show(low)}, got {got}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at most {show(high)}, got {got}")
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = name
     return parse
+
+
+def int_in(low: int | None = None, high: int | None = None):
+    """An argparse type: a whole number in [low, high]."""
+    return _number_in(int, "integer", low, high)
 
 
 def float_in(low: float | None = None, high: float | None = None, low_open: bool = False):
     """An argparse type: a finite number in [low, high] (or (low, high] with `low_open`)."""
-
-    def parse(text: str) -> float:
-        value = _number(text, float)
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"must be {'greater than' if low_open else 'at least'} {low:g}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _number_in(float, "number", low, high, low_open)
 
 
 positive_int = int_in(1)
