@@ -10,7 +10,8 @@ producers, same values:
 
 - `from_views` (CPU): lays out the mass that the attention over the contiguous K/V views computed
   (`view_attention`: in decode the softmax of the attention itself, in prefill the counted queries'
-  softmax over the same view and new keys): no keys gathered from the pool;
+  softmax over the same view and new keys): no keys gathered from the pool; a decode step hands
+  every layer's at once, after the last layer (`from_decode_views`);
 - `from_pool` (the plain reference, and the path when the kernels read the slot pool, i.e. CUDA):
   gathers the layer's keys through the slot tables and recomputes the softmax.
 """
@@ -27,12 +28,13 @@ QUERY_BLOCK = 256  # queries per block in `from_pool` (bounds its logits to bloc
 
 @dataclass(frozen=True)
 class LayerAttention:
-    """One layer's cached entries, `[B, H, Lmax]` in each segment's table (position) order."""
+    """One layer's cached entries, `[B, H, Lmax]` in each segment's table (position) order; or every
+    layer's at once, `[L, B, H, Lmax]` (`from_decode_views`)."""
 
     slots: torch.Tensor  # int64 pool slot ids (0 where not valid)
     valid: torch.Tensor  # bool
     mass: torch.Tensor  # float32 attention received from the counted queries (0 where not valid)
-    new_slots: torch.Tensor  # int64 `[N]` slots of the entries this forward cached in this layer
+    new_slots: torch.Tensor  # int64 `[N]` slots of the entries this forward cached in the layer(s)
 
 
 def from_pool(cache, layer_idx: int, query: torch.Tensor, counted: torch.Tensor, scale: float) -> LayerAttention:
@@ -83,6 +85,22 @@ def from_views(cache, layer_idx: int, mass_view: torch.Tensor, mass_new: torch.T
     return LayerAttention(slots, valid, mass, _new_slots(cache, layer_idx))
 
 
+def from_decode_views(cache, masses: list[torch.Tensor]) -> LayerAttention:
+    """The CPU decode path for every layer at once: `masses[l]` is layer l's `[B, H, C_l]` mass over
+    its view rows (`attend_view_with_mass`), the view holding each segment's entries first. One
+    slot lookup per forward instead of one per layer: the bookkeeping a decode step pays for reading
+    attention statistics stays a few tensor ops, however deep the model."""
+    layers = cache.num_layers
+    segments = torch.arange(cache.tables.num_segments, device=cache.device).view(
+        -1, layers, cache.num_kv_heads).transpose(0, 1)  # [L, B, H]
+    slots, valid = cache.tables.padded_slots(segments)
+    mass = masses[0].new_zeros(slots.shape)
+    for layer, layer_mass in enumerate(masses):
+        columns = min(layer_mass.shape[-1], mass.shape[-1])
+        mass[layer, ..., :columns] = layer_mass[..., :columns]
+    return LayerAttention(slots, valid, mass, _new_slots(cache, None))
+
+
 def _compact(valid: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """`value` `[B, H, N]` with its valid entries moved to the front (order kept), padded with 0 to the
     most valid entries of any row."""
@@ -93,6 +111,6 @@ def _compact(valid: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return dest.scatter_(-1, index, torch.where(valid, value, 0))[..., :longest]
 
 
-def _new_slots(cache, layer_idx: int) -> torch.Tensor:
+def _new_slots(cache, layer_idx: int | None) -> torch.Tensor:
     new = cache.new_slots(layer_idx)
     return torch.empty(0, dtype=torch.int64, device=cache.device) if new is None else new.flatten().to(torch.int64)

@@ -42,7 +42,7 @@ from ..modality import MODALITY_NAMES, Modality
 from ..model_anatomy import RETENTION_ATTENTION, text_attention_name, text_config_of
 from ..model_state import existing_state
 from ..transformers_compat import integration_error
-from .attention_stats import from_pool, from_views
+from .attention_stats import from_decode_views, from_pool, from_views
 from .forward_plan import ForwardPlan
 from .pool import SlotPool
 from .requests import ParkedSequence, RequestTable
@@ -128,6 +128,7 @@ class DBTrimKVCache(Cache):
         self._views_now = False  # this forward attends over the views
         self._views_outdated = False  # the last forward added rows the views do not hold
         self._new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # multi-token forwards: this layer's K/V
+        self._decode_mass: list[torch.Tensor] = []  # decode: the layers' view masses so far (`from_decode_views`)
         self._pending_modality = None
         self._staged: dict[int, torch.Tensor] = {}
         self._token_ids: torch.Tensor | None = None  # ids known to the generation helper
@@ -274,6 +275,7 @@ class DBTrimKVCache(Cache):
         self.columns += length
         self._padded = any(n != length for n in counts)
         self._counted = self.policy.observed_queries(self.plan)
+        self._decode_mass = []
         self._views_now = self.views is not None and self._prepare_views(decode=length == 1)
         self._place_new_entries()
 
@@ -317,9 +319,12 @@ class DBTrimKVCache(Cache):
             views.plan_append(self.plan.token_batch)
         return True
 
-    def new_slots(self, layer_idx: int) -> torch.Tensor | None:
-        """Pool slots `[N, H]` of this forward's new entries in one layer (plan token order; None: none)."""
-        return None if self._slots is None else self._slots[layer_idx]
+    def new_slots(self, layer_idx: int | None) -> torch.Tensor | None:
+        """Pool slots `[N, H]` of this forward's new entries in one layer (plan token order), `[L, N, H]`
+        in every layer for `layer_idx` None; None: none."""
+        if self._slots is None or layer_idx is None:
+            return self._slots
+        return self._slots[layer_idx]
 
     def views_bytes(self) -> int:
         """Bytes of the CPU attention views (0 where the kernels read the pool in place)."""
@@ -446,7 +451,10 @@ class DBTrimKVCache(Cache):
             if self._counted is None:
                 return attend_view(query, q_valid, k, v, bias, scale)
             out, mass = attend_view_with_mass(query, q_valid, k, v, bias, scale, self._counted)
-            self.policy.observe_attention(self, layer_idx, from_views(self, layer_idx, mass))
+            self._decode_mass.append(mass)
+            if layer_idx == self.num_layers - 1:  # the policy reads every layer's statistics at once
+                masses, self._decode_mass = self._decode_mass, []
+                self.policy.observe_attention(self, None, from_decode_views(self, masses))
             return out
         k_new, v_new = self._new_kv.pop(layer_idx)
         pool_dtype = self.pool.dtype  # attend to exactly what the pool stores
@@ -544,7 +552,7 @@ class DBTrimKVCache(Cache):
         if self.policy_scores is not None:
             other.policy_scores = self.policy_scores.clone()
         other._staged, other.plan, other._pending_modality = {}, None, None
-        other._new_kv, other._slots, other._views_now = {}, None, False
+        other._new_kv, other._slots, other._views_now, other._decode_mass = {}, None, False, []
         if self.views is not None:
             other.views = KVViews(self.num_layers)  # rebuilt from the cloned pool on its next forward
         return other

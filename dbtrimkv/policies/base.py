@@ -138,10 +138,12 @@ class EvictionPolicy:
         forward; None (the default) = none, and `observe_attention` is never called."""
         return None
 
-    def observe_attention(self, cache: "DBTrimKVCache", layer_idx: int, attention: "LayerAttention") -> None:
-        """Called at each layer's attention with the attention its cached entries (this forward's new
-        ones included) received from the `observed_queries` (`cache.attention_stats.LayerAttention`);
-        policies that score entries by attention statistics accumulate them here. Default: nothing."""
+    def observe_attention(self, cache: "DBTrimKVCache", layer_idx: int | None, attention: "LayerAttention") -> None:
+        """Called with the attention the cached entries (this forward's new ones included) received
+        from the `observed_queries` (`cache.attention_stats.LayerAttention`): at each layer's attention,
+        or once per forward for every layer (`layer_idx` None, tensors with a leading layer dimension:
+        CPU decode); policies that score entries by attention statistics accumulate them here.
+        Default: nothing."""
 
     def keep_tensor(self, cache: "DBTrimKVCache", sequences: list[int]) -> torch.Tensor:
         """Per-group keep counts for the whole batch; sequences not listed keep everything."""

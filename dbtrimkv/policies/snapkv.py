@@ -3,8 +3,9 @@
 After every forward, each cached entry is scored by the attention it receives from the last
 `window` queries of that forward (the observation window: the last prompt tokens of a prefill
 chunk, the new token while decoding), summed over the query heads of its KV head, then
-average-pooled over `kernel` neighbouring entries (options; defaults 16 and 5) so that a kept key keeps its context. An
-eviction ranks each (layer, KV head) by the scores of the latest forward. With chunked prefill
+average-pooled over the `kernel` neighbouring entries of its own (layer, KV head) (options;
+defaults 16 and 5) so that a kept key keeps its context. An eviction ranks each (layer, KV head)
+by the scores of the latest forward. With chunked prefill
 every chunk's window decides what the next chunk may see, which is question-agnostic until the
 question itself arrives.
 """
@@ -42,14 +43,21 @@ class SnapKVPolicy(PerHeadScorePolicy):
 
     def observe_attention(self, cache, layer_idx, attention):
         slots, valid, mass = attention.slots, attention.valid, attention.mass
-        batch, heads, length = mass.shape
-        pooled = F.avg_pool1d(mass.reshape(batch * heads, 1, length), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False).view(batch, heads, length)
+        pooled = self._pool(mass, valid)
         state = slot_state(cache)
         capacity = state.numel()
         scores = torch.cat([state, state.new_zeros(1)])  # a spare last slot takes the padding's writes
         scores.index_put_((torch.where(valid, slots, capacity).flatten(),), pooled.flatten())
         cache.policy_scores = scores[:capacity]
+
+    def _pool(self, mass: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean of each entry's mass over the `kernel` neighbours in its own segment (entries past the
+        segment's end, padding to the longest, do not count): the same whether segments are laid out
+        one layer at a time or all at once."""
+        def window_sum(x):
+            return F.avg_pool1d(x.reshape(-1, 1, x.shape[-1]), self.kernel, stride=1, padding=self.kernel // 2)
+
+        return window_sum(mass) / window_sum(valid.to(mass.dtype)).clamp_min(1e-6)
 
     def slot_scores(self, cache):
         return slot_state(cache)

@@ -264,6 +264,26 @@ def test_snapkv_scores_are_the_pooled_window_attention_and_the_top_stay(model):
     _check_each_eviction(records, rule)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_snapkv_pools_each_segment_alone_however_long_the_padding(seed):
+    """Segments padded to the longest of a layer (prefill) or of all layers (a decode step hands
+    every layer at once): each entry's pooled score is its own segment's neighbourhood mean, the
+    padding never counts, so both layouts give the same scores."""
+    gen = torch.Generator().manual_seed(seed)
+    policy = SnapKVPolicy(kernel=int(torch.randint(1, 4, (1,), generator=gen)) * 2 + 1)
+    lengths = torch.randint(1, 12, (2, 3, 2), generator=gen)  # [L, B, H]
+    for pad in (0, 5):
+        width = int(lengths.max()) + pad
+        valid = torch.arange(width) < lengths[..., None]
+        mass = torch.where(valid, torch.rand(*valid.shape, generator=gen), 0.0)
+        pooled = policy._pool(mass, valid).view(valid.shape)
+        for index in torch.cartesian_prod(*(torch.arange(n) for n in lengths.shape)):
+            n = int(lengths[tuple(index)])
+            own = torch.nn.functional.avg_pool1d(mass[tuple(index)][None, None, :n], policy.kernel, 1,
+                                                 policy.kernel // 2, count_include_pad=False)[0, 0]
+            torch.testing.assert_close(pooled[tuple(index)][:n], own)
+
+
 def test_baseline_budget_below_one_per_head_is_a_config_error(model):
     with pytest.raises(dbtrimkv.errors.ConfigError, match="one entry per"):
         dbtrimkv.DBTrimKVCache(model[0], dbtrimkv.DBTrimKVConfig(budget=5, policy="knorm"))
