@@ -79,7 +79,7 @@ def sample_task(seed: int, mixture: dict[str, Any], stage: list[int]) -> RecallT
         # half the clips come without filler: the layout of a plain chat about a clip (CLI, demo)
         filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)
         return VideoRecallTask(frames=_clip_frames(rng, mixture), filler=filler, image_size=size,
-                               hold=mixture.get("video_hold", DIGIT_HOLD))
+                               hold=mixture.get("video_hold", DIGIT_HOLD), **_clip_fps(rng, mixture))
     if rng.random() < mixture.get("image", 0.0) and not text_only:
         filler = 0 if rng.random() < 0.5 else rng.randint(0, max_filler)  # half as `dbtrimkv chat --image` sends
         return ImageRecallTask(filler=filler, image_size=size)
@@ -98,6 +98,18 @@ def _clip_frames(rng: random.Random, mixture: dict[str, Any]) -> int:
     if mixture.get("video_frames_scale", "uniform") == "log":
         return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
     return rng.randint(low, high)
+
+
+def _clip_fps(rng: random.Random, mixture: dict[str, Any]) -> dict[str, float]:
+    """`{"fps": ...}` log-uniform in `video_fps` [low, high], or `{}` (the task's 2 fps) without that
+    key (no draw: recipes without it get the same tasks as before). A clip's frame rate sets its
+    timestamps, the `<12.5 seconds>` text Qwen3-VL puts before every 2-frame group: a few dozen
+    frames at a low rate carry the large, varied timestamps of an hour-long video, so gates trained
+    on short clips also learn that those timestamps are not worth keeping."""
+    if "video_fps" not in mixture:
+        return {}
+    low, high = mixture["video_fps"]
+    return {"fps": round(math.exp(rng.uniform(math.log(low), math.log(high))), 4)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -219,3 +219,21 @@ def test_clip_lengths_are_log_uniform_when_the_mixture_says_so():
     assert min(frames) >= 8 and max(frames) <= 384
     short, long = sum(8 <= f < 64 for f in frames), sum(64 <= f <= 384 for f in frames)
     assert abs(short / len(frames) - 0.54) < 0.05 and long > 700  # log(8)..log(64) is 54% of log(8)..log(385)
+
+
+def test_clip_frame_rates_are_log_uniform_and_absent_without_the_key():
+    """`video_fps` [low, high] draws each clip's rate log-uniformly (the timestamps an hour-long video
+    carries, on a short clip); a mixture without it draws nothing, so older recipes keep their tasks."""
+    import math
+
+    from dbtrimkv.recall.train_model import sample_task
+
+    base = {"video": 1.0, "video_frames": [8, 48], "image_sizes": [32], "max_distractors": 1, "questions": 1}
+    plain = [sample_task(seed, base, [4, 8]) for seed in range(300)]
+    assert {task.fps for task in plain} == {2.0}
+    varied = [sample_task(seed, dict(base, video_fps=[0.01, 2.0]), [4, 8]) for seed in range(300)]
+    rates = [task.fps for task in varied]
+    assert min(rates) >= 0.01 and max(rates) <= 2.0
+    below = sum(math.log(r) < (math.log(0.01) + math.log(2.0)) / 2 for r in rates) / len(rates)
+    assert abs(below - 0.5) < 0.1  # log-uniform: half the rates under the geometric mean (0.14 fps)
+    assert [t.frames for t in plain] == [t.frames for t in varied]  # the rate is drawn after everything else
