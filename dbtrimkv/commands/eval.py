@@ -127,6 +127,10 @@ def _add_train_gates(sub) -> None:
                    help="the model's training recipe: its mixture (and gate_data section) draws the chats, its "
                         "output is the model the gates are trained for and saved into (default: recall-tiny-clips, "
                         "the shipped model's)")
+    p.add_argument("--gate-data", default="gate_data", metavar="SECTION",
+                   help="the recipe section that updates its mixture for the gates' chats (default: gate_data)")
+    p.add_argument("--continue-gates", action="store_true",
+                   help="start from the gates the model already holds (a later stage) instead of fresh ones")
     p.add_argument("--threads", type=arguments.int_in(1, 1024), default=1, help="torch CPU threads (default: 1)")
     p.set_defaults(func=run_train_gates)
 
@@ -182,6 +186,7 @@ def run_train_recall(args) -> int:
 def run_train_gates(args) -> int:
     _log_to_stderr()
     print(train_gates(args.config, examples=args.examples, threads=args.threads,
-                      serve_memory_size=args.serve_memory_size, recipe=args.recipe))
+                      serve_memory_size=args.serve_memory_size, recipe=args.recipe, gate_data=args.gate_data,
+                      continue_gates=args.continue_gates))
     return 0
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import load_model, save_gates
+from ..checkpoints import holds_gates, load_model, save_gates
+from ..errors import ConfigError
 from ..config import DBTrimKVConfig
 from ..training import TrainConfig, train
 from .recall_model import load_recipe
@@ -86,25 +87,32 @@ def _stage_base_model(source: Path, directory: Path) -> Path:
 
 def train_gates(config_path: str | Path = "train-recall-gates", examples: int = 2000,
                 threads: int | None = 1, asset_dir: str | Path | None = None,
-                serve_memory_size: int | None = None, recipe: str | Path = SHIPPED_RECIPE) -> Path:
+                serve_memory_size: int | None = None, recipe: str | Path = SHIPPED_RECIPE,
+                gate_data: str = "gate_data", continue_gates: bool = False) -> Path:
     """Write the data, train the gates as the YAML says, save them into `asset_dir`; returns `asset_dir`.
 
     `recipe`: the model's training recipe; the chats are drawn from its mixture (updated by its
-    `gate_data` section: clips short enough for the gates' `max_length`) at its last curriculum
-    stage, and `asset_dir` defaults to its `output`. `serve_memory_size`: the M saved as the gates'
-    default eviction (default: the training M). A chat about one image is ~50 tokens, where the
-    training M (sized for 400-token card streams) leaves too little of the question: the shipped
-    model is served with a larger one."""
+    `gate_data` section, or the section named by `gate_data`) at its last curriculum stage, and
+    `asset_dir` defaults to its `output`. `continue_gates`: start from the gates `asset_dir` holds
+    (a later stage, e.g. on long clips) instead of fresh ones. `serve_memory_size`: the M saved as
+    the gates' default eviction (default: the training M). A chat about one image is ~50 tokens,
+    where the training M (sized for 400-token card streams) leaves too little of the question: the
+    shipped model is served with a larger one."""
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig.load(config_path)
     spec = load_recipe(recipe)
-    mixture = {**spec["mixture"], **spec.get("gate_data", {})}
+    if gate_data != "gate_data" and gate_data not in spec:  # the default section is optional
+        raise ConfigError(f"recipe {recipe}: no {gate_data!r} section")
+    mixture = {**spec["mixture"], **(spec.get(gate_data) or {})}
     asset_dir = Path(asset_dir or spec["output"])
+    if continue_gates and not holds_gates(str(asset_dir)):
+        raise ConfigError(f"{asset_dir} holds no gates to continue from; train the first stage without "
+                          "--continue-gates")
     output = Path(config.output_dir)
     data = write_recall_dataset(config.train_data or output / "data" / "train.jsonl",
                                 examples, mixture, spec["curriculum"]["stages"][-1])
-    base = _stage_base_model(asset_dir, output / "base")
+    base = asset_dir if continue_gates else _stage_base_model(asset_dir, output / "base")
     config = dataclasses.replace(config, model=str(base), train_data=str(data))
     result = train(config)
     model, _ = load_model(result.output_dir)

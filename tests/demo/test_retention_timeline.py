@@ -16,7 +16,7 @@ from dbtrimkv.recall.tasks import VideoRecallTask, video_example
 def pipe():
     from dbtrimkv.pipeline import DBTrimKVPipeline
 
-    return DBTrimKVPipeline.from_pretrained()  # the shipped tiny-recall, its default budget (M=16)
+    return DBTrimKVPipeline.from_pretrained()  # the shipped tiny-recall, its default budget (M=32)
 
 
 @pytest.fixture(scope="module")

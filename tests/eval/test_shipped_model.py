@@ -27,7 +27,7 @@ def test_default_is_the_shipped_recall_model_with_trained_gates(shipped):
     assert gates_are_trained(model)
     assert model.config.model_type == "qwen3_vl" and model.config.text_config.hidden_size == 128
     eviction = default_eviction_config(model)  # chat / demo without budget options
-    assert (eviction.memory_size, eviction.policy) == (16, "global")
+    assert (eviction.memory_size, eviction.policy) == (32, "global")
     named, _ = dbtrimkv.load_model("tiny-recall")
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), named.state_dict().values()))
 
@@ -56,13 +56,13 @@ def test_chat_about_an_example_image_answers_its_digit():
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"image:{digit}"
-    assert "policy global, budget 96 entries" in result.stderr  # M=16 x 3 layers x 2 KV heads
+    assert "policy global, budget 192 entries" in result.stderr  # M=32 x 3 layers x 2 KV heads
 
 
 def test_every_example_image_is_answered_within_the_default_budget():
     from dbtrimkv.pipeline import DBTrimKVPipeline
 
-    pipe = DBTrimKVPipeline.from_pretrained()  # M=16: 96 of the ~300 entries of a full cache
+    pipe = DBTrimKVPipeline.from_pretrained()  # M=32: 192 of the ~300 entries of a full cache
     for path, digit in example_images():
         assert pipe.chat("which digit is in the image?", images=[path], max_new_tokens=8).text == f"image:{digit}"
 

@@ -168,6 +168,66 @@ def test_train_gates_installs_trained_rg10_gates_next_to_the_model(tmp_path):
     assert not gates_are_trained(fresh)
 
 
+def test_a_second_gate_stage_continues_from_the_installed_gates_on_its_own_section(tmp_path):
+    """`continue_gates`: stage 2 starts from the gates stage 1 installed (not fresh ones), draws its
+    chats from the recipe section it names, and installs its gates in their place; without gates to
+    continue from, or with a section the recipe lacks, one clear error before any training."""
+    import torch
+    import yaml
+
+    import dbtrimkv
+    from dbtrimkv.errors import ConfigError
+    from dbtrimkv.gates import gate_parameters
+    from dbtrimkv.presets import load_yaml
+    from dbtrimkv.recall.recall_model import save_model
+    from dbtrimkv.recall.train_gates import train_gates
+
+    recipe_path, recipe = small_recipe(tmp_path)
+    recipe["gate_data_long"] = {"video": 1.0, "video_frames": [6, 8], "video_fps": [0.05, 0.1]}
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    model, processor = build_model(recipe["model"], seed=0)
+    save_model(model, processor, tmp_path / "recall")
+    config = load_yaml("train-recall-gates")
+    config.update(output_dir=str(tmp_path / "run"), train_data=str(tmp_path / "run" / "data" / "train.jsonl"),
+                  max_steps=1, batch_size=2, log_every=1, max_length=512, warmup_steps=0)
+    (tmp_path / "gates.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="no gates to continue"):
+        train_gates(tmp_path / "gates.yaml", examples=2, asset_dir=tmp_path / "recall", recipe=recipe_path,
+                    continue_gates=True)
+    with pytest.raises(ConfigError, match="no 'gate_data_short' section"):
+        train_gates(tmp_path / "gates.yaml", examples=2, asset_dir=tmp_path / "recall", recipe=recipe_path,
+                    gate_data="gate_data_short")
+    train_gates(tmp_path / "gates.yaml", examples=2, asset_dir=tmp_path / "recall", recipe=recipe_path)
+    stage1 = {k: v.clone() for k, v in gate_parameters(dbtrimkv.load_model(tmp_path / "recall")[0]).items()}
+
+    seen = {}
+    import dbtrimkv.recall.train_gates as module
+
+    def spy(cfg):  # the model the trainer starts from
+        seen["start"] = {k: v.clone() for k, v in gate_parameters(dbtrimkv.load_model(cfg.model)[0]).items()}
+        seen["data"] = Path(cfg.train_data).read_text()
+        return real(cfg)
+
+    from pathlib import Path
+
+    real = module.train
+    module.train, restore = spy, module.train
+    try:
+        config.update(output_dir=str(tmp_path / "run2"), train_data=str(tmp_path / "run2" / "data" / "train.jsonl"))
+        (tmp_path / "gates2.yaml").write_text(yaml.safe_dump(config))
+        train_gates(tmp_path / "gates2.yaml", examples=2, asset_dir=tmp_path / "recall", recipe=recipe_path,
+                    gate_data="gate_data_long", continue_gates=True)
+    finally:
+        module.train = restore
+    assert seen["start"].keys() == stage1.keys()
+    assert all(torch.equal(seen["start"][k], v) for k, v in stage1.items())  # not fresh gates
+    assert seen["data"].count('"type": "video"') == 2 and '"fps": 0.0' in seen["data"]  # the long section's clips
+    after = gate_parameters(dbtrimkv.load_model(tmp_path / "recall")[0])
+    trained = gate_parameters(dbtrimkv.load_model(tmp_path / "run2")[0])
+    assert all(torch.equal(after[k], trained[k]) for k in stage1)  # stage 2's gates installed in their place
+    assert any(not torch.equal(after[k], v) for k, v in stage1.items())
+
+
 def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     import torch
     import yaml

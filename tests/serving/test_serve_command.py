@@ -44,7 +44,7 @@ def test_startup_report_and_listen_address(monkeypatch, capsys):
     assert f"KV pool: {slots} entries (980.9 KiB, 269 bytes each)" in err
     assert "Attention views (CPU: contiguous copies of the running requests' kept K/V): up to 1.0 MiB, 3.5 MiB " \
            "reserved per such request" in err
-    assert "Per-request bound: budget 96 + 3 layers x 2 KV heads x max(buffer 32, prefill chunk 2048) = 12384" in err
+    assert "Per-request bound: budget 192 + 3 layers x 2 KV heads x max(buffer 32, prefill chunk 2048) = 12480" in err
     assert "A step prefills at most 2048 prompt tokens" in err
 
 
