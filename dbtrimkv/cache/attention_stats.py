@@ -90,10 +90,7 @@ def from_decode_views(cache, masses: list[torch.Tensor]) -> LayerAttention:
     its view rows (`attend_view_with_mass`), the view holding each segment's entries first. One
     slot lookup per forward instead of one per layer: the bookkeeping a decode step pays for reading
     attention statistics stays a few tensor ops, however deep the model."""
-    layers = cache.num_layers
-    segments = torch.arange(cache.tables.num_segments, device=cache.device).view(
-        -1, layers, cache.num_kv_heads).transpose(0, 1)  # [L, B, H]
-    slots, valid = cache.tables.padded_slots(segments)
+    slots, valid = cache.tables.padded_slots(cache.tables.all_layer_segments(cache.num_layers, cache.num_kv_heads))
     mass = masses[0].new_zeros(slots.shape)
     for layer, layer_mass in enumerate(masses):
         columns = min(layer_mass.shape[-1], mass.shape[-1])

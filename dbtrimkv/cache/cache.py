@@ -304,9 +304,7 @@ class DBTrimKVCache(Cache):
         the rebuilt views would take more than `views_limit` bytes: this forward reads the pool."""
         views = self.views
         if views.stale or self._views_outdated or (decode and views.spare < 1):
-            segments = torch.arange(self.tables.num_segments, device=self.device).view(
-                len(self.requests), self.num_layers, self.num_kv_heads).transpose(0, 1)
-            slots, valid = self.tables.padded_slots(segments)
+            slots, valid = self.tables.padded_slots(self.tables.all_layer_segments(self.num_layers, self.num_kv_heads))
             if self.views_limit is not None and KVViews.planned_bytes(
                     *slots.shape[:3], KVViews.columns_for(slots.shape[3], self.config.buffer_size), self.head_dim,
                     self.pool.dtype) > self.views_limit:

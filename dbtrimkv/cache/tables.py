@@ -66,6 +66,10 @@ class SlotTables:
         h = torch.arange(num_kv_heads, device=self.device)[None, :]
         return (b * num_layers + layer) * num_kv_heads + h
 
+    def all_layer_segments(self, num_layers: int, num_kv_heads: int) -> torch.Tensor:
+        """Segment ids `[L, B, H]` of every layer, for every sequence (the views' layout)."""
+        return torch.arange(self.num_segments, device=self.device).view(-1, num_layers, num_kv_heads).transpose(0, 1)
+
     def padded_slots(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ids of the given segments padded to the longest: `[*segments.shape, Lmax]` int64 (0 where
         not valid) and the validity mask."""

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import holds_gates, load_model, save_gates
-from ..errors import ConfigError
 from ..config import DBTrimKVConfig
+from ..errors import ConfigError
 from ..training import TrainConfig, train
 from .recall_model import load_recipe
 from .tasks import TRAIN_SEED_BASE, make_example
