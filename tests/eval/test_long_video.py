@@ -63,6 +63,33 @@ def test_bounded_policies_keep_memory_flat_and_the_full_cache_stops_at_its_cap(s
     assert full[1]["status"] == OOM and full[1]["kv_bytes"] > 2**20  # stopped just past the cap
 
 
+def test_the_full_cache_runs_after_every_bounded_policy_and_stops_at_its_first_oom(monkeypatch):
+    # the full cache's allocations stay in the process's resident memory: run it last, so the bounded
+    # policies' peak RSS is their own; cells still come out by length, then policy
+    from dbtrimkv.eval import long_video
+
+    calls = []
+
+    def fake_run_one(model, processor, video, policy, spec, timeline=None):
+        calls.append((policy, video.minutes, video.seed))
+        if policy == FULL and video.minutes >= 2:
+            return {"status": OOM, "kv_bytes": 1, "rss_bytes": 1}
+        return {"status": "ok", "answer": "video:1", "correct": True, "kv_bytes": 1, "rss_bytes": 1,
+                "peak_entries": 1, "prompt_tokens": 1, "seconds": 1.0, "cpu_seconds": 1.0}
+
+    monkeypatch.setattr(long_video, "run_one", fake_run_one)
+    monkeypatch.setattr(long_video.checkpoints, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(long_video, "gates_are_trained", lambda model: True)
+    spec = LongVideoSpec(minutes=[1, 2, 3], examples=2, policies=["global", "h2o"])
+    results = long_video.run_long_video(spec)
+    first_full = next(i for i, call in enumerate(calls) if call[0] == FULL)
+    assert {call[0] for call in calls[:first_full]} == {"global", "h2o"} and len(calls[:first_full]) == 12
+    assert calls[first_full:] == [(FULL, 1, 0), (FULL, 1, 1), (FULL, 2, 0)]  # one OOM stops it for good
+    assert [(c["minutes"], c["policy"]) for c in results["results"]] == [
+        (m, p) for m in (1, 2, 3) for p in ("global", "h2o", FULL)]
+    assert [c["status"] for c in results["results"] if c["policy"] == FULL] == ["ok", OOM, OOM]
+
+
 def test_the_command_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     from dbtrimkv.cli import main
 
