@@ -24,7 +24,7 @@ from ..eval.long_video import LongVideoSpec, run_long_video as run
 from ..loading import resolve_device
 from ..policies import policy_names
 from ..recall.tasks import TASK_KINDS
-from ..recall.train_gates import train_gates
+from ..recall.train_gates import GATE_DATA, train_gates
 from ..recall.train_model import train
 from . import arguments
 from .common import add_model_args
@@ -127,8 +127,8 @@ def _add_train_gates(sub) -> None:
                    help="the model's training recipe: its mixture (and gate_data section) draws the chats, its "
                         "output is the model the gates are trained for and saved into (default: recall-tiny-clips, "
                         "the shipped model's)")
-    p.add_argument("--gate-data", default="gate_data", metavar="SECTION",
-                   help="the recipe section that updates its mixture for the gates' chats (default: gate_data)")
+    p.add_argument("--gate-data", default=GATE_DATA, metavar="SECTION",
+                   help=f"the recipe section that updates its mixture for the gates' chats (default: {GATE_DATA})")
     p.add_argument("--continue-gates", action="store_true",
                    help="start from the gates the model already holds (a later stage) instead of fresh ones")
     p.add_argument("--threads", type=arguments.int_in(1, 1024), default=1, help="torch CPU threads (default: 1)")

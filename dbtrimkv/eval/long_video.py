@@ -178,24 +178,24 @@ def run_long_video(spec: LongVideoSpec, model_name: str | None = None, device: s
     at that length goes to `timeline_path`."""
     model_name = str(model_name or DEFAULT_MODEL)  # the shipped tiny-recall model
     model, processor = checkpoints.load_model(model_name, device=device, dtype=dtype)
-    order = [(policy, minutes) for policy in spec.policies for minutes in spec.minutes]
     cells, full_oom_at = [], None
-    for policy, minutes in [*order, *[(FULL, minutes) for minutes in spec.minutes]]:
-        if policy == FULL and full_oom_at is not None:
-            cells.append({"minutes": minutes, "policy": FULL, "examples": 0, "status": OOM,
-                          "note": f"not run: out of memory at {full_oom_at:g} min already"})
-            continue
-        runs = []
-        for seed in range(spec.examples):
-            video = LongVideo(seed, minutes, spec.fps, spec.image_size)
-            draw = policy == "global" and seed == 0 and minutes == spec.timeline_minutes
-            runs.append(run_one(model, processor, video, policy, spec, timeline_path if draw else None))
-            if runs[-1]["status"] == OOM:
-                break
-        cells.append(_cell(minutes, policy, runs, spec))
-        if cells[-1]["status"] == OOM:
-            full_oom_at = minutes
-        logger.info("%g min %s: %s", minutes, policy, {k: v for k, v in cells[-1].items() if k != "answers"})
+    for policy in [*spec.policies, FULL]:
+        for minutes in spec.minutes:
+            if policy == FULL and full_oom_at is not None:
+                cells.append({"minutes": minutes, "policy": FULL, "examples": 0, "status": OOM,
+                              "note": f"not run: out of memory at {full_oom_at:g} min already"})
+                continue
+            runs = []
+            for seed in range(spec.examples):
+                video = LongVideo(seed, minutes, spec.fps, spec.image_size)
+                draw = policy == "global" and seed == 0 and minutes == spec.timeline_minutes
+                runs.append(run_one(model, processor, video, policy, spec, timeline_path if draw else None))
+                if runs[-1]["status"] == OOM:
+                    break
+            cells.append(_cell(minutes, policy, runs, spec))
+            if cells[-1]["status"] == OOM:
+                full_oom_at = minutes
+            logger.info("%g min %s: %s", minutes, policy, {k: v for k, v in cells[-1].items() if k != "answers"})
     rank = {policy: i for i, policy in enumerate([*spec.policies, FULL])}
     cells.sort(key=lambda cell: (spec.minutes.index(cell["minutes"]), rank[cell["policy"]]))
     return {"benchmark": "long-video recall", "model": model_name, "gates_trained": gates_are_trained(model),

@@ -85,10 +85,13 @@ def _stage_base_model(source: Path, directory: Path) -> Path:
     return directory
 
 
+GATE_DATA = "gate_data"  # the recipe section for the gates' chats; optional, unlike a section named explicitly
+
+
 def train_gates(config_path: str | Path = "train-recall-gates", examples: int = 2000,
                 threads: int | None = 1, asset_dir: str | Path | None = None,
                 serve_memory_size: int | None = None, recipe: str | Path = SHIPPED_RECIPE,
-                gate_data: str = "gate_data", continue_gates: bool = False) -> Path:
+                gate_data: str = GATE_DATA, continue_gates: bool = False) -> Path:
     """Write the data, train the gates as the YAML says, save them into `asset_dir`; returns `asset_dir`.
 
     `recipe`: the model's training recipe; the chats are drawn from its mixture (updated by its
@@ -102,7 +105,7 @@ def train_gates(config_path: str | Path = "train-recall-gates", examples: int = 
         torch.set_num_threads(threads)
     config = TrainConfig.load(config_path)
     spec = load_recipe(recipe)
-    if gate_data != "gate_data" and gate_data not in spec:  # the default section is optional
+    if gate_data != GATE_DATA and gate_data not in spec:
         raise ConfigError(f"recipe {recipe}: no {gate_data!r} section")
     mixture = {**spec["mixture"], **(spec.get(gate_data) or {})}
     asset_dir = Path(asset_dir or spec["output"])

@@ -168,10 +168,12 @@ def test_train_gates_installs_trained_rg10_gates_next_to_the_model(tmp_path):
     assert not gates_are_trained(fresh)
 
 
-def test_a_second_gate_stage_continues_from_the_installed_gates_on_its_own_section(tmp_path):
+def test_a_second_gate_stage_continues_from_the_installed_gates_on_its_own_section(tmp_path, monkeypatch):
     """`continue_gates`: stage 2 starts from the gates stage 1 installed (not fresh ones), draws its
     chats from the recipe section it names, and installs its gates in their place; without gates to
     continue from, or with a section the recipe lacks, one clear error before any training."""
+    from pathlib import Path
+
     import torch
     import yaml
 
@@ -180,6 +182,7 @@ def test_a_second_gate_stage_continues_from_the_installed_gates_on_its_own_secti
     from dbtrimkv.gates import gate_parameters
     from dbtrimkv.presets import load_yaml
     from dbtrimkv.recall.recall_model import save_model
+    from dbtrimkv.recall import train_gates as module
     from dbtrimkv.recall.train_gates import train_gates
 
     recipe_path, recipe = small_recipe(tmp_path)
@@ -200,25 +203,18 @@ def test_a_second_gate_stage_continues_from_the_installed_gates_on_its_own_secti
     train_gates(tmp_path / "gates.yaml", examples=2, asset_dir=tmp_path / "recall", recipe=recipe_path)
     stage1 = {k: v.clone() for k, v in gate_parameters(dbtrimkv.load_model(tmp_path / "recall")[0]).items()}
 
-    seen = {}
-    import dbtrimkv.recall.train_gates as module
+    seen, real = {}, module.train
 
     def spy(cfg):  # the model the trainer starts from
         seen["start"] = {k: v.clone() for k, v in gate_parameters(dbtrimkv.load_model(cfg.model)[0]).items()}
         seen["data"] = Path(cfg.train_data).read_text()
         return real(cfg)
 
-    from pathlib import Path
-
-    real = module.train
-    module.train, restore = spy, module.train
-    try:
-        config.update(output_dir=str(tmp_path / "run2"), train_data=str(tmp_path / "run2" / "data" / "train.jsonl"))
-        (tmp_path / "gates2.yaml").write_text(yaml.safe_dump(config))
-        train_gates(tmp_path / "gates2.yaml", examples=2, asset_dir=tmp_path / "recall", recipe=recipe_path,
-                    gate_data="gate_data_long", continue_gates=True)
-    finally:
-        module.train = restore
+    monkeypatch.setattr(module, "train", spy)
+    config.update(output_dir=str(tmp_path / "run2"), train_data=str(tmp_path / "run2" / "data" / "train.jsonl"))
+    (tmp_path / "gates2.yaml").write_text(yaml.safe_dump(config))
+    train_gates(tmp_path / "gates2.yaml", examples=2, asset_dir=tmp_path / "recall", recipe=recipe_path,
+                gate_data="gate_data_long", continue_gates=True)
     assert seen["start"].keys() == stage1.keys()
     assert all(torch.equal(seen["start"][k], v) for k, v in stage1.items())  # not fresh gates
     assert seen["data"].count('"type": "video"') == 2 and '"fps": 0.0' in seen["data"]  # the long section's clips
