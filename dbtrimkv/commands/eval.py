@@ -81,6 +81,9 @@ def _add_long_video(sub) -> None:
                    help="video lengths in minutes (default: 1 2 5 10 30 60)")
     p.add_argument("--fps", type=float, default=1.0, help="frames per second of the videos (default: 1)")
     p.add_argument("--examples", type=int, default=4, help="videos per length (seeds 0..N-1; default: 4)")
+    p.add_argument("--first-seed", type=int, default=0, metavar="SEED",
+                   help="first video seed (default: 0, the benchmark's videos); other seeds give held-out videos "
+                        "to tune on")
     p.add_argument("--policies", nargs="+", default=["global", "head", "streaming", "snapkv", "h2o"],
                    choices=policy_names(), metavar="POLICY", help="policies besides the full cache")
     p.add_argument("--memory-size", type=int, default=32, metavar="M",
@@ -155,6 +158,8 @@ def run_synthetic(args) -> int:
 def run_long_video(args) -> int:
     if any(m <= 0 for m in args.minutes) or args.fps <= 0 or args.examples < 1 or args.memory_size < 1:
         raise ConfigError("--minutes and --fps must be > 0, --examples and --memory-size at least 1")
+    if args.first_seed < 0:
+        raise ConfigError(f"--first-seed must be >= 0, got {args.first_seed}")
     if args.full_cache_cap_mb <= 0 or args.window_frames < 1:
         raise ConfigError("--full-cache-cap-mb must be > 0 and --window-frames at least 1")
     if args.timeline_minutes is not None and (args.timeline_minutes not in args.minutes or "global" not in args.policies):
@@ -162,7 +167,8 @@ def run_long_video(args) -> int:
     _log_to_stderr()
     spec = LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
                          memory_size=args.memory_size, full_cache_cap_mb=args.full_cache_cap_mb,
-                         window_frames=args.window_frames, timeline_minutes=args.timeline_minutes)
+                         window_frames=args.window_frames, timeline_minutes=args.timeline_minutes,
+                         first_seed=args.first_seed)
     timeline = Path(f"{args.output}-timeline.png") if args.timeline_minutes is not None else None
     if timeline is not None:
         timeline.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,12 @@ def _speed(cell: dict) -> str:
     return f"{cell['seconds_per_minute']:.2f}" + ("" if cpu is None else f" ({cpu:.2f})")
 
 
+def _seeds(spec: dict) -> str:
+    """Which videos, where they are not the benchmark's own (seeds 0..N-1)."""
+    first = spec.get("first_seed", 0)
+    return f" (seeds {first}-{first + spec['examples'] - 1}, not the benchmark's 0-{spec['examples'] - 1})" if first else ""
+
+
 def markdown(results: dict, command: str, png_name: str) -> str:
     spec = results["spec"]
     tokens = {c["minutes"]: c["prompt_tokens"] for c in results["results"] if "prompt_tokens" in c}
@@ -72,7 +78,7 @@ def markdown(results: dict, command: str, png_name: str) -> str:
         f"Command: `{command}`\n\n"
         f"Model: {results['model']} (gates trained: {results['gates_trained']}). Synthetic videos at {spec['fps']:g} fps ({results['frames_per_minute']} frames a "
         f"minute, {spec['image_size']} px), the digit on {DIGIT_HOLD} consecutive frames (a still image) at a random time, the question after the last frame; "
-        f"{spec['examples']} videos per length, streamed through video-qa's windowed path ({spec['window_frames']} "
+        f"{spec['examples']} videos per length{_seeds(spec)}, streamed through video-qa's windowed path ({spec['window_frames']} "
         f"frames per window) at memory size M = {spec['memory_size']} per (layer, KV head). The full cache runs until "
         f"its KV storage passes {spec['full_cache_cap_mb']:g} MiB (OOM). Chance: {100 / len(DIGITS):.0f}%.\n"
         f"Prompt tokens: {token_line}.\n\n"

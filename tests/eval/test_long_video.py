@@ -118,3 +118,34 @@ def test_bad_arguments_are_one_clear_error(capsys):
 
     assert main(["eval", "long-video", "--minutes", "0"]) == 2
     assert "--minutes" in capsys.readouterr().err
+
+
+def test_first_seed_picks_held_out_videos_and_the_table_says_so(monkeypatch):
+    # tuning on the benchmark's own videos (seeds 0..N-1) would overfit it: --first-seed gives others
+    from dbtrimkv.eval import long_video, long_video_report
+
+    seeds = []
+
+    def fake_run_one(model, processor, video, policy, spec, timeline=None):
+        seeds.append((policy, video.seed, timeline))
+        return {"status": OOM, "kv_bytes": 1, "rss_bytes": 1} if policy == FULL else {
+            "status": "ok", "answer": "video:1", "correct": True, "kv_bytes": 1, "rss_bytes": 1,
+            "peak_entries": 1, "prompt_tokens": 1, "seconds": 1.0, "cpu_seconds": 1.0}
+
+    monkeypatch.setattr(long_video, "run_one", fake_run_one)
+    monkeypatch.setattr(long_video.checkpoints, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(long_video, "gates_are_trained", lambda model: True)
+    spec = LongVideoSpec(minutes=[1], examples=3, policies=["global"], first_seed=1000, timeline_minutes=1)
+    results = long_video.run_long_video(spec, timeline_path="t.png")
+    assert seeds == [("global", 1000, "t.png"), ("global", 1001, None), ("global", 1002, None), (FULL, 1000, None)]
+    assert "(seeds 1000-1002, not the benchmark's 0-2)" in long_video_report.markdown(results, "cmd", "x.png")
+    benchmark = long_video.run_long_video(LongVideoSpec(minutes=[1], examples=2, policies=["global"]))
+    assert "seeds" not in long_video_report.markdown(benchmark, "cmd", "x.png").split("Prompt tokens")[0]
+    assert [s for _, s, _ in seeds[4:]] == [0, 1, 0]
+
+
+def test_a_negative_first_seed_is_one_clear_error(capsys):
+    from dbtrimkv.cli import main
+
+    assert main(["eval", "long-video", "--first-seed", "-1"]) == 2
+    assert "--first-seed" in capsys.readouterr().err
