@@ -16,6 +16,15 @@ def test_shipped_presets_load():
         512, "rg10", "global", "flex", True)
 
 
+def test_gate_stage_3_is_stage_2_longer_at_half_the_learning_rate():
+    import dataclasses
+
+    stage2, stage3 = TrainConfig.load("train-recall-gates-long"), TrainConfig.load("train-recall-gates-stage3")
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(stage2, f.name) != getattr(stage3, f.name)}
+    assert changed == {"max_steps", "lr", "output_dir", "train_data"}
+    assert (stage2.max_steps, stage3.max_steps, stage3.lr) == (60, 200, pytest.approx(stage2.lr / 2))
+
+
 def test_exponent_floats_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("synthetic_examples: 2\nlr: 3e-4\nmax_grad_norm: null\n")
