@@ -63,16 +63,17 @@ def test_bounded_policies_keep_memory_flat_and_the_full_cache_stops_at_its_cap(s
     assert full[1]["status"] == OOM and full[1]["kv_bytes"] > 2**20  # stopped just past the cap
 
 
-def test_the_full_cache_runs_after_every_bounded_policy_and_stops_at_its_first_oom(monkeypatch):
-    # the full cache's allocations stay in the process's resident memory: run it last, so the bounded
-    # policies' peak RSS is their own; cells still come out by length, then policy
+def _fake_runs(monkeypatch, out_of_memory) -> list:
+    """Stand in for `run_one` (and the model load): records (policy, minutes, seed, timeline) per
+    call, answers every video right, and reports the full cache out of memory where
+    `out_of_memory(video)` says so."""
     from dbtrimkv.eval import long_video
 
     calls = []
 
     def fake_run_one(model, processor, video, policy, spec, timeline=None):
-        calls.append((policy, video.minutes, video.seed))
-        if policy == FULL and video.minutes >= 2:
+        calls.append((policy, video.minutes, video.seed, timeline))
+        if policy == FULL and out_of_memory(video):
             return {"status": OOM, "kv_bytes": 1, "rss_bytes": 1}
         return {"status": "ok", "answer": "video:1", "correct": True, "kv_bytes": 1, "rss_bytes": 1,
                 "peak_entries": 1, "prompt_tokens": 1, "seconds": 1.0, "cpu_seconds": 1.0}
@@ -80,8 +81,18 @@ def test_the_full_cache_runs_after_every_bounded_policy_and_stops_at_its_first_o
     monkeypatch.setattr(long_video, "run_one", fake_run_one)
     monkeypatch.setattr(long_video.checkpoints, "load_model", lambda *a, **k: (None, None))
     monkeypatch.setattr(long_video, "gates_are_trained", lambda model: True)
+    return calls
+
+
+def test_the_full_cache_runs_after_every_bounded_policy_and_stops_at_its_first_oom(monkeypatch):
+    # the full cache's allocations stay in the process's resident memory: run it last, so the bounded
+    # policies' peak RSS is their own; cells still come out by length, then policy
+    from dbtrimkv.eval import long_video
+
+    recorded = _fake_runs(monkeypatch, lambda video: video.minutes >= 2)
     spec = LongVideoSpec(minutes=[1, 2, 3], examples=2, policies=["global", "h2o"])
     results = long_video.run_long_video(spec)
+    calls = [call[:3] for call in recorded]
     first_full = next(i for i, call in enumerate(calls) if call[0] == FULL)
     assert {call[0] for call in calls[:first_full]} == {"global", "h2o"} and len(calls[:first_full]) == 12
     assert calls[first_full:] == [(FULL, 1, 0), (FULL, 1, 1), (FULL, 2, 0)]  # one OOM stops it for good
@@ -124,24 +135,15 @@ def test_first_seed_picks_held_out_videos_and_the_table_says_so(monkeypatch):
     # tuning on the benchmark's own videos (seeds 0..N-1) would overfit it: --first-seed gives others
     from dbtrimkv.eval import long_video, long_video_report
 
-    seeds = []
-
-    def fake_run_one(model, processor, video, policy, spec, timeline=None):
-        seeds.append((policy, video.seed, timeline))
-        return {"status": OOM, "kv_bytes": 1, "rss_bytes": 1} if policy == FULL else {
-            "status": "ok", "answer": "video:1", "correct": True, "kv_bytes": 1, "rss_bytes": 1,
-            "peak_entries": 1, "prompt_tokens": 1, "seconds": 1.0, "cpu_seconds": 1.0}
-
-    monkeypatch.setattr(long_video, "run_one", fake_run_one)
-    monkeypatch.setattr(long_video.checkpoints, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(long_video, "gates_are_trained", lambda model: True)
+    calls = _fake_runs(monkeypatch, lambda video: True)
     spec = LongVideoSpec(minutes=[1], examples=3, policies=["global"], first_seed=1000, timeline_minutes=1)
     results = long_video.run_long_video(spec, timeline_path="t.png")
-    assert seeds == [("global", 1000, "t.png"), ("global", 1001, None), ("global", 1002, None), (FULL, 1000, None)]
+    assert [(policy, seed, timeline) for policy, _, seed, timeline in calls] == [
+        ("global", 1000, "t.png"), ("global", 1001, None), ("global", 1002, None), (FULL, 1000, None)]
     assert "(seeds 1000-1002, not the benchmark's 0-2)" in long_video_report.markdown(results, "cmd", "x.png")
     benchmark = long_video.run_long_video(LongVideoSpec(minutes=[1], examples=2, policies=["global"]))
     assert "seeds" not in long_video_report.markdown(benchmark, "cmd", "x.png").split("Prompt tokens")[0]
-    assert [s for _, s, _ in seeds[4:]] == [0, 1, 0]
+    assert [seed for _, _, seed, _ in calls[4:]] == [0, 1, 0]
 
 
 def test_a_negative_first_seed_is_one_clear_error(capsys):
