@@ -80,7 +80,7 @@ def _add_long_video(sub) -> None:
     p.add_argument("--minutes", nargs="+", type=float, default=[1, 2, 5, 10, 30, 60], metavar="MIN",
                    help="video lengths in minutes (default: 1 2 5 10 30 60)")
     p.add_argument("--fps", type=float, default=1.0, help="frames per second of the videos (default: 1)")
-    p.add_argument("--examples", type=int, default=4, help="videos per length (seeds 0..N-1; default: 4)")
+    p.add_argument("--examples", type=int, default=4, help="videos per length (seeds --first-seed onwards; default: 4)")
     p.add_argument("--first-seed", type=int, default=0, metavar="SEED",
                    help="first video seed (default: 0, the benchmark's videos); other seeds give held-out videos "
                         "to tune on")
