@@ -2,7 +2,8 @@
 
 Why: OpenAI clients (and the people reading their exceptions) expect `{"error": {"message", "type",
 "param", "code"}}` with the usual status codes: 400 bad request, 401 wrong key, 404 unknown model,
-409 session busy, 413 too large, 429 queue full (with Retry-After), 503 shutting down.
+409 session busy, 413 too large, 429 queue full (with Retry-After), 503 shutting down or a batch
+failed under a request that cannot be restarted (see recovery.py; retry at once).
 """
 
 from __future__ import annotations
@@ -65,3 +66,10 @@ class Unavailable(APIError):
 
 class InternalError(APIError):
     status, type, code = 500, "server_error", "internal_error"
+
+
+class BatchFailed(APIError):
+    status, type, code = 503, "service_unavailable", "batch_failed"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "0"}

@@ -5,6 +5,9 @@ next prompt chunk (with the images or video frames that chunk reaches), some fee
 prompt token, some decode one token. Each row is left-padded to the longest; padding is never
 cached and every real token carries its own logical and M-RoPE position, so a row computes what
 it would compute alone (`dbtrimkv.generation.prefill` is the one-request version of this).
+
+A row's images are encoded by `encode_vision` before the batched forward, one row at a time, so
+that the engine can fail the one request whose image breaks the vision tower and run the others.
 """
 
 from __future__ import annotations
@@ -25,7 +28,24 @@ class RowInput:
     ids: torch.Tensor  # [n] token ids
     positions: torch.Tensor  # [n] text positions, or [4, n] with M-RoPE (Qwen3-VL)
     types: torch.Tensor  # [n] modality codes (0 text, 1 image, 2 video)
-    vision: tuple[VisionStream, int, int] | None = None  # stream and the prompt columns [start, end) it covers
+    vision: "VisionChunk | None" = None  # the chunk's visual features (`encode_vision`), if it has any
+
+
+@dataclass
+class VisionChunk:
+    """The visual tokens of one row's chunk: which of its columns they fill, their embeddings, deepstack."""
+
+    mask: torch.Tensor  # [n] bool
+    embeds: torch.Tensor  # [visual tokens, hidden]
+    deepstack: list[torch.Tensor]
+
+
+def encode_vision(model, stream: VisionStream, start: int, end: int) -> VisionChunk | None:
+    """Encode the images / video frames that prompt columns [start, end) of one request reach."""
+    table = model.get_input_embeddings()
+    mask, embeds, deep = stream.chunk_features(start, end, 1, table.embedding_dim, table.weight.device,
+                                               table.weight.dtype)
+    return None if mask is None else VisionChunk(mask[0], embeds, deep)
 
 
 @torch.no_grad()
@@ -62,13 +82,9 @@ def _vision_kwargs(rows: list[RowInput], width: int, embeds: torch.Tensor) -> di
     for b, row in enumerate(rows):
         if row.vision is None:
             continue
-        stream, start, end = row.vision
-        rmask, remb, rdeep = stream.chunk_features(start, end, 1, embeds.shape[-1], embeds.device, embeds.dtype)
-        if rmask is None:
-            continue
-        vmask[b, width - (end - start) :] = rmask[0]
-        pieces.append(remb)
-        deep.append(rdeep)
+        vmask[b, width - row.ids.numel() :] = row.vision.mask
+        pieces.append(row.vision.embeds)
+        deep.append(row.vision.deepstack)
     if not pieces:
         return {}
     deepstack = [torch.cat([d[k] for d in deep]) for k in range(len(deep[0]))]

@@ -15,7 +15,8 @@ comes back with the same chunk later, so its answer is what it gets alone and ma
 admitted together never make one long step that stalls the decoders.
 
 Results go back through each request's `sink` (called from this thread; the HTTP layer hands
-them to its event loop). `steps` records, per engine step, the prompt and decode tokens fed and the
+them to its event loop). A failure while serving one request fails that request alone (`recovery.py`).
+`steps` records, per engine step, the prompt and decode tokens fed and the
 pool and view bytes held (bounded; tests and the benchmark read it).
 """
 
@@ -42,11 +43,12 @@ from ..generation import VisionStream, is_vision_language, model_lock, token_pos
 from ..pipeline import stop_token_ids
 from ..prompts import tokenizer_of
 from .admission import Admission, Reservation, request_bound, slot_bytes, split_memory, view_columns
-from .api_errors import APIError, InternalError, QueueFull, TooLarge, Unavailable
+from .api_errors import APIError, BatchFailed, InternalError, QueueFull, TooLarge, Unavailable
 from .api_errors import BadRequest
-from .batch_step import RowInput, forward_rows
+from .batch_step import RowInput, encode_vision, forward_rows
 from .detokenize import TextTracker
 from .metrics import Metrics
+from .recovery import reclaim_pool
 from .sampling import Sampler, SamplingParams
 from .schema import canonical_reply
 from .sessions import Session, SessionStore
@@ -93,9 +95,19 @@ class EngineRequest:
     tracker: TextTracker | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    solo: bool = False  # runs in a batch of its own (restarted after its batch's forward failed)
+    seed: int | None = None  # the seed its sampler drew (kept by a restart)
+    emitted: int = 0  # characters of its answer already sent (by a run before a restart)
 
     def __post_init__(self):
         self.prompt_len = int(self.inputs["input_ids"].shape[1])
+
+    def restart(self) -> None:
+        """Start again from the first prompt token, alone, with the same seed; what was sent is not sent again."""
+        self.seed = self.sampler.seed if self.sampler is not None else self.seed
+        self.emitted = self.tracker.emitted if self.tracker is not None else self.emitted
+        self.prefilled, self.generated, self.positions, self.vision = 0, [], None, None
+        self.solo = True
 
 
 @dataclass
@@ -114,8 +126,8 @@ class _Group:
     """Running requests with one eviction setting: the rows of one serving cache, in row order, and
     the prefilling requests sitting out this step (`paused`, parked out of the cache)."""
 
-    def __init__(self, key: tuple, cache):
-        self.key, self.cache, self.requests = key, cache, []
+    def __init__(self, key: tuple, cache, solo: bool = False):
+        self.key, self.cache, self.requests, self.solo = key, cache, [], solo
         self.paused: dict[str, tuple[EngineRequest, ParkedSequence]] = {}
 
 
@@ -189,8 +201,14 @@ class Engine:
         bound = self.bound_for(request.config, request.prompt_len)
         cached = request.session.parked.state.seen if request.continues and request.session is not None else 0
         seen_max = cached + request.prompt_len + request.sampling.max_tokens
-        return Reservation(bound, config_key(request.config),
+        return Reservation(bound, self.group_key(request),
                            view_columns(bound, self.segments, seen_max, request.config.buffer_size))
+
+    @staticmethod
+    def group_key(request: EngineRequest) -> tuple:
+        """The batch a request joins: the one of its eviction setting, or its own after a failed batch."""
+        key = config_key(request.config)
+        return (key, request.id) if request.solo else key
 
     @property
     def slots_in_use(self) -> int:
@@ -283,9 +301,12 @@ class Engine:
             if request.session is not None:
                 self.sessions.unreserve(request.session)
             request.sink(Event("error", error=error))
-        for group in self.groups.values():
+        groups, self.groups = list(self.groups.values()), {}  # their caches may be mid-forward: drop them whole
+        for group in groups:
             for request in list(group.requests) + [p[0] for p in list(group.paused.values())]:
-                self._retire(group, request, None, error=error)
+                self.admission.release(request.id)
+                request.sink(Event("error", error=error))
+        self._reclaim()
 
     def _drop_cancelled(self, ids: set[str]) -> None:
         if not ids:
@@ -297,7 +318,7 @@ class Engine:
         for request in gone:
             if request.session is not None:
                 self.sessions.unreserve(request.session)
-        for group in self.groups.values():
+        for group in list(self.groups.values()):
             for request in [r for r in list(group.requests) + [p[0] for p in group.paused.values()] if r.id in ids]:
                 self._retire(group, request, "cancelled")
 
@@ -347,20 +368,19 @@ class Engine:
         request.positions = token_positions(self.model, request.inputs, mask, [seen], [seen + rope_delta])[..., 0, :]
         if self.vision_language and bool(types.any()):
             request.vision = VisionStream(self.model, request.inputs, types, mask)
-        request.sampler = Sampler(request.sampling)
+        request.sampler = Sampler(request.sampling, seed=request.seed)
         request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
+        request.tracker.emitted = request.emitted
         request.cached_tokens = seen
-        if request.session is not None:
+        if request.session is not None and not request.solo:  # (a restart took its session over already)
             self.sessions.take(request.session.id)
             self.admission.unpark(request.session.id)
             if parked is None:
                 self.pool.release(request.session.parked.slots)
-        key = config_key(request.config)
+        key = request.reservation.group
         group = self.groups.get(key)
         if group is None:
-            cache = DBTrimKVCache(self.model, request.config)
-            cache.use_pool(self.pool)
-            group = self.groups[key] = _Group(key, cache)
+            group = self.groups[key] = _Group(key, self._new_cache(request.config), request.solo)
         group.cache.add_sequence(parked)
         group.requests.append(request)
         self.admission.admit(request.id, request.reservation)
@@ -413,7 +433,7 @@ class Engine:
         if request.prefilled < total:
             start, end = self._next_chunk(request)
             ids = request.inputs["input_ids"][0, start:end]
-            vision = (request.vision, start, end) if request.vision is not None else None
+            vision = encode_vision(self.model, request.vision, start, end) if request.vision is not None else None
             return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
                             vision), end == total
         state = cache.requests[row]
@@ -424,16 +444,26 @@ class Engine:
         return RowInput(token, pos, torch.zeros_like(token)), True
 
     def _step(self, group: _Group, record: StepRecord) -> None:
-        cache, requests = group.cache, list(group.requests)
-        plans = [self._row_input(r, cache, b) for b, r in enumerate(requests)]
+        cache = group.cache
+        plans, failed = {}, []
+        for b, request in enumerate(group.requests):  # per-row work that may fail on this row's input
+            try:
+                plans[request.id] = self._row_input(request, cache, b)
+            except Exception as exc:  # noqa: BLE001 - fail this request alone
+                failed.append((request, exc))
+        for request, exc in failed:
+            self._retire(group, request, None, error=_as_api_error(exc))
+        requests = list(group.requests)
+        if not requests:
+            return
+        plans = [plans[r.id] for r in requests]
         seen_before = list(cache.seen)
         try:
             with model_lock(self.model), torch.inference_mode():
                 logits = forward_rows(self.model, cache, [p[0] for p in plans])
-        except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
+        except Exception as exc:  # noqa: BLE001 - no row to blame: restart them alone (recovery.py)
             traceback.print_exc()
-            for request in requests:
-                self._retire(group, request, None, error=_as_api_error(exc))
+            self._forward_failed(group, requests, exc)
             return
         self.metrics.inc("engine_steps_total")
         record.views_bytes = max(record.views_bytes, self.views_bytes())  # before retiring drops this batch's views
@@ -453,12 +483,57 @@ class Engine:
                 record.decode_tokens += 1
             if not samples:
                 continue
-            token = request.sampler(logits[b])
-            reason = self._accept(request, token, now)
+            try:
+                reason = self._accept(request, request.sampler(logits[b]), now)
+            except Exception as exc:  # noqa: BLE001 - a sampling or tokenizer failure fails this request alone
+                finished.append((request, None, _as_api_error(exc)))
+                continue
             if reason is not None:
-                finished.append((request, reason))
-        for request, reason in finished:
-            self._retire(group, request, reason)
+                finished.append((request, reason, None))
+        for request, reason, error in finished:
+            self._retire(group, request, reason, error=error)
+
+    def _forward_failed(self, group: _Group, requests: list[EngineRequest], exc: Exception) -> None:
+        """A batched forward failed: drop the batch's cache, reclaim its slots, restart its requests alone
+        (the one at fault then fails alone); a request alone in its batch is the one at fault."""
+        self.metrics.inc("batch_failures_total")
+        group.cache, group.requests = self._new_cache(requests[0].config), []
+        self._reclaim()
+        restarts = []
+        for request in requests:
+            self.admission.release(request.id)
+            if len(requests) == 1 or request.solo:
+                request.sink(Event("error", error=_as_api_error(exc)))
+            elif request.continues:
+                request.sink(Event("error", error=BatchFailed(
+                    "this request's batch failed under another request, and its session's cached history went "
+                    "with it; send it again (the whole conversation will be prefilled)")))
+            else:
+                request.restart()
+                request.reservation = self.reservation_for(request)
+                restarts.append(request)
+        self.metrics.inc("requests_restarted_total", len(restarts))
+        with self.cond:
+            self.waiting.extendleft(reversed(restarts))  # first in line, in their order
+        group.cache.views_limit = self.admission.group_view_bytes(group.key)
+        self._drop_if_idle(group)
+
+    def _new_cache(self, config: DBTrimKVConfig) -> DBTrimKVCache:
+        cache = DBTrimKVCache(self.model, config)
+        cache.use_pool(self.pool)
+        return cache
+
+    def _drop_if_idle(self, group: _Group) -> None:
+        """A solo batch goes away with its request (the shared batches of eviction settings stay)."""
+        if group.solo and not group.requests and not group.paused:
+            self.groups.pop(group.key, None)
+
+    def _reclaim(self) -> None:
+        """Give the pool back every slot no batch row, parked row or session holds."""
+        in_use = [g.cache.retained_slots(b) for g in self.groups.values() for b in range(len(g.cache.requests))]
+        in_use += [parked.slots for g in self.groups.values() for _, parked in g.paused.values()]
+        lost = reclaim_pool(self.pool, in_use + self.sessions.slot_ids())
+        self.metrics.inc("kv_slots_reclaimed_total", lost)
 
     def _accept(self, request: EngineRequest, token: int, now: float) -> str | None:
         """Record a sampled token, send its text; returns the finish reason if the request is done."""
@@ -490,6 +565,7 @@ class Engine:
             parked = group.cache.park_sequence(row)
         self.admission.release(request.id)
         group.cache.views_limit = self.admission.group_view_bytes(group.key)
+        self._drop_if_idle(group)
         keep = request.session_id is not None and reason in ("stop", "length")
         if keep:
             reply = request.tracker.text

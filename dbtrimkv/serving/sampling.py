@@ -1,14 +1,31 @@
 """Next-token choice per request: greedy at temperature 0, else temperature + top-p with its own seed.
 
 Why: requests in one batch have their own sampling settings; each keeps a private generator so a
-seeded request samples the same tokens whatever else runs beside it.
+seeded request samples the same tokens whatever else runs beside it (and a request the engine has
+to run again after a failed batch samples the same tokens the second time: an unseeded request
+keeps the seed it drew). `SamplingParams` is the one owner of what a valid setting is: it refuses
+a non-finite or out-of-range value with `InvalidSampling` naming the field (the HTTP layer turns it
+into a 400 with that `param`), so a NaN temperature can never reach `torch.multinomial`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import ConfigError
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+class InvalidSampling(ConfigError):
+    """A sampling setting out of range; `field` names it as the client spelled it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -20,15 +37,43 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
+    def __post_init__(self):
+        _integer("max_tokens", self.max_tokens, 1, None)
+        _real("temperature", self.temperature, 0.0, 2.0, "[0, 2]")
+        _real("top_p", self.top_p, 0.0, 1.0, "(0, 1]", open_low=True)
+        if self.seed is not None:
+            _integer("seed", self.seed, *SEED_RANGE)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidSampling("stop", "'stop' strings must be non-empty")
+
+
+def _integer(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSampling(name, f"'{name}' must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise InvalidSampling(name, f"'{name}' must be in [{low}, {'inf' if high is None else high}], got {value!r}")
+
+
+def _real(name: str, value, low: float, high: float, shown: str, open_low: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSampling(name, f"'{name}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidSampling(name, f"'{name}' must be a finite number, got {value!r}")
+    if value < low or value > high or (open_low and value == low):
+        raise InvalidSampling(name, f"'{name}' must be in {shown}, got {value!r}")
+
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, seed: int | None = None):
+        """`seed` overrides `params.seed` (the engine passes the seed an earlier run of the request drew)."""
         self.params = params
         self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
+        seed = params.seed if seed is None else seed
+        if seed is not None:
+            self.generator.manual_seed(seed)
         else:
             self.generator.seed()
+        self.seed = self.generator.initial_seed()
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Token id from one row of logits `[V]`."""

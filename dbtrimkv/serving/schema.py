@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from .api_errors import BadRequest
 from .api_errors import ModelNotFound
 from .media_sources import MediaPolicy, load_image_url, load_video_url
-from .sampling import SamplingParams
+from .sampling import InvalidSampling, SamplingParams
 
 ROLES = ("system", "user", "assistant")
 UNSUPPORTED = {"tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls",
@@ -91,33 +91,29 @@ def _bool(body: dict, name: str, default: bool, param: str | None = None) -> boo
     return value
 
 
-def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False, open_low: bool = False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
-    if value < low or value > high or (open_low and value == low):
-        bracket = "(" if open_low else "["
-        raise BadRequest(f"'{name}' must be in {bracket}{low}, {high}], got {value!r}", param=name)
-    return value
-
-
 def _sampling(body: dict, limits: ServerLimits) -> SamplingParams:
-    max_tokens = _number(body, "max_completion_tokens", None, 1, limits.max_tokens, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", limits.default_max_tokens, 1, limits.max_tokens, integer=True)
+    """Sampling settings; `SamplingParams` owns what is valid (finite, in range), this adds the server's cap."""
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("'stop' must be a non-empty string or a list of up to 4 non-empty strings", param="stop")
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True)),
-        seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True), stop=tuple(stop),
-        ignore_eos=_bool(body, "ignore_eos", False),
-    )
+    given = {key: body[key] for key in ("temperature", "top_p", "seed") if body.get(key) is not None}
+    try:
+        params = SamplingParams(max_tokens=_given(body, name, limits.default_max_tokens), stop=tuple(stop),
+                                ignore_eos=_bool(body, "ignore_eos", False), **given)
+    except InvalidSampling as exc:
+        field = name if exc.field == "max_tokens" else exc.field
+        raise BadRequest(str(exc).replace("'max_tokens'", f"'{field}'"), param=field) from None
+    if params.max_tokens > limits.max_tokens:
+        raise BadRequest(f"'{name}' must be at most this server's --max-tokens {limits.max_tokens}, got "
+                         f"{params.max_tokens}", param=name)
+    return params
+
+
+def _given(body: dict, name: str, default):
+    value = body.get(name)
+    return default if value is None else value
 
 
 def _eviction(value, limits: ServerLimits) -> DBTrimKVConfig:

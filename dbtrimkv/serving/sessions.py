@@ -108,6 +108,11 @@ class SessionStore:
             self._notices.popitem(last=False)
         return session
 
+    def slot_ids(self) -> list:
+        """The pool slots each stored session holds (tensors)."""
+        with self._lock:
+            return [s.parked.slots for s in self._sessions.values()]
+
     def parked_slots(self) -> int:
         with self._lock:
             return sum(s.parked.num_slots for s in self._sessions.values())
