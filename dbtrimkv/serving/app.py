@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from ..errors import DBTrimKVError
 from ..pipeline import closing_ids, prepend_tokens
 from ..prompts import build_inputs
 from .api_errors import APIError, BadRequest, Conflict, TooLarge, Unauthorized, Unavailable
+from .request_bounds import check_text_tokens, parse_json, read_body
 from .engine import Engine, EngineRequest, Event, config_key
 from .responses import Completion, sse
 from .schema import ChatRequest, ServerLimits, parse_chat_request
@@ -85,17 +85,11 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
         authorize(request)
         if engine.stopping:
             raise Unavailable("the server is shutting down")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > options.max_request_bytes:
-            raise TooLarge(f"the request body is larger than {options.max_request_bytes} bytes")
-        raw = await request.body()
-        if len(raw) > options.max_request_bytes:
-            raise TooLarge(f"the request body is larger than {options.max_request_bytes} bytes")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+        raw = await read_body(request, options.max_request_bytes)
+        body = await run_in_threadpool(parse_json, raw)
+        del raw
         chat = await run_in_threadpool(parse_chat_request, body, limits)
+        del body
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -132,6 +126,9 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
             if not continues:
                 notice = (f"session {chat.session_id!r} restarted: the messages do not continue its history "
                           "(or its eviction settings changed), so the whole conversation was prefilled")
+        new_messages = chat.messages[len(session.history):] if continues else chat.messages
+        check_text_tokens(engine.tokenizer, [p["text"] for m in new_messages for p in m["content"] if p["type"] == "text"],
+                          options.max_prompt_tokens)
         try:
             if continues:
                 inputs = build_inputs(engine.processor, chat.messages[len(session.history):])

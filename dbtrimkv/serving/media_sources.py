@@ -3,7 +3,10 @@
 Why: a server must read no file a client names and fetch nothing a client points at unless its
 operator said so. `data:` URIs are decoded in memory; `file://` URLs and paths only under
 `--allow-media-dir DIR`; `http(s)://` URLs only with `--allow-remote-media` (size-capped,
-time-limited). Decoding problems become one clear `BadRequest` naming the message part.
+time-limited). An image's size is read from its header and charged to the request's
+`MediaBudget` before it is decoded (`dbtrimkv.media` refuses what its header says is too large).
+Decoding problems become one clear `BadRequest` naming the message part, never showing an object
+repr or a server path (an uploaded video's temporary file is "the uploaded video").
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import base64
 import binascii
 import io
 import os
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -20,8 +25,11 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from ..errors import MediaError
-from ..media import Video, load_image, load_video
+from ..media import IMAGE_MAX_PIXELS, Video, load_image, load_video
 from .api_errors import BadRequest, TooLarge
+from .request_bounds import MediaBudget
+
+_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -32,32 +40,61 @@ class MediaPolicy:
     video_fps: float = 2.0
     video_max_frames: int = 64
     timeout: float = 10.0
+    image_max_pixels: int = IMAGE_MAX_PIXELS  # images are downscaled to this while decoding
+    max_pixels_per_request: int | None = None  # decoded image / video pixels a request may hold (None: no cap)
+
+    def budget(self) -> MediaBudget:
+        return MediaBudget(self.max_pixels_per_request)
 
 
-def load_image_url(url: str, policy: MediaPolicy, where: str):
+def load_image_url(url: str, policy: MediaPolicy, where: str, budget: MediaBudget | None = None):
     data = _read(url, policy, where, "image")
     try:
-        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
-            img.load()
-            return load_image(img)
-    except (OSError, SyntaxError, ValueError, MediaError) as exc:
-        raise BadRequest(f"{where}: not a readable image ({exc})", param=where) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # dbtrimkv.media's cap applies
+            with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:  # the header only
+                width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise BadRequest(f"{where}: the image declares too many pixels to decode ({exc})", param=where) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadRequest(f"{where}: not a readable image ({_clean(exc, data)})", param=where) from None
+    if budget is not None:
+        budget.spend(min(width * height, policy.image_max_pixels), where)
+    try:
+        return load_image(data, policy.image_max_pixels)
+    except MediaError as exc:
+        raise BadRequest(f"{where}: not a readable image ({_clean(exc, data)})", param=where) from None
 
 
-def load_video_url(url: str, policy: MediaPolicy, where: str) -> Video:
+def load_video_url(url: str, policy: MediaPolicy, where: str, budget: MediaBudget | None = None) -> Video:
     data = _read(url, policy, where, "video")
     try:
         if isinstance(data, Path):
-            return load_video(data, fps=policy.video_fps, max_frames=policy.video_max_frames)
-        handle, name = tempfile.mkstemp(suffix=".video")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                f.write(data)
-            return load_video(name, fps=policy.video_fps, max_frames=policy.video_max_frames)
-        finally:
-            os.unlink(name)
+            video = load_video(data, fps=policy.video_fps, max_frames=policy.video_max_frames)
+        else:
+            handle, name = tempfile.mkstemp(suffix=".video")
+            try:
+                with os.fdopen(handle, "wb") as f:
+                    f.write(data)
+                video = load_video(name, fps=policy.video_fps, max_frames=policy.video_max_frames)
+            except MediaError as exc:
+                raise MediaError(str(exc).replace(name, "the uploaded video")) from None
+            finally:
+                os.unlink(name)
+            video.source = "the uploaded video"
     except MediaError as exc:
-        raise BadRequest(f"{where}: {exc}", param=where) from None
+        raise BadRequest(f"{where}: {_clean(exc, data)}", param=where) from None
+    if budget is not None:
+        budget.spend(int(video.frames.shape[0] * video.frames.shape[1] * video.frames.shape[2]), where)
+    return video
+
+
+def _clean(exc: Exception, data) -> str:
+    """The error's text without object reprs or the server's own paths."""
+    text = str(exc)
+    if isinstance(data, Path):
+        text = text.replace(str(data), data.name)
+    return _REPR.sub("the data", text)
 
 
 def _read(url: str, policy: MediaPolicy, where: str, kind: str) -> bytes | Path:
@@ -95,9 +132,10 @@ def _local_file(path: str, policy: MediaPolicy, where: str, kind: str) -> Path:
     resolved = Path(path).resolve()
     root = policy.allow_dir.resolve()
     if not resolved.is_relative_to(root):
-        raise BadRequest(f"{where}: {kind} path is outside the allowed media directory {root}", param=where)
+        raise BadRequest(f"{where}: {kind} path is outside the allowed media directory (--allow-media-dir)",
+                         param=where)
     if not resolved.is_file():
-        raise BadRequest(f"{where}: {kind} not found: {resolved}", param=where)
+        raise BadRequest(f"{where}: {kind} not found: {path}", param=where)
     if resolved.stat().st_size > policy.max_bytes:
         raise TooLarge(f"{where}: the {kind} file is larger than {policy.max_bytes} bytes", param=where)
     return resolved

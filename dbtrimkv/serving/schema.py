@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from .api_errors import BadRequest
 from .api_errors import ModelNotFound
 from .media_sources import MediaPolicy, load_image_url, load_video_url
+from .request_bounds import MediaBudget
 from .sampling import InvalidSampling, SamplingParams
 
 ROLES = ("system", "user", "assistant")
@@ -74,8 +75,9 @@ def parse_chat_request(body, limits: ServerLimits) -> ChatRequest:
     session_id = body.get("session_id")
     if session_id is not None and (not isinstance(session_id, str) or not 0 < len(session_id) <= 128):
         raise BadRequest("'session_id' must be a string of 1 to 128 characters", param="session_id")
+    budget = limits.media.budget()
     return ChatRequest(
-        messages=[_dbtrimkv_message(m, f"messages[{i}]", limits.media) for i, m in enumerate(messages)],
+        messages=[_dbtrimkv_message(m, f"messages[{i}]", limits.media, budget) for i, m in enumerate(messages)],
         canonical=canonical, sampling=_sampling(body, limits), config=_eviction(body.get("eviction"), limits),
         stream=stream, include_usage=_bool(options, "include_usage", False, "stream_options.include_usage"),
         session_id=session_id,
@@ -187,14 +189,14 @@ def canonical_reply(text: str) -> tuple:
     return "assistant", (("text", text),)
 
 
-def _dbtrimkv_message(message: dict, where: str, media: MediaPolicy) -> dict:
+def _dbtrimkv_message(message: dict, where: str, media: MediaPolicy, budget: MediaBudget) -> dict:
     parts = []
     for j, part in enumerate(_content_parts(message, where)):
         at = f"{where}.content[{j}]"
         if part["type"] == "text":
             parts.append({"type": "text", "text": part["text"]})
         elif part["type"] == "image_url":
-            parts.append({"type": "image", "image": load_image_url(_url(part), media, at)})
+            parts.append({"type": "image", "image": load_image_url(_url(part), media, at, budget)})
         else:
-            parts.append({"type": "video", "video": load_video_url(_url(part), media, at)})
+            parts.append({"type": "video", "video": load_video_url(_url(part), media, at, budget)})
     return {"role": message["role"], "content": parts}

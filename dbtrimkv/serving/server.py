@@ -60,10 +60,19 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
                           f"{smallest} entries and their views; give it more memory or lower the budget")
     media = MediaPolicy(allow_dir=options.allow_media_dir, allow_remote=options.allow_remote_media,
                         max_bytes=options.http.max_request_bytes, video_fps=options.video_fps,
-                        video_max_frames=options.video_max_frames)
+                        video_max_frames=options.video_max_frames,
+                        max_pixels_per_request=options.http.max_prompt_tokens * _pixels_per_token(processor))
     limits = ServerLimits(options.model_name, config, budget, layers, heads, options.max_tokens,
                           min(options.default_max_tokens, options.max_tokens), media)
     return build_app(engine, limits, options.http), engine
+
+
+def _pixels_per_token(processor) -> int:
+    """Most decoded pixels one prompt token stands for: a visual token covers (patch x merge)^2 pixels of
+    an image, or of each of `temporal_patch_size` video frames (Qwen3-VL: 32 x 32 x 2)."""
+    image = getattr(processor, "image_processor", None)
+    side = getattr(image, "patch_size", 16) * getattr(image, "merge_size", 2)
+    return side * side * getattr(image, "temporal_patch_size", 2)
 
 
 def startup_report(engine: Engine) -> str:
