@@ -8,7 +8,17 @@ failed under a request that cannot be restarted (see recovery.py; retry at once)
 
 from __future__ import annotations
 
+import re
+
 from ..errors import DBTrimKVError
+
+_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+[\w.+-]*")
+
+
+def scrub(text: str) -> str:
+    """A message without object reprs (`<_io.BytesIO object at 0x...>`) or absolute server paths."""
+    return _PATH.sub("<path>", _REPR.sub("<object>", text))
 
 
 class APIError(DBTrimKVError):
@@ -17,6 +27,7 @@ class APIError(DBTrimKVError):
     code: str | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        message = scrub(message)
         super().__init__(message)
         self.message, self.param = message, param
         if code is not None:
@@ -39,6 +50,25 @@ class Unauthorized(APIError):
 
 class ModelNotFound(APIError):
     status, code = 404, "model_not_found"
+
+
+class NotFound(APIError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(APIError):
+    status, code = 405, "method_not_allowed"
+
+    def __init__(self, message: str, allow: str | None = None):
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow} if self.allow else {}
+
+
+class Unprocessable(APIError):
+    status, code = 422, "unprocessable_entity"
 
 
 class Conflict(APIError):

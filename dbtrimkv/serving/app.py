@@ -6,7 +6,9 @@ blocks the event loop or the engine), submitted, then answered from the events t
 back: one JSON completion, or server-sent chunks when `stream` is set. A client that goes away
 is cancelled at once, which frees its KV slots at the next token boundary.
 
-Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`,
+`GET /metrics`. Every error, on every path (unknown path 404, wrong method 405, 413, 422, 429, 500,
+503), is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import DBTrimKVError
 from ..pipeline import closing_ids, prepend_tokens
 from ..prompts import build_inputs
-from .api_errors import APIError, BadRequest, Conflict, TooLarge, Unauthorized, Unavailable
+from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
+                         TooLarge, Unauthorized, Unavailable, Unprocessable)
 from .request_bounds import check_text_tokens, parse_json, read_body
 from .engine import Engine, EngineRequest, Event, config_key
 from .responses import Completion, sse
@@ -56,6 +61,29 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
             engine.metrics.inc("requests_rejected_total", label=("status", str(exc.status)))
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            error = NotFound(f"no route {request.method} {request.url.path}; see GET /v1/models, "
+                             "POST /v1/chat/completions")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}",
+                                     allow=(exc.headers or {}).get("Allow"))
+        else:
+            error = APIError(str(exc.detail))
+            error.status = exc.status_code
+        return await api_error(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return await api_error(request, Unprocessable(f"{where}: {first.get('msg', 'invalid request')}", param=where))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # a bug: one clear 500 (the log has the traceback)
+        return await api_error(request, InternalError(f"the server failed on this request ({type(exc).__name__})"))
+
     def authorize(request: Request) -> None:
         if options.api_key is None:
             return
@@ -77,8 +105,15 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
-                                            "owned_by": "dbtrimkv"}]}
+        return {"object": "list", "data": [await model(limits.model_name, request)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        authorize(request)
+        if model_id != limits.model_name:
+            raise ModelNotFound(f"the model {model_id!r} does not exist; this server serves {limits.model_name!r}",
+                                param="model")
+        return {"id": limits.model_name, "object": "model", "created": 0, "owned_by": "dbtrimkv"}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -589,8 +589,9 @@ class Engine:
         if request.first_token_at is not None:
             self.metrics.observe("request_latency_seconds", time.monotonic() - request.arrival)
         self.metrics.inc("cached_prompt_tokens_total", request.cached_tokens)
-        usage = {"prompt_tokens": request.prompt_len, "completion_tokens": len(request.generated),
-                 "total_tokens": request.prompt_len + len(request.generated),
+        prompt = request.cached_tokens + request.prompt_len  # OpenAI: cached tokens are part of the prompt
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(request.generated),
+                 "total_tokens": prompt + len(request.generated),
                  "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
         request.sink(Event("done", finish_reason=reason, usage=usage))
 

@@ -15,7 +15,6 @@ import base64
 import binascii
 import io
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from ..errors import MediaError
 from ..media import IMAGE_MAX_PIXELS, Video, load_image, load_video
 from .api_errors import BadRequest, TooLarge
 from .request_bounds import MediaBudget
-
-_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def _clean(exc: Exception, data) -> str:
     text = str(exc)
     if isinstance(data, Path):
         text = text.replace(str(data), data.name)
-    return _REPR.sub("the data", text)
+    return text
 
 
 def _read(url: str, policy: MediaPolicy, where: str, kind: str) -> bytes | Path:

@@ -21,8 +21,20 @@ from .request_bounds import MediaBudget
 from .sampling import InvalidSampling, SamplingParams
 
 ROLES = ("system", "user", "assistant")
-UNSUPPORTED = {"tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls",
-               "function_call": "function calls", "logit_bias": "logit_bias", "audio": "audio output"}
+# OpenAI fields this server cannot honour: refused (400 naming the field) unless absent, null or this value
+UNSUPPORTED = {"tools": ("tool calls", ()), "tool_choice": ("tool calls", "none"),
+               "functions": ("function calls", ()), "function_call": ("function calls", "none"),
+               "logit_bias": ("logit_bias", {}), "audio": ("audio output", {}), "logprobs": ("logprobs", False),
+               "top_logprobs": ("logprobs", 0), "n": ("n > 1", 1), "presence_penalty": ("presence_penalty", 0),
+               "frequency_penalty": ("frequency_penalty", 0), "response_format": ("response_format other than text",
+                                                                                  {"type": "text"}),
+               "modalities": ("output modalities other than text", ["text"]), "prediction": ("predicted outputs", {}),
+               "reasoning_effort": ("reasoning_effort", ()), "web_search_options": ("web search", {})}
+# accepted, and change nothing here (bookkeeping fields of OpenAI's API)
+IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+           "parallel_tool_calls")
+KNOWN = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
+         "stream_options", "session_id", "eviction", "ignore_eos") + IGNORED + tuple(UNSUPPORTED)
 EVICTION_FIELDS = ("policy", "budget", "memory_size", "threshold")
 
 
@@ -50,18 +62,23 @@ class ChatRequest:
 
 
 def parse_chat_request(body, limits: ServerLimits) -> ChatRequest:
+    """The request, or the first problem as an `APIError` naming its field. `model` is required (as
+    OpenAI's API requires it); fields this server cannot honour are refused, not ignored."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    for name, what in UNSUPPORTED.items():
-        if body.get(name) not in (None, [], {}):
-            raise BadRequest(f"{what} are not supported by this server", param=name)
-    model = body.get("model", limits.model_name)
+    unknown = sorted(set(body) - set(KNOWN))
+    if unknown:
+        raise BadRequest(f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    for name, (what, default) in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value != default and not (isinstance(default, tuple) and value in ([], {})):
+            raise BadRequest(f"{what} not supported by this server ({name}={_short(value)})", param=name)
+    model = body.get("model")
+    if model is None:
+        raise BadRequest(f"'model' is required (this server serves {limits.model_name!r})", param="model")
     if model != limits.model_name:
-        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {limits.model_name!r}", param="model")
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported", param="n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise BadRequest("logprobs are not supported by this server", param="logprobs")
+        raise ModelNotFound(f"the model {_short(model)} does not exist; this server serves {limits.model_name!r}",
+                            param="model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -82,6 +99,11 @@ def parse_chat_request(body, limits: ServerLimits) -> ChatRequest:
         stream=stream, include_usage=_bool(options, "include_usage", False, "stream_options.include_usage"),
         session_id=session_id,
     )
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bool(body: dict, name: str, default: bool, param: str | None = None) -> bool:
