@@ -1,11 +1,15 @@
 """`dbtrimkv serve`: the OpenAI-compatible server (dbtrimkv/serving/), with its limits checked first.
 
-Why: every flag is validated before the model loads (a typo must not cost a model load), and the
-pool size and per-request bound are printed at start-up so an operator knows what fits.
+Why: every flag is validated before the model loads (a typo must not cost a model load), and so is
+the listening address: the socket is bound first (a port in use or a host that does not resolve is
+one `dbtrimkv: error:` line and exit 2, not a uvicorn error after the model and pool are loaded)
+and handed to uvicorn. The pool size and per-request bound are printed at start-up so an operator
+knows what fits.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -89,19 +93,38 @@ def options_from_args(args):
     )
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or ConfigError saying why it cannot be (before any model loads)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r} does not resolve to an address ({getattr(exc, 'strerror', exc)})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse the port
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def run(args) -> int:
-
-
     options = options_from_args(args)
     if args.config:
         DBTrimKVConfig.load(args.config)  # a bad preset fails before the model loads
+    sock = bind_socket(args.host, args.port)
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
-    model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
-    app, engine = create_server(model, processor, eviction_config(args, model), options)
-    print(startup_report(engine), file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
-        print(f"Warning: listening on {args.host} without --api-key: anyone who can reach it can use it.",
-              file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
+        app, engine = create_server(model, processor, eviction_config(args, model), options)
+        print(startup_report(engine), file=sys.stderr)
+        if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+            print(f"Warning: listening on {args.host} without --api-key: anyone who can reach it can use it.",
+                  file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

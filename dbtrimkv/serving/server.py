@@ -93,7 +93,8 @@ def startup_report(engine: Engine) -> str:
         f"{views}\n"
         f"Per-request bound: budget {budget} + {engine.num_layers} layers x {engine.num_kv_heads} KV heads x "
         f"max(buffer {config.buffer_size}, prefill chunk {config.prefill_chunk}) = {full} entries for a prompt of "
-        f"{config.prefill_chunk}+ tokens (less for shorter prompts): at least {fit} such requests run at "
-        f"once (--max-running {engine.max_running}, --max-queue {engine.max_queue} waiting). A step prefills at most "
+        f"{config.prefill_chunk}+ tokens (less for shorter prompts): room for {fit} such requests at once, "
+        f"{min(fit, engine.max_running)} of them run together (--max-running {engine.max_running}), up to "
+        f"{engine.max_queue} more wait (--max-queue). A step prefills at most "
         f"{engine.max_prefill_tokens} prompt tokens (--max-prefill-tokens-per-step)."
     )

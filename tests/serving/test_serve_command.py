@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import socket
+
 import pytest
 
 from dbtrimkv.cli import main
 from dbtrimkv.errors import ConfigError
+from serving_helpers import free_port
 from dbtrimkv.serving.admission import (Admission, Reservation, parse_kv_memory, request_bound, split_memory,
                                         view_columns)
 
@@ -31,9 +35,14 @@ def test_bad_flags_fail_before_loading(argv, message, monkeypatch, capsys):
 
 def test_startup_report_and_listen_address(monkeypatch, capsys):
     calls = {}
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.update(kwargs))
-    assert main(["serve", "--kv-memory", "2MiB", "--port", "8123"]) == 0
-    assert calls["host"] == "127.0.0.1" and calls["port"] == 8123
+
+    def run(server, sockets):
+        calls.update(host=server.config.host, port=server.config.port, bound=sockets[0].getsockname())
+
+    monkeypatch.setattr("uvicorn.Server.run", run)
+    port = free_port()
+    assert main(["serve", "--kv-memory", "2MiB", "--port", str(port)]) == 0
+    assert calls["host"] == "127.0.0.1" and calls["port"] == port and calls["bound"] == ("127.0.0.1", port)
     err = capsys.readouterr().err
     # tiny-recall, default request (prefill chunk 2048): bound 12384 slots of 269 bytes; views of
     # 6 segments x (2064 + 258 headroom) columns x (K, V, bias: 65 x 4 bytes) + 6 row counts x 8
@@ -46,6 +55,33 @@ def test_startup_report_and_listen_address(monkeypatch, capsys):
            "reserved per such request" in err
     assert "Per-request bound: budget 192 + 3 layers x 2 KV heads x max(buffer 32, prefill chunk 2048) = 12480" in err
     assert "A step prefills at most 2048 prompt tokens" in err
+
+
+@pytest.mark.parametrize("max_running, together", [(2, 2), (64, 23)])
+def test_startup_capacity_does_not_contradict_max_running(max_running, together, monkeypatch, capsys):
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets: None)
+    argv = ["serve", "--kv-memory", "8MiB", "--prefill-chunk", "64", "--port", str(free_port())]
+    assert main([*argv, "--max-running", str(max_running)]) == 0
+    err = capsys.readouterr().err
+    fit = int(re.search(r"room for (\d+) such requests at once", err).group(1))
+    assert fit == 23 and f"{together} of them run together (--max-running {max_running})" in err
+
+
+def test_a_port_in_use_or_a_bad_host_fails_before_the_model_loads(monkeypatch, capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"dbtrimkv: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert main(["serve", "--host", "no-such-host.invalid", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dbtrimkv: error: --host 'no-such-host.invalid' does not resolve")
 
 
 def test_pool_too_small_for_one_request(capsys):
