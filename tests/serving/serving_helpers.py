@@ -4,6 +4,7 @@ chat messages with the example digit images as data URIs."""
 from __future__ import annotations
 
 import base64
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import httpx
 from dbtrimkv.serving.metrics import parse_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "demos" / "examples"
+sys.path.insert(0, str(EXAMPLES.parents[1] / "bench"))
+from soak_serve import ServeProcess, free_port  # noqa: E402,F401 - the one `dbtrimkv serve` subprocess helper
 
 
 def data_uri(path: Path) -> str:
@@ -73,69 +76,3 @@ def start_server(pipeline, **options) -> RunningServer:
     app, engine = create_server(pipeline.model, pipeline.processor, pipeline.config, opts)
     return RunningServer(app, engine)
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    """`dbtrimkv serve` in a subprocess (its memory is its own: /proc/PID/status), killable and restartable."""
-
-    def __init__(self, *args: str, port: int | None = None, env: dict | None = None):
-        self.args, self.port, self.env = list(args), port or free_port(), env
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-        self.start()
-
-    def start(self, timeout: float = 120) -> None:
-        import os
-        import subprocess
-        import sys
-
-        env = dict(os.environ, **(self.env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "dbtrimkv.cli", "serve", "--port", str(self.port),
-                                      *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dbtrimkv serve exited: {self.proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("dbtrimkv serve did not become healthy")
-            time.sleep(0.1)
-
-    def status(self, key: str) -> int:
-        """A /proc/PID/status value in bytes (VmRSS now, VmHWM peak)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    def reset_peak(self) -> None:
-        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-
-    def metrics(self) -> dict[str, float]:
-        return parse_metrics(httpx.get(self.base_url + "/metrics", timeout=10).text)
-
-    def kill(self) -> None:
-        import signal
-
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except Exception:  # noqa: BLE001 - a server that will not stop is killed
-                self.kill()
-        self.proc.stderr.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import threading
 import time
 import zlib
 
@@ -18,7 +17,8 @@ from dbtrimkv.serving.api_errors import BadRequest, TooLarge
 from dbtrimkv.serving.app import HTTPOptions
 from dbtrimkv.serving.media_sources import MediaPolicy, load_image_url
 from dbtrimkv.serving.request_bounds import PIECE_CHARS, check_text_tokens, parse_json
-from serving_helpers import ServeProcess, start_server
+from serving_helpers import start_server
+from soak_serve import oversize
 
 BODY_MB, CLIENTS = 8, 4
 # Resident memory one request may add while it is read, parsed and checked: its body and its text
@@ -26,46 +26,16 @@ BODY_MB, CLIENTS = 8, 4
 GROWTH_BOUND = CLIENTS * 3 * BODY_MB * 2**20 + 64 * 2**20
 
 
-def text_body(size: int) -> bytes:
-    head, tail = b'{"model":"tiny-recall","messages":[{"role":"user","content":"', b'"}]}'
-    return head + b"lorem ipsum " * ((size - len(head) - len(tail)) // 12) + tail
-
-
 def test_several_maximum_size_bodies_at_once_are_refused_fast_in_bounded_memory():
-    server = ServeProcess("--kv-memory", "2MiB", "--max-request-mb", str(BODY_MB))
-    try:
-        ok = httpx.post(server.base_url + "/v1/chat/completions", timeout=60,
-                        json={"model": "tiny-recall", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        assert ok.status_code == 200
-        before = server.status("VmRSS")
-        server.reset_peak()
-        body = text_body(BODY_MB * 2**20)
-        assert BODY_MB * 2**20 - 20 < len(body) <= BODY_MB * 2**20
-        answers = []
-
-        def send():
-            start = time.monotonic()
-            response = httpx.post(server.base_url + "/v1/chat/completions", content=body, timeout=120,
-                                  headers={"content-type": "application/json"})
-            answers.append((response.status_code, response.json()["error"]["message"], time.monotonic() - start))
-
-        threads = [threading.Thread(target=send) for _ in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        growth = server.status("VmHWM") - before
-        assert [a[0] for a in answers] == [413] * CLIENTS
-        assert all("more than 32768 tokens" in a[1] for a in answers)
-        assert max(a[2] for a in answers) < 30  # (about 1 s each on an idle core; the whole prompt took minutes)
-        assert growth < GROWTH_BOUND, f"peak resident memory grew by {growth / 2**20:.0f} MiB"
-        # a body without Content-Length is cut off as soon as it passes the limit
-        chunks = (b"x" * 2**20 for _ in range(BODY_MB + 4))
-        response = httpx.post(server.base_url + "/v1/chat/completions", content=chunks, timeout=60)
-        assert response.status_code == 413 and "--max-request-mb" in response.json()["error"]["message"]
-        assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
-    finally:
-        server.close()
+    result = oversize(BODY_MB, CLIENTS)
+    assert BODY_MB * 2**20 - 20 < result["body_bytes"] <= BODY_MB * 2**20
+    assert [a["status"] for a in result["answers"]] == [413] * CLIENTS
+    assert all("more than 32768 tokens" in a["message"] for a in result["answers"])
+    assert max(a["seconds"] for a in result["answers"]) < 30  # (about 1 s each on an idle core; the whole prompt took minutes)
+    assert result["peak_growth_mib"] * 2**20 < GROWTH_BOUND, result
+    # a body without Content-Length is cut off as soon as it passes the limit
+    assert result["unsized_status"] == 413 and "--max-request-mb" in result["unsized_message"]
+    assert result["healthy"]
 
 
 class CountingTokenizer:
