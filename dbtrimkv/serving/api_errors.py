@@ -67,10 +67,6 @@ class MethodNotAllowed(APIError):
         return {"Allow": self.allow} if self.allow else {}
 
 
-class Unprocessable(APIError):
-    status, code = 422, "unprocessable_entity"
-
-
 class Conflict(APIError):
     status, code = 409, "session_busy"
 

@@ -7,8 +7,9 @@ back: one JSON completion, or server-sent chunks when `stream` is set. A client 
 is cancelled at once, which frees its KV slots at the next token boundary.
 
 Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`,
-`GET /metrics`. Every error, on every path (unknown path 404, wrong method 405, 413, 422, 429, 500,
-503), is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`.
+`GET /metrics`. Every error, on every path (unknown path 404, wrong method 405, 400, 401, 409, 413,
+429, 500, 503), is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`. No route
+answers 422: the server parses bodies itself and a malformed one is a 400, as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -29,7 +29,7 @@ from ..errors import DBTrimKVError
 from ..pipeline import closing_ids, prepend_tokens
 from ..prompts import build_inputs
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
-                         TooLarge, Unauthorized, Unavailable, Unprocessable)
+                         TooLarge, Unauthorized, Unavailable)
 from .request_bounds import check_text_tokens, parse_json, read_body
 from .engine import Engine, EngineRequest, Event, config_key
 from .responses import Completion, sse
@@ -73,12 +73,6 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
             error = APIError(str(exc.detail))
             error.status = exc.status_code
         return await api_error(request, error)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        first = (exc.errors() or [{}])[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return await api_error(request, Unprocessable(f"{where}: {first.get('msg', 'invalid request')}", param=where))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # a bug: one clear 500 (the log has the traceback)
