@@ -28,17 +28,12 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .limits import MAX_BUDGET, MAX_BUFFER_SIZE, MAX_LOOKAHEAD, MAX_MEMORY_SIZE, MAX_PREFILL_CHUNK
 from .policies import EvictionPolicy, get_policy, policy_names
 from .presets import load_yaml
 from .text_files import read_utf8
 
-# Bounds on every setting, so no file or flag can ask for an absurd reservation (the pool holds up to
-# budget + layers x KV heads x max(buffer_size, prefill chunk) entries per sequence).
-MAX_BUDGET = 2**31 - 1  # slot ids are int32
-MAX_MEMORY_SIZE = 2**24
-MAX_BUFFER_SIZE = 8192
-MAX_PREFILL_CHUNK = 2**20
-MAX_LOOKAHEAD = 2**20
+# Bounds on every setting: `limits.py`.
 _INT_BOUNDS = {"budget": (1, MAX_BUDGET), "memory_size": (1, MAX_MEMORY_SIZE), "buffer_size": (0, MAX_BUFFER_SIZE),
                "lookahead": (1, MAX_LOOKAHEAD), "min_per_head": (0, MAX_MEMORY_SIZE),
                "prefill_chunk": (1, MAX_PREFILL_CHUNK)}

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
 
-from ..config import MAX_BUDGET, MAX_BUFFER_SIZE, MAX_MEMORY_SIZE, MAX_PREFILL_CHUNK
 from ..errors import ConfigError
-from ..eviction_settings import resolve_eviction
-from ..loading import resolve_device
-from ..policies import policy_names, policy_option_defaults
+from ..limits import MAX_BUDGET, MAX_BUFFER_SIZE, MAX_MEMORY_SIZE, MAX_PREFILL_CHUNK
 from . import arguments
+from .lazy import lazy
+
+eviction_settings = lazy("dbtrimkv.eviction_settings")
+loading = lazy("dbtrimkv.loading")
 
 TINY_NOTICE = (
     "Notice: the default model is tiny-recall, a toy Qwen3-VL trained only on the synthetic recall task: it "
@@ -42,6 +44,21 @@ def add_media_args(p: argparse.ArgumentParser) -> None:
                    help="at most this many frames per video (default: 64)")
 
 
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (there are none anyway when stderr is not a terminal)")
+
+
+def show_progress(args) -> bool:
+    """Whether progress bars may be drawn: not with --no-progress, nor when stderr is not a terminal
+    (a log file or a pipe). When not, bars of the libraries (model downloads) are switched off too."""
+    show = not getattr(args, "no_progress", False) and sys.stderr.isatty()
+    if not show:  # read when tqdm / huggingface_hub are first imported, which the lazy commands have not done yet
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return show
+
+
 def add_eviction_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV budget (defaults: the checkpoint's settings, else configs/default.yaml)")
     g.add_argument("--config", default=None, metavar="YAML",
@@ -50,7 +67,7 @@ def add_eviction_args(p: argparse.ArgumentParser) -> None:
                    help="cache entries kept per sequence, summed over all layers and KV heads")
     g.add_argument("--memory-size", type=arguments.int_in(1, MAX_MEMORY_SIZE), default=None,
                    help="entries kept per (layer, KV head) on average: budget = layers x KV heads x this")
-    g.add_argument("--policy", default=None, choices=policy_names(), help="which entries compete for the budget "
+    g.add_argument("--policy", default=None, choices=arguments.POLICY_NAMES, help="which entries compete for the budget "
                    "(global = DBTrimKV, head = TrimKV per head; default: global)")
     g.add_argument("--threshold", type=arguments.fraction, default=None,
                    help="policy threshold: keep entries whose decayed retention beta^age is at least this (0, 1]")
@@ -64,8 +81,8 @@ def add_eviction_args(p: argparse.ArgumentParser) -> None:
 
 
 def _policy_options_help() -> str:
-    described = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in policy_option_defaults(name).items())
-                 for name in policy_names() if policy_option_defaults(name) and name != "threshold"]
+    described = [f"{name}: " + ", ".join(f"{k}={v}" for k, v in options.items())
+                 for name, options in arguments.POLICY_OPTION_DEFAULTS.items()]
     return "defaults: " + "; ".join(described)
 
 
@@ -87,7 +104,7 @@ def eviction_config(args, model):
     """The DBTrimKVConfig the options describe, resolved by `dbtrimkv.eviction_settings`."""
     explicit = {k: getattr(args, k, None) for k in ("budget", "memory_size", "policy", "threshold", "buffer_size",
                                                    "prefill_chunk")}
-    return resolve_eviction(model, args.config, full_cache=args.full_cache,
+    return eviction_settings.resolve_eviction(model, args.config, full_cache=args.full_cache,
                             policy_options=parse_policy_options(getattr(args, "policy_option", [])) or None,
                             **explicit)
 
@@ -95,7 +112,7 @@ def eviction_config(args, model):
 def check_before_load(args) -> None:
     """Cross-flag checks that need no model: the eviction settings, the device, the server port."""
     if getattr(args, "device", None) not in (None, "auto"):
-        resolve_device(args.device)  # ModelLoadError: CUDA asked for but not available
+        loading.resolve_device(args.device)  # ModelLoadError: CUDA asked for but not available
     if hasattr(args, "budget") and hasattr(args, "full_cache"):
         eviction_config(args, None)  # ConfigError for settings that cannot work together
     if getattr(args, "sample", None) is False and (args.temperature is not None or args.top_p is not None):

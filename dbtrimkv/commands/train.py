@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..training import TrainConfig, train
+from .lazy import lazy
+
+training = lazy("dbtrimkv.training")
 
 
 def add_parser(sub) -> None:
@@ -24,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    config = TrainConfig.load(args.config, output_dir=args.output, max_steps=args.max_steps, model=args.model,
+    config = training.TrainConfig.load(args.config, output_dir=args.output, max_steps=args.max_steps, model=args.model,
                               train_data=args.train_data)
-    train(config, resume=args.resume)
+    training.train(config, resume=args.resume)
     return 0
