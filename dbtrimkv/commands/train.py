@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..output_paths import check_writable_dir
 from .lazy import lazy
 
 training = lazy("dbtrimkv.training")
@@ -28,5 +29,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     config = training.TrainConfig.load(args.config, output_dir=args.output, max_steps=args.max_steps, model=args.model,
                               train_data=args.train_data)
+    check_writable_dir(config.output_dir, "--output" if args.output is not None else f"output_dir of {args.config}")
     training.train(config, resume=args.resume)
     return 0

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..output_paths import check_writable_file
 from . import arguments
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
 from .lazy import lazy
@@ -98,6 +99,9 @@ def run(args) -> int:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.dataset is not None:  # predictions and metrics are written as the run goes: both must be writable now
+        check_writable_file(args.output, "--output")
+        check_writable_file(runner.metrics_path(args.output), "--output")
     if args.retention_plot is not None:
         if args.video is None:
             raise ConfigError("--retention-plot goes with --video (one plot per question)")
