@@ -73,21 +73,26 @@ class GenerationStats:
         return self.kv_entries / self.kv_entries_full if self.kv_entries_full else 1.0
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), tokens_per_second=self.tokens_per_second, kv_fraction=self.kv_fraction)
+        return dict(asdict(self), tokens_per_second=self.tokens_per_second, kv_fraction=self.kv_fraction,
+                    explanation=self.explanation())
 
     @property
     def entry_bytes(self) -> int:
         return self.kv_bytes_full // self.kv_entries_full if self.kv_entries_full else 0
 
-    def summary(self) -> str:
-        """Several lines: tokens and timings; entries now / peak / full, by modality, the budget; what an
-        entry is, when eviction runs and the bound; storage allocated vs used; notes."""
-        p, r = self.prompt_tokens, self.retained_entries
-        explained = [entry_line(self.layers, self.kv_heads),
-                     eviction_line(self.budget, self.policy, self.layers, self.kv_heads, self.buffer_size,
-                                   self.prefill_chunk, now=self.kv_entries)] if self.layers else []
+    def explanation(self) -> list[str]:
+        """What the numbers mean: what an entry is, when eviction runs and the bound, storage allocated vs used."""
+        lines = [entry_line(self.layers, self.kv_heads),
+                 eviction_line(self.budget, self.policy, self.layers, self.kv_heads, self.buffer_size,
+                               self.prefill_chunk, now=self.kv_entries)] if self.layers else []
         if self.entry_bytes:
-            explained.append(storage_line(self.kv_storage_bytes, self.kv_bytes, self.entry_bytes))
+            lines.append(storage_line(self.kv_storage_bytes, self.kv_bytes, self.entry_bytes))
+        return lines
+
+    def summary(self) -> str:
+        """Several lines: tokens and timings; entries now / peak / full, by modality, the budget; the
+        explanation lines; notes."""
+        p, r = self.prompt_tokens, self.retained_entries
         return (
             f"prompt tokens: {sum(p.values())} (text {p['text']}, image {p['image']}, video {p['video']}) | "
             f"new tokens: {self.new_tokens} | prefill {self.prefill_seconds:.2f} s, decode {self.decode_seconds:.2f} s "
@@ -96,7 +101,7 @@ class GenerationStats:
             f"({format_bytes(self.kv_bytes)} of {format_bytes(self.kv_bytes_full)}, {100 * self.kv_fraction:.1f}%), "
             f"peak {self.peak_kv_entries} | kept by modality: text {r['text']}, image {r['image']}, video {r['video']} | "
             f"policy {self.policy}, {budget_words(self.budget, self.policy)}, evictions {self.evictions}"
-        ) + "".join(f"\n  {line}" for line in explained) + "".join(f"\nnote: {note}" for note in self.notes)
+        ) + "".join(f"\n  {line}" for line in self.explanation()) + "".join(f"\nnote: {note}" for note in self.notes)
 
 
 @dataclass
