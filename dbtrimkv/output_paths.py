@@ -26,9 +26,9 @@ def timestamped(what: str) -> str:
 
 def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
     """`path` if a file can be written there (its folders may be missing); ConfigError naming `flag` otherwise."""
-    path = Path(path)
-    if not str(path).strip():
+    if not os.fspath(path).strip():
         raise ConfigError(f"{flag} is empty: give a file path")
+    path = Path(path)
     if path.is_dir():
         raise ConfigError(f"cannot write {flag} {path}: it is a folder, not a file")
     if path.exists():
@@ -44,9 +44,9 @@ def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
 
 def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """`path` if files can be written in it (it may not exist yet); ConfigError naming `flag` otherwise."""
-    path = Path(path)
-    if not str(path).strip():
+    if not os.fspath(path).strip():
         raise ConfigError(f"{flag} is empty: give a folder")
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"cannot write {flag} {path}: it is a file, not a folder")
     _check_folder(path, flag, path)
