@@ -147,7 +147,7 @@ def _config_file_error(args, model) -> str | None:
     try:
         eviction_settings.resolve_eviction(model, args.config)
     except ConfigError as exc:
-        message = str(exc)
+        message = in_flag_words(str(exc))
         return message if str(args.config) in message else f"--config {args.config}: {message}"
     return None
 

@@ -16,7 +16,7 @@ import sys
 import threading
 
 from ..errors import ConfigError
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
 from .lazy import lazy
 from .video_qa import add_answer_length_arg, add_window_args
 
@@ -52,6 +52,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_eviction_args(p)
     add_answer_length_arg(p, 32)
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -81,6 +82,7 @@ def run(args) -> int:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     options = streaming.StreamOptions(fps=args.fps, window_frames=args.window_frames, frame_tokens=args.frame_tokens)
     frames = sources.open_source(args.source, fps=args.fps, realtime=args.realtime, format=args.format)
+    show_progress(args)  # the model download's bars
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
     model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
