@@ -20,29 +20,38 @@ from collections.abc import Callable
 
 
 class _Hook(importlib.abc.MetaPathFinder):
-    """Calls `before()` just before module `name` is first imported and `after()` right after."""
+    """Calls `before()` just before module `name` is first looked up for import and `after()` right after
+    it has executed. A lookup alone (`importlib.util.find_spec`) may run `before` early, which is
+    harmless; `after` waits for the module to really execute, and only then the hook goes away."""
 
     def __init__(self, name: str, before: Callable[[], object] | None = None,
                  after: Callable[[], object] | None = None):
         self.name, self.before, self.after = name, before, after
+        self._busy = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        if fullname != self.name or self._busy:
             return None
-        _remove(self)
-        if self.before is not None:
-            self.before()
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None and self.after is not None:
-            spec.loader = _RunAfter(spec.loader, self.after)
+        self._busy = True  # the lookup below asks every finder again, this one included
+        try:
+            if self.before is not None:
+                before, self.before = self.before, None
+                before()
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
+        if self.after is None:
+            _remove(self)
+        elif spec is not None and spec.loader is not None:
+            spec.loader = _RunAfter(spec.loader, self)
         return spec
 
 
 class _RunAfter(importlib.abc.Loader):
-    """Delegates to the real loader, then calls `after()` once the module has executed."""
+    """Delegates to the real loader; once the module has executed, removes the hook and calls its `after()`."""
 
-    def __init__(self, loader, after: Callable[[], object]):
-        self.loader, self.after = loader, after
+    def __init__(self, loader, hook: _Hook):
+        self.loader, self.hook = loader, hook
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
@@ -52,7 +61,9 @@ class _RunAfter(importlib.abc.Loader):
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
         self.loader.exec_module(module)
-        self.after()
+        if self.hook in sys.meta_path:
+            _remove(self.hook)
+            self.hook.after()
 
 
 def _remove(hook: _Hook) -> None:

@@ -79,3 +79,13 @@ def test_the_parser_states_what_the_engine_registers():
                if policy_option_defaults(name) and name != "threshold"}  # tau is --threshold
     assert arguments.POLICY_OPTION_DEFAULTS == options
     assert set(eval_command.TASK_KINDS) == set(TASK_KINDS) and eval_command.GATE_DATA == GATE_DATA
+
+
+def test_a_lookup_alone_does_not_use_up_the_registration():
+    """transformers probes modules with `find_spec`; the task must still be registered at the real import."""
+    code = ("import importlib.util, dbtrimkv, transformers\n"
+            "assert importlib.util.find_spec('transformers.pipelines') is not None\n"
+            "from transformers.pipelines import PIPELINE_REGISTRY\n"
+            "print('dbtrimkv-image-text-to-text' in PIPELINE_REGISTRY.get_supported_tasks())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("True"), result.stderr
