@@ -21,7 +21,7 @@ from ..limits import MAX_BUFFER_SIZE, MAX_PREFILL_CHUNK
 from ..output_paths import check_writable_dir, check_writable_file, timestamped
 from ..presets import load_yaml
 from . import arguments
-from .common import add_model_args
+from .common import add_model_args, add_progress_arg, show_progress
 from .lazy import lazy
 
 harness = lazy("dbtrimkv.eval.harness")
@@ -78,6 +78,7 @@ def _add_synthetic(sub) -> None:
                         "decayed retention is below tau, and each budget stays its hard cap")
     p.add_argument("--output", default=None, metavar="PREFIX", help=OUTPUT_HELP.format(name="synthetic_recall"))
     add_model_args(p, default="the shipped tiny-recall model")
+    add_progress_arg(p)
     p.set_defaults(func=run_synthetic)
 
 
@@ -107,6 +108,7 @@ def _add_long_video(sub) -> None:
     p.add_argument("--output", default=None, metavar="PREFIX", help=OUTPUT_HELP.format(name="long_video")
                    + "; with --timeline-minutes also PREFIX-timeline.png")
     add_model_args(p, default="the shipped tiny-recall model")
+    add_progress_arg(p)
     p.set_defaults(func=run_long_video)
 
 
@@ -159,6 +161,7 @@ def run_synthetic(args) -> int:
                           if args.threshold is None else
                           "--threshold is the threshold policy's tau: add threshold to --policies or drop it")
     args.output = _report_prefix(args.output, "synthetic_recall")
+    show_progress(args)  # the model download's bars
     _log_to_stderr()
     spec = harness.BenchmarkSpec.from_args(args)
     results = harness.run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
@@ -180,6 +183,7 @@ def run_long_video(args) -> int:
     timeline = Path(f"{args.output}-timeline.png") if args.timeline_minutes is not None else None
     if timeline is not None:
         check_writable_file(timeline, "--output")
+    show_progress(args)  # the model download's bars
     _log_to_stderr()
     spec = long_video.LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
                          memory_size=args.memory_size, full_cache_cap_mb=args.full_cache_cap_mb,
@@ -202,15 +206,15 @@ def _report_prefix(output: str | None, what: str) -> str:
     return prefix
 
 
-def _recipe_output(recipe: str):
+def _recipe_value(recipe: str, key: str):
     try:
-        return load_yaml(recipe).get("output")
+        return load_yaml(recipe).get(key)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
 
 
 def run_train_recall(args) -> int:
-    output = args.output if args.output is not None else _recipe_output(args.config)
+    output = args.output if args.output is not None else _recipe_value(args.config, "output")
     if output is not None:
         check_writable_dir(output, "--output" if args.output is not None else f"the output of {args.config}")
     _log_to_stderr()
@@ -222,6 +226,11 @@ def run_train_recall(args) -> int:
 
 
 def run_train_gates(args) -> int:
+    # the gates are saved into the recipe's model (its output) and trained in the config's output_dir
+    for name, key in ((args.recipe, "output"), (args.config, "output_dir")):
+        folder = _recipe_value(name, key)
+        if folder is not None:
+            check_writable_dir(folder, f"the {key} of {name}")
     _log_to_stderr()
     print(train_gates_module.train_gates(args.config, examples=args.examples, threads=args.threads,
                       serve_memory_size=args.serve_memory_size, recipe=args.recipe, gate_data=args.gate_data,

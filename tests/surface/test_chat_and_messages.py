@@ -122,6 +122,7 @@ def test_no_bars_off_a_terminal_or_with_no_progress(monkeypatch):
 
 
 @pytest.mark.parametrize("command", [["chat", "q"], ["video-qa", "--video", "v.mp4", "q"], ["demo"], ["serve"],
+                                     ["eval", "synthetic"], ["eval", "long-video"],
                                      ["watch", "src"]])
 def test_every_command_that_can_draw_bars_takes_no_progress(command):
     from dbtrimkv.cli import build_parser

@@ -80,3 +80,13 @@ def test_a_read_only_folder_is_refused(tmp_path):
             check_writable_file(tmp_path / "out.json", "--output")
     finally:
         tmp_path.chmod(0o700)
+
+
+def test_train_gates_checks_where_it_will_write(tmp_path, monkeypatch, no_work):
+    import dbtrimkv.recall.train_gates
+
+    monkeypatch.setattr(dbtrimkv.recall.train_gates, "train_gates", lambda *a, **k: pytest.fail("training started"))
+    config = tmp_path / "gates.yaml"
+    config.write_text("output_dir: /proc/gates\n")
+    line = assert_one_clear_error(["eval", "train-gates", "--config", str(config)])
+    assert "cannot write the output_dir of" in line and "/proc/gates" in line
