@@ -152,11 +152,19 @@ def _config_file_error(args, model) -> str | None:
     return None
 
 
+def _eviction_flags_given(args) -> bool:
+    """Whether any eviction option was given (without one the library default applies, which is valid:
+    checking it would only import the engine, seconds before the command's own argument checks)."""
+    return args.config is not None or args.full_cache or bool(getattr(args, "policy_option", [])) or any(
+        getattr(args, k, None) is not None for k in ("budget", "memory_size", "policy", "threshold", "buffer_size",
+                                                    "prefill_chunk"))
+
+
 def check_before_load(args) -> None:
     """Cross-flag checks that need no model: the eviction settings, the device, the server port."""
     if getattr(args, "device", None) not in (None, "auto"):
         loading.resolve_device(args.device)  # ModelLoadError: CUDA asked for but not available
-    if hasattr(args, "budget") and hasattr(args, "full_cache"):
+    if hasattr(args, "budget") and hasattr(args, "full_cache") and _eviction_flags_given(args):
         eviction_config(args, None)  # ConfigError for settings that cannot work together
     if getattr(args, "sample", None) is False and (args.temperature is not None or args.top_p is not None):
         print("dbtrimkv: note: --temperature / --top-p only apply with --sample (greedy decoding otherwise)",

@@ -89,3 +89,9 @@ def test_a_lookup_alone_does_not_use_up_the_registration():
             "print('dbtrimkv-image-text-to-text' in PIPELINE_REGISTRY.get_supported_tasks())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("True"), result.stderr
+
+
+def test_a_command_argument_error_without_eviction_flags_imports_no_engine():
+    """`chat ""` is refused by the command itself; with no eviction flag there is nothing to resolve first."""
+    loaded = _loaded_after(_main(["chat", ""]))
+    assert not loaded["torch"] and not loaded["transformers"], loaded
