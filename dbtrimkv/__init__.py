@@ -3,24 +3,42 @@
 Learned retention gates score every cached token, a shared calibration projection makes the
 scores comparable across layers and heads, and one global top-k evicts text, image and video
 entries from all layers and heads under a single budget.
+
+`import dbtrimkv` is light (no torch, no transformers): the public names below load their module
+on first use, so `dbtrimkv --help` answers at once. `_import_hooks` still makes the CUDA-built
+torchvision importable on a CPU torch (just before torchvision is first imported) and registers the
+`transformers.pipeline("dbtrimkv-image-text-to-text")` task once transformers' pipelines load.
 """
 
-from ._torchvision_compat import ensure_torchvision_importable
+from __future__ import annotations
 
-# Must run before anything imports torchvision (transformers' image utilities do).
-ensure_torchvision_importable()
+import importlib
+
+from . import _import_hooks
 
 __version__ = "0.1.0"
 
-from .config import DBTrimKVConfig  # noqa: E402
-from .gates import attach_retention_gates  # noqa: E402
-from .cache import DBTrimKVCache  # noqa: E402
-from .checkpoints import export_released_format, load_model, save_gates  # noqa: E402
-from .generation import generate, prefill  # noqa: E402
-from .pipeline import Conversation, DBTrimKVPipeline  # noqa: E402
-from .hf_pipeline import register as _register_pipeline_task  # noqa: E402
+# public name -> the module that owns it (imported on first access)
+_PUBLIC = {
+    "DBTrimKVConfig": "config", "attach_retention_gates": "gates", "DBTrimKVCache": "cache",
+    "export_released_format": "checkpoints", "load_model": "checkpoints", "save_gates": "checkpoints",
+    "generate": "generation", "prefill": "generation", "Conversation": "pipeline", "DBTrimKVPipeline": "pipeline",
+}
 
-_register_pipeline_task()
+_import_hooks.install()
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __all__ = [
     "Conversation", "DBTrimKVCache", "DBTrimKVConfig", "DBTrimKVPipeline", "attach_retention_gates", "export_released_format", "generate",

@@ -3,7 +3,9 @@
 Why: the first thing a user runs is `dbtrimkv chat --image cat.png "what is this?"`. Each
 subcommand lives in `dbtrimkv/commands/<name>.py` with an `add_parser(subparsers)` function; this
 module only assembles them and turns a `DBTrimKVError` (bad image, unknown model, budget too
-small, ...) into one line on stderr and exit status 2, never a traceback.
+small, ...) into one line on stderr and exit status 2, never a traceback. Building the parser imports
+neither torch nor transformers (the commands import the engine lazily, `commands/lazy.py`), so
+`--help` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import sys
 
 from .commands.arguments import OneLineParser
 from .commands.common import check_before_load
-from .environment import version_report
+from .commands.lazy import lazy
 from .errors import DBTrimKVError
+
+environment = lazy("dbtrimkv.environment")
 
 COMMANDS = ("chat", "eval", "demo", "serve", "train", "video-qa", "watch")
 
@@ -28,7 +32,7 @@ class VersionReport(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(version_report())
+        print(environment.version_report())
         parser.exit()
 
 

@@ -7,7 +7,9 @@ pipeline and checkpoints to the cache, and explains what is wrong when a setting
 Units: `budget` counts cache entries per sequence, summed over every layer and KV head (one
 entry = one token's K and V in one head). `memory_size` M is the per-head view of the same
 thing: `budget = L * H * M`. With neither set the cache keeps everything (useful as the
-full-cache baseline inside the same engine).
+full-cache baseline inside the same engine). A preset or file may instead name `budget_scale`:
+its budget relative to the model's default (0.25 = a quarter of it), so a preset such as
+`budget-tight` is tight on every model; it is applied when the layers combine and is not stored.
 
 `policy_options` are the chosen policy's own options (e.g. `{window: 32}` for snapkv); the policy
 class validates them (`dbtrimkv.policies`). `threshold` is the threshold policy's tau, kept as a
@@ -28,17 +30,15 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .limits import MAX_BUDGET, MAX_BUFFER_SIZE, MAX_LOOKAHEAD, MAX_MEMORY_SIZE, MAX_PREFILL_CHUNK
 from .policies import EvictionPolicy, get_policy, policy_names
-from .presets import load_yaml
+from .presets import load_yaml, preset_names
 from .text_files import read_utf8
 
-# Bounds on every setting, so no file or flag can ask for an absurd reservation (the pool holds up to
-# budget + layers x KV heads x max(buffer_size, prefill chunk) entries per sequence).
-MAX_BUDGET = 2**31 - 1  # slot ids are int32
-MAX_MEMORY_SIZE = 2**24
-MAX_BUFFER_SIZE = 8192
-MAX_PREFILL_CHUNK = 2**20
-MAX_LOOKAHEAD = 2**20
+# Bounds on every setting: `limits.py`.
+BUDGET_SCALE = "budget_scale"  # a preset's budget relative to the model's default (not a stored setting)
+MAX_BUDGET_SCALE = 1024.0
+LIBRARY_DEFAULT = "default"  # configs/default.yaml: the settings when neither the model nor the caller names any
 _INT_BOUNDS = {"budget": (1, MAX_BUDGET), "memory_size": (1, MAX_MEMORY_SIZE), "buffer_size": (0, MAX_BUFFER_SIZE),
                "lookahead": (1, MAX_LOOKAHEAD), "min_per_head": (0, MAX_MEMORY_SIZE),
                "prefill_chunk": (1, MAX_PREFILL_CHUNK)}
@@ -121,6 +121,8 @@ class DBTrimKVConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DBTrimKVConfig":
+        """Settings by name (missing ones: the field defaults); a relative `budget_scale` scales the
+        library default's budget (`configs/default.yaml`), as no model is at hand here."""
         if not isinstance(data, dict):
             raise ConfigError(f"eviction settings must be a mapping, got {type(data).__name__}")
         data = data.get("eviction", data) if "eviction" in data else data  # a preset's `eviction:` section
@@ -130,9 +132,11 @@ class DBTrimKVConfig:
         if any(not isinstance(key, str) for key in data):
             raise ConfigError(f"eviction setting names must be strings, got {sorted(map(repr, data))}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - {BUDGET_SCALE})
         if unknown:
             raise ConfigError(f"unknown eviction setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if BUDGET_SCALE in data:
+            return cls(**apply_settings(cls.load(LIBRARY_DEFAULT).to_dict(), data))
         return cls(**data)
 
     @staticmethod
@@ -145,7 +149,10 @@ class DBTrimKVConfig:
             return _read_structured(path, json.loads)
         try:
             return load_yaml(name_or_path)
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        except FileNotFoundError:
+            raise ConfigError(f"no config file or preset named {str(name_or_path)!r}; eviction presets: "
+                              f"{', '.join(preset_names('eviction'))}") from None
+        except (IsADirectoryError, PermissionError) as exc:
             raise ConfigError(str(exc)) from None
 
     @classmethod
@@ -168,9 +175,13 @@ class DBTrimKVConfig:
 
 def apply_settings(settings: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
     """`settings` with one layer of named settings applied (the rule of `dbtrimkv.eviction_settings`):
-    setting `budget` clears `memory_size` and vice versa; choosing another policy drops the previous
-    policy's `threshold` and `policy_options` unless the layer sets them; `policy_options` are merged."""
+    setting `budget` clears `memory_size` and vice versa; `budget_scale` multiplies the budget (or
+    memory size) the settings already have; choosing another policy drops the previous policy's
+    `threshold` and `policy_options` unless the layer sets them; `policy_options` are merged."""
     out = dict(settings)
+    if layer.get(BUDGET_SCALE) is not None:
+        out = _scaled(out, layer)
+        layer = {k: v for k, v in layer.items() if k != BUDGET_SCALE}
     if layer.get("budget") is not None and "memory_size" not in layer:
         out["memory_size"] = None
     if layer.get("memory_size") is not None and "budget" not in layer:
@@ -185,6 +196,22 @@ def apply_settings(settings: dict[str, Any], layer: Mapping[str, Any]) -> dict[s
         else:
             out[key] = value
     return out
+
+
+def _scaled(settings: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` with its budget (or memory size) times the layer's `budget_scale` (at least 1 entry)."""
+    scale = layer[BUDGET_SCALE]
+    if not _is_real(scale) or not 0 < scale <= MAX_BUDGET_SCALE:
+        raise ConfigError(f"{BUDGET_SCALE} must be a number in (0, {MAX_BUDGET_SCALE}], got {scale!r}")
+    if layer.get("budget") is not None or layer.get("memory_size") is not None:
+        raise ConfigError(f"set either {BUDGET_SCALE} (relative to the model's default) or budget / memory_size, "
+                          "not both")
+    name = "memory_size" if settings.get("memory_size") is not None else "budget"
+    if settings.get(name) is None:
+        raise ConfigError(f"{BUDGET_SCALE} scales the model's default budget, but it has none (a full cache): "
+                          "set budget or memory_size instead")
+    high = MAX_MEMORY_SIZE if name == "memory_size" else MAX_BUDGET
+    return dict(settings, **{name: min(high, max(1, round(settings[name] * scale)))})
 
 
 def _kind(value) -> str:

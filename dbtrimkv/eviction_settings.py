@@ -10,7 +10,8 @@ The rule, applied layer by layer:
 1. the model's saved default: the settings its checkpoint was saved with; for a model without
    any, the library default (`configs/default.yaml`); with no model, the library default;
 2. a preset name or YAML/JSON file: only the settings it names (a `DBTrimKVConfig` object instead
-   names every setting, so it replaces layer 1 entirely);
+   names every setting, so it replaces layer 1 entirely); its `budget_scale` multiplies layer 1's
+   budget, so `budget-tight` (0.25) is a quarter of whatever the model's default is;
 3. explicit arguments: only those the caller set (None means "not set"); `full_cache=True`
    removes both limits.
 Within a layer: setting `budget` clears `memory_size` and vice versa; choosing another policy
@@ -26,12 +27,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import DBTrimKVConfig, apply_settings
+from .config import BUDGET_SCALE, LIBRARY_DEFAULT, DBTrimKVConfig, apply_settings
 from .errors import ConfigError
 from .model_state import saved_eviction
 
-LIBRARY_DEFAULT = "default"  # configs/default.yaml
 SETTINGS = tuple(f.name for f in fields(DBTrimKVConfig))
+LAYER_SETTINGS = SETTINGS + (BUDGET_SCALE,)  # what a preset, a file or a mapping may name
 
 
 def library_default() -> DBTrimKVConfig:
@@ -58,7 +59,7 @@ def named_settings(source: str | Path | Mapping) -> dict[str, Any]:
     if any(not isinstance(key, str) for key in section):
         raise ConfigError(f"eviction setting names must be strings, got {sorted(map(repr, section))}")
     data = dict(section)
-    unknown = sorted(set(data) - set(SETTINGS))
+    unknown = sorted(set(data) - set(LAYER_SETTINGS))
     if unknown:
         raise ConfigError(f"unknown eviction setting(s): {', '.join(unknown)}; known: {', '.join(sorted(SETTINGS))}")
     return data

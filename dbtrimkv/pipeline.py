@@ -25,19 +25,22 @@ from .errors import ConfigError
 from .eviction_settings import resolve_eviction
 from .generation import generate
 from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from .stats_text import budget_words, entry_line, eviction_line, format_bytes, kv_bound, storage_line
 
 
 @dataclass
 class GenerationStats:
-    """What one generation cost and kept (one sequence)."""
+    """What one generation cost and kept (one sequence).
+
+    Units (`dbtrimkv.stats_text` words them for people): an entry is one token's K and V in one
+    (layer, KV head), so a token costs `layers * kv_heads` entries. `kv_entries` is what the cache
+    holds now (after the answer), `peak_kv_entries` the most it held, `kv_entries_full` what a
+    never-evicting cache would hold. Eviction is lazy: the cache is cut back to `budget` only just
+    before a forward would pass `kv_bound` = budget + layers x KV heads x max(buffer_size,
+    prefill_chunk), so `kv_entries` may exceed `budget` with no eviction yet. `kv_bytes` /
+    `kv_bytes_full` are the bytes those entries use; `kv_storage_bytes` is what the pool has
+    allocated (it grows ahead of use, never past the bound), which may exceed both.
+    """
 
     prompt_tokens: dict[str, int]
     new_tokens: int
@@ -54,6 +57,11 @@ class GenerationStats:
     budget: int | None
     policy: str
     notes: list[str] = field(default_factory=list)  # e.g. how a long video's frames were sampled
+    layers: int = 0
+    kv_heads: int = 0
+    buffer_size: int = 0
+    prefill_chunk: int = 0
+    kv_bound: int | None = None  # most entries the sequence may hold (None: no budget)
 
     @property
     def tokens_per_second(self) -> float:
@@ -65,21 +73,35 @@ class GenerationStats:
         return self.kv_entries / self.kv_entries_full if self.kv_entries_full else 1.0
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), tokens_per_second=self.tokens_per_second, kv_fraction=self.kv_fraction)
+        return dict(asdict(self), tokens_per_second=self.tokens_per_second, kv_fraction=self.kv_fraction,
+                    explanation=self.explanation())
+
+    @property
+    def entry_bytes(self) -> int:
+        return self.kv_bytes_full // self.kv_entries_full if self.kv_entries_full else 0
+
+    def explanation(self) -> list[str]:
+        """What the numbers mean: what an entry is, when eviction runs and the bound, storage allocated vs used."""
+        lines = [entry_line(self.layers, self.kv_heads),
+                 eviction_line(self.budget, self.policy, self.layers, self.kv_heads, self.buffer_size,
+                               self.prefill_chunk, now=self.kv_entries)] if self.layers else []
+        if self.entry_bytes:
+            lines.append(storage_line(self.kv_storage_bytes, self.kv_bytes, self.entry_bytes))
+        return lines
 
     def summary(self) -> str:
+        """Several lines: tokens and timings; entries now / peak / full, by modality, the budget; the
+        explanation lines; notes."""
         p, r = self.prompt_tokens, self.retained_entries
-        budget = f"{self.budget} entries" if self.budget is not None else (
-            "none (tau alone evicts)" if self.policy == "threshold" else "none (full cache)")
         return (
             f"prompt tokens: {sum(p.values())} (text {p['text']}, image {p['image']}, video {p['video']}) | "
             f"new tokens: {self.new_tokens} | prefill {self.prefill_seconds:.2f} s, decode {self.decode_seconds:.2f} s "
             f"({self.tokens_per_second:.1f} tok/s)\n"
             f"KV cache: {self.kv_entries} entries kept of {self.kv_entries_full} for a full cache "
-            f"({format_bytes(self.kv_bytes)} of {format_bytes(self.kv_bytes_full)}, {100 * self.kv_fraction:.1f}%) | "
-            f"kept by modality: text {r['text']}, image {r['image']}, video {r['video']} | "
-            f"policy {self.policy}, budget {budget}, evictions {self.evictions}"
-        ) + "".join(f"\nnote: {note}" for note in self.notes)
+            f"({format_bytes(self.kv_bytes)} of {format_bytes(self.kv_bytes_full)}, {100 * self.kv_fraction:.1f}%), "
+            f"peak {self.peak_kv_entries} | kept by modality: text {r['text']}, image {r['image']}, video {r['video']} | "
+            f"policy {self.policy}, {budget_words(self.budget, self.policy)}, evictions {self.evictions}"
+        ) + "".join(f"\n  {line}" for line in self.explanation()) + "".join(f"\nnote: {note}" for note in self.notes)
 
 
 @dataclass
@@ -102,6 +124,10 @@ def collect_stats(cache: DBTrimKVCache, inputs, b: int, new_tokens: int, timings
         peak_kv_entries=cache.peak_entries[b] if cache.peak_entries else 0,
         prefill_seconds=timings.get("prefill_seconds", 0.0), decode_seconds=timings.get("decode_seconds", 0.0),
         evictions=cache.num_evictions - evictions_before, budget=cache.budget, policy=cache.config.policy,
+        layers=cache.num_layers, kv_heads=cache.num_kv_heads, buffer_size=cache.config.buffer_size,
+        prefill_chunk=cache.config.prefill_chunk,
+        kv_bound=kv_bound(cache.budget, cache.num_layers, cache.num_kv_heads, cache.config.buffer_size,
+                          cache.config.prefill_chunk),
     )
 
 

@@ -17,9 +17,20 @@ from .errors import ConfigError
 from .text_files import read_utf8
 
 
-def preset_names() -> list[str]:
-    """Names of the shipped presets (file names without `.yaml`)."""
-    return sorted(p.name[:-5] for p in resources.files("dbtrimkv.configs").iterdir() if p.name.endswith(".yaml"))
+def preset_names(section: str | None = None) -> list[str]:
+    """Names of the shipped presets (file names without `.yaml`); with `section`, only those that have
+    that top-level section (e.g. `eviction`: the presets `--config` takes, not the training recipes)."""
+    files = sorted((p for p in resources.files("dbtrimkv.configs").iterdir() if p.name.endswith(".yaml")),
+                   key=lambda p: p.name)
+    return [p.name[:-5] for p in files if section is None or _has_section(p.read_text(encoding="utf-8"), section)]
+
+
+def _has_section(text: str, section: str) -> bool:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get(section), dict)
 
 
 def preset_path(name_or_path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from .errors import ConfigError
 from .modality import MODALITY_NAMES, Modality
+from .output_paths import check_writable_file
 
 KIND_COLORS = {"text": "#b0b0b0", "image": "#1f77b4", "video": "#ff7f0e"}
 _STAMP = re.compile(r"<\s*([0-9]+(?:\.[0-9]+)?)\s*seconds?\s*>")
@@ -87,13 +88,13 @@ def build(cache, token_ids: torch.Tensor, tokenizer, image_token_id: int | None 
 
 
 def check_output(path: str | Path) -> Path:
-    """`path` as a PNG destination whose folder exists (checked before any model is loaded)."""
+    """`path` as a PNG destination whose folder exists and takes a new file (checked before any model is loaded)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"the retention plot is a PNG: give a path ending in .png, got {path}")
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write the retention plot {path}: folder {path.parent} does not exist")
-    return path
+    return check_writable_file(path, "--retention-plot")
 
 
 def save(cache, token_ids: torch.Tensor, tokenizer, path: str | Path, title: str = "retention timeline") -> Path:

@@ -31,7 +31,8 @@ from dbtrimkv.errors import DBTrimKVError
 from dbtrimkv.eviction_settings import resolve_eviction
 from dbtrimkv.media import load_image, video_info
 from dbtrimkv.model_anatomy import text_config_of
-from dbtrimkv.pipeline import Conversation, DBTrimKVPipeline, GenerationStats, format_bytes
+from dbtrimkv.pipeline import Conversation, DBTrimKVPipeline, GenerationStats
+from dbtrimkv.stats_text import budget_words, format_bytes
 from dbtrimkv.policies import policy_names
 from dbtrimkv.retention_maps import head_heatmap, image_patch_survival, overlay
 from dbtrimkv.retention_timeline import build as build_timeline, conversation_tokens, plot as plot_timeline
@@ -124,9 +125,9 @@ def _bar(fraction: float, width: int = 24) -> str:
 
 
 def stats_markdown(stats: GenerationStats) -> str:
-    """The live panel: KV memory used vs a full cache, retained entries by modality, speed."""
+    """The live panel: KV memory used vs a full cache, retained entries by modality, speed, and what the
+    numbers mean (an entry, the bound and when eviction runs, storage allocated vs used)."""
     kept, prompt = stats.retained_entries, stats.prompt_tokens
-    budget = "none (full cache)" if stats.budget is None else f"{stats.budget:,} entries"
     return "\n".join([
         "### KV memory",
         f"`{_bar(stats.kv_fraction)}` **{100 * stats.kv_fraction:.1f}%** of a full cache",
@@ -143,7 +144,10 @@ def stats_markdown(stats: GenerationStats) -> str:
         f"**{stats.tokens_per_second:.1f} tokens/s** ({stats.new_tokens} new tokens; prefill "
         f"{stats.prefill_seconds:.2f} s, decode {stats.decode_seconds:.2f} s)",
         "",
-        f"policy **{stats.policy}**, budget {budget}, evictions this turn {stats.evictions}",
+        f"policy **{stats.policy}**, {budget_words(stats.budget, stats.policy)}, evictions this turn {stats.evictions}",
+        "",
+        "### What the numbers mean",
+        *(f"- {line}" for line in stats.explanation()),
     ])
 
 

@@ -67,8 +67,8 @@ def test_interactive_multi_turn(image_png):
     script = f"Hello there\n/image {image_png}\nWhat is in the image?\n/stats\n/image /no/such.png\nand?\n/exit\n"
     result = run_cli("chat", "--max-new-tokens", "4", stdin=script)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("assistant> ") == 2
-    assert "image not found" in result.stderr  # a bad file is reported; the chat goes on
+    assert result.stdout.count("assistant> ") == 3  # the bad path is refused at /image, so "and?" is answered
+    assert "image not found" in result.stderr and "nothing attached" in result.stderr  # reported; the chat goes on
     assert "KV cache:" in result.stderr and "image 0, video" not in result.stderr.split("KV cache:")[1].split("\n")[0]
 
 

@@ -3,7 +3,8 @@ dependencies.
 
 Why: a cycle hidden behind function-local imports makes the load order fragile and the layering
 unreadable (which module builds on which). The graph is read with `ast` from the source files, module-level
-and function-level imports alike (`if TYPE_CHECKING:` blocks are skipped: they never run).
+and function-level imports alike, and the command line's deferred `lazy("dbtrimkv.x")` imports too
+(`if TYPE_CHECKING:` blocks are skipped: they never run).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _is_lazy_import(node) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "lazy"
+            and len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+
+
 def _imports(module: str, path: Path, known: set[str]):
     """(imported dbtrimkv module, line, inside a function) for every import statement that runs."""
     tree = ast.parse(path.read_text(), str(path))
@@ -61,6 +67,8 @@ def _imports(module: str, path: Path, known: set[str]):
             if isinstance(child, ast.Import):
                 for alias in child.names:
                     found.append((alias.name, child.lineno, in_function))
+            elif _is_lazy_import(child):  # `x = lazy("dbtrimkv.x")` (commands/lazy.py): an import, run later
+                found.append((child.args[0].value, child.lineno, False))
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     base = package.split(".")
@@ -149,9 +157,11 @@ def test_the_walk_sees_cycles_and_local_imports(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from .b import f\n")
     (pkg / "b.py").write_text("def f():\n    from . import a\n")
+    (pkg / "c.py").write_text("x = lazy('dbtrimkv.b')\n")
     monkeypatch.setitem(PACKAGES, "dbtrimkv", pkg)
     monkeypatch.delitem(PACKAGES, "dbtrimkv.kernels")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path, raising=False)
     graph, lazy = _graph()
     assert _find_cycle(graph) in (["dbtrimkv.a", "dbtrimkv.b", "dbtrimkv.a"], ["dbtrimkv.b", "dbtrimkv.a", "dbtrimkv.b"])
     assert lazy == ["dbtrimkv/b.py:2 imports dbtrimkv.a"]
+    assert graph["dbtrimkv.c"] == {"dbtrimkv.b"}  # a deferred `lazy(...)` import is an edge too

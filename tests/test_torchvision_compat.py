@@ -1,4 +1,5 @@
-"""`import dbtrimkv` makes the CUDA-built torchvision importable on a CPU torch, and only then."""
+"""After `import dbtrimkv`, the CUDA-built torchvision imports on a CPU torch (the shim runs just before
+torchvision is first imported, `dbtrimkv._import_hooks`), and the shim acts only when needed."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_shim_acts_only_when_torchvision_ops_fail_to_load():
     assert probe.returncode == 0, probe.stderr
     ops_load = probe.stdout.strip().endswith("True")
     result = _python(
-        "import dbtrimkv._torchvision_compat as compat\n"  # importing dbtrimkv runs the shim
+        "import dbtrimkv, torchvision\n"  # the first import of torchvision after dbtrimkv runs the shim
+        "import dbtrimkv._torchvision_compat as compat\n"
         "print(compat._library is not None); print(compat.ensure_torchvision_importable())"
     )
     assert result.returncode == 0, result.stderr

@@ -21,6 +21,12 @@ MAX_NEW_TOKENS = 1_000_000
 MAX_FRAMES = 100_000
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
+# The registered policies and their options' defaults, as the parser states them without importing the
+# policies (they import torch). `tests/cli/test_lazy_cli.py` checks both against `dbtrimkv.policies`.
+POLICY_NAMES = ("global", "h2o", "head", "knorm", "layer", "random", "snapkv", "streaming", "threshold")
+POLICY_OPTION_DEFAULTS = {"h2o": {"recent_fraction": 0.5}, "random": {"seed": 0},
+                          "snapkv": {"window": 16, "kernel": 5}, "streaming": {"sinks": 4}}
+
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one `dbtrimkv: error: ...` line (and exit status 2)."""

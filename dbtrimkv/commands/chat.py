@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import sys
 
-from .. import checkpoints
-from ..errors import DBTrimKVError
-from ..pipeline import DBTrimKVPipeline
-from ..prompts import VideoOptions
-from ..retention_timeline import check_output
-from ..retention_timeline import conversation_tokens, save
+from ..errors import ConfigError, DBTrimKVError
 from . import arguments
-from .common import TINY_NOTICE, add_eviction_args, add_media_args, add_model_args, eviction_config
+from .common import (TINY_NOTICE, add_eviction_args, add_media_args, add_model_args, add_progress_arg,
+                     eviction_config, show_progress)
+from .lazy import lazy
+
+checkpoints = lazy("dbtrimkv.checkpoints")
+media = lazy("dbtrimkv.media")
+pipeline = lazy("dbtrimkv.pipeline")
+prompts = lazy("dbtrimkv.prompts")
+retention_timeline = lazy("dbtrimkv.retention_timeline")
+stats_text = lazy("dbtrimkv.stats_text")
+EMPTY_ANSWER = "(empty answer)"  # printed instead of a blank line when the model ends at once
 
 HELP = "commands: /image PATH, /video PATH (attach to the next message), /stats, /reset, /exit"
 
@@ -40,6 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--retention-plot", metavar="PATH", default=None,
                    help="write a retention timeline PNG after the answer (interactive: after every turn): "
                         "tokens in order x layers, coloured by the KV heads still holding each token")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -47,18 +53,21 @@ def load_pipeline(args):
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
     model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
-    return DBTrimKVPipeline(model, processor, eviction_config(args, model),
-                            video=VideoOptions(args.video_fps, args.video_max_frames))
+    return pipeline.DBTrimKVPipeline(model, processor, eviction_config(args, model),
+                                     video=prompts.VideoOptions(args.video_fps, args.video_max_frames))
 
 
 def run(args) -> int:
-    plot = check_output(args.retention_plot) if args.retention_plot else None
+    if args.question is not None and not args.question.strip():
+        raise ConfigError("the question is empty: give a question, or none for an interactive chat")
+    plot = retention_timeline.check_output(args.retention_plot) if args.retention_plot else None
+    progress = show_progress(args)
     pipe = load_pipeline(args)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                   top_p=args.top_p)
+                   top_p=args.top_p, progress=progress)
     if args.question is not None:
         out = pipe.chat(args.question, images=args.image, videos=args.video, **options)
-        print(out.text)
+        print(out.text if out.text.strip() else EMPTY_ANSWER)
         print(out.stats.summary(), file=sys.stderr)
         if plot is not None:
             _plot(out.cache, pipe, plot)
@@ -67,8 +76,9 @@ def run(args) -> int:
 
 
 def _plot(cache, pipe, path) -> None:
-    save(cache, conversation_tokens(cache), pipe.tokenizer, path, title=f"retention timeline ({cache.config.policy}, "
-         f"budget {cache.budget} entries)")
+    retention_timeline.save(cache, retention_timeline.conversation_tokens(cache), pipe.tokenizer, path,
+                            title=f"retention timeline ({cache.config.policy}, "
+                                  f"{stats_text.budget_words(cache.budget, cache.config.policy)})")
     print(f"retention timeline: {path}", file=sys.stderr)
 
 
@@ -88,11 +98,19 @@ def interactive(pipe, images, videos, options, plot=None) -> int:
             if command == "/exit":
                 return 0
             if command in ("/image", "/video") and arg.strip():
-                (images if command == "/image" else videos).append(arg.strip())
+                path = arg.strip()
+                try:
+                    _check_media(command, path)
+                except DBTrimKVError as exc:
+                    print(f"dbtrimkv: error: {exc}; nothing attached", file=sys.stderr)
+                    continue
+                (images if command == "/image" else videos).append(path)
+                print(f"attached {command[1:]} {path} to the next message", file=sys.stderr)
             elif command == "/stats":
-                print(last.summary() if last else "no answer yet", file=sys.stderr)
+                print(last.summary() if last else "new conversation: no answer yet, KV cache empty", file=sys.stderr)
             elif command == "/reset":
-                conversation, images, videos = pipe.conversation(), [], []
+                conversation, images, videos, last = pipe.conversation(), [], [], None
+                print("new conversation: history, KV cache and attachments cleared", file=sys.stderr)
             else:
                 print(HELP, file=sys.stderr)
             continue
@@ -101,7 +119,7 @@ def interactive(pipe, images, videos, options, plot=None) -> int:
             print("assistant> ", end="", flush=True)
             for piece in stream:
                 print(piece, end="", flush=True)
-            print()
+            print("" if stream.text.strip() else EMPTY_ANSWER)
             last = stream.stats
             if plot is not None:
                 _plot(conversation.cache, pipe, plot)
@@ -111,3 +129,12 @@ def interactive(pipe, images, videos, options, plot=None) -> int:
             print(f"dbtrimkv: error: this turn failed ({type(exc).__name__}: {exc}); the chat goes on",
                   file=sys.stderr)
         images, videos = [], []
+
+
+def _check_media(command: str, path: str) -> None:
+    """MediaError now, not at the next message, for a path that is missing or not an image / video."""
+    if command == "/image":
+        media.load_image(path)
+    else:
+        media.video_info(path)
+

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .. import checkpoints
-from ..pipeline import DBTrimKVPipeline
 from . import arguments
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
+from .lazy import lazy
 
+checkpoints = lazy("dbtrimkv.checkpoints")
+pipeline = lazy("dbtrimkv.pipeline")
 
 
 def add_parser(sub) -> None:
@@ -43,6 +44,7 @@ def add_parser(sub) -> None:
                    help="requests that may wait for the model; more are turned away (default: 16)")
     g.add_argument("--max-new-tokens", type=arguments.new_tokens, default=256,
                    help="upper end of the page's 'max new tokens' slider (default: 256)")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -53,14 +55,15 @@ def load_demo_module():
 
 def run(args) -> int:
     arguments.check_port_free(args.host, args.port)
+    show_progress(args)  # the model download's bars
     demo_module = load_demo_module()
     notice = TINY_NOTICE if args.model is None else None
     if notice:
         print(notice, file=sys.stderr)
     model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
-    pipeline = DBTrimKVPipeline(model, processor, eviction_config(args, model))
+    pipe = pipeline.DBTrimKVPipeline(model, processor, eviction_config(args, model))
     examples = importlib.import_module("dbtrimkv.demos.examples").example_rows() if args.model is None else None
-    demo = demo_module.build_demo(pipeline, max_video_seconds=args.max_video_seconds,
+    demo = demo_module.build_demo(pipe, max_video_seconds=args.max_video_seconds,
                                   max_new_tokens=args.max_new_tokens, notice=notice, examples=examples)
     demo_module.launch(demo, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb,
                        queue_size=args.queue_size)

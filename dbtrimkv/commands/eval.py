@@ -16,18 +16,28 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import MAX_BUFFER_SIZE, MAX_PREFILL_CHUNK
 from ..errors import ConfigError
-from ..eval import long_video_report, report
-from ..eval.harness import BenchmarkSpec, run_benchmark
-from ..eval.long_video import LongVideoSpec, run_long_video as run
-from ..loading import resolve_device
-from ..policies import policy_names
-from ..recall.tasks import TASK_KINDS
-from ..recall.train_gates import GATE_DATA, train_gates
-from ..recall.train_model import train
+from ..limits import MAX_BUFFER_SIZE, MAX_PREFILL_CHUNK
+from ..output_paths import check_writable_dir, check_writable_file, timestamped
+from ..presets import load_yaml
 from . import arguments
-from .common import add_model_args
+from .common import add_model_args, add_progress_arg, show_progress
+from .lazy import lazy
+
+harness = lazy("dbtrimkv.eval.harness")
+long_video = lazy("dbtrimkv.eval.long_video")
+long_video_report = lazy("dbtrimkv.eval.long_video_report")
+loading = lazy("dbtrimkv.loading")
+report = lazy("dbtrimkv.eval.report")
+train_gates_module = lazy("dbtrimkv.recall.train_gates")
+train_model = lazy("dbtrimkv.recall.train_model")
+
+# As `dbtrimkv.recall` names them (checked by tests/test_lazy_cli.py), stated here so the parser imports no torch.
+TASK_KINDS = ("cards", "video", "image")
+GATE_DATA = "gate_data"
+REPORT_SUFFIXES = (".json", ".md", ".png")
+OUTPUT_HELP = ("output prefix: writes PREFIX.json, PREFIX.md and PREFIX.png (default: {name}-YYYYMMDD-HHMMSS in the "
+               "working directory; checked writable before the run starts)")
 
 
 def add_parser(sub) -> None:
@@ -46,8 +56,8 @@ def _add_synthetic(sub) -> None:
                                    "of the full cache, converted per prompt to an entry budget). Writes JSON, a "
                                    "markdown table and a PNG plot.")
     p.add_argument("--policies", nargs="+", default=["global", "head", "streaming", "snapkv", "h2o", "knorm", "random"],
-                   choices=policy_names(), metavar="POLICY",
-                   help=f"policies to compare (choices: {', '.join(policy_names())})")
+                   choices=arguments.POLICY_NAMES, metavar="POLICY",
+                   help=f"policies to compare (choices: {', '.join(arguments.POLICY_NAMES)})")
     p.add_argument("--budgets", nargs="+", type=arguments.fraction, default=[0.02, 0.05, 0.1, 0.25, 0.5], metavar="FRACTION",
                    help="KV budgets as fractions of each prompt's full cache, in (0, 1]")
     p.add_argument("--kind", choices=tuple(TASK_KINDS), default="cards",
@@ -66,8 +76,9 @@ def _add_synthetic(sub) -> None:
     p.add_argument("--threshold", type=arguments.fraction, default=None, metavar="TAU",
                    help="tau of the threshold policy (needed when it is among --policies): it drops entries whose "
                         "decayed retention is below tau, and each budget stays its hard cap")
-    p.add_argument("--output", default="bench/synthetic_recall", help="output prefix: writes .json, .md and .png")
+    p.add_argument("--output", default=None, metavar="PREFIX", help=OUTPUT_HELP.format(name="synthetic_recall"))
     add_model_args(p, default="the shipped tiny-recall model")
+    add_progress_arg(p)
     p.set_defaults(func=run_synthetic)
 
 
@@ -85,7 +96,7 @@ def _add_long_video(sub) -> None:
                    help="first video seed (default: 0, the benchmark's videos); other seeds give held-out videos "
                         "to tune on")
     p.add_argument("--policies", nargs="+", default=["global", "head", "streaming", "snapkv", "h2o"],
-                   choices=policy_names(), metavar="POLICY", help="policies besides the full cache")
+                   choices=arguments.POLICY_NAMES, metavar="POLICY", help="policies besides the full cache")
     p.add_argument("--memory-size", type=int, default=32, metavar="M",
                    help="entries per (layer, KV head) for every policy (default: 32)")
     p.add_argument("--full-cache-cap-mb", type=float, default=16.0, metavar="MIB",
@@ -94,8 +105,10 @@ def _add_long_video(sub) -> None:
     p.add_argument("--timeline-minutes", type=float, default=None, metavar="MIN",
                    help="also draw the retention timeline of `global` on the first video of this length "
                         "(one of --minutes) to OUTPUT-timeline.png")
-    p.add_argument("--output", default="bench/long_video", help="output prefix: writes .json, .md and .png")
+    p.add_argument("--output", default=None, metavar="PREFIX", help=OUTPUT_HELP.format(name="long_video")
+                   + "; with --timeline-minutes also PREFIX-timeline.png")
     add_model_args(p, default="the shipped tiny-recall model")
+    add_progress_arg(p)
     p.set_defaults(func=run_long_video)
 
 
@@ -147,9 +160,11 @@ def run_synthetic(args) -> int:
         raise ConfigError("the threshold policy needs its tau: pass --threshold TAU with --policies ... threshold"
                           if args.threshold is None else
                           "--threshold is the threshold policy's tau: add threshold to --policies or drop it")
+    args.output = _report_prefix(args.output, "synthetic_recall")
+    show_progress(args)  # the model download's bars
     _log_to_stderr()
-    spec = BenchmarkSpec.from_args(args)
-    results = run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
+    spec = harness.BenchmarkSpec.from_args(args)
+    results = harness.run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
     paths = report.write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
     print("\n".join(str(p) for p in paths))
     return 0
@@ -164,34 +179,60 @@ def run_long_video(args) -> int:
         raise ConfigError("--full-cache-cap-mb must be > 0 and --window-frames at least 1")
     if args.timeline_minutes is not None and (args.timeline_minutes not in args.minutes or "global" not in args.policies):
         raise ConfigError("--timeline-minutes must be one of --minutes, with global among --policies")
+    args.output = _report_prefix(args.output, "long_video")
+    timeline = Path(f"{args.output}-timeline.png") if args.timeline_minutes is not None else None
+    if timeline is not None:
+        check_writable_file(timeline, "--output")
+    show_progress(args)  # the model download's bars
     _log_to_stderr()
-    spec = LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
+    spec = long_video.LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
                          memory_size=args.memory_size, full_cache_cap_mb=args.full_cache_cap_mb,
                          window_frames=args.window_frames, timeline_minutes=args.timeline_minutes,
                          first_seed=args.first_seed)
-    timeline = Path(f"{args.output}-timeline.png") if args.timeline_minutes is not None else None
     if timeline is not None:
         timeline.parent.mkdir(parents=True, exist_ok=True)
-    results = run(spec, args.model, device=args.device, dtype=args.dtype, timeline_path=timeline)
+    results = long_video.run_long_video(spec, args.model, device=args.device, dtype=args.dtype, timeline_path=timeline)
     paths = long_video_report.write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
     paths += [timeline] if timeline is not None else []
     print("\n".join(str(p) for p in paths))
     return 0
 
 
-def run_train_recall(args) -> int:
-    _log_to_stderr()
+def _report_prefix(output: str | None, what: str) -> str:
+    """The report prefix (default: `what`-YYYYMMDD-HHMMSS here), its .json/.md/.png checked writable."""
+    prefix = output if output is not None else timestamped(what)
+    for suffix in REPORT_SUFFIXES:
+        check_writable_file(Path(prefix).with_suffix(suffix), "--output")
+    return prefix
 
-    scores = train(args.config, output=args.output, steps=args.steps, threads=args.threads,
-                   device=str(resolve_device(args.device)), resume=args.resume,
+
+def _recipe_value(recipe: str, key: str):
+    try:
+        return load_yaml(recipe).get(key)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def run_train_recall(args) -> int:
+    output = args.output if args.output is not None else _recipe_value(args.config, "output")
+    if output is not None:
+        check_writable_dir(output, "--output" if args.output is not None else f"the output of {args.config}")
+    _log_to_stderr()
+    scores = train_model.train(args.config, output=args.output, steps=args.steps, threads=args.threads,
+                   device=str(loading.resolve_device(args.device)), resume=args.resume,
                    stop_at=args.stop_at)
     print(" ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     return 0
 
 
 def run_train_gates(args) -> int:
+    # the gates are saved into the recipe's model (its output) and trained in the config's output_dir
+    for name, key in ((args.recipe, "output"), (args.config, "output_dir")):
+        folder = _recipe_value(name, key)
+        if folder is not None:
+            check_writable_dir(folder, f"the {key} of {name}")
     _log_to_stderr()
-    print(train_gates(args.config, examples=args.examples, threads=args.threads,
+    print(train_gates_module.train_gates(args.config, examples=args.examples, threads=args.threads,
                       serve_memory_size=args.serve_memory_size, recipe=args.recipe, gate_data=args.gate_data,
                       continue_gates=args.continue_gates))
     return 0

@@ -13,17 +13,18 @@ import socket
 import sys
 from pathlib import Path
 
-import uvicorn
-
-from .. import checkpoints
-from ..config import DBTrimKVConfig
 from ..errors import ConfigError
-from ..serving import create_server, startup_report
-from ..serving.admission import parse_kv_memory
-from ..serving.app import HTTPOptions
-from ..serving.server import ServerOptions
 from .arguments import positive_float as _positive_float, positive_int as _positive_int
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
+from .lazy import lazy
+
+checkpoints = lazy("dbtrimkv.checkpoints")
+config = lazy("dbtrimkv.config")
+serving = lazy("dbtrimkv.serving")
+admission = lazy("dbtrimkv.serving.admission")
+app = lazy("dbtrimkv.serving.app")
+server = lazy("dbtrimkv.serving.server")
+uvicorn = lazy("uvicorn")
 
 
 def add_parser(sub) -> None:
@@ -63,6 +64,7 @@ def add_parser(sub) -> None:
                    help="let requests name image / video files (paths or file:// URLs) under DIR (default: refused)")
     g.add_argument("--allow-remote-media", action="store_true",
                    help="let requests name http(s) image / video URLs, fetched by the server (default: refused)")
+    add_progress_arg(p)
     g.add_argument("--video-fps", type=_positive_float, default=2.0, help="frames sampled per second of video (default: 2)")
     g.add_argument("--video-max-frames", type=_positive_int, default=64, help="at most this many frames per video")
     p.set_defaults(func=run)
@@ -82,10 +84,10 @@ def options_from_args(args):
     if cap is not None and chunk is not None and cap < chunk:
         raise ConfigError(f"--max-prefill-tokens-per-step ({cap}) must be at least --prefill-chunk ({chunk}): a chunk "
                           "is never split (that would change answers)")
-    http = HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,
+    http = app.HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,
                        max_prompt_tokens=args.max_prompt_tokens)
-    return ServerOptions(
-        model_name=args.served_model_name or args.model or "tiny-recall", kv_memory=parse_kv_memory(args.kv_memory),
+    return server.ServerOptions(
+        model_name=args.served_model_name or args.model or "tiny-recall", kv_memory=admission.parse_kv_memory(args.kv_memory),
         max_running=args.max_running, max_queue=args.max_queue, max_sessions=args.max_sessions,
         max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step, http=http,
         allow_media_dir=args.allow_media_dir,
@@ -112,19 +114,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run(args) -> int:
     options = options_from_args(args)
+    show_progress(args)  # the model download's bars
     if args.config:
-        DBTrimKVConfig.load(args.config)  # a bad preset fails before the model loads
+        config.DBTrimKVConfig.load(args.config)  # a bad preset fails before the model loads
     sock = bind_socket(args.host, args.port)
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
     try:
         model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
-        app, engine = create_server(model, processor, eviction_config(args, model), options)
-        print(startup_report(engine), file=sys.stderr)
+        web_app, engine = serving.create_server(model, processor, eviction_config(args, model), options)
+        print(serving.startup_report(engine), file=sys.stderr)
         if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
             print(f"Warning: listening on {args.host} without --api-key: anyone who can reach it can use it.",
                   file=sys.stderr)
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(web_app, host=args.host, port=args.port, log_level="info")).run(sockets=[sock])
     finally:
         sock.close()
     return 0

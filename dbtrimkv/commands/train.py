@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..training import TrainConfig, train
+from ..output_paths import check_writable_dir
+from .lazy import lazy
+
+training = lazy("dbtrimkv.training")
 
 
 def add_parser(sub) -> None:
@@ -24,7 +27,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    config = TrainConfig.load(args.config, output_dir=args.output, max_steps=args.max_steps, model=args.model,
+    config = training.TrainConfig.load(args.config, output_dir=args.output, max_steps=args.max_steps, model=args.model,
                               train_data=args.train_data)
-    train(config, resume=args.resume)
+    check_writable_dir(config.output_dir, "--output" if args.output is not None else f"output_dir of {args.config}")
+    training.train(config, resume=args.resume)
     return 0

@@ -6,15 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import checkpoints
 from ..errors import ConfigError
-from ..pipeline import format_bytes
-from ..retention_timeline import check_output
-from ..retention_timeline import fork_tokens, save
-from ..video_qa import StreamOptions, VideoQA, load_dataset, run_dataset
-from ..video_qa.runner import load_predictions, metrics_path
+from ..output_paths import check_writable_file
 from . import arguments
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
+from .lazy import lazy
+
+checkpoints = lazy("dbtrimkv.checkpoints")
+retention_timeline = lazy("dbtrimkv.retention_timeline")
+video_qa = lazy("dbtrimkv.video_qa")
+runner = lazy("dbtrimkv.video_qa.runner")
+stats_text = lazy("dbtrimkv.stats_text")
 
 DESCRIPTION = """\
 Answer questions about a video of any length inside a fixed KV budget. The video is decoded with
@@ -65,7 +67,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_eviction_args(p)
     add_answer_length_arg(p, 64)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
     p.add_argument("--retention-plot", metavar="PATH", default=None,
                    help="with --video: a retention timeline PNG per question (PATH, or PATH-1.png, PATH-2.png, ... "
                         "for several): tokens in order (video frames with their times) x layers, coloured by the "
@@ -97,35 +99,43 @@ def run(args) -> int:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.dataset is not None:  # predictions and metrics are written as the run goes: both must be writable now
+        check_writable_file(args.output, "--output")
+        check_writable_file(runner.metrics_path(args.output), "--output")
     if args.retention_plot is not None:
         if args.video is None:
             raise ConfigError("--retention-plot goes with --video (one plot per question)")
-        check_output(args.retention_plot)
-    options = StreamOptions(fps=args.fps, max_frames=args.max_frames, window_frames=args.window_frames,
+        retention_timeline.check_output(args.retention_plot)
+    options = video_qa.StreamOptions(fps=args.fps, max_frames=args.max_frames, window_frames=args.window_frames,
                             frame_tokens=args.frame_tokens)
+    progress = show_progress(args)
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
     model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
-    qa = VideoQA(model, processor, eviction_config(args, model), options, args.max_new_tokens,
-                 progress=not args.no_progress)
+    qa = video_qa.VideoQA(model, processor, eviction_config(args, model), options, args.max_new_tokens,
+                          progress=progress)
     return _single(qa, args) if args.video is not None else _dataset(qa, args)
 
 
 def _single(qa, args) -> int:
     encoded = qa.encode(args.video)
     c = encoded.cache
+    now, config = c.num_entries(0), c.config
+    rule = stats_text.eviction_line(c.budget, config.policy, c.num_layers, c.num_kv_heads, config.buffer_size,
+                                    config.prefill_chunk, now=now)
     print(f"video: {encoded.frames} frames in {encoded.frame_groups} frame groups, "
           f"{encoded.prompt_tokens['video']} video tokens, encoded in {encoded.seconds:.2f} s | "
-          f"KV after the video: {c.num_entries(0)} entries, peak {max(c.peak_entries)}, "
-          f"storage {format_bytes(c.storage_bytes())}", file=sys.stderr)
+          f"KV after the video: {stats_text.entries(now)} now, peak {max(c.peak_entries)}, "
+          f"{stats_text.budget_words(c.budget, config.policy)}, storage {stats_text.format_bytes(c.storage_bytes())} "
+          f"allocated\n  {stats_text.entry_line(c.num_layers, c.num_kv_heads)}\n  {rule}", file=sys.stderr)
     for number, question in enumerate(args.questions, 1):
         answer = qa.ask(encoded, question)
         print(f"Q: {question}\nA: {answer.text}", flush=True)
         if args.retention_plot is not None:
             _plot(qa, encoded, answer, args.retention_plot, number if len(args.questions) > 1 else None)
         s = answer.stats
-        print(f"{s.summary()}\npeak KV entries: {s.peak_kv_entries} | KV storage: {format_bytes(s.kv_storage_bytes)} "
-              f"({s.kv_storage_bytes} bytes)", file=sys.stderr)
+        print(f"{s.summary()}\npeak KV entries: {s.peak_kv_entries} | KV storage: "
+              f"{stats_text.format_bytes(s.kv_storage_bytes)} allocated ({s.kv_storage_bytes} bytes)", file=sys.stderr)
     return 0
 
 
@@ -137,22 +147,23 @@ def _plot(qa, encoded, answer, path: str, number: int | None) -> None:
     if number is not None:
         path = path.with_name(f"{path.stem}-{number}{path.suffix}")
     cache = answer.cache
-    save(cache, fork_tokens(encoded.token_ids, cache), qa.processor.tokenizer, path,
-         title=f"retention timeline after: {answer.question!r} ({cache.config.policy}, budget {cache.budget} entries)")
+    retention_timeline.save(cache, retention_timeline.fork_tokens(encoded.token_ids, cache), qa.processor.tokenizer, path,
+         title=f"retention timeline after: {answer.question!r} ({cache.config.policy}, "
+               f"{stats_text.budget_words(cache.budget, cache.config.policy)})")
     print(f"retention timeline: {path}", file=sys.stderr)
 
 
 def _dataset(qa, args) -> int:
-    items = load_dataset(args.dataset, args.format, args.video_dir)[: args.limit]
+    items = video_qa.load_dataset(args.dataset, args.format, args.video_dir)[: args.limit]
     settings = {"model": args.model or "tiny-recall", "eviction": qa.config.to_dict(), "stream": vars(qa.options),
                 "max_new_tokens": args.max_new_tokens}
-    metrics = run_dataset(qa, items, args.output, progress=not args.no_progress, settings=settings)
+    metrics = video_qa.run_dataset(qa, items, args.output, progress=qa.progress, settings=settings)
     acc = "n/a" if metrics["accuracy"] is None else f"{100 * metrics['accuracy']:.2f}%"
     print(f"accuracy: {acc} ({metrics['correct']}/{metrics['total']}) | unparsed answers: {metrics['unparsed']} | "
-          f"errors: {metrics['errors']} | predictions: {args.output} | metrics: {metrics_path(args.output)}")
+          f"errors: {metrics['errors']} | predictions: {args.output} | metrics: {runner.metrics_path(args.output)}")
     ids = {item.id for item in items}
-    kv = [r["kv"] for i, r in load_predictions(args.output).items() if i in ids and "kv" in r]
+    kv = [r["kv"] for i, r in runner.load_predictions(args.output).items() if i in ids and "kv" in r]
     if kv:
         print(f"KV: peak entries {max(k['peak_entries'] for k in kv)}, storage "
-              f"{format_bytes(max(k['storage_bytes'] for k in kv))} (max over questions)", file=sys.stderr)
+              f"{stats_text.format_bytes(max(k['storage_bytes'] for k in kv))} (max over questions)", file=sys.stderr)
     return 0

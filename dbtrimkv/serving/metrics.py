@@ -35,9 +35,12 @@ class Metrics:
         "requests_waiting": ("gauge", "Requests waiting for admission"),
         "sessions_parked": ("gauge", "Sessions whose cache is parked in the pool"),
         "kv_memory_bytes": ("gauge", "--kv-memory: bytes the pool and the attention views may hold together"),
-        "kv_pool_slots": ("gauge", "KV entries (slots) the pool holds; fixed at start-up"),
+        "kv_pool_slots": ("gauge", "KV entries (slots) the pool holds; fixed at start-up. An entry is one token's K "
+                                   "and V in one layer and KV head"),
         "kv_pool_bytes": ("gauge", "Bytes of the pool (slots x bytes per slot); fixed at start-up"),
-        "kv_slots_in_use": ("gauge", "KV entries in use (running requests and parked sessions)"),
+        "kv_slots_in_use": ("gauge", "KV entries in use now (running requests and parked sessions); a request may "
+                                     "hold more than its budget until eviction cuts it back, never more than its "
+                                     "bound"),
         "kv_slots_in_use_peak": ("gauge", "Most KV entries ever in use at once"),
         "kv_views_bytes": ("gauge", "Bytes of the CPU attention views (contiguous per-layer copies of the cached K/V; "
                                     "0 on CUDA, where the kernels read the pool in place)"),
@@ -47,7 +50,10 @@ class Metrics:
         "kv_views_skipped_total": ("counter", "Forwards that attended through the pool because their views would "
                                               "have passed their reservation"),
         "kv_slots_reserved": ("gauge", "KV entries reserved by admission (bounds of running requests + parked sessions)"),
-        "kv_request_bound_slots": ("gauge", "Per-request bound for a default request with a full prefill chunk"),
+        "kv_request_bound_slots": ("gauge", "Per-request bound for a default request with a full prefill chunk: "
+                                            "budget + layers x KV heads x max(buffer, prefill chunk) entries; "
+                                            "eviction cuts a request back to its budget just before a forward "
+                                            "would pass it"),
         "kv_request_views_bytes": ("gauge", "View bytes reserved for a default request with a full prefill chunk"),
         "max_prefill_tokens_per_step": ("gauge", "Most prompt tokens one engine step may prefill"),
         "step_prefill_tokens_peak": ("gauge", "Most prompt tokens one engine step prefilled"),

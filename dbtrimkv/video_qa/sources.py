@@ -6,10 +6,13 @@ the file's rate); with `realtime` each frame is released when its time has come,
 would deliver it. Anything else PyAV opens (a V4L2 device such as `/dev/video0`, `rtsp://`,
 `http://`, `udp://`, `file:` URLs, or any source with an explicit `--format`) is read by
 presentation time, sampled at `fps`, and timed in milliseconds (`index` = ms, fps = 1000).
+`open_source` opens the source and reads its first frame at once, so a missing file, a directory,
+an absent camera or an unreachable stream is a `MediaError` before anything else happens.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +29,34 @@ def is_file_source(source: str, format: str | None = None) -> bool:
     """A plain video file (decoded by `media`), rather than a device or a URL for PyAV."""
     return format is None and "://" not in source and not source.startswith(("/dev/", "file:")) \
         and Path(source).is_file()
+
+
+def open_source(source: str, fps: float = 1.0, realtime: bool = False, format: str | None = None,
+                clock: Callable[[], float] = time.monotonic,
+                sleep: Callable[[float], None] = time.sleep) -> Iterator[tuple[int, np.ndarray, float]]:
+    """`stream_frames`, with the source opened and its first frame read now (MediaError if it cannot be)."""
+    _check_local(source, format)
+    frames = stream_frames(source, fps=fps, realtime=realtime, format=format, clock=clock, sleep=sleep)
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise MediaError(f"video source {source} delivered no frames") from None
+    return itertools.chain([first], frames)
+
+
+def _check_local(source: str, format: str | None) -> None:
+    """A path (not a URL) must exist and must not be a directory."""
+    if format is not None or "://" in source or source.startswith("file:"):
+        return
+    path = Path(source)
+    if not source.strip():
+        raise MediaError("the video source is empty: give a video file, a camera device or a stream URL")
+    if not path.exists():
+        what = "camera device" if source.startswith("/dev/") else "video file"
+        raise MediaError(f"{what} not found: {source} (a source is a video file, a camera device such as "
+                         f"/dev/video0, or a stream URL such as rtsp://host/path)")
+    if path.is_dir():
+        raise MediaError(f"video source {source} is a directory, not a video file or a camera device")
 
 
 def stream_frames(source: str, fps: float = 1.0, realtime: bool = False, format: str | None = None,

@@ -68,9 +68,10 @@ def test_the_saved_default_is_the_first_layer_everywhere(saved_with_default):
     saved = DBTrimKVConfig(memory_size=5, buffer_size=7, policy="layer")
     assert DBTrimKVPipeline(model, processor).config == saved
     assert eviction_config(build_parser().parse_args(["chat", "hi"]), model) == saved
-    # a preset names memory_size, buffer_size, policy and prefill_chunk: lookahead / min_per_head stay saved
+    # a preset names budget_scale, buffer_size, policy and prefill_chunk: lookahead / min_per_head stay saved,
+    # and budget-tight is a quarter of the saved M = 5 (at least 1), tighter than the model's default
     tight = resolve_eviction(model, "budget-tight", min_per_head=None)
-    assert (tight.memory_size, tight.buffer_size, tight.policy) == (128, 32, "global")
+    assert (tight.memory_size, tight.buffer_size, tight.policy) == (1, 32, "global")
     # explicit settings override only themselves
     budget = resolve_eviction(model, budget=300)
     assert (budget.budget, budget.memory_size, budget.buffer_size, budget.policy) == (300, None, 7, "layer")
