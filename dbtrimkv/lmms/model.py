@@ -43,6 +43,18 @@ class KVCostCounts(TokenCounts):
         return dict(super().to_dict(), kv=self.kv)
 
 
+@dataclass
+class _Request:
+    """One generate_until request, translated for the pipeline."""
+
+    task: str
+    ctx: str
+    gen_kwargs: dict
+    chat: list[dict]
+    settings: dict
+    until: list[str]
+
+
 class DBTrimKVLMM(lmms):
     """Qwen3-VL (or the shipped tiny-recall model) under dbtrimkv's KV budget, for lmms-eval."""
 
@@ -68,43 +80,43 @@ class DBTrimKVLMM(lmms):
         raise NotImplementedError(REFUSED.format(kind="generate_until_multi_round"))
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
-        results: list[GenerationResult | None] = [None] * len(requests)
-        prepared = [self._prepare(request) for request in requests]
-        groups: dict[tuple, list[int]] = {}
-        for i, (task, chat, settings, until) in enumerate(prepared):
-            key = (task, repr(sorted(settings.items())), tuple(until), ends_with_assistant(chat))
-            groups.setdefault(key, []).append(i)
+        results: list[GenerationResult | None] = [None] * len(requests)  # in the requests' order
+        groups: dict[tuple, list[int]] = {}  # same task and generation settings: may share a batch
+        for i, request in enumerate(requests):
+            _ctx, _messages, gen_kwargs, _doc_id, task, _split = request.args
+            groups.setdefault((task, repr(sorted((gen_kwargs or {}).items()))), []).append(i)
         done_before = {task: len(records) for task, records in self.costs.items()}
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
-                for i, result in zip(batch, self._run_batch([prepared[i] for i in batch])):
-                    results[i] = result
+                batch = indices[start:start + self.batch_size]  # media of one batch in memory at a time
+                prepared = [self._prepare(requests[i]) for i in batch]
+                for continued in (False, True):  # a chat ending with the assistant's prefix is continued
+                    part = [(i, r) for i, r in zip(batch, prepared) if ends_with_assistant(r.chat) == continued]
+                    if part:
+                        for (i, _), result in zip(part, self._run_batch([r for _, r in part], continued)):
+                            results[i] = result
         for task, records in self.costs.items():
             self._log_summary(task, records, records[done_before.get(task, 0):])
         return results
 
-    def _prepare(self, request: Instance) -> tuple[str, list[dict], dict, list[str]]:
-        _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
-        doc = self.task_dict[task][split][doc_id]
-        chat = to_pipeline_messages(doc_to_messages(doc))
+    def _prepare(self, request: Instance) -> _Request:
+        ctx, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
+        chat = to_pipeline_messages(doc_to_messages(self.task_dict[task][split][doc_id]))
         settings, until = generation_settings(gen_kwargs)
-        return task, chat, settings, until
+        return _Request(task, ctx, gen_kwargs, chat, settings, until)
 
-    def _run_batch(self, batch: list[tuple]) -> list[GenerationResult]:
-        task, _, settings, until = batch[0]
-        chats = [chat for _, chat, _, _ in batch]
-        outputs = self.pipeline(chats, progress=False, continue_final_message=ends_with_assistant(chats[0]),
-                                **settings)
+    def _run_batch(self, batch: list[_Request], continued: bool) -> list[GenerationResult]:
+        outputs = self.pipeline([r.chat for r in batch], progress=False, continue_final_message=continued,
+                                **batch[0].settings)
         results = []
-        for out in outputs:
+        for request, out in zip(batch, outputs):
             cost = sample_cost(out, batch_size=len(batch))
-            self.costs.setdefault(task, []).append(cost)
-            text = cut_at_stop(out.text, until)
+            self.costs.setdefault(request.task, []).append(cost)
+            text = cut_at_stop(out.text, request.until)
             counts = KVCostCounts(input_tokens=sum(out.stats.prompt_tokens.values()),
                                   output_tokens=out.stats.new_tokens, kv=cost)
             results.append(GenerationResult(text=text, token_counts=counts))
-            self.cache_hook.add_partial("generate_until", (chats, settings), text)
+            self.cache_hook.add_partial("generate_until", (request.ctx, request.gen_kwargs), text)
         return results
 
     def _log_summary(self, task: str, records: list[dict], new: list[dict]) -> None:

@@ -21,6 +21,7 @@ from ..prompts import VideoOptions
 # eviction settings passed through to resolve_eviction (None = not set: the checkpoint's default wins)
 EVICTION_ARGS = ("budget", "memory_size", "policy", "threshold", "policy_options", "buffer_size", "prefill_chunk",
                  "lookahead", "min_per_head")
+# max_batch_size: lmms-eval passes it with --max_batch_size; accepted and unused (batches are batch_size)
 OTHER_ARGS = ("pretrained", "config", "full_cache", "fps", "max_frames", "device", "dtype", "batch_size",
               "max_batch_size")
 KNOWN_ARGS = EVICTION_ARGS + OTHER_ARGS

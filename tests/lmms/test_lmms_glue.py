@@ -173,3 +173,29 @@ def test_export_refuses_bad_flags(capsys):
     with pytest.raises(SystemExit):
         cli_main(["eval", "export-lmms", "/tmp/x", "--kinds", "audio"])
     assert "invalid choice: 'audio'" in capsys.readouterr().err
+
+
+def test_ci_runs_the_lmms_tests_with_the_extra_in_a_venv_of_its_own():
+    from pathlib import Path
+
+    run = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    block = run[run.index("lmms=$(mktemp -d)"):]
+    assert 'python -m venv --system-site-packages "$lmms"' in block
+    assert '"$lmms/bin/pip" install -q -e ".[test,lmms]" -c constraints.txt' in block
+    assert '"$lmms/bin/python" -m pytest -p no:cacheprovider tests/lmms' in block
+
+
+def test_pipeline_continues_the_assistants_answer_prefix(tiny_recall):
+    """`continue_final_message=True`: the chat's last (assistant) message is continued, as the synthetic
+    benchmark's prompts are: the pipeline answers each with the harness's token."""
+    from dbtrimkv.eval.harness import answer
+
+    model, processor = tiny_recall
+    config = DBTrimKVConfig(memory_size=16, prefill_chunk=32, buffer_size=0)
+    pipe = DBTrimKVPipeline(model, processor, config)
+    examples = [BenchmarkSpec(kind=kind, examples=1).prompts()[0] for kind in TASK_KINDS]
+    outputs = pipe([ex.messages for ex in examples], max_new_tokens=1, progress=False, continue_final_message=True)
+    answers = [answer(model, processor, prompt_inputs(processor, [ex]), config)[0] for ex in examples]
+    assert [out.text for out in outputs] == answers  # a left-padded batch of three, answered as one by one
+    reopened = pipe(examples[0].messages, max_new_tokens=1, progress=False)  # a new assistant turn instead
+    assert reopened.stats.prompt_tokens["text"] > outputs[0].stats.prompt_tokens["text"]
