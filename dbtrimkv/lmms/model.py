@@ -6,7 +6,8 @@ more: every request goes through `DBTrimKVPipeline`, the product's one generatio
 sample's answer comes back with what it cost (`cost.py`) in lmms-eval's per-sample
 `token_counts` record (a `TokenCounts` subclass, so lmms-eval's return types stay intact).
 
-Requests are grouped by task and generation settings and run `batch_size` at a time through the
+Requests are grouped by task and generation settings and run `batch_size` at a time (a chat that
+ends with the assistant's answer prefix is continued, in a sub-batch of its own) through the
 pipeline's batch call (one left-padded batch, one cache). `until` is applied to the decoded text
 (the pipeline has no stop strings: generation runs to `max_new_tokens` or end of sequence).
 `loglikelihood` and multi-round generation are refused: the engine generates inside a bounded
