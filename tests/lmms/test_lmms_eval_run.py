@@ -20,6 +20,7 @@ import torch
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="needs the [lmms] extra (pip install -e '.[lmms]')")
 
+from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
@@ -172,3 +173,41 @@ def test_lmms_eval_command_runs_the_offline_task(task_dir, tmp_path):
         kv = sample["token_counts"][0]["kv"]
         assert kv["policy"] == "global" and kv["budget"] == 96 and kv["peak_kv_bytes"] == kv["peak_kv_entries"] * 256
     assert results["throughput"]["avg_dbtrimkv/dbtrimkv_recall/samples"] == 3
+
+
+def _instance(doc_to_messages, gen_kwargs: dict, doc_id: int, task: str = "public_like") -> Instance:
+    return Instance(request_type="generate_until", arguments=("ctx", doc_to_messages, gen_kwargs, doc_id, task, "test"),
+                    idx=0, metadata={"task": task, "doc_id": doc_id, "repeats": 1})
+
+
+def test_generate_until_honours_until_max_new_tokens_and_video_files(tmp_path):
+    """Requests shaped like public tasks' (lmms-eval's auto messages: media first, then the question, a
+    new assistant turn): a PIL image, an image path and an mp4 decoded at the model's fps / max_frames."""
+    import random
+
+    from helpers import write_clip
+
+    from dbtrimkv.recall.tasks import draw_digit
+
+    image, _ = draw_digit("7", 32, random.Random(0))
+    image.save(tmp_path / "seven.png")
+    clip = write_clip(tmp_path / "clip.mp4", frames=24, fps=8)
+    docs = [{"visual": image, "q": "which digit is in the image?"},
+            {"visual": str(tmp_path / "seven.png"), "q": "which digit is in the image?"},
+            {"visual": str(clip), "q": "which digit is in the video?"}]
+
+    def doc_to_messages(doc):
+        kind = "video" if isinstance(doc["visual"], str) and doc["visual"].endswith(".mp4") else "image"
+        return [{"role": "user", "content": [{"type": kind, "url": doc["visual"]}, {"type": "text", "text": doc["q"]}]}]
+
+    lm = DBTrimKVLMM.create_from_arg_string("pretrained=tiny-recall,memory_size=16,fps=2,max_frames=4,batch_size=2")
+    lm.task_dict = {"public_like": {"test": docs}}
+    free = lm.generate_until([_instance(doc_to_messages, {"max_new_tokens": 8, "until": []}, i) for i in range(3)])
+    cut = lm.generate_until([_instance(doc_to_messages, {"max_new_tokens": 8, "until": [":"]}, i) for i in range(3)])
+    short = lm.generate_until([_instance(doc_to_messages, {"max_new_tokens": 2}, i) for i in range(3)])
+    assert [r.text for r in free[:2]] == ["image:7", "image:7"]  # the shipped model answers its own question
+    assert [r.text for r in cut] == [r.text.split(":")[0] for r in free] and cut[0].text == "image"
+    assert all(r.token_counts.output_tokens <= 2 for r in short) and all(r.token_counts.output_tokens > 2 for r in free)
+    video = free[2].token_counts.kv
+    assert video["prompt_tokens"]["video"] > 0 and video["batch_size"] == 1 and free[0].token_counts.kv["batch_size"] == 2
+    assert any("4 frames" in note for note in video["notes"]), video["notes"]  # 3 s at 2 fps > max_frames=4: spread
