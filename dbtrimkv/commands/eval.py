@@ -181,8 +181,11 @@ def run_synthetic(args) -> int:
 
 
 def run_export_lmms(args) -> int:
-    prompts = {kind: BenchmarkSpec.from_args(argparse.Namespace(**dict(vars(args), kind=kind))).prompts()
-               for kind in dict.fromkeys(args.kinds)}
+    try:
+        prompts = {kind: BenchmarkSpec.from_args(argparse.Namespace(**dict(vars(args), kind=kind))).prompts()
+                   for kind in dict.fromkeys(args.kinds)}
+    except ValueError as exc:  # the recall task classes check their parameters
+        raise ConfigError(f"recall task: {exc}") from None
     print(recall_export.export_task(args.directory, prompts))
     return 0
 

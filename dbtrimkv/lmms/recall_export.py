@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..recall.tasks import RecallExample
 
 TASK_NAME = "dbtrimkv_recall"
@@ -60,7 +61,10 @@ from dbtrimkv.lmms.recall_export import doc_to_messages, doc_to_text, process_re
 def export_task(directory: str | Path, examples: dict[str, list[RecallExample]]) -> Path:
     """Write the task for `examples` (kind -> prompts) into `directory`; returns the YAML's path."""
     directory = Path(directory).resolve()
-    (directory / "media").mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / "media").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the task into {directory}: {exc.strerror or exc}") from None
     docs = [_document(kind, example, directory) for kind, prompts in examples.items() for example in prompts]
     with open(directory / DATA_FILE, "w") as f:
         for doc in docs:

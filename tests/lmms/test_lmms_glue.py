@@ -169,10 +169,16 @@ def test_export_takes_the_synthetic_task_flags(tmp_path):
     assert sum(len(t) == 1 and t.isupper() for t in texts) == 3 + 1  # three card keys, and the answer prefix
 
 
-def test_export_refuses_bad_flags(capsys):
+def test_export_refuses_bad_flags_and_directories(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        cli_main(["eval", "export-lmms", "/tmp/x", "--kinds", "audio"])
+        cli_main(["eval", "export-lmms", str(tmp_path), "--kinds", "audio"])
     assert "invalid choice: 'audio'" in capsys.readouterr().err
+    assert cli_main(["eval", "export-lmms", str(tmp_path), "--image-size", "8"]) == 2
+    assert capsys.readouterr().err.strip() == "dbtrimkv: error: recall task: image_size must be >= 32, filler and distractors >= 0"
+    (tmp_path / "file").write_text("")
+    assert cli_main(["eval", "export-lmms", str(tmp_path / "file"), "--examples", "1"]) == 2
+    assert capsys.readouterr().err.strip() == f"dbtrimkv: error: cannot write the task into {tmp_path / 'file'}: Not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written beside it
 
 
 def test_ci_runs_the_lmms_tests_with_the_extra_in_a_venv_of_its_own():
