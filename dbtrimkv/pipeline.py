@@ -176,9 +176,10 @@ class DBTrimKVPipeline:
     def new_cache(self, config: DBTrimKVConfig | None = None) -> DBTrimKVCache:
         return DBTrimKVCache(self.model, config or self.config)
 
-    def build_inputs(self, messages, add_generation_prompt: bool = True, notes: list | None = None):
+    def build_inputs(self, messages, add_generation_prompt: bool = True, notes: list | None = None,
+                     continue_final_message: bool = False):
         return build_inputs(self.processor, messages, add_generation_prompt=add_generation_prompt, video=self.video,
-                            notes=notes)
+                            notes=notes, continue_final_message=continue_final_message)
 
     def _generation_kwargs(self, do_sample, temperature, top_p, max_new_tokens):
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
@@ -189,15 +190,19 @@ class DBTrimKVPipeline:
         return kwargs
 
     def __call__(self, messages, max_new_tokens: int = 128, do_sample: bool = False, temperature: float | None = None,
-                 top_p: float | None = None, stream: bool = False, progress: bool = True):
+                 top_p: float | None = None, stream: bool = False, progress: bool = True,
+                 continue_final_message: bool = False):
         """Answer one chat (a list of messages or a string) or a batch (a list of chats).
 
-        Returns a `PipelineOutput` (a list of them for a batch), or a `StreamingOutput` if `stream`.
+        `continue_final_message`: the chats end with the start of the assistant's answer, which the
+        model continues (no new assistant turn is opened). Returns a `PipelineOutput` (a list of them
+        for a batch), or a `StreamingOutput` if `stream`.
         """
         batched = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict) \
             and not isinstance(messages, str)
         notes: list[str] = []
-        inputs = self.build_inputs(messages, notes=notes)
+        inputs = self.build_inputs(messages, notes=notes, add_generation_prompt=not continue_final_message,
+                                   continue_final_message=continue_final_message)
         cache = self.new_cache()
         kwargs = self._generation_kwargs(do_sample, temperature, top_p, max_new_tokens)
         if stream:

@@ -3,6 +3,8 @@
 - `dbtrimkv eval synthetic --policies global streaming ... --budgets 0.05 0.1 ...` runs eviction
   policies on held-out synthetic prompts in the same engine and writes JSON, a markdown table and
   a plot (accuracy vs budget).
+- `dbtrimkv eval export-lmms DIR` writes the same prompts as an offline lmms-eval task
+  (`dbtrimkv.lmms.recall_export`).
 - `dbtrimkv eval long-video --minutes 1 5 30 60 ...` streams synthetic videos of growing length
   through video-qa's windowed path and writes accuracy and memory vs length (JSON, markdown, plots).
 - `dbtrimkv eval train-recall --config configs/recall-tiny.yaml` trains the tiny recall model.
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ harness = lazy("dbtrimkv.eval.harness")
 long_video = lazy("dbtrimkv.eval.long_video")
 long_video_report = lazy("dbtrimkv.eval.long_video_report")
 loading = lazy("dbtrimkv.loading")
+recall_export = lazy("dbtrimkv.lmms.recall_export")
 report = lazy("dbtrimkv.eval.report")
 train_gates_module = lazy("dbtrimkv.recall.train_gates")
 train_model = lazy("dbtrimkv.recall.train_model")
@@ -45,6 +49,7 @@ def add_parser(sub) -> None:
                        description="Measure eviction policies on a task with known answers.")
     eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
     _add_synthetic(eval_sub)
+    _add_export_lmms(eval_sub)
     _add_long_video(eval_sub)
     _add_train_recall(eval_sub)
     _add_train_gates(eval_sub)
@@ -63,14 +68,7 @@ def _add_synthetic(sub) -> None:
     p.add_argument("--kind", choices=tuple(TASK_KINDS), default="cards",
                    help="card stream, video clip or single image prompts")
     p.add_argument("--examples", type=arguments.int_in(1, 100_000), default=100, help="held-out prompts (seeds 0..N-1; default: 100)")
-    p.add_argument("--num-cards", type=arguments.int_in(1, 1000), default=8)
-    p.add_argument("--filler", type=arguments.int_in(0, 100_000), default=32, help="filler characters between cards / around the clip")
-    p.add_argument("--distractors", type=arguments.int_in(0, 100), default=1, help="distractor images between two cards")
-    p.add_argument("--frames", type=arguments.int_in(1, 1000), default=8, help="video frames (--kind video)")
-    p.add_argument("--image-size", type=arguments.int_in(8, 1024), default=32)
-    p.add_argument("--answer-modality", choices=("image", "text", "any"), default="any")
-    p.add_argument("--needle", type=arguments.unit_interval, default=None, help="place of the queried card / frame in [0, 1] "
-                   "(default: random)")
+    _add_recall_task_args(p)
     p.add_argument("--prefill-chunk", type=arguments.int_in(1, MAX_PREFILL_CHUNK), default=32, help="prompt tokens per prefill step (default: 32)")
     p.add_argument("--buffer-size", type=arguments.int_in(0, MAX_BUFFER_SIZE), default=0, help="tokens between evictions while decoding")
     p.add_argument("--threshold", type=arguments.fraction, default=None, metavar="TAU",
@@ -80,6 +78,33 @@ def _add_synthetic(sub) -> None:
     add_model_args(p, default="the shipped tiny-recall model")
     add_progress_arg(p)
     p.set_defaults(func=run_synthetic)
+
+
+def _add_recall_task_args(p) -> None:
+    """The recall prompts' parameters, shared by `synthetic` and `export-lmms` (same flags, same prompts)."""
+    p.add_argument("--num-cards", type=arguments.int_in(1, 1000), default=8)
+    p.add_argument("--filler", type=arguments.int_in(0, 100_000), default=32, help="filler characters between cards / around the clip")
+    p.add_argument("--distractors", type=arguments.int_in(0, 100), default=1, help="distractor images between two cards")
+    p.add_argument("--frames", type=arguments.int_in(1, 1000), default=8, help="video frames (--kind video)")
+    p.add_argument("--image-size", type=arguments.int_in(8, 1024), default=32)
+    p.add_argument("--answer-modality", choices=("image", "text", "any"), default="any")
+    p.add_argument("--needle", type=arguments.unit_interval, default=None, help="place of the queried card / frame in [0, 1] "
+                   "(default: random)")
+
+
+def _add_export_lmms(sub) -> None:
+    p = sub.add_parser("export-lmms", help="write the synthetic recall prompts as an offline lmms-eval task",
+                       description="Write the held-out recall prompts of `eval synthetic` (seeds 0..N-1 of each kind, "
+                                   "the same task flags) to DIR as the lmms-eval task dbtrimkv_recall: a YAML, a "
+                                   "JSONL of documents and PNG media. Run it with lmms-eval --model dbtrimkv "
+                                   "--tasks dbtrimkv_recall --include_path DIR.")
+    p.add_argument("directory", metavar="DIR", help="output directory (created)")
+    p.add_argument("--kinds", nargs="+", choices=tuple(TASK_KINDS), default=list(TASK_KINDS),
+                   help="prompt kinds to export (default: cards image video)")
+    p.add_argument("--examples", type=arguments.int_in(1, 100_000), default=20,
+                   help="prompts per kind (seeds 0..N-1; default: 20)")
+    _add_recall_task_args(p)
+    p.set_defaults(func=run_export_lmms, policies=[], budgets=[], prefill_chunk=32, buffer_size=0, threshold=None)
 
 
 def _add_long_video(sub) -> None:
@@ -167,6 +192,17 @@ def run_synthetic(args) -> int:
     results = harness.run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
     paths = report.write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
     print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def run_export_lmms(args) -> int:
+    check_writable_dir(args.directory, "DIR")
+    try:
+        prompts = {kind: harness.BenchmarkSpec.from_args(argparse.Namespace(**dict(vars(args), kind=kind))).prompts()
+                   for kind in dict.fromkeys(args.kinds)}
+    except ValueError as exc:  # the recall task classes check their parameters
+        raise ConfigError(f"recall task: {exc}") from None
+    print(recall_export.export_task(args.directory, prompts))
     return 0
 
 
