@@ -177,7 +177,7 @@ def test_export_refuses_bad_flags_and_directories(capsys, tmp_path):
     assert capsys.readouterr().err.strip() == "dbtrimkv: error: recall task: image_size must be >= 32, filler and distractors >= 0"
     (tmp_path / "file").write_text("")
     assert cli_main(["eval", "export-lmms", str(tmp_path / "file"), "--examples", "1"]) == 2
-    assert capsys.readouterr().err.strip() == f"dbtrimkv: error: cannot write the task into {tmp_path / 'file'}: Not a directory"
+    assert capsys.readouterr().err.strip() == f"dbtrimkv: error: cannot write DIR {tmp_path / 'file'}: it is a file, not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written beside it
 
 
