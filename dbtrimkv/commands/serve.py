@@ -18,6 +18,7 @@ from ..serving import create_server, startup_report
 from ..serving.admission import parse_kv_memory
 from ..serving.app import HTTPOptions
 from ..serving.server import ServerOptions
+from ..serving.session_store import check_folder
 from .arguments import positive_float as _positive_float, positive_int as _positive_int
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
 
@@ -48,6 +49,10 @@ def add_parser(sub) -> None:
     g.add_argument("--max-sessions", type=_positive_int, default=64,
                    help="conversations (session_id) whose cache stays in the pool between requests; the least "
                         "recently used are dropped beyond this or when the pool needs room (default: 64)")
+    g.add_argument("--session-store", type=Path, default=None, metavar="DIR",
+                   help="folder where sessions go when the pool needs their room or the server stops, and resume "
+                        "from without prefilling their history again (created if missing; default: none, such "
+                        "sessions are dropped)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: none)")
     g.add_argument("--served-model-name", default=None, help="model id clients send (default: --model or tiny-recall)")
     g.add_argument("--max-tokens", type=_positive_int, default=4096, help="largest max_tokens a request may ask for")
@@ -78,6 +83,8 @@ def options_from_args(args):
     if cap is not None and chunk is not None and cap < chunk:
         raise ConfigError(f"--max-prefill-tokens-per-step ({cap}) must be at least --prefill-chunk ({chunk}): a chunk "
                           "is never split (that would change answers)")
+    if args.session_store is not None:
+        check_folder(args.session_store)
     http = HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,
                        max_prompt_tokens=args.max_prompt_tokens)
     return ServerOptions(
@@ -86,6 +93,7 @@ def options_from_args(args):
         max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step, http=http,
         allow_media_dir=args.allow_media_dir,
         allow_remote_media=args.allow_remote_media, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
+        session_store=args.session_store,
     )
 
 
