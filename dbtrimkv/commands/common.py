@@ -85,11 +85,16 @@ def parse_policy_options(items: list[str]) -> dict:
 
 def eviction_config(args, model):
     """The DBTrimKVConfig the options describe, resolved by `dbtrimkv.eviction_settings`."""
+    return resolve_eviction(model, **eviction_request(args))
+
+
+def eviction_request(args) -> dict:
+    """The eviction flags as `resolve_eviction` keyword arguments (plain values: they may travel to
+    another process, e.g. a Ray Serve replica, that resolves them against its own model)."""
     explicit = {k: getattr(args, k, None) for k in ("budget", "memory_size", "policy", "threshold", "buffer_size",
                                                    "prefill_chunk")}
-    return resolve_eviction(model, args.config, full_cache=args.full_cache,
-                            policy_options=parse_policy_options(getattr(args, "policy_option", [])) or None,
-                            **explicit)
+    return dict(explicit, config=args.config, full_cache=args.full_cache,
+                policy_options=parse_policy_options(getattr(args, "policy_option", [])) or None)
 
 
 def check_before_load(args) -> None:

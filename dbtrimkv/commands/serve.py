@@ -7,7 +7,11 @@ pool size and per-request bound are printed at start-up so an operator knows wha
 from __future__ import annotations
 
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 import uvicorn
 
@@ -20,7 +24,7 @@ from ..serving.app import HTTPOptions
 from ..serving.server import ServerOptions
 from ..serving.session_store import check_folder
 from .arguments import positive_float as _positive_float, positive_int as _positive_int
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config
+from .common import TINY_NOTICE, add_eviction_args, add_model_args, eviction_config, eviction_request
 
 
 def add_parser(sub) -> None:
@@ -53,6 +57,13 @@ def add_parser(sub) -> None:
                    help="folder where sessions go when the pool needs their room or the server stops, and resume "
                         "from without prefilling their history again (created if missing; default: none, such "
                         "sessions are dropped)")
+    r = p.add_argument_group("replicas (Ray Serve; needs the extra: pip install 'dbtrimkv[ray]')")
+    r.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+                   help="serve the same API from N engine replicas as Ray Serve deployments, routed by free KV "
+                        "admission capacity, sessions sticking to their replica (default: 1, no Ray)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. auto, or head-node:6379) instead of starting a local one; "
+                        "replicas are placed on its machines (implies Ray even with --replicas 1)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: none)")
     g.add_argument("--served-model-name", default=None, help="model id clients send (default: --model or tiny-recall)")
     g.add_argument("--max-tokens", type=_positive_int, default=4096, help="largest max_tokens a request may ask for")
@@ -105,6 +116,8 @@ def run(args) -> int:
         DBTrimKVConfig.load(args.config)  # a bad preset fails before the model loads
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
+    if args.replicas > 1 or args.ray_address is not None:
+        return _run_replicas(args, options)
     model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
     app, engine = create_server(model, processor, eviction_config(args, model), options)
     print(startup_report(engine), file=sys.stderr)
@@ -113,3 +126,19 @@ def run(args) -> int:
               file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _run_replicas(args, options: ServerOptions) -> int:
+    """`--replicas N` / `--ray-address`: the same server as N Ray Serve replicas (serving/ray_app.py)."""
+    try:
+        from ..serving import ray_app
+    except ImportError as exc:
+        raise ConfigError(f"--replicas and --ray-address need Ray Serve ({exc}): pip install 'dbtrimkv[ray]'") from None
+    if options.session_store is None:  # replicas resume each other's sessions from one shared folder
+        options = replace(options, session_store=Path(tempfile.mkdtemp(prefix="dbtrimkv-sessions-")))
+        print(f"Session store: {options.session_store} (on several machines, give a shared --session-store)",
+              file=sys.stderr)
+    options = replace(options, session_write_through=True)
+    spec = ray_app.ReplicaSpec(args.model, args.device, args.dtype, eviction_request(args), options)
+    gpus = 1.0 if (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available()) else 0.0
+    return ray_app.run(spec, args.replicas, args.host, args.port, args.ray_address, gpus)

@@ -67,6 +67,11 @@ class SessionStore:
         with self._lock:
             session.busy = False
 
+    def ids(self) -> list[str]:
+        """The ids of the sessions held (parked or running a turn), least recently used first."""
+        with self._lock:
+            return list(self._sessions)
+
     def notice_for(self, session_id: str) -> str | None:
         """Why an earlier session with this id is gone (told once)."""
         with self._lock:
