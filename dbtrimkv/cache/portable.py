@@ -113,7 +113,7 @@ def save_cache(model, cache, path: str | Path, extra: dict | None = None) -> int
         tensors.update(_entries(cache.pool, slots, t.seg_len, cache.policy_scores))
         tensors["free_slots"] = cache.pool.free_slots[: cache.pool.num_free].cpu()
         ids, mask = cache.known_tokens(len(cache.requests), "cpu")
-        tensors.update(token_ids=ids.to(torch.int64), token_mask=mask.to(torch.int8))
+        tensors.update(token_ids=ids.to(torch.int32), token_mask=mask.to(torch.int8))
         meta.update(rows=[asdict(row) for row in cache.requests], pool_capacity=int(cache.pool.capacity))
     return _write(path, meta, tensors)
 
@@ -229,8 +229,6 @@ class SavedCache:
         pool.free_top.fill_(pool.num_free)
         cache.use_pool(pool)
         seg_len = self.tensors["seg_len"]
-        if seg_len.numel() != len(rows) * lh:
-            raise CacheFileError(f"{self.path}: {seg_len.numel()} segments for {len(rows)} sequences (corrupt file)")
         offset = 0
         for b, state in enumerate(rows):
             lengths = seg_len[b * lh: (b + 1) * lh]
@@ -242,7 +240,8 @@ class SavedCache:
         if "policy_scores" in self.tensors:
             scores = torch.zeros(capacity, dtype=torch.float32, device=device)
             cache.policy_scores = scores.index_copy_(0, slots.to(device), self.tensors["policy_scores"].to(device))
-        cache.record_tokens(self.tensors["token_ids"].to(device), self.tensors["token_mask"].to(device, torch.int64))
+        cache.record_tokens(self.tensors["token_ids"].to(device, torch.int64),
+                            self.tensors["token_mask"].to(device, torch.int64))
         return cache
 
     def to_parked(self, pool: SlotPool) -> tuple[ParkedSequence, torch.Tensor | None]:
@@ -317,6 +316,9 @@ def _check_tensors(saved: SavedCache, identity: ModelIdentity) -> None:
         tensor = t.get(name)
         if tensor is None or tensor.dtype != want or (shape is not None and tuple(tensor.shape) != shape):
             raise CacheFileError(f"{saved.path}: tensor {name!r} is missing or has the wrong shape or dtype (corrupt file)")
+    rows = len(saved.meta.get("rows") or [])
+    if t["seg_len"].numel() != rows * identity.num_layers * identity.num_kv_heads:
+        raise CacheFileError(f"{saved.path}: {t['seg_len'].numel()} segments for {rows} sequences (corrupt file)")
     if int(t["seg_len"].sum()) != n or bool((t["seg_len"] < 0).any()):
         raise CacheFileError(f"{saved.path}: segment lengths do not add up to the {n} saved entries (corrupt file)")
 

@@ -16,6 +16,7 @@ cluster, restarts dead ones and carries requests between them. Two deployments:
   error event.
 """
 
+import asyncio
 import itertools  # no `from __future__ import annotations`: FastAPI reads the route annotations at runtime
 import json
 import sys
@@ -94,12 +95,17 @@ async def _rest(stream, start: dict):
     try:
         async for chunk in stream:
             yield chunk
+        stream = None
     except RayError as exc:
+        stream = None
         if dict(start["headers"]).get("content-type", "").startswith("text/event-stream"):
             error = {"error": {"message": f"the replica answering this request failed ({type(exc).__name__}); "
                                           "send the request again", "type": "server_error", "param": None,
                                "code": None}}
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        if stream is not None:  # the client went away: the replica cancels the request and frees its slots
+            stream.cancel()
 
 
 def _session_id(body: bytes) -> str | None:
@@ -138,6 +144,9 @@ class Ingress:
             stream = self.engines.forward.remote(request.method, target, headers, body, session_id=session_id)
             try:
                 start = await stream.__anext__()
+            except asyncio.CancelledError:  # the client went away while the replica was answering
+                stream.cancel()
+                raise
             except RayError as exc:  # the replica died before answering: nothing was sent, send it again
                 failure = exc
                 self.resent += 1

@@ -76,11 +76,19 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
         self._sent: dict[str, int] = {}
         self._report: dict[str, object] = {}  # replica id -> the stats' sequence number last seen
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray Serve hands over the live replicas whenever their set or their stats change."""
+        super().update_replicas(replicas)
+        latest = _latest()
+        for replica in replicas:
+            latest[replica.replica_id.unique_id] = replica.routing_stats or {}
+        for gone in set(latest) - {r.replica_id.unique_id for r in replicas}:
+            latest.pop(gone, None)
+
     def _view(self, replica: RunningReplica) -> ReplicaView:
         rid, stats = replica.replica_id.unique_id, replica.routing_stats or {}
         if stats.get("seq") != self._report.get(rid):  # a fresh report covers what was sent before it
             self._report[rid], self._sent[rid] = stats.get("seq"), 0
-            _latest()[rid] = stats
         return ReplicaView(rid, int(stats.get("free_slots", 0)), max(int(stats.get("request_bound", 1)), 1),
                            int(stats.get("running", 0)), frozenset(stats.get("sessions", ())), self._sent.get(rid, 0))
 
@@ -107,3 +115,5 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         _latest().pop(replica_id.unique_id, None)
+        self._report.pop(replica_id.unique_id, None)
+        self._sent.pop(replica_id.unique_id, None)

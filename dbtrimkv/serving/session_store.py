@@ -95,7 +95,10 @@ class SessionFiles:
         config = DBTrimKVConfig.from_dict({k: dict(v) if k == "policy_options" else v for k, v in session.config_key})
         scores = cache.policy_scores if cache is not None else None
         extra = {"kind": KIND, "id": session.id, "history": session.history, "last_ids": list(session.last_ids)}
-        save_parked(self.path_for(session.id), self.identity, config, pool, session.parked, scores, extra)
+        try:
+            save_parked(self.path_for(session.id), self.identity, config, pool, session.parked, scores, extra)
+        except OSError as exc:  # a full or gone disk loses this session (its history is prefilled again), not the server
+            print(f"dbtrimkv serve: session store: cannot save session {session.id!r}: {exc}", file=sys.stderr)
 
     def discard(self, session_id: str) -> None:
         self.path_for(session_id).unlink(missing_ok=True)

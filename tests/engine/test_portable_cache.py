@@ -138,6 +138,7 @@ def _rewrite(path, change):
     (lambda m, t: m.update(format="other"), "not a dbtrimkv cache"),
     (lambda m, t: t.update(k=t["k"][:-1]), "wrong shape"),
     (lambda m, t: t.update(slot_ids=torch.zeros_like(t["slot_ids"])), "partition"),
+    (lambda m, t: t.update(seg_len=torch.cat([t["seg_len"], torch.zeros(1, dtype=torch.int64)])), "segments for"),
     (lambda m, t: m["settings"].update(budget=-3), "bad eviction settings"),
 ])
 def test_corrupt_or_foreign_files_are_refused(models, tmp_path, change, message):

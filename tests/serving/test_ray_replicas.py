@@ -129,3 +129,16 @@ def test_a_replica_killed_under_load_loses_no_session_and_no_answer(cluster, sin
         assert cached == first["prompt_tokens"] + first["completion_tokens"] - 1
         want, _ = chat(single, messages, session=f"ref-{session}-{os.getpid()}")
         assert answer["choices"][0]["message"] == want["choices"][0]["message"]
+
+
+def test_a_client_that_goes_away_frees_its_replica(cluster):
+    body = {"model": "tiny-recall", "messages": image_message(), "max_tokens": 4000, "ignore_eos": True,
+            "stream": True, "temperature": 0}
+    with httpx.stream("POST", cluster + "/v1/chat/completions", json=body, timeout=60) as response:
+        replica = response.headers[REPLICA_HEADER]
+        next(response.iter_lines())  # the stream started; then the client hangs up
+    cancelled = f'dbtrimkv_requests_finished_total{{replica="{replica}",reason="cancelled"}}'
+    deadline = time.monotonic() + 20
+    while _metrics(cluster).get(cancelled, 0) < 1:  # the replica cancelled it (reported with its stats)
+        assert time.monotonic() < deadline, _metrics(cluster)
+        time.sleep(0.5)
