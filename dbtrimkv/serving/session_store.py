@@ -40,9 +40,6 @@ class SessionFiles:
     def path_for(self, session_id: str) -> Path:
         return self.folder / f"{hashlib.sha256(session_id.encode()).hexdigest()[:40]}.dbkv"
 
-    def has(self, session_id: str) -> bool:
-        return self.path_for(session_id).is_file()
-
     # --- HTTP threads ------------------------------------------------------------------------------
     def restore(self, session_id: str) -> Session | None:
         """The session saved under `session_id`, reserved (busy), its entries still on the host (they go
