@@ -33,3 +33,11 @@ class ConfigError(DBTrimKVError, ValueError):
 
 class IntegrationError(DBTrimKVError, RuntimeError):
     """The installed transformers no longer calls the hooks the way dbtrimkv expects (version mismatch)."""
+
+
+class CacheFileError(DBTrimKVError, ValueError):
+    """A saved compressed cache that cannot be read: missing, corrupt, or of another format version."""
+
+
+class CacheMismatchError(CacheFileError):
+    """A saved compressed cache made for another model (layers, KV heads, head size, dtype or weights)."""

@@ -19,9 +19,10 @@ import torch
 from transformers import TextIteratorStreamer
 
 from .cache import DBTrimKVCache
+from .cache.portable import load_cache, save_cache
 from .checkpoints import load_model
 from .config import DBTrimKVConfig
-from .errors import ConfigError
+from .errors import CacheFileError, ConfigError
 from .eviction_settings import resolve_eviction
 from .generation import generate
 from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
@@ -219,6 +220,17 @@ class DBTrimKVPipeline:
     def conversation(self, system: str | None = None) -> "Conversation":
         return Conversation(self, system=system)
 
+    def load_conversation(self, path) -> "Conversation":
+        """A conversation saved by `Conversation.save`, continued on this pipeline's model (the file is
+        checked against it; `CacheFileError` / `CacheMismatchError` name what does not match)."""
+        cache, extra = load_cache(self.model, path)
+        if extra.get("kind") != "conversation":
+            raise CacheFileError(f"{path} holds a {extra.get('kind', 'bare')} cache, not a saved conversation")
+        conversation = Conversation(self)
+        conversation.cache, conversation.messages = cache, list(extra["messages"])
+        conversation._last_ids = extra["last_ids"]
+        return conversation
+
     def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
              notes: list[str] = ()) -> list[PipelineOutput]:
         timings: dict = {}
@@ -312,6 +324,14 @@ def _strip_padding(ids: torch.Tensor, stop: set[int]) -> list[int]:
     return out
 
 
+def _without_media(message: dict) -> dict:
+    """A chat message as JSON: text parts kept, image / video parts reduced to their type."""
+    content = message["content"]
+    if isinstance(content, list):
+        content = [part if part.get("type") == "text" else {"type": part.get("type")} for part in content]
+    return {"role": message["role"], "content": content}
+
+
 def _checked_source(config):
     if config is not None and not isinstance(config, (DBTrimKVConfig, str, Path)):
         raise ConfigError(f"config must be a DBTrimKVConfig, a YAML/JSON path or a preset, got {type(config).__name__}")
@@ -358,6 +378,13 @@ class Conversation:
         out = pipe._run(inputs, self.cache, kwargs, progress, before, notes)[0]
         record(out)
         return out
+
+    def save(self, path) -> int:
+        """Write the compressed cache and the turns so far to `path` (`cache/portable.py` format; media
+        are not stored, only where they were); returns the file's size in bytes."""
+        extra = {"kind": "conversation", "messages": [_without_media(m) for m in self.messages],
+                 "last_ids": self._last_ids}
+        return save_cache(self.pipeline.model, self.cache, path, extra)
 
     @property
     def turns(self) -> int:

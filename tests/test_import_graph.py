@@ -18,7 +18,8 @@ PACKAGES = {"dbtrimkv": ROOT / "dbtrimkv", "dbtrimkv.kernels": ROOT / "kernels"}
 # parquet datasets (video QA), multi-device training, hub downloads, progress bars, FlexAttention
 # (newer torch only), and the Triton kernels (CUDA only; see `_is_lazy_kernel`).
 LAZY_ALLOWED = {"gradio", "matplotlib", "av", "pandas", "accelerate", "huggingface_hub", "tqdm",
-                "torch.nn.attention.flex_attention", "psutil", "httpx"}  # the last two: serving only
+                "torch.nn.attention.flex_attention", "psutil", "httpx",  # the last two: serving only
+                "ray", "dbtrimkv.serving.ray_app"}  # the optional extra `.[ray]` (serve --replicas) and its user
 
 
 def _lazy_allowed(name: str) -> bool:

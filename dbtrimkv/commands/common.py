@@ -127,17 +127,22 @@ def in_flag_words(message: str) -> str:
 def eviction_config(args, model):
     """The DBTrimKVConfig the options describe, resolved by `dbtrimkv.eviction_settings`. An error names
     the flags, or the --config file when the file alone cannot work."""
+    try:
+        return eviction_settings.resolve_eviction(model, **eviction_request(args))
+    except ConfigError as exc:
+        raise ConfigError(_config_file_error(args, model) or in_flag_words(str(exc))) from None
+
+
+def eviction_request(args) -> dict:
+    """The eviction flags as `resolve_eviction` keyword arguments (plain values: they may travel to
+    another process, e.g. a Ray Serve replica, that resolves them against its own model)."""
     explicit = {k: getattr(args, k, None) for k in ("budget", "memory_size", "policy", "threshold", "buffer_size",
                                                    "prefill_chunk")}
     options = parse_policy_options(getattr(args, "policy_option", []))
     if "threshold" in options or "tau" in options:
         raise ConfigError(f"the threshold policy's tau is set with --threshold TAU, not --policy-option "
                           f"{'threshold' if 'threshold' in options else 'tau'}=...")
-    try:
-        return eviction_settings.resolve_eviction(model, args.config, full_cache=args.full_cache,
-                                                  policy_options=options or None, **explicit)
-    except ConfigError as exc:
-        raise ConfigError(_config_file_error(args, model) or in_flag_words(str(exc))) from None
+    return dict(explicit, config=args.config, full_cache=args.full_cache, policy_options=options or None)
 
 
 def _config_file_error(args, model) -> str | None:

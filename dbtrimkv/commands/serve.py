@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import socket
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError
 from .arguments import positive_float as _positive_float, positive_int as _positive_int
-from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
+from .common import (TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config,
+                     eviction_request, show_progress)
 from .lazy import lazy
 
 checkpoints = lazy("dbtrimkv.checkpoints")
@@ -24,6 +27,8 @@ serving = lazy("dbtrimkv.serving")
 admission = lazy("dbtrimkv.serving.admission")
 app = lazy("dbtrimkv.serving.app")
 server = lazy("dbtrimkv.serving.server")
+session_store = lazy("dbtrimkv.serving.session_store")
+torch = lazy("torch")
 uvicorn = lazy("uvicorn")
 
 
@@ -53,6 +58,17 @@ def add_parser(sub) -> None:
     g.add_argument("--max-sessions", type=_positive_int, default=64,
                    help="conversations (session_id) whose cache stays in the pool between requests; the least "
                         "recently used are dropped beyond this or when the pool needs room (default: 64)")
+    g.add_argument("--session-store", type=Path, default=None, metavar="DIR",
+                   help="folder where sessions go when the pool needs their room or the server stops, and resume "
+                        "from without prefilling their history again (created if missing; default: none, such "
+                        "sessions are dropped)")
+    r = p.add_argument_group("replicas (Ray Serve; needs the extra: pip install 'dbtrimkv[ray]')")
+    r.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+                   help="serve the same API from N engine replicas as Ray Serve deployments, routed by free KV "
+                        "admission capacity, sessions sticking to their replica (default: 1, no Ray)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. auto, or head-node:6379) instead of starting a local one; "
+                        "replicas are placed on its machines (implies Ray even with --replicas 1)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: none)")
     g.add_argument("--served-model-name", default=None, help="model id clients send (default: --model or tiny-recall)")
     g.add_argument("--max-tokens", type=_positive_int, default=4096, help="largest max_tokens a request may ask for")
@@ -84,6 +100,8 @@ def options_from_args(args):
     if cap is not None and chunk is not None and cap < chunk:
         raise ConfigError(f"--max-prefill-tokens-per-step ({cap}) must be at least --prefill-chunk ({chunk}): a chunk "
                           "is never split (that would change answers)")
+    if args.session_store is not None:
+        session_store.check_folder(args.session_store)
     http = app.HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,
                        max_prompt_tokens=args.max_prompt_tokens)
     return server.ServerOptions(
@@ -92,6 +110,7 @@ def options_from_args(args):
         max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step, http=http,
         allow_media_dir=args.allow_media_dir,
         allow_remote_media=args.allow_remote_media, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
+        session_store=args.session_store,
     )
 
 
@@ -120,6 +139,9 @@ def run(args) -> int:
     sock = bind_socket(args.host, args.port)
     if args.model is None:
         print(TINY_NOTICE, file=sys.stderr)
+    if args.replicas > 1 or args.ray_address is not None:
+        sock.close()  # the address is free (checked); Ray Serve's proxy listens on it
+        return _run_replicas(args, options)
     try:
         model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
         web_app, engine = serving.create_server(model, processor, eviction_config(args, model), options)
@@ -131,3 +153,19 @@ def run(args) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _run_replicas(args, options) -> int:
+    """`--replicas N` / `--ray-address`: the same server as N Ray Serve replicas (serving/ray_app.py)."""
+    try:
+        from ..serving import ray_app
+    except ImportError as exc:
+        raise ConfigError(f"--replicas and --ray-address need Ray Serve ({exc}): pip install 'dbtrimkv[ray]'") from None
+    if options.session_store is None:  # replicas resume each other's sessions from one shared folder
+        options = replace(options, session_store=Path(tempfile.mkdtemp(prefix="dbtrimkv-sessions-")))
+        print(f"Session store: {options.session_store} (on several machines, give a shared --session-store)",
+              file=sys.stderr)
+    options = replace(options, session_write_through=True)
+    spec = ray_app.ReplicaSpec(args.model, args.device, args.dtype, eviction_request(args), options)
+    gpus = 1.0 if (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available()) else 0.0
+    return ray_app.run(spec, args.replicas, args.host, args.port, args.ray_address, gpus)

@@ -13,9 +13,11 @@ from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress
 from .lazy import lazy
 
 checkpoints = lazy("dbtrimkv.checkpoints")
+portable = lazy("dbtrimkv.cache.portable")
 retention_timeline = lazy("dbtrimkv.retention_timeline")
 video_qa = lazy("dbtrimkv.video_qa")
 runner = lazy("dbtrimkv.video_qa.runner")
+saved = lazy("dbtrimkv.video_qa.saved")
 stats_text = lazy("dbtrimkv.stats_text")
 
 DESCRIPTION = """\
@@ -28,6 +30,8 @@ encoded once and copied for each question. KV memory peaks at budget + layers x 
 max(buffer size, prefill chunk) entries; for long videos try --config budget-long-video.
 
 Single video:  dbtrimkv video-qa --video clip.mp4 "question 1" "question 2"
+Encode once:   dbtrimkv video-qa --video clip.mp4 --save-cache clip.dbkv "question 1"
+Ask later:     dbtrimkv video-qa --load-cache clip.dbkv "question 2"   (the video is not decoded again)
 Dataset:       dbtrimkv video-qa --dataset FILE --format videomme|mlvu|jsonl --video-dir DIR --output preds.jsonl
 """
 
@@ -50,6 +54,11 @@ def add_parser(sub) -> None:
     p.add_argument("questions", nargs="*", metavar="QUESTION", help="questions about --video (one or more)")
     src = p.add_argument_group("input (either --video with questions, or --dataset)")
     src.add_argument("--video", metavar="PATH", help="a video file to ask QUESTIONs about")
+    src.add_argument("--save-cache", metavar="FILE", default=None,
+                     help="with --video: also save the compressed video cache to FILE (safetensors + JSON metadata)")
+    src.add_argument("--load-cache", metavar="FILE", default=None,
+                     help="instead of --video: answer QUESTIONs from a cache saved with --save-cache, without decoding "
+                          "the video again (its eviction settings are the saved ones; the model must be the same)")
     src.add_argument("--dataset", metavar="FILE", help="an annotation file (JSON, JSONL or Parquet)")
     src.add_argument("--format", choices=("videomme", "mlvu", "jsonl"), default=None,
                      help="annotation format of --dataset (required with it)")
@@ -89,7 +98,8 @@ def add_answer_length_arg(p, default: int) -> None:
 
 
 def run(args) -> int:
-    if (args.video is None) == (args.dataset is None):
+    _check_cache_args(args)
+    if args.load_cache is None and (args.video is None) == (args.dataset is None):
         raise ConfigError("give either --video PATH with questions, or --dataset FILE")
     if args.video is not None and not args.questions:
         raise ConfigError("give at least one question after --video PATH")
@@ -103,8 +113,8 @@ def run(args) -> int:
         check_writable_file(args.output, "--output")
         check_writable_file(runner.metrics_path(args.output), "--output")
     if args.retention_plot is not None:
-        if args.video is None:
-            raise ConfigError("--retention-plot goes with --video (one plot per question)")
+        if args.video is None and args.load_cache is None:
+            raise ConfigError("--retention-plot goes with --video or --load-cache (one plot per question)")
         retention_timeline.check_output(args.retention_plot)
     options = video_qa.StreamOptions(fps=args.fps, max_frames=args.max_frames, window_frames=args.window_frames,
                             frame_tokens=args.frame_tokens)
@@ -114,11 +124,38 @@ def run(args) -> int:
     model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
     qa = video_qa.VideoQA(model, processor, eviction_config(args, model), options, args.max_new_tokens,
                           progress=progress)
-    return _single(qa, args) if args.video is not None else _dataset(qa, args)
+    return _single(qa, args) if args.dataset is None else _dataset(qa, args)
+
+
+def _check_cache_args(args) -> None:
+    """--save-cache / --load-cache: their combinations, the output folder and the input's format."""
+    if args.save_cache is not None:
+        if args.video is None:
+            raise ConfigError("--save-cache goes with --video (it saves that video's compressed cache)")
+        check_writable_file(args.save_cache, "--save-cache")
+    if args.load_cache is not None:
+        if args.video is not None or args.dataset is not None:
+            raise ConfigError("--load-cache replaces --video and --dataset: give one of them")
+        if not args.questions:
+            raise ConfigError("give at least one question after --load-cache FILE")
+        portable.read_metadata(args.load_cache)  # a missing or foreign file fails before the model loads
+
+
+def _encoded(qa, args):
+    """The video's compressed cache: loaded from --load-cache, or encoded (and saved to --save-cache)."""
+    if args.load_cache is not None:
+        encoded = saved.load_encoded(qa.model, qa.processor, args.load_cache)
+        print(f"loaded {args.load_cache}: video {encoded.path} (not decoded again)", file=sys.stderr)
+        return encoded
+    encoded = qa.encode(args.video)
+    if args.save_cache is not None:
+        size = saved.save_encoded(qa.model, encoded, args.save_cache)
+        print(f"saved the compressed video cache to {args.save_cache} ({stats_text.format_bytes(size)})", file=sys.stderr)
+    return encoded
 
 
 def _single(qa, args) -> int:
-    encoded = qa.encode(args.video)
+    encoded = _encoded(qa, args)
     c = encoded.cache
     now, config = c.num_entries(0), c.config
     rule = stats_text.eviction_line(c.budget, config.policy, c.num_layers, c.num_kv_heads, config.buffer_size,
@@ -141,8 +178,6 @@ def _single(qa, args) -> int:
 
 def _plot(qa, encoded, answer, path: str, number: int | None) -> None:
     """The answering fork's timeline; the video's token ids come from the encoding (a cache keeps positions)."""
-
-
     path = Path(path)
     if number is not None:
         path = path.with_name(f"{path.stem}-{number}{path.suffix}")

@@ -94,6 +94,15 @@ class EvictionPolicy:
         """An independent copy, state included (`DBTrimKVCache.clone`)."""
         return copy.deepcopy(self)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """State beyond the options, as tensors, for a saved cache (`cache/portable.py`). Default: none."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned (a `ValueError` for anything else)."""
+        if state:
+            raise ValueError(f"policy {self.name!r} keeps no state, got {sorted(state)}")
+
     def group_size(self, num_layers: int, num_kv_heads: int) -> int:
         return num_layers * num_kv_heads
 

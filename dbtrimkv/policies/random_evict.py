@@ -30,5 +30,13 @@ class RandomPolicy(PerHeadScorePolicy):
     def reset(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != {"generator"}:
+            raise ValueError(f"policy 'random' keeps its generator's state, got {sorted(state)}")
+        self.generator.set_state(state["generator"])
+
     def slot_scores(self, cache) -> torch.Tensor:
         return torch.rand(cache.pool.capacity, generator=self.generator).to(cache.device)

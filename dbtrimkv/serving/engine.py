@@ -170,6 +170,7 @@ class Engine:
             self.pool.ensure_free(pool_slots, limit=pool_slots)  # allocated once; it never grows
         self.admission = Admission(pool_slots, view_bytes, self.row_view_bytes)
         self.sessions = SessionStore(max_sessions)
+        self.session_files = None  # session_store.SessionFiles (--session-store), set by create_server
         self.metrics = metrics or Metrics()
         self.max_running, self.max_queue = max_running, max_queue
         self.groups: dict[tuple, _Group] = {}
@@ -293,6 +294,9 @@ class Engine:
 
     def _shutdown(self) -> None:
         self._fail_all(Unavailable("the server is shutting down"))
+        if self.session_files is not None:  # --session-store: parked sessions outlive the server
+            for session in self.sessions.drop_all():
+                self._free_session(session)
 
     def _fail_all(self, error: APIError) -> None:
         with self.cond:
@@ -381,6 +385,9 @@ class Engine:
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Group(key, self._new_cache(request.config), request.solo)
+        if parked is not None and request.session.saved is not None:  # read back from the session store
+            parked = self.session_files.place(request.session, self.pool, group.cache)
+            self.metrics.inc("sessions_restored_total")
         group.cache.add_sequence(parked)
         group.requests.append(request)
         self.admission.admit(request.id, request.reservation)
@@ -572,6 +579,8 @@ class Engine:
             session = Session(request.session_id, config_key(request.config), request.history + [canonical_reply(reply)],
                               parked, list(request.generated))
             self.admission.park(session.id, parked.num_slots)
+            if self.session_files is not None and self.session_files.write_through:  # every turn on disk (replicas)
+                self.session_files.spill(session, self.pool, group.cache)
             for dropped in self.sessions.park(session):
                 self._free_session(dropped)
         else:
@@ -596,6 +605,10 @@ class Engine:
         request.sink(Event("done", finish_reason=reason, usage=usage))
 
     def _free_session(self, session: Session) -> None:
+        if self.session_files is not None:  # --session-store: spilled, resumed later without re-prefill
+            group = self.groups.get(session.config_key)
+            self.session_files.spill(session, self.pool, group.cache if group is not None else None)
+            self.metrics.inc("sessions_spilled_total")
         self.admission.unpark(session.id)
         self.pool.release(session.parked.slots)
 

@@ -34,6 +34,8 @@ class Metrics:
         "requests_running": ("gauge", "Requests in the running batch"),
         "requests_waiting": ("gauge", "Requests waiting for admission"),
         "sessions_parked": ("gauge", "Sessions whose cache is parked in the pool"),
+        "sessions_spilled_total": ("counter", "Sessions written to the session store to free their slots"),
+        "sessions_restored_total": ("counter", "Sessions read back from the session store (no re-prefill)"),
         "kv_memory_bytes": ("gauge", "--kv-memory: bytes the pool and the attention views may hold together"),
         "kv_pool_slots": ("gauge", "KV entries (slots) the pool holds; fixed at start-up. An entry is one token's K "
                                    "and V in one layer and KV head"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from ..cache.portable import ModelIdentity
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
@@ -21,6 +22,7 @@ from .app import HTTPOptions, build_app
 from .engine import Engine
 from .media_sources import MediaPolicy
 from .schema import ServerLimits
+from .session_store import SessionFiles
 
 
 @dataclass
@@ -38,6 +40,8 @@ class ServerOptions:
     allow_remote_media: bool = False
     video_fps: float = 2.0
     video_max_frames: int = 64
+    session_store: Path | None = None  # --session-store: sessions spill there and resume without re-prefill
+    session_write_through: bool = False  # also save every finished turn (replicas: a dead one loses no session)
 
 
 def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptions) -> tuple[FastAPI, Engine]:
@@ -58,6 +62,9 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
         raise ConfigError(f"--kv-memory holds {engine.admission.pool_slots} KV entries and "
                           f"{engine.admission.view_bytes} bytes of attention views, but one request needs up to "
                           f"{smallest} entries and their views; give it more memory or lower the budget")
+    if options.session_store is not None:
+        engine.sessions.files = engine.session_files = SessionFiles(options.session_store, ModelIdentity.of(model),
+                                                                    options.session_write_through)
     media = MediaPolicy(allow_dir=options.allow_media_dir, allow_remote=options.allow_remote_media,
                         max_bytes=options.http.max_request_bytes, video_fps=options.video_fps,
                         video_max_frames=options.video_max_frames,

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..cache.requests import ParkedSequence
 
@@ -31,6 +32,7 @@ class Session:
     last_ids: list[int]  # the last reply's token ids; its final token was never fed to the model
     busy: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    saved: Any = None  # restored from the session store: a SavedCache whose entries are not in the pool yet
 
 
 class SessionStore:
@@ -39,6 +41,7 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._notices: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        self.files = None  # session_store.SessionFiles (--session-store): dropped sessions go there, not away
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -47,6 +50,12 @@ class SessionStore:
         """Mark the session busy for a new request; None if there is none. Raises `SessionBusy`."""
         with self._lock:
             session = self._sessions.get(session_id)
+            if session is None and self.files is not None:
+                session = self.files.restore(session_id)  # reserved already; placed in the pool when it starts
+                if session is not None:
+                    self._sessions[session_id] = session
+                    self._notices.pop(session_id, None)
+                return session
             if session is None:
                 return None
             if session.busy:
@@ -57,6 +66,11 @@ class SessionStore:
     def unreserve(self, session: Session) -> None:
         with self._lock:
             session.busy = False
+
+    def ids(self) -> list[str]:
+        """The ids of the sessions held (parked or running a turn), least recently used first."""
+        with self._lock:
+            return list(self._sessions)
 
     def notice_for(self, session_id: str) -> str | None:
         """Why an earlier session with this id is gone (told once)."""
@@ -102,6 +116,8 @@ class SessionStore:
 
     def _drop(self, session: Session, reason: str) -> Session:
         del self._sessions[session.id]
+        if self.files is not None:  # the engine spills it to the session store: nothing is prefilled again
+            return session
         self._notices[session.id] = (f"session {session.id!r} was dropped ({reason}; least recently used first): "
                                      "its history was prefilled again")
         while len(self._notices) > MAX_NOTICES:
