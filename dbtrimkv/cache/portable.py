@@ -143,8 +143,9 @@ def _entries(pool: SlotPool, slots: torch.Tensor, seg_len: torch.Tensor, scores:
 
 
 def _write(path: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> int:
-    """Write atomically (a temporary file in the same folder, then a rename)."""
+    """Write atomically (a temporary file in the same folder, then a rename); missing folders are created."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     header = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)

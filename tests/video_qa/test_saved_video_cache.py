@@ -66,8 +66,8 @@ def test_python_api_round_trip(gated, clips, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--save-cache", "x.dbkv", "q?"], "--save-cache goes with --video"),
-    (["--video", "x.mp4", "--save-cache", "NOFOLDER/x.dbkv", "q?"], "does not exist"),
-    (["--video", "x.mp4", "--save-cache", "DIR", "q?"], "is a directory"),
+    (["--video", "x.mp4", "--save-cache", "UNDERFILE/x.dbkv", "q?"], "is a file, not a folder"),
+    (["--video", "x.mp4", "--save-cache", "DIR", "q?"], "it is a folder, not a file"),
     (["--load-cache", "MISSING.dbkv", "q?"], "cache file not found"),
     (["--load-cache", "x.dbkv", "--video", "x.mp4", "q?"], "--load-cache replaces --video"),
     (["--load-cache", "x.dbkv"], "at least one question after --load-cache"),
@@ -79,7 +79,7 @@ def test_bad_cache_flags_fail_before_the_model_loads(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_load)
     (tmp_path / "JUNK").write_bytes(b"not safetensors at all")
-    names = {"MISSING.dbkv": tmp_path / "missing.dbkv", "NOFOLDER/x.dbkv": tmp_path / "no" / "x.dbkv",
+    names = {"MISSING.dbkv": tmp_path / "missing.dbkv", "UNDERFILE/x.dbkv": tmp_path / "JUNK" / "x.dbkv",
              "DIR": tmp_path, "JUNK": tmp_path / "JUNK"}
     args = [str(names.get(a, a)) for a in args]
     assert cli.main(["video-qa", *args, "--no-progress"]) == 2
