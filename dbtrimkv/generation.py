@@ -230,8 +230,7 @@ def _finish_positions(model, cache: DBTrimKVCache, positions: torch.Tensor, mask
     last = mrope.amax(dim=(0, 2)).tolist()
     for b, value in enumerate(last):
         if value >= 0:
-            row = cache.requests[b]
-            row.rope_delta = int(value) + 1 - row.seen
+            cache.set_rope_delta(b, int(value) + 1 - cache.requests[b].seen)
     model.model.rope_deltas = torch.tensor(cache.requests.column("rope_delta"), device=positions.device)[:, None]
 
 

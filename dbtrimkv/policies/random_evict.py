@@ -28,7 +28,8 @@ class RandomPolicy(PerHeadScorePolicy):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def slot_scores(self, cache) -> torch.Tensor:
-        return torch.rand(cache.pool.capacity, generator=self.generator).to(cache.device)
+    def slot_scores(self, view) -> torch.Tensor:
+        return torch.rand(view.capacity, generator=self.generator).to(view.device)

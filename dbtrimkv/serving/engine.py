@@ -364,7 +364,7 @@ class Engine:
         group.cache.add_sequence(parked)
         group.requests.append(request)
         self.admission.admit(request.id, request.reservation)
-        group.cache.views_limit = self.admission.group_view_bytes(key)
+        group.cache.set_views_limit(self.admission.group_view_bytes(key))
 
     # --- one step --------------------------------------------------------------------------------
     @staticmethod
@@ -448,7 +448,7 @@ class Engine:
                 self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
                 if request.prefilled == request.prompt_len and self.vision_language:
                     last = int(request.positions[1:].max()) if request.prompt_len else seen_before[b] - 1
-                    cache.requests[b].rope_delta = last + 1 - (seen_before[b] + row_input.ids.numel())
+                    cache.set_rope_delta(b, last + 1 - (seen_before[b] + row_input.ids.numel()))
             else:
                 record.decode_tokens += 1
             if not samples:
@@ -489,7 +489,7 @@ class Engine:
             group.requests.pop(row)
             parked = group.cache.park_sequence(row)
         self.admission.release(request.id)
-        group.cache.views_limit = self.admission.group_view_bytes(group.key)
+        group.cache.set_views_limit(self.admission.group_view_bytes(group.key))
         keep = request.session_id is not None and reason in ("stop", "length")
         if keep:
             reply = request.tracker.text
