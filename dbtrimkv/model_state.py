@@ -10,19 +10,32 @@ that several modules read with `getattr`.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # types only: both modules build on this one
+if TYPE_CHECKING:  # types only; config never imports this module (tests/test_import_graph.py)
     from .config import DBTrimKVConfig
-    from .gates import GateSpec
 
 STATE_ATTRIBUTE = "_dbtrimkv_state"
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    """What `gates.attach_retention_gates` built; saved with the gate weights. Defined here, in the
+    record that holds it, so the record needs nothing from the modules that build on it."""
+
+    gate_type: str = "rg10"
+    intermediate_size: int = 512
+    bias_init: float = 18.0
+    tie_layers: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class ModelState:
-    gate_spec: "GateSpec | None" = None  # set by attach_retention_gates
+    gate_spec: GateSpec | None = None  # set by attach_retention_gates
     gates_trained: bool = False  # loaded from a checkpoint (False: freshly initialised)
     base_model: str | None = None  # name or path of the base model
     checkpoint: str | None = None  # directory the gates were loaded from
