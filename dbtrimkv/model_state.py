@@ -2,9 +2,12 @@
 
 Why: the library needs to remember, per model, which retention gates are attached (their spec),
 where they came from (base model, checkpoint, trained or fresh), the eviction settings the
-checkpoint was saved with, the hooks it installed (so they can be removed), and the lock that
-serialises generations. One record, stored under one attribute, replaces loose private attributes
-that several modules read with `getattr`.
+checkpoint was saved with, the hooks it installed (so they can be removed), the lock that
+serialises generations, the training attention's mode, and what the hooks hand on (the gates'
+last output per layer, for the training loss). One record, stored under one attribute of the top-level model, replaces
+loose private attributes on the model and its modules: no other `_dbtrimkv_*` attribute exists
+(the hooks are bound to the record; per-call data travels in the attention call's keyword
+arguments, `attention.AttentionCall`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ class ModelState:
     default_eviction: "DBTrimKVConfig | None" = None  # the settings the checkpoint was saved with
     hook_handles: list[Any] = field(default_factory=list)  # torch RemovableHandles of the installed hooks
     lock: Any = field(default_factory=threading.RLock, repr=False)  # see generation.model_lock
+    train_backend: str | None = None  # "plain" / "flex" while the training attention is on
+    teacher: bool = False  # inside `training.teacher_attention`: the text attention ignores the gates
+    # the gates' output `[B, T, H_kv]` per text layer of the last forward without a retention cache (training
+    # and plain calls; the capacity loss reads it); a cached forward's log beta goes to the cache's pool only
+    log_beta: dict[int, Any] = field(default_factory=dict, repr=False)
+    columns_before: int | None = None  # the retention cache's columns when the running decoder forward began
 
     def remove_hooks(self) -> None:
         """Remove every hook dbtrimkv installed on the model."""
