@@ -245,10 +245,6 @@ class DBTrimKVCache(CacheStatistics, Cache):
         self.forward = ForwardContext(plan, self.store.place_new_entries(plan), any(n != length for n in counts),
                                       self.policy.observed_queries(plan), views_now)
 
-    def new_slots(self, layer_idx: int | None) -> torch.Tensor | None:
-        """Pool slots `[N, H]` of the current forward's new entries in one layer, `[L, N, H]` for None."""
-        return self.forward.new_slots(layer_idx) if self.forward is not None else None
-
     # --- eviction -------------------------------------------------------------------------------
     @torch.no_grad()
     def evict(self, sequences: list[int] | None = None) -> int:
