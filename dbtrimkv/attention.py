@@ -7,7 +7,11 @@ this from outside:
 
 - a forward pre-hook on every text attention module runs its `retention_gate` and hands
   `log beta` (plus the query padding mask) to the cache before the attention calls its
-  `update(...)` (the cache arrives as `cache=` from transformers 5.24, `past_key_values=` before);
+  `update(...)` (the cache arrives as `cache=` from transformers 5.24, `past_key_values=` before),
+  and passes the attention function what it needs for this call as one keyword argument,
+  `dbtrimkv=AttentionCall(...)` (the model's record, the layer's log beta, the cache): the
+  attention modules forward their extra keyword arguments to the attention function, so nothing
+  is parked on the modules between the hook and the attention;
 - a pre-hook on the top-level model records the modality (text / image / video) of the tokens
   about to be processed, from the input ids;
 - an attention function registered as `dbtrimkv` in `AttentionInterface`, with a matching entry in
@@ -15,12 +19,17 @@ this from outside:
   cache (or none, e.g. training) it is plain SDPA with the usual causal mask, so the model runs
   unchanged. The mask entry returns a lazy object: the dense causal mask is only built on the SDPA
   path, never for the retention cache (where it would be q x logical-length).
-The vision tower keeps `sdpa`.
+The vision tower keeps `sdpa`. The hooks are bound to the model's `ModelState` (the one typed
+record of what dbtrimkv attached); the gates' last output per layer of a forward without a
+retention cache is kept there (`ModelState.log_beta`, read by the training loss; with a cache it
+goes to the pool only), and no `_dbtrimkv_*` attribute is set on any
+module (tests/engine/test_no_module_side_channels.py checks).
 """
 
 from __future__ import annotations
 
-import weakref
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import AttentionInterface
@@ -29,7 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import DBTrimKVCache
 from .model_anatomy import RETENTION_ATTENTION, set_text_attention, text_attention_modules, text_decoder
-from .model_state import model_state
+from .model_state import ModelState, model_state
 from .transformers_compat import cache_from_call, integration_error
 
 
@@ -61,14 +70,22 @@ def retention_mask(**mask_kwargs) -> LazyCausalMask:
     return LazyCausalMask(mask_kwargs)
 
 
-def active_cache(module):
-    ref = getattr(module, "_dbtrimkv_cache_ref", None)
-    return ref() if ref is not None else None
+ATTENTION_CALL_KEY = "dbtrimkv"  # the keyword the attention pre-hook adds to the attention's call
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one text attention call needs from dbtrimkv, built by its pre-hook."""
+
+    state: ModelState  # the model's record (training flags)
+    log_beta: torch.Tensor  # [B, T, H_kv] this layer's gate output for the call's tokens
+    cache: DBTrimKVCache | None  # the retention cache of this forward, if any
 
 
 def retention_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention through the retention cache when one is active, else SDPA."""
-    cache = active_cache(module)
+    call = kwargs.pop(ATTENTION_CALL_KEY, None)
+    cache = call.cache if call is not None else None
     if cache is not None:
         out = cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5)
         return out.transpose(1, 2).contiguous(), None
@@ -82,36 +99,33 @@ def register_attention() -> None:
     AttentionMaskInterface.register(RETENTION_ATTENTION, retention_mask)
 
 
-def _attention_pre_hook(module, args, kwargs):
-    """Run the gate on the attention input; stage log beta and padding into a retention cache."""
+def _attention_pre_hook(state: ModelState, module, args, kwargs):
+    """Run the gate on the attention input; stage log beta and padding into a retention cache; hand
+    the attention function its `AttentionCall`."""
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    log_beta = module.retention_gate(hidden_states)
-    module.retention_log_beta = log_beta  # [B, T, H_kv], read by training-time attention
+    log_beta = module.retention_gate(hidden_states)  # [B, T, H_kv]
     cache = cache_from_call(kwargs)
-    if isinstance(cache, DBTrimKVCache):
+    if not isinstance(cache, DBTrimKVCache):
+        cache = None
+        state.log_beta[module.layer_idx] = log_beta  # training / plain calls: the training loss reads it
+    else:  # the cache keeps it in its pool
         mask = kwargs.get("attention_mask")
         padding = mask.query_padding if isinstance(mask, LazyCausalMask) else None
         cache.stage(module.layer_idx, log_beta, padding, hidden_states.dtype)
-        module._dbtrimkv_cache_ref = weakref.ref(cache)
-    else:
-        module._dbtrimkv_cache_ref = None
+    return args, {**kwargs, ATTENTION_CALL_KEY: AttentionCall(state, log_beta, cache)}
 
 
-def _attention_post_hook(module, args, kwargs, output):
-    module._dbtrimkv_cache_ref = None
-
-
-def _decoder_pre_hook(decoder, args, kwargs):
+def _decoder_pre_hook(state: ModelState, decoder, args, kwargs):
     """Remember how far a retention cache had got, to check after the forward that it was used."""
     cache = cache_from_call(kwargs)
-    decoder._dbtrimkv_columns_before = cache.columns if isinstance(cache, DBTrimKVCache) else None
+    state.columns_before = cache.columns if isinstance(cache, DBTrimKVCache) else None
 
 
-def _decoder_post_hook(decoder, args, kwargs, output):
+def _decoder_post_hook(state: ModelState, decoder, args, kwargs, output):
     """A retention cache handed to the decoder must have received this forward's tokens: if the
     attention modules never called it (a transformers release that changed how the cache reaches
     them), fail loudly instead of running without a cache."""
-    before = getattr(decoder, "_dbtrimkv_columns_before", None)
+    before, state.columns_before = state.columns_before, None
     cache = cache_from_call(kwargs)
     if before is not None and isinstance(cache, DBTrimKVCache) and cache.columns == before:
         raise integration_error("the text decoder ran without passing its tokens to the DBTrimKVCache")
@@ -131,12 +145,12 @@ def install_retention_attention(model) -> None:
     """Register hooks (their handles go to the model's `ModelState`) and switch the text attention
     (only) to `dbtrimkv`."""
     register_attention()
-    handles = model_state(model).hook_handles
+    state = model_state(model)
+    handles = state.hook_handles
     for module in text_attention_modules(model):
-        handles.append(module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True))
-        handles.append(module.register_forward_hook(_attention_post_hook, with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(partial(_attention_pre_hook, state), with_kwargs=True))
     decoder = text_decoder(model)
-    handles.append(decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True))
-    handles.append(decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True))
+    handles.append(decoder.register_forward_pre_hook(partial(_decoder_pre_hook, state), with_kwargs=True))
+    handles.append(decoder.register_forward_hook(partial(_decoder_post_hook, state), with_kwargs=True))
     handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
     set_text_attention(model, RETENTION_ATTENTION)

@@ -18,8 +18,6 @@ The gate modules themselves know nothing of hooks: `attach_retention_gates` buil
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,22 +25,9 @@ from torch import nn
 from .attention import install_retention_attention
 from .errors import ConfigError
 from .model_anatomy import text_attention_modules, text_config_of
-from .model_state import existing_state, model_state
+from .model_state import GateSpec, existing_state, model_state
 
 GATE_TYPES = ("rg", "rg10")
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """What `attach_retention_gates` built; saved with the gate weights."""
-
-    gate_type: str = "rg10"
-    intermediate_size: int = 512
-    bias_init: float = 18.0
-    tie_layers: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class RetentionGate(nn.Module):

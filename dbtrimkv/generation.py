@@ -171,6 +171,37 @@ def token_positions(model, inputs, mask: torch.Tensor, seen: list[int], mrope_st
     return torch.cat([text[None], mrope], 0)
 
 
+def rope_deltas(positions: torch.Tensor, mask: torch.Tensor, seen: list[int]) -> list[int | None]:
+    """How far each sequence's M-RoPE runs ahead of its text position once prompt tokens with
+    `positions` `[4, B, T]` (row 0 text) and `mask` `[B, T]` were fed and sequence b has seen `seen[b]`
+    tokens: the next token's M-RoPE position minus its text position, constant while decoding text.
+    None for a row that fed no real token."""
+    mrope = positions[1:].masked_fill(~mask.bool()[None], -1)
+    last = mrope.amax(dim=(0, 2)).tolist()
+    return [int(value) + 1 - n if value >= 0 else None for value, n in zip(last, seen)]
+
+
+def decode_positions(model, rows: list, device) -> torch.Tensor:
+    """Positions of one next token per sequence (request-table rows: `seen`, `rope_delta`): `[B, 1]`
+    text positions, or `[4, B, 1]` for a vision-language model (text; M-RoPE t, h, w = seen + rope delta).
+    The one place decode positions are computed (transformers' `generate` derives the same from
+    `model.model.rope_deltas`, which `prefill` sets)."""
+    text = torch.tensor([row.seen for row in rows], dtype=torch.long, device=device)[:, None]
+    if not is_vision_language(model):
+        return text
+    mrope = torch.tensor([row.seen + row.rope_delta for row in rows], dtype=torch.long, device=device)
+    return torch.cat([text[None], mrope[None, :, None].expand(3, -1, 1)], 0)
+
+
+def with_input_defaults(inputs, device) -> dict:
+    """`inputs` with `input_ids`, `attention_mask` (default: no padding) and `mm_token_type_ids` (default:
+    all text) on `device`: the one place these defaults are written."""
+    ids = inputs["input_ids"].to(device)
+    mask, types = inputs.get("attention_mask"), inputs.get("mm_token_type_ids")
+    return dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask.to(device),
+                mm_token_type_ids=torch.zeros_like(ids) if types is None else types.to(device))
+
+
 @torch.no_grad()
 def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto: int | None = None,
             progress: bool | Callable[[int, int], None] = False) -> torch.Tensor:
@@ -180,16 +211,10 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
     mm_token_type_ids, pixel values, grids). Returns the logits of the last processed column `[B, V]`.
     """
     chunk = chunk or cache.config.prefill_chunk
-    ids = inputs["input_ids"]
-    batch, total = ids.shape
-    upto = total if upto is None else upto
-    device = next(model.parameters()).device
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    ids, mask = ids.to(device), mask.to(device)
-    types = inputs.get("mm_token_type_ids")
-    types = torch.zeros_like(ids) if types is None else types.to(device)
-    positions = _new_token_positions(model, cache, dict(inputs, input_ids=ids, mm_token_type_ids=types), mask)
+    inputs = with_input_defaults(inputs, next(model.parameters()).device)
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    upto = ids.shape[1] if upto is None else upto
+    positions = _new_token_positions(model, cache, inputs, mask)
     lm = language_model_of(model)
     embed = model.get_input_embeddings()
     stream = VisionStream(model, inputs, types, mask) if is_vision_language(model) else None
@@ -226,12 +251,9 @@ def _finish_positions(model, cache: DBTrimKVCache, positions: torch.Tensor, mask
     text) so later tokens and turns continue at `seen + rope_delta`; set the model's copy for decoding."""
     if not is_vision_language(model) or positions.shape[-1] == 0:
         return
-    mrope = positions[1:].masked_fill(~mask.bool()[None], -1)
-    last = mrope.amax(dim=(0, 2)).tolist()
-    for b, value in enumerate(last):
-        if value >= 0:
-            row = cache.requests[b]
-            row.rope_delta = int(value) + 1 - row.seen
+    for b, delta in enumerate(rope_deltas(positions, mask, cache.seen)):
+        if delta is not None:
+            cache.set_rope_delta(b, delta)
     model.model.rope_deltas = torch.tensor(cache.requests.column("rope_delta"), device=positions.device)[:, None]
 
 
@@ -247,7 +269,8 @@ def _progress(progress, total: int, chunk: int):
 
 
 def model_lock(model) -> threading.RLock:
-    """One generation at a time per model: the retention hooks keep per-forward state on its modules."""
+    """One generation at a time per model: the hooks write the model's `ModelState` (the gates' last
+    outputs) and `generate` writes transformers' `model.model.rope_deltas`."""
     return model_state(model).lock
 
 
@@ -314,11 +337,8 @@ def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, tim
 def _with_pending_tokens(cache: DBTrimKVCache, inputs, device) -> dict:
     """`inputs` on `device` with defaults filled in, preceded by known tokens the cache has not processed
     (the last token of a previous `generate` call is sampled but never fed to the model)."""
-    ids = inputs["input_ids"].to(device)
-    mask = inputs.get("attention_mask")
-    mask = (torch.ones_like(ids) if mask is None else mask).to(device)
-    types = inputs.get("mm_token_type_ids")
-    types = (torch.zeros_like(ids) if types is None else types).to(device)
+    inputs = with_input_defaults(inputs, device)
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     if cache.pool is not None:
         known_ids, known_mask = cache.known_tokens(ids.shape[0], device)
         pending_ids, pending_mask = known_ids[:, cache.columns :], known_mask[:, cache.columns :]

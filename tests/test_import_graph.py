@@ -3,8 +3,9 @@ dependencies.
 
 Why: a cycle hidden behind function-local imports makes the load order fragile and the layering
 unreadable (which module builds on which). The graph is read with `ast` from the source files, module-level
-and function-level imports alike, and the command line's deferred `lazy("dbtrimkv.x")` imports too
-(`if TYPE_CHECKING:` blocks are skipped: they never run).
+and function-level imports alike, the command line's deferred `lazy("dbtrimkv.x")` imports, and the
+imports of `if TYPE_CHECKING:` blocks too: they never run, but a cycle closed through type-only imports
+is the same tangle of layers (issue 25).
 """
 
 from __future__ import annotations
@@ -41,29 +42,19 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _is_lazy_import(node) -> bool:
     return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "lazy"
             and len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
 
 
 def _imports(module: str, path: Path, known: set[str]):
-    """(imported dbtrimkv module, line, inside a function) for every import statement that runs."""
+    """(imported module, line, inside a function) for every import statement, type-only ones included."""
     tree = ast.parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = []
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                for sub in child.orelse:
-                    visit(sub, in_function)
-                continue
             local = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, ast.Import):
                 for alias in child.names:
@@ -166,3 +157,17 @@ def test_the_walk_sees_cycles_and_local_imports(tmp_path, monkeypatch):
     assert _find_cycle(graph) in (["dbtrimkv.a", "dbtrimkv.b", "dbtrimkv.a"], ["dbtrimkv.b", "dbtrimkv.a", "dbtrimkv.b"])
     assert lazy == ["dbtrimkv/b.py:2 imports dbtrimkv.a"]
     assert graph["dbtrimkv.c"] == {"dbtrimkv.b"}  # a deferred `lazy(...)` import is an edge too
+
+
+def test_the_walk_counts_type_checking_imports(tmp_path, monkeypatch):
+    """A cycle closed only through an `if TYPE_CHECKING:` import is still a cycle."""
+    pkg = tmp_path / "dbtrimkv"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import g\ndef f(): ...\n")
+    monkeypatch.setitem(PACKAGES, "dbtrimkv", pkg)
+    monkeypatch.delitem(PACKAGES, "dbtrimkv.kernels")
+    graph, lazy = _graph()
+    assert _find_cycle(graph) in (["dbtrimkv.a", "dbtrimkv.b", "dbtrimkv.a"], ["dbtrimkv.b", "dbtrimkv.a", "dbtrimkv.b"])
+    assert lazy == []

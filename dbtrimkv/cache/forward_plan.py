@@ -1,14 +1,19 @@
-"""`ForwardPlan`: where the real tokens of one language-model forward go in the cache.
+"""`ForwardPlan` and `ForwardContext`: everything one language-model forward needs, in one object.
 
 Why: every layer of a forward appends the same tokens at the same logical positions and attends
 with the same query positions; the plan is worked out once, before layer 0, from the padding mask
 and the tokens each sequence has seen, and read by every layer's `update` and `attend` (and by
-policies that observe attention).
+policies that observe attention). The `ForwardContext` wraps the plan with the rest of the
+forward's state (the slots its entries took, whether it attends over the CPU views, the queries
+a policy counts, and the per-layer hand-offs between the hooks, `update` and `attend`). It is
+created before layer 0 and dropped with the forward: no long-lived object carries per-forward
+scratch, so a cache copied between forwards (`clone()`) has nothing to reset (nano-vllm's typed
+per-step context).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,3 +46,24 @@ class ForwardPlan:
             query_positions=query_positions,
             new_tokens=valid.sum(1).to(torch.int64),
         )
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """One forward of a `DBTrimKVCache`; the dict / list fields are its per-layer hand-offs."""
+
+    plan: ForwardPlan
+    slots: torch.Tensor | None  # [L, N, H] pool slots of this forward's new entries (None: no real token)
+    padded: bool  # some column is padding
+    counted: torch.Tensor | None  # [B, T] queries whose attention the policy reads (None: none)
+    views_now: bool  # this forward attends over the CPU views
+    staged: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> log beta, until its `update`
+    new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # multi-token: K/V
+    decode_mass: list[torch.Tensor] = field(default_factory=list)  # CPU decode: the layers' view masses so far
+
+    def new_slots(self, layer_idx: int | None) -> torch.Tensor | None:
+        """Pool slots `[N, H]` of this forward's new entries in one layer (plan token order), `[L, N, H]`
+        in every layer for `layer_idx` None; None: none."""
+        if self.slots is None or layer_idx is None:
+            return self.slots
+        return self.slots[layer_idx]

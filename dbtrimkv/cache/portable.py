@@ -196,7 +196,7 @@ class SavedCache:
             cache.policy.load_state_tensors(policy_state)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CacheFileError(f"{self.path}: bad policy state ({exc})") from None
-        cache.views_limit = self.meta.get("views_limit")
+        cache.set_views_limit(self.meta.get("views_limit"))
         if "pool_capacity" not in self.meta:
             return cache  # saved before its first forward
         device = next(model.parameters()).device
@@ -223,11 +223,10 @@ class SavedCache:
             count = int(lengths.sum())
             cache.add_sequence(ParkedSequence(state, slots[offset: offset + count].to(device), lengths))
             offset += count
-        cache.columns = int(self.meta["columns"])
-        cache.num_evictions, cache.evicted_entries = int(self.meta["num_evictions"]), int(self.meta["evicted_entries"])
+        cache.restore_counters(int(self.meta["columns"]), int(self.meta["num_evictions"]),
+                               int(self.meta["evicted_entries"]))
         if "policy_scores" in self.tensors:
-            scores = torch.zeros(capacity, dtype=torch.float32, device=device)
-            cache.policy_scores = scores.index_copy_(0, slots.to(device), self.tensors["policy_scores"].to(device))
+            cache.policy.place_scores(slots.to(device), self.tensors["policy_scores"], capacity)
         cache.record_tokens(self.tensors["token_ids"].to(device, torch.int64),
                             self.tensors["token_mask"].to(device, torch.int64))
         return cache

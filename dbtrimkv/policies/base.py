@@ -2,32 +2,29 @@
 
 A policy decides which entries of a sequence survive when the cache shrinks it to its budget.
 Groups are contiguous runs of segments (segment id `(b * L + l) * H + h`) that share a keep
-count: the whole sequence, one layer, or one head. The default `evict` scores entries with the
-retention rule and runs the select-and-compact kernel; a policy that ranks by something else
-overrides `evict`.
+count: the whole sequence, one layer, or one head. A policy reads the cache through a narrow
+`PolicyView` (`view.py`) and answers `plan_eviction` with an `EvictionOrder`: keep counts per
+group and what ranks the entries (the learned retention rule by default, or a score per slot for
+a policy that ranks by something else). The cache's store carries the order out with the
+select-and-compact kernel; no policy touches the slot tables or the free list.
 
 A policy is a small dataclass whose fields are its options (kvpress style): `get_policy("snapkv",
 window=32)` in Python, `policy_options: {window: 32}` in a YAML file, `--policy-option window=32` on
 the command line. Each cache builds one instance from its config; state a policy keeps between
-calls lives on that instance (`reset()` restores it, `clone()` copies it) or in the cache's typed
-`policy_scores` field.
+calls lives on that instance: `scores`, a value per pool slot (SnapKV, H2O), or fields of its own
+(`reset()` restores them, `clone()` copies them).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, dataclass, fields
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
 from ..errors import ConfigError
-from ..kernels import select_and_compact, select_and_compact_by_score
-
-if TYPE_CHECKING:
-    from ..cache import DBTrimKVCache
-    from ..cache.attention_stats import LayerAttention
-    from ..cache.forward_plan import ForwardPlan
+from .view import LayerAttention, PolicyView
 
 _REGISTRY: dict[str, type["EvictionPolicy"]] = {}
 
@@ -76,23 +73,51 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+@dataclass(frozen=True)
+class EvictionOrder:
+    """A policy's answer to one eviction, carried out by the cache's store: every group of segments
+    keeps its `keep` best entries, ranked by `scores` (one per pool slot, higher stays) or, when
+    None, by the learned retention rule (`lookahead`, and `min_score`: also drop entries below it)."""
+
+    keep: torch.Tensor  # int64 [B * groups] keep count per group (NO_LIMIT: keep all)
+    group_size: int  # segments per group
+    floor: int  # entries every segment keeps at least (`min_per_head`)
+    scores: torch.Tensor | None = None
+    lookahead: int = 1
+    min_score: float | None = None
+
+
 @dataclass
 class EvictionPolicy:
     """Base policy: rank by retention score inside groups of `group_size` segments."""
 
     name: ClassVar[str] = "base"
     periodic: ClassVar[bool] = False  # also evict every `buffer_size` tokens (with or without a budget)
+    # float32 value per pool slot kept between calls by policies that accumulate one (SnapKV, H2O)
+    scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def options(self) -> dict:
         """This instance's options by name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     def reset(self) -> None:
-        """Forget what was learned from earlier calls (`DBTrimKVCache.reset`). Default: nothing kept."""
+        """Forget what was learned from earlier calls (`DBTrimKVCache.reset`)."""
+        self.scores = None
 
     def clone(self) -> "EvictionPolicy":
         """An independent copy, state included (`DBTrimKVCache.clone`)."""
         return copy.deepcopy(self)
+
+    def place_scores(self, slots: torch.Tensor, scores: torch.Tensor, capacity: int) -> None:
+        """Put saved per-slot `scores` at `slots` (a saved cache or session read back, `cache/portable.py`),
+        growing `scores` to the pool's `capacity`; other slots keep theirs (zero if none)."""
+        state = self.scores
+        if state is None or state.numel() < capacity:
+            grown = torch.zeros(capacity, dtype=torch.float32, device=slots.device)
+            if state is not None:
+                grown[: state.numel()] = state
+            state = grown
+        self.scores = state.index_copy_(0, slots, scores.to(state.device, torch.float32))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """State beyond the options, as tensors, for a saved cache (`cache/portable.py`). Default: none."""
@@ -114,51 +139,39 @@ class EvictionPolicy:
     def check_budget(self, budget: int, num_layers: int, num_kv_heads: int) -> None:
         """Raise ConfigError if `budget` cannot work for this policy."""
 
-    def min_score(self, cache: "DBTrimKVCache") -> float | None:
+    def min_score(self, view: PolicyView) -> float | None:
         return None
 
-    @torch.no_grad()
-    def evict(self, cache: "DBTrimKVCache", sequences: list[int]) -> int:
-        """Shrink each listed sequence to its budget; returns the number of entries evicted."""
-        keep = self.keep_tensor(cache, sequences)
-        t = cache.tables
-        return select_and_compact(
-            cache.pool.log_beta, cache.pool.pos, t.table, t.seg_start, t.seg_len, cache.pool.free_slots,
-            cache.pool.free_top, cache.requests.seen_tensor(cache.device), keep,
-            group_size=self.group_size(cache.num_layers, cache.num_kv_heads),
-            segs_per_seq=cache.num_layers * cache.num_kv_heads,
-            lookahead=cache.config.lookahead, floor=cache.config.min_per_head, min_score=self.min_score(cache),
-        )
+    def plan_eviction(self, view: PolicyView, sequences: list[int]) -> EvictionOrder:
+        """How to shrink each listed sequence to its budget (default: by learned retention)."""
+        return EvictionOrder(self.keep_tensor(view, sequences), self.group_size(view.num_layers, view.num_kv_heads),
+                             view.min_per_head, lookahead=view.lookahead, min_score=self.min_score(view))
 
-    @torch.no_grad()
-    def evict_by_slot_scores(self, cache: "DBTrimKVCache", sequences: list[int], slot_scores: torch.Tensor) -> int:
-        """Evict like `evict`, but rank entries by a score per pool slot (higher stays) computed by the
-        policy itself; same groups, tie-break, floor and compaction. For policies that do not rank by
-        learned retention (e.g. recency, attention statistics, key norms)."""
-        t = cache.tables
-        return select_and_compact_by_score(
-            slot_scores, cache.pool.pos, t.table, t.seg_start, t.seg_len, cache.pool.free_slots, cache.pool.free_top,
-            self.keep_tensor(cache, sequences), self.group_size(cache.num_layers, cache.num_kv_heads),
-            cache.config.min_per_head,
-        )
+    def order_by_slot_scores(self, view: PolicyView, sequences: list[int], slot_scores: torch.Tensor) -> EvictionOrder:
+        """Evict like the default, but rank entries by a score per pool slot (higher stays) computed by
+        the policy itself; same groups, tie-break, floor and compaction. For policies that do not rank
+        by learned retention (e.g. recency, attention statistics, key norms)."""
+        return EvictionOrder(self.keep_tensor(view, sequences), self.group_size(view.num_layers, view.num_kv_heads),
+                             view.min_per_head, scores=slot_scores)
 
-    def observed_queries(self, plan: "ForwardPlan") -> torch.Tensor | None:
+    def observed_queries(self, plan) -> torch.Tensor | None:
         """The queries `[B, T]` (bool) of a forward whose attention this policy reads, asked once per
-        forward; None (the default) = none, and `observe_attention` is never called."""
+        forward with its `cache.forward_plan.ForwardPlan`; None (the default) = none, and
+        `observe_attention` is never called."""
         return None
 
-    def observe_attention(self, cache: "DBTrimKVCache", layer_idx: int | None, attention: "LayerAttention") -> None:
+    def observe_attention(self, view: PolicyView, layer_idx: int | None, attention: LayerAttention) -> None:
         """Called with the attention the cached entries (this forward's new ones included) received
-        from the `observed_queries` (`cache.attention_stats.LayerAttention`): at each layer's attention,
+        from the `observed_queries` (`LayerAttention`): at each layer's attention,
         or once per forward for every layer (`layer_idx` None, tensors with a leading layer dimension:
         CPU decode); policies that score entries by attention statistics accumulate them here.
         Default: nothing."""
 
-    def keep_tensor(self, cache: "DBTrimKVCache", sequences: list[int]) -> torch.Tensor:
+    def keep_tensor(self, view: PolicyView, sequences: list[int]) -> torch.Tensor:
         """Per-group keep counts for the whole batch; sequences not listed keep everything."""
-        groups = cache.segments_per_sequence // self.group_size(cache.num_layers, cache.num_kv_heads)
-        keep = torch.full((cache.batch_size, groups), NO_LIMIT, dtype=torch.int64)
-        if cache.budget is not None:  # without one only a policy's own rule (threshold's tau) evicts
-            keep[sequences] = torch.tensor(self.keep_counts(cache.budget, cache.num_layers, cache.num_kv_heads),
+        groups = view.segments_per_sequence // self.group_size(view.num_layers, view.num_kv_heads)
+        keep = torch.full((view.batch_size, groups), NO_LIMIT, dtype=torch.int64)
+        if view.budget is not None:  # without one only a policy's own rule (threshold's tau) evicts
+            keep[sequences] = torch.tensor(self.keep_counts(view.budget, view.num_layers, view.num_kv_heads),
                                            dtype=torch.int64)
-        return keep.flatten().to(cache.device)
+        return keep.flatten().to(view.device)

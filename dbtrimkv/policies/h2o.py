@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import register_policy
-from .scored import PerHeadScorePolicy, slot_state
+from .scored import PerHeadScorePolicy
 
 
 @register_policy
@@ -32,16 +32,15 @@ class H2OPolicy(PerHeadScorePolicy):
     def observed_queries(self, plan):
         return plan.query_positions >= 0
 
-    def observe_attention(self, cache, layer_idx, attention):
+    def observe_attention(self, view, layer_idx, attention):
         # an entry cached by this forward may reuse an evicted entry's slot: its sum starts at 0
-        scores = slot_state(cache).index_fill(0, attention.new_slots, 0.0)
-        cache.policy_scores = scores.index_add_(0, attention.slots.flatten(), attention.mass.flatten())  # 0 if not valid
+        scores = self.slot_state(view).index_fill(0, attention.new_slots, 0.0)
+        self.scores = scores.index_add_(0, attention.slots.flatten(), attention.mass.flatten())  # 0 if not valid
 
-    def slot_scores(self, cache):
-        seg, index = cache.tables.enumerate_entries()
-        slots = cache.tables.table[index].to(torch.int64)
-        seen = cache.requests.seen_tensor(cache.device)[seg // cache.segments_per_sequence]
-        recent = int(cache.budget // cache.segments_per_sequence * self.recent_fraction)
-        scores = slot_state(cache).clone()
-        scores[slots[cache.pool.pos[slots].to(torch.int64) >= seen - recent]] = float("inf")
+    def slot_scores(self, view):
+        seg, slots = view.entries()
+        seen = view.seen()[seg // view.segments_per_sequence]
+        recent = int(view.budget // view.segments_per_sequence * self.recent_fraction)
+        scores = self.slot_state(view).clone()
+        scores[slots[view.positions[slots].to(torch.int64) >= seen - recent]] = float("inf")
         return scores

@@ -21,5 +21,5 @@ from .scored import PerHeadScorePolicy
 class KeyNormPolicy(PerHeadScorePolicy):
     name: ClassVar[str] = "knorm"
 
-    def slot_scores(self, cache) -> torch.Tensor:
-        return -torch.linalg.vector_norm(cache.pool.k.to(torch.float32), dim=-1)
+    def slot_scores(self, view) -> torch.Tensor:
+        return -torch.linalg.vector_norm(view.keys.to(torch.float32), dim=-1)

@@ -28,6 +28,7 @@ class RandomPolicy(PerHeadScorePolicy):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -38,5 +39,5 @@ class RandomPolicy(PerHeadScorePolicy):
             raise ValueError(f"policy 'random' keeps its generator's state, got {sorted(state)}")
         self.generator.set_state(state["generator"])
 
-    def slot_scores(self, cache) -> torch.Tensor:
-        return torch.rand(cache.pool.capacity, generator=self.generator).to(cache.device)
+    def slot_scores(self, view) -> torch.Tensor:
+        return torch.rand(view.capacity, generator=self.generator).to(view.device)

@@ -76,5 +76,5 @@ class ThresholdPolicy(EvictionPolicy):
             raise ConfigError(f"the threshold policy needs threshold tau in (0, 1] (entries with beta^age >= tau "
                               f"stay), got {tau!r}")
 
-    def min_score(self, cache):
+    def min_score(self, view):
         return math.log(float(self.threshold))

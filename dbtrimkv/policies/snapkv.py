@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import check_int, register_policy
-from .scored import PerHeadScorePolicy, slot_state
+from .scored import PerHeadScorePolicy
 
 
 @register_policy
@@ -41,14 +41,14 @@ class SnapKVPolicy(PerHeadScorePolicy):
         last = q_pos.amax(1, keepdim=True)
         return (q_pos >= 0) & (q_pos > last - self.window)
 
-    def observe_attention(self, cache, layer_idx, attention):
+    def observe_attention(self, view, layer_idx, attention):
         slots, valid, mass = attention.slots, attention.valid, attention.mass
         pooled = self._pool(mass, valid)
-        state = slot_state(cache)
+        state = self.slot_state(view)
         capacity = state.numel()
         scores = torch.cat([state, state.new_zeros(1)])  # a spare last slot takes the padding's writes
         scores.index_put_((torch.where(valid, slots, capacity).flatten(),), pooled.flatten())
-        cache.policy_scores = scores[:capacity]
+        self.scores = scores[:capacity]
 
     def _pool(self, mass: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Mean of each entry's mass over the `kernel` neighbours in its own segment (entries past the
@@ -59,5 +59,5 @@ class SnapKVPolicy(PerHeadScorePolicy):
 
         return window_sum(mass) / window_sum(valid.to(mass.dtype)).clamp_min(1e-6)
 
-    def slot_scores(self, cache):
-        return slot_state(cache)
+    def slot_scores(self, view):
+        return self.slot_state(view)

@@ -25,6 +25,6 @@ class StreamingPolicy(PerHeadScorePolicy):
     def __post_init__(self):
         check_int(self.name, "sinks", self.sinks, 0)
 
-    def slot_scores(self, cache) -> torch.Tensor:
-        pos = cache.pool.pos.to(torch.float32)
-        return torch.where(cache.pool.pos < self.sinks, pos.new_full((), float("inf")), pos)
+    def slot_scores(self, view) -> torch.Tensor:
+        pos = view.positions.to(torch.float32)
+        return torch.where(view.positions < self.sinks, pos.new_full((), float("inf")), pos)

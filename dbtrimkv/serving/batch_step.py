@@ -68,7 +68,7 @@ def forward_rows(model, cache: DBTrimKVCache, rows: list[RowInput]) -> torch.Ten
     kwargs = _vision_kwargs(rows, width, embeds) if vl else {}
     if kwargs:
         embeds = embeds.masked_scatter(kwargs["visual_pos_masks"][..., None], kwargs.pop("_embeds"))
-    cache.columns = 0  # rows of a serving cache share no column count; positions are explicit
+    cache.clear_columns()  # rows of a serving cache share no column count; positions are explicit
     cache.set_next_modality(types)
     out = language_model_of(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                    use_cache=True, **cache_kwargs(cache), **kwargs)

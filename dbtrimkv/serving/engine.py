@@ -39,7 +39,8 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..errors import DBTrimKVError
 from ..gates import text_config_of
-from ..generation import VisionStream, is_vision_language, model_lock, token_positions
+from ..generation import (VisionStream, decode_positions, is_vision_language, model_lock, rope_deltas,
+                          token_positions, with_input_defaults)
 from ..pipeline import stop_token_ids
 from ..prompts import tokenizer_of
 from .admission import Admission, Reservation, request_bound, slot_bytes, split_memory, view_columns
@@ -363,12 +364,8 @@ class Engine:
         """Prepare the request's positions and streams (what may fail on bad input), then add its row."""
         parked = request.session.parked if request.session is not None and request.continues else None
         seen, rope_delta = (parked.state.seen, parked.state.rope_delta) if parked is not None else (0, 0)
-        inputs = request.inputs
-        ids = inputs["input_ids"].to(self.device)
-        mask = torch.ones_like(ids)
-        types = inputs.get("mm_token_type_ids")
-        types = torch.zeros_like(ids) if types is None else types.to(self.device)
-        request.inputs = dict(inputs, input_ids=ids, attention_mask=mask, mm_token_type_ids=types)
+        request.inputs = with_input_defaults(request.inputs, self.device)  # one row: no padding
+        mask, types = request.inputs["attention_mask"], request.inputs["mm_token_type_ids"]
         request.positions = token_positions(self.model, request.inputs, mask, [seen], [seen + rope_delta])[..., 0, :]
         if self.vision_language and bool(types.any()):
             request.vision = VisionStream(self.model, request.inputs, types, mask)
@@ -391,7 +388,7 @@ class Engine:
         group.cache.add_sequence(parked)
         group.requests.append(request)
         self.admission.admit(request.id, request.reservation)
-        group.cache.views_limit = self.admission.group_view_bytes(key)
+        group.cache.set_views_limit(self.admission.group_view_bytes(key))
 
     # --- one step --------------------------------------------------------------------------------
     @staticmethod
@@ -443,10 +440,7 @@ class Engine:
             vision = encode_vision(self.model, request.vision, start, end) if request.vision is not None else None
             return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
                             vision), end == total
-        state = cache.requests[row]
-        pos = torch.tensor([state.seen], device=self.device)
-        if self.vision_language:
-            pos = torch.cat([pos, pos.new_full((3,), state.seen + state.rope_delta)])[:, None]
+        pos = decode_positions(self.model, [cache.requests[row]], self.device)[..., 0, :]
         token = torch.tensor([request.generated[-1]], device=self.device)
         return RowInput(token, pos, torch.zeros_like(token)), True
 
@@ -464,7 +458,6 @@ class Engine:
         if not requests:
             return
         plans = [plans[r.id] for r in requests]
-        seen_before = list(cache.seen)
         try:
             with model_lock(self.model), torch.inference_mode():
                 logits = forward_rows(self.model, cache, [p[0] for p in plans])
@@ -484,8 +477,10 @@ class Engine:
                 record.prefill_tokens += row_input.ids.numel()
                 self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
                 if request.prefilled == request.prompt_len and self.vision_language:
-                    last = int(request.positions[1:].max()) if request.prompt_len else seen_before[b] - 1
-                    cache.requests[b].rope_delta = last + 1 - (seen_before[b] + row_input.ids.numel())
+                    positions = request.positions[:, None]  # [4, 1, prompt]: the whole prompt, no padding
+                    delta = rope_deltas(positions, torch.ones_like(positions[0]), [cache.requests[b].seen])[0]
+                    if delta is not None:
+                        cache.set_rope_delta(b, delta)
             else:
                 record.decode_tokens += 1
             if not samples:
@@ -522,7 +517,7 @@ class Engine:
         self.metrics.inc("requests_restarted_total", len(restarts))
         with self.cond:
             self.waiting.extendleft(reversed(restarts))  # first in line, in their order
-        group.cache.views_limit = self.admission.group_view_bytes(group.key)
+        group.cache.set_views_limit(self.admission.group_view_bytes(group.key))
         self._drop_if_idle(group)
 
     def _new_cache(self, config: DBTrimKVConfig) -> DBTrimKVCache:
@@ -571,7 +566,7 @@ class Engine:
             group.requests.pop(row)
             parked = group.cache.park_sequence(row)
         self.admission.release(request.id)
-        group.cache.views_limit = self.admission.group_view_bytes(group.key)
+        group.cache.set_views_limit(self.admission.group_view_bytes(group.key))
         self._drop_if_idle(group)
         keep = request.session_id is not None and reason in ("stop", "length")
         if keep:

@@ -72,13 +72,7 @@ class SessionFiles:
             return session.parked
         parked, scores = saved.to_parked(pool)
         if scores is not None:
-            state = cache.policy_scores
-            if state is None or state.numel() < pool.capacity:
-                grown = torch.zeros(pool.capacity, dtype=torch.float32, device=pool.device)
-                if state is not None:
-                    grown[: state.numel()] = state
-                state = grown
-            cache.policy_scores = state.index_copy_(0, parked.slots, scores)
+            cache.policy.place_scores(parked.slots, scores, pool.capacity)
         session.parked, session.saved = parked, None
         if not self.write_through:  # the pool holds it now; it is written again if spilled again
             self.discard(session.id)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..gates import text_attention_modules
+from ..model_state import model_state
 from .train_attention import teacher_attention
 from .capacity import capacity_loss
 from .distill import distillation_losses
@@ -26,6 +27,7 @@ class GateDistiller(nn.Module):
                  capacity_weight: float = 1.0, logits_chunk: int = 1024, capacity_chunk: int | None = None):
         super().__init__()
         self.model = model
+        self.state = model_state(model)  # the gates' last output per layer: `state.log_beta`
         self.memory_size = memory_size
         self.capacity_mode = capacity_mode
         self.loss_kind = loss_kind
@@ -41,7 +43,7 @@ class GateDistiller(nn.Module):
         with torch.no_grad(), teacher_attention(self.model):
             teacher = self._hidden(inputs)[where]
         student = self._hidden(inputs)
-        log_beta = torch.stack([m.retention_log_beta for m in text_attention_modules(self.model)])
+        log_beta = torch.stack([self.state.log_beta[i] for i in range(len(text_attention_modules(self.model)))])
         distill = distillation_losses(self.model.get_output_embeddings(), student[where], teacher,
                                       batch["targets"][where], self.logits_chunk)
         capacity = capacity_loss(log_beta, batch["positions"], batch["valid"], self.memory_size,

@@ -3,8 +3,9 @@
 Why: distillation needs the teacher's logits (full attention) and the student's (retention-biased)
 from the same frozen weights. Keeping one copy of the model and flipping a flag is free, whereas a
 second copy of a 4B/8B model is not. The gate pre-hook installed by `attach_retention_gates`
-already stores every layer's `log beta` on `module.retention_log_beta` on each forward; the
-function registered here reads it.
+already computes every layer's `log beta` on each forward and hands it to the attention function
+(`attention.AttentionCall`, with the model's `ModelState`, which records the backend and the
+teacher flag); the function registered here reads both.
 
 - Student (default): `biased_attention` (plain torch, CPU / short sequences) or
   `biased_flex_attention` (FlexAttention, CUDA), chosen per model by `enable_training_attention`.
@@ -25,15 +26,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
 
-from ..attention import LazyCausalMask
+from ..attention import ATTENTION_CALL_KEY, LazyCausalMask
 from ..errors import ConfigError
 from ..model_anatomy import RETENTION_ATTENTION, set_text_attention, text_attention_modules
+from ..model_state import model_state
 from .biased_attention import biased_attention, biased_flex_attention
 
 TRAIN_ATTENTION_NAME = "dbtrimkv_train"
 BACKENDS = ("auto", "plain", "flex")
-_BACKEND = "_dbtrimkv_train_backend"
-_TEACHER = "_dbtrimkv_teacher"
 
 
 class TrainingMask(LazyCausalMask):
@@ -63,16 +63,17 @@ def training_mask(**mask_kwargs) -> TrainingMask:
 def training_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Teacher: plain SDPA. Student: causal attention biased by `(t - i) * log beta_i`."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if getattr(module, _TEACHER, False):
+    call = kwargs.pop(ATTENTION_CALL_KEY, None)
+    if call is not None and call.state.teacher:
         dense = attention_mask.dense() if isinstance(attention_mask, LazyCausalMask) else attention_mask
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    log_beta = getattr(module, "retention_log_beta", None)
+    log_beta = call.log_beta if call is not None else None
     if log_beta is None or log_beta.shape[1] != key.shape[2] or not isinstance(attention_mask, TrainingMask):
         raise RuntimeError(
             f"{TRAIN_ATTENTION_NAME} attention needs the gates' log beta for every key and the mask from its own "
             "mask entry: call the model without a KV cache (use_cache=False) and without a prebuilt 4D mask"
         )
-    if getattr(module, _BACKEND, "plain") == "flex":
+    if call.state.train_backend == "flex":
         out = biased_flex_attention(query, key, value, log_beta, attention_mask.block_mask(), scaling)
     else:
         out = biased_attention(query, key, value, log_beta, attention_mask.boolean(), scaling)
@@ -101,26 +102,24 @@ def enable_training_attention(model, backend: str = "auto") -> str:
         raise ConfigError("the model has no retention gates: call attach_retention_gates first")
     backend = resolve_backend(backend, next(model.parameters()).device)
     register_training_attention()
-    for module in text_attention_modules(model):
-        setattr(module, _BACKEND, backend)
-        setattr(module, _TEACHER, False)
+    state = model_state(model)
+    state.train_backend, state.teacher = backend, False
     set_text_attention(model, TRAIN_ATTENTION_NAME)
     return backend
 
 
 def disable_training_attention(model) -> None:
     """Back to the inference attention (`dbtrimkv`) that `attach_retention_gates` installed."""
+    model_state(model).train_backend = None
     set_text_attention(model, RETENTION_ATTENTION)
 
 
 @contextmanager
 def teacher_attention(model):
     """Inside this block the text attention ignores the gates: the frozen full-attention teacher."""
-    modules = text_attention_modules(model)
-    for module in modules:
-        setattr(module, _TEACHER, True)
+    state = model_state(model)
+    state.teacher = True
     try:
         yield model
     finally:
-        for module in modules:
-            setattr(module, _TEACHER, False)
+        state.teacher = False

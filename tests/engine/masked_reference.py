@@ -14,7 +14,7 @@ from helpers import brute_force_keep
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from dbtrimkv.attention import LazyCausalMask, retention_mask
+from dbtrimkv.attention import ATTENTION_CALL_KEY, LazyCausalMask, retention_mask
 from dbtrimkv.gates import text_attention_modules, text_config_of
 
 NAME = "dbtrimkv_test_reference"
@@ -88,7 +88,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
         if valid is None:
             valid = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool)
         ref.begin_forward(valid.cpu())
-    ref.add_layer(layer, module.retention_log_beta)
+    ref.add_layer(layer, kwargs[ATTENTION_CALL_KEY].log_beta)
     key_pos = torch.cat(ref.col_pos, 1)  # [B, all columns]
     q_pos = ref.col_pos[-1]
     batch, heads, cols = key.shape[0], key.shape[1], key.shape[2]

@@ -24,7 +24,7 @@ def _run(model, config, ids, mask, chunk, steps, views: bool):
     """Chunked prefill of left-padded `ids`, then greedy decode steps; every step's logits."""
     cache = dbtrimkv.DBTrimKVCache(model, config)
     if not views:
-        cache.views = None  # attend through the slot tables (kernels/ragged_attention/naive.py)
+        cache.attend_through_pool()  # attend through the slot tables (kernels/ragged_attention/naive.py)
     logits = [prefill(model, {"input_ids": ids, "attention_mask": mask}, cache, chunk=chunk)]
     token = logits[-1].argmax(-1, keepdim=True)
     with torch.no_grad():

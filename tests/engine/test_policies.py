@@ -26,12 +26,12 @@ def _score(seen, pos, log_beta, lookahead):
 
 
 class EvictionAudit:
-    """Wraps the cache's policy; after every eviction checks size and ordering by brute force."""
+    """Wraps the cache's `evict`; after every eviction checks size and ordering by brute force."""
 
     def __init__(self, cache):
         self.cache, self.checked = cache, 0
-        self._evict = cache.policy.evict
-        cache.policy.evict = self.evict
+        self._evict = cache.evict
+        cache.evict = self.evict
 
     def _snapshot(self, b):
         c = self.cache
@@ -42,10 +42,12 @@ class EvictionAudit:
                 out[slot] = (layer, head, int(c.pool.pos[slot]), float(c.pool.log_beta[slot]))
         return out
 
-    def evict(self, cache, sequences):
+    def evict(self, sequences=None):
+        cache = self.cache
+        sequences = range(len(cache.requests)) if sequences is None else sequences
         before = {b: self._snapshot(b) for b in sequences}
         seen = list(cache.seen)
-        evicted = self._evict(cache, sequences)
+        evicted = self._evict(list(sequences))
         for b in sequences:
             self._check(b, before[b], set(self._snapshot(b)), seen[b])
         self.checked += 1

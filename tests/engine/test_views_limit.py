@@ -23,7 +23,7 @@ def gated():
 def _run(model, config, ids, limit, steps=16):
     """Chunked prefill then greedy decoding; every step's logits and the views' bytes after each forward."""
     cache = dbtrimkv.DBTrimKVCache(model, config)
-    cache.views_limit = limit
+    cache.set_views_limit(limit)
     logits = [prefill(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cache, chunk=5)]
     held = [cache.views_bytes()]
     token = logits[-1].argmax(-1, keepdim=True)

@@ -34,19 +34,20 @@ def run(model, policy, budget, chunk=8, prompt=PROMPT, new_tokens=6, spy=None):
     cache = dbtrimkv.DBTrimKVCache(model, dbtrimkv.DBTrimKVConfig(budget=budget, policy=policy, prefill_chunk=chunk,
                                                                   buffer_size=0))
     records = []
-    evict = cache.policy.evict
+    evict = cache.evict
 
-    def audited(c, sequences):
-        scores = c.policy.slot_scores(c)
+    def audited(sequences=None):
+        c = cache
+        scores = c.policy.slot_scores(c.eviction.view)
         before = {s: c.tables.entries(s).tolist() for s in range(c.segments_per_sequence)}
         info = {slot: (int(c.pool.pos[slot]), float(scores[slot]), float(c.pool.k[slot].norm()))
                 for slots in before.values() for slot in slots}
-        evicted = evict(c, sequences)
+        evicted = evict(sequences)
         after = {s: c.tables.entries(s).tolist() for s in range(c.segments_per_sequence)}
         records.append(dict(before=before, after=after, info=info, seen=c.seen[0], evicted=evicted))
         return evicted
 
-    cache.policy.evict = audited
+    cache.evict = audited
     if spy is not None:
         spy_on_attention(cache, spy)
     generate(model, build_inputs(tokenizer, PROMPT if prompt is None else prompt), cache, max_new_tokens=new_tokens,
@@ -220,7 +221,7 @@ def test_h2o_constructed_case_keeps_the_top_accumulated(model):
             pos = int(cache.pool.pos[slot])
             if pos in (favourite[seg % 3], favourite[seg % 3] + 1, 0):
                 scores[slot] = 10.0 + pos
-    cache.policy_scores = scores
+    cache.policy.scores = scores  # the policy's own accumulated state
     cache.evict()
     for layer, heads in enumerate(cache.retained_positions(0)):
         for h, kept in enumerate(heads):

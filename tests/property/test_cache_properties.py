@@ -26,6 +26,7 @@ from invariants import CacheInvariants, InvariantViolation
 
 import dbtrimkv
 from dbtrimkv.cache import DBTrimKVCache
+from dbtrimkv.cache.eviction import EvictionTrigger
 from dbtrimkv.config import DBTrimKVConfig
 from dbtrimkv.generation import generate
 from dbtrimkv.modality import MODALITY_NAMES
@@ -166,7 +167,7 @@ def test_a_broken_statistic_is_caught(monkeypatch):
 
 def test_a_broken_bound_is_caught(monkeypatch):
     """...and a cache that evicts too late (its bound one token too loose) breaks the bound check."""
-    monkeypatch.setattr(DBTrimKVCache, "_bound", lambda self, n: self.budget + self.segments_per_sequence
+    monkeypatch.setattr(EvictionTrigger, "bound", lambda self, n: self.budget + self.store.segments_per_sequence
                         * (max(self.config.buffer_size, n) + 1))
     config = DBTrimKVConfig(budget=12, buffer_size=2, prefill_chunk=8)
     chats = [[{"role": "user", "content": [{"type": "text", "text": " ".join(WORDS)}]}]]

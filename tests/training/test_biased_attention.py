@@ -9,6 +9,7 @@ from helpers import image_chat, random_image
 from training_helpers import gated_model
 
 from dbtrimkv.gates import text_attention_modules
+from dbtrimkv.model_state import model_state
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.training.train_attention import teacher_attention
 from dbtrimkv.training.biased_attention import biased_attention, biased_flex_attention
@@ -120,7 +121,8 @@ def test_model_with_saturated_gates_equals_the_sdpa_model():
     inputs = _image_batch(processor)
     with torch.no_grad():
         student = model(**inputs, use_cache=False).logits
-    assert all(float(m.retention_log_beta.abs().max()) == 0.0 for m in text_attention_modules(model))
+    assert all(float(log_beta.abs().max()) == 0.0 for log_beta in model_state(model).log_beta.values())
+    assert len(model_state(model).log_beta) == len(text_attention_modules(model))
     reference = _sdpa_logits(model, inputs)
     real = inputs["attention_mask"].bool()
     assert torch.allclose(student[real], reference[real], atol=1e-4)
