@@ -5,8 +5,11 @@ scores comparable across layers and heads, and one global top-k evicts text, ima
 entries from all layers and heads under a single budget.
 """
 
+from ._hub_kernels_compat import ensure_hub_kernels_importable
 from ._torchvision_compat import ensure_torchvision_importable
 
+# Must run before anything imports transformers' modeling code (it imports the Hub's `kernels`).
+ensure_hub_kernels_importable()
 # Must run before anything imports torchvision (transformers' image utilities do).
 ensure_torchvision_importable()
 
