@@ -56,6 +56,26 @@ def uses_views(pool_tensor: torch.Tensor) -> bool:
     return pool_tensor.device.type == "cpu" and backend_for(pool_tensor) == "torch"
 
 
+def _check_gated(model) -> None:
+    """ConfigError unless `model` is a transformers model with dbtrimkv's retention gates attached."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ConfigError(f"DBTrimKVCache needs a transformers model (from dbtrimkv.load_model), got "
+                          f"{type(model).__name__}")
+    state = existing_state(model)
+    if text_attention_name(model) != RETENTION_ATTENTION or state is None or state.gate_spec is None:
+        raise ConfigError(
+            "this model has no retention gates: call dbtrimkv.attach_retention_gates(model) or load it "
+            "with dbtrimkv.load_model(...) before creating a DBTrimKVCache"
+        )
+
+
+def _kv_shape(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of the model's language model."""
+    text = text_config_of(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+
+
 class RetentionCacheLayer(CacheLayerMixin):
     """Per-layer view for transformers' generic cache code; storage lives in the parent cache."""
 
@@ -90,16 +110,8 @@ class DBTrimKVCache(Cache):
         self.config = config if config is not None else DBTrimKVConfig()
         if not isinstance(self.config, DBTrimKVConfig):
             raise ConfigError(f"config must be a DBTrimKVConfig, got {type(self.config).__name__}")
-        state = existing_state(model)
-        if text_attention_name(model) != RETENTION_ATTENTION or state is None or state.gate_spec is None:
-            raise ConfigError(
-                "this model has no retention gates: call dbtrimkv.attach_retention_gates(model) or load it "
-                "with dbtrimkv.load_model(...) before creating a DBTrimKVCache"
-            )
-        text = text_config_of(model)
-        self.num_layers = text.num_hidden_layers
-        self.num_kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        _check_gated(model)
+        self.num_layers, self.num_kv_heads, self.head_dim = _kv_shape(model)
         self.policy = self.config.build_policy()  # this cache's own instance (its state is the cache's)
         self.budget = self.config.resolve_budget(self.num_layers, self.num_kv_heads, self.policy)
         config_ids = model.config
@@ -107,6 +119,16 @@ class DBTrimKVCache(Cache):
         self.video_token_id = getattr(config_ids, "video_token_id", None)
         super().__init__(layers=[RetentionCacheLayer(self, i) for i in range(self.num_layers)])
         self._reset_state()
+
+    def check_model(self, model) -> None:
+        """ConfigError unless `model` has retention gates and the KV shape this cache was built for."""
+        _check_gated(model)
+        shape = _kv_shape(model)
+        if shape != (self.num_layers, self.num_kv_heads, self.head_dim):
+            raise ConfigError(
+                "this DBTrimKVCache was built for another model ({} layers x {} KV heads x head dim {}; this model "
+                "has {} x {} x {}): create the cache with DBTrimKVCache(model, config) for the model that uses it"
+                .format(self.num_layers, self.num_kv_heads, self.head_dim, *shape))
 
     # --- state -------------------------------------------------------------------------------
     def _reset_state(self) -> None:

@@ -45,7 +45,8 @@ Single-video answers go to stdout, KV statistics to stderr.
 def add_parser(sub) -> None:
     p = sub.add_parser("video-qa", help="answer questions about long videos in bounded KV memory, or run a dataset",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("questions", nargs="*", metavar="QUESTION", help="questions about --video (one or more)")
+    p.add_argument("questions", nargs="*", type=arguments.text, metavar="QUESTION",
+                   help="questions about --video (one or more)")
     src = p.add_argument_group("input (either --video with questions, or --dataset)")
     src.add_argument("--video", metavar="PATH", help="a video file to ask QUESTIONs about")
     src.add_argument("--dataset", metavar="FILE", help="an annotation file (JSON, JSONL or Parquet)")

@@ -43,10 +43,10 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError, PromptError
 from ..eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
-from ..media import Video, iter_video_frames, video_info
+from ..media import Video, check_image_size, iter_video_frames, video_info
 from ..modality import MODALITY_NAMES
 from ..pipeline import GenerationStats, collect_stats
-from ..prompts import escape_special_tokens, tokenizer_of, tokens_by_modality
+from ..prompts import escape_special_tokens, is_multimodal, tokenizer_of, tokens_by_modality
 
 # qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
 # (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.
@@ -118,6 +118,7 @@ def frame_windows(processor, frames: Iterable[tuple[int, np.ndarray, float]], op
     size, batch, indices, src_fps = None, [], [], 0.0
     for index, frame, src_fps in frames:
         if size is None:
+            check_image_size(frame.shape[1], frame.shape[0], what="each video frame")
             size = frame_size(processor, frame.shape[0], frame.shape[1], options.frame_tokens)
         batch.append(_resize(frame, size))
         indices.append(index)
@@ -198,12 +199,19 @@ def encode_video(model, processor, path: str | Path, config: DBTrimKVConfig | No
                               on_window=lambda cache, window: bar.update(len(window.frames_indices)))
 
 
+def check_takes_video(processor) -> None:
+    """ConfigError for a text-only model (its processor is a tokenizer: no video tokens, no vision tower)."""
+    if not is_multimodal(processor):
+        raise ConfigError("this model is text-only: it cannot watch videos; use a Qwen3-VL model")
+
+
 @torch.no_grad()
 def encode_windows(model, processor, windows: Iterable[Window], config: DBTrimKVConfig | None = None,
                    name: str = "", on_window: Callable[[DBTrimKVCache, Window], None] | None = None) -> EncodedVideo:
     """Prefill the chat prefix, then each window as it comes, into a new `DBTrimKVCache`
     (`config` as in `encode_video`). `on_window(cache, window)` runs after each window's prefill:
     progress, measurements, or a memory cap that raises."""
+    check_takes_video(processor)
     prefix, _ = prompt_parts(processor, "")
     cache = DBTrimKVCache(model, config or resolve_eviction(model))
     start = time.perf_counter()
@@ -267,6 +275,7 @@ class VideoQA:
 
     def __init__(self, model, processor, config: DBTrimKVConfig | None = None, options: StreamOptions | None = None,
                  max_new_tokens: int = 64, progress: bool = False):
+        check_takes_video(processor)
         self.model, self.processor = model, processor
         self.config, self.options = config, options or StreamOptions()
         self.max_new_tokens, self.progress = max_new_tokens, progress
