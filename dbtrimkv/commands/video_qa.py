@@ -149,8 +149,9 @@ def _dataset(qa, args) -> int:
                 "max_new_tokens": args.max_new_tokens}
     metrics = run_dataset(qa, items, args.output, progress=not args.no_progress, settings=settings)
     acc = "n/a" if metrics["accuracy"] is None else f"{100 * metrics['accuracy']:.2f}%"
+    errors = f"errors: {metrics['errors']}" + (" (videos that failed: not in the accuracy)" if metrics["errors"] else "")
     print(f"accuracy: {acc} ({metrics['correct']}/{metrics['total']}) | unparsed answers: {metrics['unparsed']} | "
-          f"errors: {metrics['errors']} | predictions: {args.output} | metrics: {metrics_path(args.output)}")
+          f"{errors} | predictions: {args.output} | metrics: {metrics_path(args.output)}")
     ids = {item.id for item in items}
     kv = [r["kv"] for i, r in load_predictions(args.output).items() if i in ids and "kv" in r]
     if kv:
