@@ -47,6 +47,7 @@ from ..media import Video, check_image_size, iter_video_frames, video_info
 from ..modality import MODALITY_NAMES
 from ..pipeline import GenerationStats, collect_stats
 from ..prompts import escape_special_tokens, is_multimodal, tokenizer_of, tokens_by_modality
+from ..transformers_compat import video_placeholder
 
 # qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
 # (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.
@@ -151,7 +152,7 @@ def prompt_parts(processor, question: str) -> tuple[str, str]:
     chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     chat = escape_special_tokens(chat, tokenizer_of(processor))
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    prefix, found, suffix = text.partition(processor.video_token)
+    prefix, found, suffix = text.partition(video_placeholder(processor))
     if not found:
         raise ConfigError("the processor's chat template renders no video placeholder")
     return prefix, suffix
