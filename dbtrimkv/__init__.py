@@ -15,6 +15,10 @@ from __future__ import annotations
 import importlib
 
 from . import _import_hooks
+from ._hub_kernels_compat import ensure_hub_kernels_importable
+
+# Must run before anything imports transformers' modeling code (it imports the Hub's `kernels`); standard library only.
+ensure_hub_kernels_importable()
 
 __version__ = "0.1.0"
 

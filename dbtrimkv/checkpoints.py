@@ -315,6 +315,7 @@ def load_gate_state(model, state: dict[str, torch.Tensor], source: str = "checkp
         raise CheckpointError(f"{source}: missing gate weights: {', '.join(missing[:5])}"
                               + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
     for (layer, name), tensor in given.items():
+        _check_gate_values(source, f"layers.{layer}.self_attn.retention_gate.{name}", tensor)
         if tuple(tensor.shape) != tuple(expected[(layer, name)].shape):
             raise CheckpointError(
                 f"{source}: layers.{layer}.self_attn.retention_gate.{name} has shape {tuple(tensor.shape)}, "
@@ -333,6 +334,16 @@ def load_gate_state(model, state: dict[str, torch.Tensor], source: str = "checkp
         for key, tensor in given.items():
             param = expected[key]
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+
+def _check_gate_values(source: str, name: str, tensor: torch.Tensor) -> None:
+    """Gate weights must be dense, real and finite: anything else would load and then score garbage."""
+    if tensor.layout != torch.strided:
+        raise CheckpointError(f"{source}: {name} is a {tensor.layout} tensor; gate weights must be dense")
+    if tensor.is_complex() or tensor.is_quantized or tensor.dtype == torch.bool:
+        raise CheckpointError(f"{source}: {name} has dtype {tensor.dtype}; gate weights must be real numbers")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{source}: {name} holds NaN or infinite values; gate weights must be finite")
 
 
 def gates_are_trained(model) -> bool:

@@ -288,6 +288,8 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     if not isinstance(cache, DBTrimKVCache):
         raise ConfigError("dbtrimkv.generate needs a DBTrimKVCache")
     _check_generate_arguments(inputs, cache, max_new_tokens, prefill_chunk)
+    cache.check_model(model)
+    _check_token_ids(model, inputs["input_ids"])
     with model_lock(model):
         return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs)
 
@@ -307,6 +309,17 @@ def _check_generate_arguments(inputs, cache: DBTrimKVCache, max_new_tokens, pref
     if cache.batch_size not in (-1, ids.shape[0]):
         raise ConfigError(f"this cache holds {cache.batch_size} sequences, but the input has {ids.shape[0]}: "
                           "use a new cache for a batch of another size")
+
+
+def _check_token_ids(model, ids: torch.Tensor) -> None:
+    """ConfigError for ids that are not integers or lie outside the model's vocabulary (an index error deep
+    inside the embedding otherwise)."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ConfigError(f"input_ids must be an integer tensor, got {ids.dtype}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ConfigError(f"input_ids must lie in [0, {vocab - 1}] (the model's vocabulary), got values from "
+                          f"{int(ids.min())} to {int(ids.max())}")
 
 
 def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, generate_kwargs):

@@ -23,7 +23,9 @@ TASK = "dbtrimkv-image-text-to-text"
 
 
 class DBTrimKVImageTextToTextPipeline(Pipeline):
-    """Chat messages in, `{"generated_text", "stats"}` out; see `DBTrimKVPipeline`."""
+    """Chat messages in; out, as transformers' image-text-to-text pipeline returns: for one chat a list with
+    one `{"input_text", "generated_text", "stats"}` dict (the answer alone, as with `return_full_text=False`),
+    for a list of chats a list of such lists. See `DBTrimKVPipeline`."""
     _load_processor = True
     _load_image_processor = False
     _load_feature_extractor = False
@@ -45,8 +47,9 @@ class DBTrimKVImageTextToTextPipeline(Pipeline):
     def __call__(self, messages, **kwargs):
         """`messages`: one chat (list of message dicts or a string) or a list of chats."""
         single = isinstance(messages, str) or (isinstance(messages, list) and messages and isinstance(messages[0], dict))
-        result = self._forward(messages, **kwargs)
-        return self.postprocess(result)[0] if single else self.postprocess(result)
+        chats = [messages] if single else messages
+        results = self.postprocess(self._forward(messages, **kwargs), inputs=chats)
+        return results[0] if single else results
 
     def preprocess(self, inputs, **kwargs):
         return inputs
@@ -55,8 +58,11 @@ class DBTrimKVImageTextToTextPipeline(Pipeline):
         out = self.dbtrimkv(model_inputs, **kwargs)
         return out if isinstance(out, list) else [out]
 
-    def postprocess(self, model_outputs, **kwargs):
-        return [{"generated_text": o.text, "stats": o.stats.to_dict()} for o in model_outputs]
+    def postprocess(self, model_outputs, inputs=None, **kwargs):
+        """One list of one result dict per chat (transformers returns one dict per generated sequence)."""
+        inputs = inputs if inputs is not None else [None] * len(model_outputs)
+        return [[{"input_text": chat, "generated_text": o.text, "stats": o.stats.to_dict()}]
+                for chat, o in zip(inputs, model_outputs)]
 
 
 def register() -> None:

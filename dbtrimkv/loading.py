@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
@@ -140,6 +141,7 @@ def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
             "decoder-only language models"
         )
 
+    check_config(directory)
     try:
         with quiet_weight_loading():
             model = model_cls.from_pretrained(directory, dtype=dtype)
@@ -149,7 +151,21 @@ def load_pretrained(directory: Path, device: torch.device, dtype: torch.dtype):
         raise ModelLoadError(refusal or f"cannot load the model in {directory}: corrupt weights ({exc})") from None
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise ModelLoadError(f"cannot load the model in {directory}: {exc}") from None
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc):
+            raise
+        raise ModelLoadError(f"cannot load the model in {directory}: its weights do not have the shapes its "
+                             "config.json declares") from None
     return model.to(device).eval(), processor
+
+
+def check_config(directory: Path) -> None:
+    """ModelLoadError for a config.json that transformers' own config class refuses (field types, values)."""
+    try:
+        AutoConfig.from_pretrained(directory)
+    except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ModelLoadError(f"{directory / 'config.json'} is not a valid model config: {detail}") from None
 
 
 @contextlib.contextmanager

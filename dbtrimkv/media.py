@@ -205,6 +205,12 @@ def _open_video(path):
         container.close()
         raise MediaError(f"video {path} has {width}x{height} pixel frames, over the "
                          f"{MAX_VIDEO_FRAME_PIXELS / 1e6:.0f} megapixel limit")
+    if width and height:
+        try:
+            check_image_size(width, height, what=f"video {path}: each frame")
+        except MediaError:
+            container.close()
+            raise
     return container
 
 

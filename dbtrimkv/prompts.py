@@ -19,6 +19,7 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 from .errors import MediaError, PromptError
 from .media import Video, frames_to_video, load_image, load_video
 from .modality import MODALITY_NAMES
+from .text_files import check_unicode
 
 
 @dataclass
@@ -77,7 +78,12 @@ def _describe(value) -> str:
 def escape_special_tokens(chat: list[dict], tokenizer) -> list[dict]:
     """The chat with the tokenizer's added-token strings (`<|image_pad|>`, `<|im_end|>`, ...) in text
     parts broken by a zero-width space, so user text is read as plain text: it cannot open a turn,
-    claim an image, or end the prompt (what chat UIs do with such text)."""
+    claim an image, or end the prompt (what chat UIs do with such text). Text that is not valid
+    Unicode (a lone surrogate) is a PromptError: the tokenizer cannot encode it."""
+    for message in chat:
+        for part in message["content"]:
+            if part["type"] == "text":
+                check_unicode(part["text"], "the prompt", PromptError)
     pattern = _special_pattern(tokenizer)
     if pattern is None:
         return chat

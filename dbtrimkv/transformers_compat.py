@@ -4,8 +4,12 @@ Why: dbtrimkv hooks into transformers internals (the attention modules' call key
 `Cache` API, the attention and mask interfaces), so a new release can break it silently. This
 leaf module is the one place that knows (1) the tested range, which `pyproject.toml` declares as
 its cap, (2) under which keyword a model call carries the KV cache (`past_key_values` up to 5.23,
-`cache` from 5.24, where the old name is a deprecated alias until 5.40), and (3) how to say, in
-one sentence, that the installed release broke the integration contract.
+`cache` from 5.24, where the old name is a deprecated alias until 5.40), (3) which text of the chat
+template a Qwen3-VL processor replaces with a video's frames (from 5.25 the whole
+`<|vision_start|><|video_pad|><|vision_end|>`, since it wraps every frame itself; before, only the
+`<|video_pad|>` inside it, leaving an extra outer pair), and (4) how to say, in one sentence, that
+the installed release broke the integration contract. (From 5.25 transformers also imports the Hub's
+`kernels` package, which `_hub_kernels_compat` keeps reachable from a checkout.)
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 from .errors import IntegrationError
 
 OLDEST_SUPPORTED = "5.17"  # the oldest release CI tests (second install in .ci/run)
-NEWEST_TESTED = "5.24"  # pyproject caps transformers below the next minor: raise both together
+NEWEST_TESTED = "5.25"  # pyproject caps transformers below the next minor: raise both together
 CACHE_KEYWORDS = ("cache", "past_key_values")  # new name first
 
 
@@ -58,6 +62,16 @@ def cache_from_call(kwargs: dict):
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+VIDEO_WRAPPER_COLLAPSED = Version(Version(installed_version()).base_version) >= Version("5.25")
+
+
+def video_placeholder(processor) -> str:
+    """The chat-template text that the processor replaces with one video's timestamped frames."""
+    if VIDEO_WRAPPER_COLLAPSED:
+        return processor.vision_start_token + processor.video_token + processor.vision_end_token
+    return processor.video_token
 
 
 def integration_error(what: str) -> IntegrationError:

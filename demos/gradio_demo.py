@@ -245,10 +245,24 @@ def build_demo(pipeline: DBTrimKVPipeline, max_video_seconds: float = 60.0, max_
     return demo
 
 
+SHARE_HINT = "* To create a public link, run `dbtrimkv demo --share`."
+
+
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           max_upload_mb: float = 50.0, queue_size: int = 16, prevent_thread_lock: bool = False):
-    """Serve with the safety defaults of the module docstring; returns Gradio's `(app, local_url, share_url)`."""
+           max_upload_mb: float = 50.0, queue_size: int = 16, prevent_thread_lock: bool = False,
+           share_hint: str | None = SHARE_HINT):
+    """Serve with the safety defaults of the module docstring; returns Gradio's `(app, local_url, share_url)`.
+
+    Gradio's own start-up lines are silenced (they tell the user to "set `share=True` in `launch()`", which
+    a command-line user cannot do); this prints the local URL and, without `share`, `share_hint` instead.
+    The public URL and share-link failures are still printed by Gradio."""
     demo.queue(default_concurrency_limit=1, max_size=queue_size)
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
-                       allowed_paths=[], show_error=True, ssr_mode=False, mcp_server=False,
-                       prevent_thread_lock=prevent_thread_lock)
+    result = demo.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
+                         allowed_paths=[], show_error=True, ssr_mode=False, mcp_server=False,
+                         prevent_thread_lock=True, quiet=True)
+    print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    if not share and share_hint:
+        print(share_hint, flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return result

@@ -99,12 +99,17 @@ def test_transformers_pipeline_task(tmp_path):
     model, processor = dbtrimkv.load_model("tiny")
     hf = transformers.pipeline("dbtrimkv-image-text-to-text", model=model, processor=processor,
                                eviction="budget-tight")
-    result = hf(dbtrimkv.pipeline.user_message("What?", [random_image(1)]), max_new_tokens=3)
-    assert set(result) == {"generated_text", "stats"} and result["stats"]["prompt_tokens"]["image"] > 0
+    chat = dbtrimkv.pipeline.user_message("What?", [random_image(1)])
+    result = hf(chat, max_new_tokens=3)  # like transformers' image-text-to-text: a list of dicts per chat
+    assert isinstance(result, list) and len(result) == 1
+    assert set(result[0]) == {"input_text", "generated_text", "stats"} and result[0]["input_text"] == chat
+    assert result[0]["stats"]["prompt_tokens"]["image"] > 0 and isinstance(result[0]["generated_text"], str)
     assert hf.dbtrimkv.config.memory_size == 128
     from dbtrimkv.tiny import save_tiny
 
     save_tiny(tmp_path / "m", "qwen3_vl")
     with pytest.warns(UserWarning, match="untrained"):
         by_name = transformers.pipeline("dbtrimkv-image-text-to-text", model=str(tmp_path / "m"))
-    assert len(by_name(["hi", "there"], max_new_tokens=2)) == 2
+    batch = by_name(["hi", "there"], max_new_tokens=2)
+    assert [len(r) for r in batch] == [1, 1] and [r[0]["input_text"] for r in batch] == ["hi", "there"]
+    assert isinstance(by_name("hi", max_new_tokens=1), list)

@@ -63,6 +63,14 @@ def test_readme_main_command_answers_cleanly():
         assert noise not in result.stderr, result.stderr
 
 
+def test_readme_states_the_supported_transformers_range():
+    from dbtrimkv.transformers_compat import NEWEST_TESTED, OLDEST_SUPPORTED, supported_range
+
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "Supported transformers" in line)
+    assert f"**{OLDEST_SUPPORTED} to {NEWEST_TESTED}**" in line and f"`{supported_range()}`" in line
+
+
 def test_ci_reruns_the_oldest_supported_transformers():
     from dbtrimkv.transformers_compat import OLDEST_SUPPORTED
 

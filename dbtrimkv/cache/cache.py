@@ -47,6 +47,26 @@ from .token_memory import TokenMemory
 __all__ = ["DBTrimKVCache", "RetentionCacheLayer", "uses_views"]
 
 
+def _check_gated(model) -> None:
+    """ConfigError unless `model` is a transformers model with dbtrimkv's retention gates attached."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ConfigError(f"DBTrimKVCache needs a transformers model (from dbtrimkv.load_model), got "
+                          f"{type(model).__name__}")
+    state = existing_state(model)
+    if text_attention_name(model) != RETENTION_ATTENTION or state is None or state.gate_spec is None:
+        raise ConfigError(
+            "this model has no retention gates: call dbtrimkv.attach_retention_gates(model) or load it "
+            "with dbtrimkv.load_model(...) before creating a DBTrimKVCache"
+        )
+
+
+def _kv_shape(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of the model's language model."""
+    text = text_config_of(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+
+
 class RetentionCacheLayer(CacheLayerMixin):
     """Per-layer view for transformers' generic cache code; storage lives in the parent cache."""
 
@@ -81,18 +101,22 @@ class DBTrimKVCache(CacheStatistics, Cache):
         config = config if config is not None else DBTrimKVConfig()
         if not isinstance(config, DBTrimKVConfig):
             raise ConfigError(f"config must be a DBTrimKVConfig, got {type(config).__name__}")
-        state = existing_state(model)
-        if text_attention_name(model) != RETENTION_ATTENTION or state is None or state.gate_spec is None:
-            raise ConfigError(
-                "this model has no retention gates: call dbtrimkv.attach_retention_gates(model) or load it "
-                "with dbtrimkv.load_model(...) before creating a DBTrimKVCache"
-            )
-        text = text_config_of(model)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        _check_gated(model)
+        layers, kv_heads, head_dim = _kv_shape(model)
         policy = config.build_policy()  # this cache's own instance (its state is the cache's)
-        budget = config.resolve_budget(text.num_hidden_layers, text.num_key_value_heads, policy)
+        budget = config.resolve_budget(layers, kv_heads, policy)
         ids = (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
-        self._assemble(config, policy, budget, ids, KVStore(text.num_hidden_layers, text.num_key_value_heads, head_dim))
+        self._assemble(config, policy, budget, ids, KVStore(layers, kv_heads, head_dim))
+
+    def check_model(self, model) -> None:
+        """ConfigError unless `model` has retention gates and the KV shape this cache was built for."""
+        _check_gated(model)
+        shape = _kv_shape(model)
+        if shape != (self.num_layers, self.num_kv_heads, self.head_dim):
+            raise ConfigError(
+                "this DBTrimKVCache was built for another model ({} layers x {} KV heads x head dim {}; this model "
+                "has {} x {} x {}): create the cache with DBTrimKVCache(model, config) for the model that uses it"
+                .format(self.num_layers, self.num_kv_heads, self.head_dim, *shape))
 
     def _assemble(self, config, policy, budget, token_ids, store: KVStore, backend: AttentionBackend | None = None,
                   tokens: TokenMemory | None = None, counters: tuple[int, int, int] = (0, 0, 0)) -> None:

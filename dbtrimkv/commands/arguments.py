@@ -16,6 +16,7 @@ import socket
 import sys
 
 from ..errors import ConfigError
+from ..text_files import check_unicode
 
 MAX_NEW_TOKENS = 1_000_000
 MAX_FRAMES = 100_000
@@ -84,6 +85,14 @@ fraction = float_in(0.0, 1.0, low_open=True)
 unit_interval = float_in(0.0, 1.0)
 frames = int_in(1, MAX_FRAMES)
 port = int_in(1, 65535)
+
+
+def text(value: str) -> str:
+    """A prompt or question: refused when it is not valid Unicode (command-line bytes that are not UTF-8)."""
+    try:
+        return check_unicode(value, "the value", ConfigError)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def video_fps(text: str) -> float:

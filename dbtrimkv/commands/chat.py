@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
                     "prompt tokens by modality, KV memory kept vs a full cache, and timings go to stderr. "
                     f"Without a question, start an interactive multi-turn chat ({HELP}).",
     )
-    p.add_argument("question", nargs="?", default=None, help="the question (omit for an interactive chat)")
+    p.add_argument("question", nargs="?", default=None, type=arguments.text,
+                   help="the question (omit for an interactive chat)")
     add_media_args(p)
     add_model_args(p)
     add_eviction_args(p)

@@ -51,7 +51,8 @@ Single-video answers go to stdout, KV statistics to stderr.
 def add_parser(sub) -> None:
     p = sub.add_parser("video-qa", help="answer questions about long videos in bounded KV memory, or run a dataset",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("questions", nargs="*", metavar="QUESTION", help="questions about --video (one or more)")
+    p.add_argument("questions", nargs="*", type=arguments.text, metavar="QUESTION",
+                   help="questions about --video (one or more)")
     src = p.add_argument_group("input (either --video with questions, or --dataset)")
     src.add_argument("--video", metavar="PATH", help="a video file to ask QUESTIONs about")
     src.add_argument("--save-cache", metavar="FILE", default=None,
@@ -194,8 +195,9 @@ def _dataset(qa, args) -> int:
                 "max_new_tokens": args.max_new_tokens}
     metrics = video_qa.run_dataset(qa, items, args.output, progress=qa.progress, settings=settings)
     acc = "n/a" if metrics["accuracy"] is None else f"{100 * metrics['accuracy']:.2f}%"
+    errors = f"errors: {metrics['errors']}" + (" (videos that failed: not in the accuracy)" if metrics["errors"] else "")
     print(f"accuracy: {acc} ({metrics['correct']}/{metrics['total']}) | unparsed answers: {metrics['unparsed']} | "
-          f"errors: {metrics['errors']} | predictions: {args.output} | metrics: {runner.metrics_path(args.output)}")
+          f"{errors} | predictions: {args.output} | metrics: {runner.metrics_path(args.output)}")
     ids = {item.id for item in items}
     kv = [r["kv"] for i, r in runner.load_predictions(args.output).items() if i in ids and "kv" in r]
     if kv:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..recall.tasks import DIGIT_HOLD, DIGITS
 from .long_video import FULL, OOM
+from .plot_styles import distinct_styles
 from .report import report_paths
 
 
@@ -94,25 +95,29 @@ def markdown(results: dict, command: str, png_name: str) -> str:
     )
 
 
-def plot(results: dict, path: Path) -> None:
-    """Left: accuracy vs length per policy; right: peak KV storage vs length (full cache to OOM)."""
+def figure(results: dict):
+    """Left: accuracy vs length per policy; right: peak KV storage vs length (full cache to OOM). Lines with
+    equal values get distinct styles (`plot_styles`); the full cache stays black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = _lengths(results)
+    policies = sorted(_policies(results), key=lambda p: p != FULL)  # the full cache first, the others on top
+    done = {p: [(m, c) for m in lengths if (c := _cell(results, m, p)) is not None and c["status"] == "ok"]
+            for p in policies}
+    accuracy = {p: {m: 100 * c["accuracy"] for m, c in done[p]} for p in policies}
+    memory = {p: {m: c["kv_bytes"] / 2**20 for m, c in done[p]} for p in policies}
     fig, (acc, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for policy in _policies(results):
-        cells = [(m, _cell(results, m, policy)) for m in lengths]
-        done = [(m, c) for m, c in cells if c is not None and c["status"] == "ok"]
-        style = dict(color="black", linestyle="--") if policy == FULL else {}
-        if done:
-            acc.plot([m for m, _ in done], [100 * c["accuracy"] for _, c in done], marker="o", label=_label(policy),
-                     **style)
-            mem.plot([m for m, _ in done], [c["kv_bytes"] / 2**20 for _, c in done], marker="o", label=_label(policy),
-                     **style)
-        oom = [m for m, c in cells if c is not None and c["status"] == OOM]
+    for ax, values in ((acc, accuracy), (mem, memory)):
+        styles = distinct_styles({p: [values[p].get(m) for m in lengths] for p in policies})
+        for policy in policies:
+            if values[policy]:
+                style = dict(styles[policy], color="black") if policy == FULL else styles[policy]
+                ax.plot(list(values[policy]), list(values[policy].values()), label=_label(policy), **style)
+    for policy in policies:
+        oom = [m for m in lengths if (c := _cell(results, m, policy)) is not None and c["status"] == OOM]
         if oom:
             mem.axvline(oom[0], color="red", linestyle=":", label=f"{_label(policy)}: OOM from {oom[0]:g} min")
     mem.axhline(results["spec"]["full_cache_cap_mb"], color="red", linewidth=0.8, label="memory cap")
@@ -131,6 +136,14 @@ def plot(results: dict, path: Path) -> None:
     acc.legend(fontsize=8)
     mem.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot(results: dict, path: Path) -> None:
+    """`figure(results)` written to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .harness import FULL
+from .plot_styles import distinct_styles
 from ..recall.tasks import DIGITS
 
 
@@ -54,19 +55,25 @@ def modality_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    """Accuracy vs budget fraction (log scale), one line per policy; full cache and chance as references."""
+def figure(results: dict):
+    """Accuracy vs budget fraction (log scale), one line per policy, full cache and chance as references;
+    lines with equal values get distinct styles (`plot_styles`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     budgets = _budgets(results)
+    full = 100 * _cell(results, FULL, None)["accuracy"]
+    series = {"full cache": [full] * len(budgets)}
+    series.update({policy: [100 * _cell(results, policy, b)["accuracy"] for b in budgets]
+                   for policy in _policies(results)})
+    styles = distinct_styles(series)
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    ax.axhline(full, color="black", linestyle="--", label="full cache", zorder=1)
     for policy in _policies(results):
-        ax.plot(budgets, [100 * _cell(results, policy, b)["accuracy"] for b in budgets], marker="o", label=policy)
-    ax.axhline(100 * _cell(results, FULL, None)["accuracy"], color="black", linestyle="--", label="full cache")
-    ax.axhline(100 / len(DIGITS), color="gray", linestyle=":", label="chance")
+        ax.plot(budgets, series[policy], label=policy, **styles[policy])
+    ax.axhline(100 / len(DIGITS), color="gray", linestyle=":", label="chance", zorder=1)
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
     ax.minorticks_off()
@@ -76,6 +83,14 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title(f"synthetic recall ({results['spec']['kind']}, {results['spec']['examples']} prompts)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
+    return fig
+
+
+def plot(results: dict, path: Path) -> None:
+    """`figure(results)` written to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -136,17 +136,45 @@ def _letter(answer, options: list[str]) -> str:
     raise ValueError(f"answer {answer!r} is neither an option letter nor an option's text")
 
 
+def _name(record: dict, *keys: str) -> str:
+    """The first of `keys` the record gives a value (a non-empty string or a number); KeyError if none is there,
+    ValueError for any other value (a null must never become the file `None.mp4`)."""
+    key = next((k for k in keys if record.get(k) is not None), None)
+    if key is None:
+        if any(k in record for k in keys):
+            raise ValueError(f"{' / '.join(k for k in keys if k in record)} is null: no video to open")
+        raise KeyError(" or ".join(keys))
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ValueError(f"{key} must be a file name, got {value!r}")
+    return str(value)
+
+
+def _option_list(record: dict, key: str) -> list[str]:
+    """The record's options as texts: from a list (or an array), never from one string."""
+    options = record.get(key)
+    if options is None:
+        return []
+    if isinstance(options, (str, bytes, dict)) or not hasattr(options, "__iter__"):
+        raise ValueError(f"{key} must be a list of option texts, got {type(options).__name__} {str(options)[:60]!r}")
+    return [str(o) for o in options]
+
+
 def _videomme(record: dict, position: int, path: Path, video_dir: Path) -> QAItem:
-    options = [split_option(str(o))[1] for o in record["options"]]
-    video = record.get("video") or record.get("video_path") or str(record["videoID"])
+    if "options" not in record:
+        raise KeyError("options")
+    options = [split_option(o)[1] for o in _option_list(record, "options")]
+    video = _name(record, "video", "video_path", "videoID")
     question_id = record.get("question_id") or f"{record.get('video_id') or record['videoID']}-{position}"
     return QAItem(str(question_id), _find_video(video, video_dir),
                   str(record["question"]), options, _letter(record["answer"], options), _tags(record))
 
 
 def _mlvu(record: dict, position: int, path: Path, video_dir: Path) -> QAItem:
-    options = [str(c) for c in record["candidates"]]
-    video = str(record.get("video") or record["video_name"])
+    if "candidates" not in record:
+        raise KeyError("candidates")
+    options = _option_list(record, "candidates")
+    video = _name(record, "video", "video_name")
     tags = _tags(record) or {"question_type": path.stem}
     return QAItem(str(record.get("question_id") or f"{path.stem}/{position}"),
                   _find_video(video, video_dir, video_dir / path.stem), str(record["question"]), options,
@@ -154,11 +182,11 @@ def _mlvu(record: dict, position: int, path: Path, video_dir: Path) -> QAItem:
 
 
 def _jsonl(record: dict, position: int, path: Path, video_dir: Path) -> QAItem:
-    options = [split_option(str(o))[1] for o in record.get("options") or []]
+    options = [split_option(o)[1] for o in _option_list(record, "options")]
     answer = record.get("answer")
     if answer is not None:
         answer = _letter(answer, options) if options else str(answer)
-    return QAItem(str(record.get("id", position)), _find_video(str(record["video"]), video_dir),
+    return QAItem(str(record.get("id", position)), _find_video(_name(record, "video"), video_dir),
                   str(record["question"]), options, answer, _tags(record))
 
 

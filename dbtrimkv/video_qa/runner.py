@@ -142,7 +142,7 @@ def _run(answerer, items: list[QAItem], output: Path, progress: bool, settings: 
             except MediaError as exc:
                 bar.write(f"skipping {video}: {exc}", file=sys.stderr)
                 for item in group:
-                    write(_record(item, error=str(exc), correct=False if item.answer is not None else None))
+                    write(_record(item, error=str(exc), correct=None))  # not answered: not in the accuracy
                 continue
             for item in group:
                 write(_answer_record(item, encoded, answerer.ask(encoded, item.prompt())))
@@ -160,7 +160,8 @@ def metrics_path(output: str | Path) -> Path:
 
 
 def accuracy(items: list[QAItem], records: dict[str, dict]) -> dict:
-    """Accuracy over the items that have a gold answer and a record, overall and per tag value."""
+    """Accuracy over the items that have a gold answer and an answer, overall and per tag value; items whose
+    video failed (records with an error) are counted in `errors`, not as wrong answers."""
     overall = {"correct": 0, "total": 0}
     by_tag: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"correct": 0, "total": 0}))
     unparsed = errors = missing = 0
@@ -169,8 +170,10 @@ def accuracy(items: list[QAItem], records: dict[str, dict]) -> dict:
         if record is None:
             missing += 1
             continue
-        errors += "error" in record
-        unparsed += bool(item.options) and "error" not in record and record.get("parsed") is None
+        if "error" in record:
+            errors += 1
+            continue
+        unparsed += bool(item.options) and record.get("parsed") is None
         if record.get("correct") is None:
             continue
         for counts in (overall, *(by_tag[k][v] for k, v in item.tags.items())):

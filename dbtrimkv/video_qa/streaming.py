@@ -43,10 +43,11 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError, PromptError
 from ..eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
-from ..media import Video, iter_video_frames, video_info
+from ..media import Video, check_image_size, iter_video_frames, video_info
 from ..modality import MODALITY_NAMES
 from ..pipeline import GenerationStats, collect_stats
-from ..prompts import escape_special_tokens, tokenizer_of, tokens_by_modality
+from ..prompts import escape_special_tokens, is_multimodal, tokenizer_of, tokens_by_modality
+from ..transformers_compat import video_placeholder
 
 # qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
 # (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.
@@ -118,6 +119,7 @@ def frame_windows(processor, frames: Iterable[tuple[int, np.ndarray, float]], op
     size, batch, indices, src_fps = None, [], [], 0.0
     for index, frame, src_fps in frames:
         if size is None:
+            check_image_size(frame.shape[1], frame.shape[0], what="each video frame")
             size = frame_size(processor, frame.shape[0], frame.shape[1], options.frame_tokens)
         batch.append(_resize(frame, size))
         indices.append(index)
@@ -150,7 +152,7 @@ def prompt_parts(processor, question: str) -> tuple[str, str]:
     chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     chat = escape_special_tokens(chat, tokenizer_of(processor))
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    prefix, found, suffix = text.partition(processor.video_token)
+    prefix, found, suffix = text.partition(video_placeholder(processor))
     if not found:
         raise ConfigError("the processor's chat template renders no video placeholder")
     return prefix, suffix
@@ -198,12 +200,19 @@ def encode_video(model, processor, path: str | Path, config: DBTrimKVConfig | No
                               on_window=lambda cache, window: bar.update(len(window.frames_indices)))
 
 
+def check_takes_video(processor) -> None:
+    """ConfigError for a text-only model (its processor is a tokenizer: no video tokens, no vision tower)."""
+    if not is_multimodal(processor):
+        raise ConfigError("this model is text-only: it cannot watch videos; use a Qwen3-VL model")
+
+
 @torch.no_grad()
 def encode_windows(model, processor, windows: Iterable[Window], config: DBTrimKVConfig | None = None,
                    name: str = "", on_window: Callable[[DBTrimKVCache, Window], None] | None = None) -> EncodedVideo:
     """Prefill the chat prefix, then each window as it comes, into a new `DBTrimKVCache`
     (`config` as in `encode_video`). `on_window(cache, window)` runs after each window's prefill:
     progress, measurements, or a memory cap that raises."""
+    check_takes_video(processor)
     prefix, _ = prompt_parts(processor, "")
     cache = DBTrimKVCache(model, config or resolve_eviction(model))
     start = time.perf_counter()
@@ -267,6 +276,7 @@ class VideoQA:
 
     def __init__(self, model, processor, config: DBTrimKVConfig | None = None, options: StreamOptions | None = None,
                  max_new_tokens: int = 64, progress: bool = False):
+        check_takes_video(processor)
         self.model, self.processor = model, processor
         self.config, self.options = config, options or StreamOptions()
         self.max_new_tokens, self.progress = max_new_tokens, progress

@@ -84,3 +84,4 @@ def test_command_serves_the_demo_on_loopback(tmp_path):
                if c["type"] == "number"}
     assert numbers == {"Budget": 48, "Memory size M per head (> 0 overrides": 0}
     assert f"http://127.0.0.1:{port}" in out and "tiny-recall" in err
+    assert "share=True" not in out + err and "dbtrimkv demo --share" in out  # our flag, not Gradio's keyword

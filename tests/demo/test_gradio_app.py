@@ -138,3 +138,16 @@ def test_server_paths_are_never_opened(served_demo, tmp_path):
     event = httpx.post(f"{url}gradio_api/call/chat", json={"data": data}).json()["event_id"]
     reply = httpx.get(f"{url}gradio_api/call/chat/{event}", timeout=60).text
     assert "event: error" in reply and "not uploaded by a user" in reply
+
+
+def test_launch_names_the_share_flag_not_gradios_keyword(demo_module, demo_pipeline, capsys):
+    from demo_testing import free_port
+
+    demo = demo_module.build_demo(demo_pipeline, max_video_seconds=5, max_new_tokens=4)
+    _, url, _ = demo_module.launch(demo, port=free_port(), prevent_thread_lock=True)
+    try:
+        out = capsys.readouterr().out
+    finally:
+        demo.close()
+    assert "share=True" not in out and "launch()" not in out
+    assert f"Running on local URL:  {url}" in out and "dbtrimkv demo --share" in out

@@ -39,8 +39,8 @@ def test_pyproject_declares_exactly_the_tested_range():
 
 def test_installed_transformers_is_in_the_supported_range():
     assert is_supported(), f"transformers {transformers.__version__} is outside {supported_range()}"
-    assert is_supported("5.17.0") and is_supported("5.24.3") and is_supported("5.24.0.dev0")
-    assert not is_supported("5.16.1") and not is_supported("5.25.0") and not is_supported("6.0.0")
+    assert is_supported("5.17.0") and is_supported("5.25.3") and is_supported("5.25.0.dev0")
+    assert not is_supported("5.16.1") and not is_supported("5.26.0") and not is_supported("6.0.0")
 
 
 def test_the_cache_keyword_is_the_one_this_release_prefers():

@@ -171,3 +171,57 @@ def test_valid_checkpoints_still_load_with_their_budget(checkpoints):
     for directory in checkpoints:
         model, _ = dbtrimkv.load_model(directory)
         assert dbtrimkv.checkpoints.default_eviction_config(model).memory_size == 16
+
+
+def _gate_tensors_cases():
+    return {"sparse": lambda t: t.to_sparse(), "complex": lambda t: t.to(torch.complex64),
+            "nan": lambda t: t.clone().fill_(float("nan")), "inf": lambda t: t.clone().fill_(float("inf")),
+            "minus-inf": lambda t: torch.full_like(t, -float("inf")), "bool": lambda t: t > 0}
+
+
+@pytest.mark.parametrize("case", sorted(_gate_tensors_cases()))
+def test_gate_tensors_that_are_not_dense_real_finite_are_refused(tmp_path, checkpoints, case):
+    directory = shutil.copytree(checkpoints[0], tmp_path / "c")
+    state = torch.load(directory / RELEASED_WEIGHTS, weights_only=True)
+    key = sorted(state)[0]
+    state[key] = _gate_tensors_cases()[case](state[key])
+    torch.save(state, directory / RELEASED_WEIGHTS)
+    with pytest.raises(CheckpointError, match="gate weights must be") as err:
+        dbtrimkv.load_model(directory)
+    assert key.split("layers.")[-1] in str(err.value)
+
+
+def test_own_format_gate_tensors_with_inf_are_refused(tmp_path, checkpoints):
+    from safetensors.torch import load_file, save_file
+
+    directory = shutil.copytree(checkpoints[1], tmp_path / "g")
+    state = load_file(str(directory / GATES_WEIGHTS))
+    key = sorted(state)[-1]
+    state[key] = torch.full_like(state[key], float("inf"))
+    save_file(state, str(directory / GATES_WEIGHTS))
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        dbtrimkv.load_model(directory)
+
+
+BASE_CONFIG_CASES = {  # config.json values transformers' own config classes refuse
+    "hidden-size-string": lambda c: c["text_config"].update(hidden_size="abc"),
+    "vocab-size-string": lambda c: c["text_config"].update(vocab_size="x"),
+    "layer-types-unknown": lambda c: c["text_config"].update(layer_types=["bogus"]),
+    "vision-depth-string": lambda c: c["vision_config"].update(depth="x"),
+    "text-config-list": lambda c: c.update(text_config=[1]),
+    "tie-string": lambda c: c.update(tie_word_embeddings="maybe"),
+    "dtype-unknown": lambda c: c.update(dtype="float99"),
+    "heads-mismatch-weights": lambda c: c["text_config"].update(num_attention_heads=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASE_CONFIG_CASES))
+def test_base_config_that_transformers_refuses(tmp_path, checkpoints, case):
+    base = json.loads((checkpoints[0] / "config.json").read_text())["base_model"]
+    directory = shutil.copytree(base, tmp_path / "base")
+    config = json.loads((directory / "config.json").read_text())
+    BASE_CONFIG_CASES[case](config)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="is not a valid model config|do not have the shapes") as err:
+        dbtrimkv.load_model(directory)
+    assert "\n" not in str(err.value) and str(directory) in str(err.value)

@@ -31,6 +31,11 @@ BAD = {
     "nested.json": b"[" * 100000, "bad-line.jsonl": b'{"video": "v", "question": "q"}\n{oops\n',
     "duplicate.json": json.dumps([_record(), _record()]).encode(),
     "binary.json": bytes(range(256)),
+    "options-string.json": json.dumps([_record(options="A. x\nB. y")]).encode(),  # not one option per character
+    "videoID-null.json": json.dumps([_record(videoID=None)]).encode(),  # never the file None.mp4
+    "video-null.jsonl": json.dumps({"video": None, "question": "q", "answer": "x"}).encode(),
+    "video-empty.jsonl": json.dumps({"video": " ", "question": "q", "answer": "x"}).encode(),
+    "video-list.jsonl": json.dumps({"video": ["v.mp4"], "question": "q", "answer": "x"}).encode(),
 }
 
 
@@ -41,6 +46,19 @@ def test_bad_annotations(tmp_path, name):
     path.write_bytes(BAD[name])
     with pytest.raises(DatasetError):
         load_dataset(path, "videomme" if name.endswith(".json") else "jsonl")
+
+
+def test_null_video_and_string_options_are_named(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"video": None, "question": "q", "answer": "x"}) + "\n")
+    with pytest.raises(DatasetError, match="video is null"):
+        load_dataset(path, "jsonl")
+    path.write_text(json.dumps(_record(options="A. x B. y")) + "\n")
+    with pytest.raises(DatasetError, match="options must be a list of option texts"):
+        load_dataset(path, "videomme")
+    path.write_text(json.dumps({"video_name": "v.mp4", "video": None, "question": "q", "candidates": ["a", "b"],
+                                "answer": "b"}) + "\n")
+    assert load_dataset(path, "mlvu")[0].video.name == "v.mp4"  # a null falls through to the next name field
 
 
 def test_videomme_without_question_id(tmp_path):

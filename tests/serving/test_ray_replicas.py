@@ -129,6 +129,21 @@ def test_a_replica_killed_under_load_loses_no_session_and_no_answer(cluster, sin
         assert cached == first["prompt_tokens"] + first["completion_tokens"] - 1
         want, _ = chat(single, messages, session=f"ref-{session}-{os.getpid()}")
         assert answer["choices"][0]["message"] == want["choices"][0]["message"]
+    deadline = time.monotonic() + 180
+    while _replica_states() != {"RUNNING": 2}:  # Ray Serve replaces the killed replica
+        assert time.monotonic() < deadline, _replica_states()
+        time.sleep(1)
+    answer, replica = chat(cluster, image_message(DIGITS[0]))
+    assert replica != victim and answer["choices"][0]["message"]["content"] == expected_short(single, DIGITS[0])
+
+
+def expected_short(url, digit) -> str:
+    return chat(url, image_message(digit))[0]["choices"][0]["message"]["content"]
+
+
+def _replica_states() -> dict:
+    deployment = serve.status().applications["dbtrimkv"].deployments["EngineReplica"]
+    return {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items() if count}
 
 
 def test_a_client_that_goes_away_frees_its_replica(cluster):

@@ -52,6 +52,21 @@ def test_dataset_run_and_resume(clips, tmp_path, capsys):
     assert len(output.read_text().splitlines()) == 2
 
 
+def test_dataset_missing_video_is_an_error_not_a_wrong_answer(clips, tmp_path, capsys):
+    video = clips(6, seed=3)
+    records = [{"video": str(video), "question": "How many?", "options": ["1", "2"], "answer": "A"},
+               {"video": str(video), "question": "How many more?", "options": ["3", "4"], "answer": "B"},
+               {"video": str(tmp_path / "gone.mp4"), "question": "Which?", "options": ["5", "6"], "answer": "A"}]
+    dataset = tmp_path / "qa.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
+    output = tmp_path / "preds.jsonl"
+    assert cli.main(["video-qa", "--dataset", str(dataset), "--format", "jsonl", "--output", str(output), *BUDGET]) == 0
+    out, err = capsys.readouterr()
+    assert "/2) |" in out and "errors: 1 (videos that failed: not in the accuracy)" in out and "gone.mp4" in err
+    metrics = json.loads(metrics_path(output).read_text())
+    assert (metrics["total"], metrics["answered"], metrics["errors"]) == (2, 2, 1)
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "either --video"),
     (["--video", "x.mp4"], "at least one question"),

@@ -191,8 +191,10 @@ def test_unreadable_videos_are_recorded_and_retried(mc_dataset, tmp_path):
     output = tmp_path / "preds.jsonl"
     metrics = run_dataset(FakeAnswerer(ANSWERS), mc_dataset, output, progress=False)
     records = load_predictions(output)
-    assert "video not found" in records["1"]["error"] and records["1"]["correct"] is False
-    assert (metrics["errors"], metrics["total"], metrics["answered"]) == (2, 5, 3)
+    assert "video not found" in records["1"]["error"] and records["1"]["correct"] is None
+    # the two questions on the missing video are errors, not wrong answers: accuracy is over the 3 answered
+    assert (metrics["errors"], metrics["total"], metrics["answered"], metrics["correct"]) == (2, 3, 3, 2)
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
     (tmp_path / "v2.mp4").write_bytes(b"")
     retry = FakeAnswerer(ANSWERS)
     metrics = run_dataset(retry, mc_dataset, output, progress=False)
