@@ -41,6 +41,8 @@ MAX_STEP_RECORDS = 100_000
 
 
 class Engine:
+    """One replica's engine: sizes the pool, builds the scheduler and the runner, runs the thread."""
+
     def __init__(self, model, processor, config: DBTrimKVConfig, kv_memory: int, max_running: int = 16,
                  max_queue: int = 64, max_sessions: int = 64, max_prefill_tokens: int | None = None,
                  metrics: Metrics | None = None):
