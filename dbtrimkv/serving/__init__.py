@@ -4,7 +4,9 @@ Modules, one job each: `schema` (request validation), `media_sources` (data URIs
 URLs), `admission` (pool and view memory, per-request bound and views), `batch_step` (one ragged
 batched forward over a cache's rows; rows join and leave with `DBTrimKVCache.add_sequence` /
 `park_sequence`), `sampling`,
-`detokenize`, `sessions`, `engine` (the loop), `recovery` (a failure fails one request alone),
+`detokenize`, `sessions`, `records` (request and step records), `scheduler` (queue, admission,
+prefill budget, batches, parked sessions), `runner` (one step: forwards, sampling), `engine` (the
+loop), `recovery` (a failure fails one request alone),
 `request_bounds` (bounded work before admission), `metrics` (Prometheus), `responses` (OpenAI
 objects, SSE), `api_errors`, `app` (FastAPI routes), `server` (assembly and start-up report).
 """

@@ -31,7 +31,8 @@ from ..prompts import build_inputs
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
                          TooLarge, Unauthorized, Unavailable)
 from .request_bounds import check_text_tokens, parse_json, read_body
-from .engine import Engine, EngineRequest, Event, config_key
+from .engine import Engine
+from .records import EngineRequest, Event, config_key
 from .responses import Completion, sse
 from .schema import ChatRequest, ServerLimits, parse_chat_request
 from .sessions import SessionBusy

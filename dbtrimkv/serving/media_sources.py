@@ -24,7 +24,8 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from ..errors import MediaError
-from ..media import IMAGE_MAX_PIXELS, Video, load_image, load_video
+from ..images import IMAGE_MAX_PIXELS, load_image
+from ..media import Video, load_video
 from .api_errors import BadRequest, TooLarge
 from .request_bounds import MediaBudget
 

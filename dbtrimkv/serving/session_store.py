@@ -25,7 +25,7 @@ from ..cache.portable import ModelIdentity, read_saved, save_parked
 from ..cache.requests import ParkedSequence
 from ..config import DBTrimKVConfig
 from ..errors import CacheFileError, ConfigError
-from .engine import config_key
+from .records import config_key
 from .sessions import Session
 
 KIND = "server-session"

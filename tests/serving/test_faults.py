@@ -17,7 +17,7 @@ from dbtrimkv import DBTrimKVConfig, load_model
 from dbtrimkv.generation import VisionStream
 from dbtrimkv.model_anatomy import text_decoder_layers
 from dbtrimkv.prompts import build_inputs
-from dbtrimkv.serving import engine as engine_module
+from dbtrimkv.serving import runner as runner_module
 from dbtrimkv.serving.detokenize import TextTracker
 from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.serving.sampling import Sampler, SamplingParams
@@ -163,7 +163,7 @@ def test_a_forward_that_fails_halfway_restarts_the_others_and_fails_the_culprit(
     assert all(mark not in build_inputs(processor, p)["input_ids"][0].tolist() for p in items)
     expected = alone(engine, processor, items)
     poisoned = [{"role": "user", "content": "tell me about it " * 4 + "#"}]
-    real = engine_module.forward_rows
+    real = runner_module.forward_rows
     armed = {"on": False}
 
     def breaks_at_layer_one(module, args, kwargs):
@@ -179,7 +179,7 @@ def test_a_forward_that_fails_halfway_restarts_the_others_and_fails_the_culprit(
         finally:
             armed["on"] = False
 
-    monkeypatch.setattr(engine_module, "forward_rows", forward)
+    monkeypatch.setattr(runner_module, "forward_rows", forward)
     metrics = engine.metrics
     before = {k: metrics.get(k) for k in ("batch_failures_total", "requests_restarted_total", "kv_slots_reclaimed_total")}
     try:

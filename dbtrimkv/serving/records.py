@@ -1,0 +1,120 @@
+"""What the engine keeps per request and per step: the request record, the events sent back, the
+batches of running rows and the per-step record.
+
+Why: the scheduler (`scheduler.py`), the runner (`runner.py`) and the loop (`engine.py`) all read and
+write these; one module owns them so none of the three imports another for a type.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..cache.requests import ParkedSequence
+from ..config import DBTrimKVConfig
+from ..errors import DBTrimKVError
+from ..generation import VisionStream
+from .admission import Reservation
+from .api_errors import APIError, BadRequest, InternalError
+from .detokenize import TextTracker
+from .sampling import Sampler, SamplingParams
+from .sessions import Session
+
+
+@dataclass
+class Event:
+    kind: str  # "token" (text piece), "done" (finish_reason, usage) or "error" (APIError)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: APIError | None = None
+
+
+def config_key(config: DBTrimKVConfig) -> tuple:
+    return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)  # policy_options is a dict
+                        for k, v in config.to_dict().items()))
+
+
+@dataclass
+class EngineRequest:
+    """One chat completion: its new tokens (processor outputs, batch 1) and how to answer."""
+
+    id: str
+    inputs: dict
+    config: DBTrimKVConfig
+    sampling: SamplingParams
+    sink: Callable[[Event], None]
+    session_id: str | None = None
+    session: Session | None = None  # a reserved session: continued, or replaced when `continues` is False
+    continues: bool = False
+    history: list[tuple] = field(default_factory=list)  # the request's messages, canonical (for its session)
+    arrival: float = field(default_factory=time.monotonic)
+    # set by the engine
+    prompt_len: int = 0
+    bound: int = 0
+    reservation: Reservation | None = None
+    cached_tokens: int = 0
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    positions: torch.Tensor | None = None
+    vision: VisionStream | None = None
+    sampler: Sampler | None = None
+    tracker: TextTracker | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    solo: bool = False  # runs in a batch of its own (restarted after its batch's forward failed)
+    seed: int | None = None  # the seed its sampler drew (kept by a restart)
+    emitted: int = 0  # characters of its answer already sent (by a run before a restart)
+
+    def __post_init__(self):
+        self.prompt_len = int(self.inputs["input_ids"].shape[1])
+
+    def next_chunk(self) -> tuple[int, int]:
+        """Prompt columns [start, end) the request feeds next: a chunk of all but the last prompt token,
+        then the last one alone (its logits give the first generated token)."""
+        total, start = self.prompt_len, self.prefilled
+        return start, total if start == total - 1 else min(total - 1, start + self.config.prefill_chunk)
+
+    def restart(self) -> None:
+        """Start again from the first prompt token, alone, with the same seed; what was sent is not sent again."""
+        self.seed = self.sampler.seed if self.sampler is not None else self.seed
+        self.emitted = self.tracker.emitted if self.tracker is not None else self.emitted
+        self.prefilled, self.generated, self.positions, self.vision = 0, [], None, None
+        self.solo = True
+
+
+@dataclass
+class StepRecord:
+    """One engine step: requests admitted, prompt tokens and decode tokens fed, and the most KV bytes
+    held during it."""
+
+    running: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    pool_bytes: int = 0
+    views_bytes: int = 0
+
+
+class Batch:
+    """Running requests with one eviction setting: the rows of one serving cache, in row order, and
+    the prefilling requests sitting out this step (`paused`, parked out of the cache)."""
+
+    def __init__(self, key: tuple, cache, solo: bool = False):
+        self.key, self.cache, self.requests, self.solo = key, cache, [], solo
+        self.paused: dict[str, tuple[EngineRequest, ParkedSequence]] = {}
+
+    def admitted(self) -> list[EngineRequest]:
+        """Its rows and the requests sitting out this step."""
+        return list(self.requests) + [p[0] for p in list(self.paused.values())]
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """The client's error for a failure while serving one request: bad input is a 400, anything else a 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, DBTrimKVError):
+        return BadRequest(str(exc))
+    return InternalError(f"the engine failed on this request: {type(exc).__name__}: {exc}")

@@ -1,0 +1,187 @@
+"""The runner: one engine step over the running batches, and what each request sends back.
+
+Why: running the model is one job, apart from choosing what runs (`scheduler.py`). A request is a row
+of a serving cache: it prefills its prompt in chunks of its own `prefill_chunk` (all but the last
+token, like `dbtrimkv.generate`), then feeds the last prompt token and decodes one token per step
+beside the others; each batch of one eviction setting is one batched forward (`batch_step.py`).
+Per-row work that may fail on its input fails that request alone; a failed batched forward restarts
+its requests alone (`recovery.py`, the one at fault then fails alone).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+
+from ..generation import VisionStream, decode_positions, model_lock, rope_deltas, token_positions, with_input_defaults
+from .api_errors import APIError, BatchFailed
+from .batch_step import RowInput, encode_vision, forward_rows
+from .detokenize import TextTracker
+from .metrics import Metrics
+from .records import Batch, EngineRequest, Event, StepRecord, as_api_error
+from .sampling import Sampler
+from .scheduler import Scheduler
+
+
+class Runner:
+    """Feeds every running row its next input, samples, and answers through each request's `sink`."""
+
+    def __init__(self, model, tokenizer, stop_ids, vision_language: bool, scheduler: Scheduler, metrics: Metrics,
+                 kv_memory: int):
+        self.model, self.tokenizer, self.stop_ids, self.vision_language = model, tokenizer, stop_ids, vision_language
+        self.device = next(model.parameters()).device
+        self.scheduler, self.metrics, self.kv_memory = scheduler, metrics, kv_memory
+
+    def prepare(self, request: EngineRequest) -> None:
+        """Prepare the request's positions, streams, sampler and detokenizer (what may fail on bad input)."""
+        parked = request.session.parked if request.session is not None and request.continues else None
+        seen, rope_delta = (parked.state.seen, parked.state.rope_delta) if parked is not None else (0, 0)
+        request.inputs = with_input_defaults(request.inputs, self.device)  # one row: no padding
+        mask, types = request.inputs["attention_mask"], request.inputs["mm_token_type_ids"]
+        request.positions = token_positions(self.model, request.inputs, mask, [seen], [seen + rope_delta])[..., 0, :]
+        if self.vision_language and bool(types.any()):
+            request.vision = VisionStream(self.model, request.inputs, types, mask)
+        request.sampler = Sampler(request.sampling, seed=request.seed)
+        request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
+        request.tracker.emitted = request.emitted
+        request.cached_tokens = seen
+
+    def run_step(self) -> StepRecord:
+        """One token boundary: every decoding row feeds a token; prefilling rows feed their next chunk
+        within the step's prefill budget (the scheduler's), the others sit out this step."""
+        scheduler = self.scheduler
+        waiting = scheduler.sitting_out()
+        record = StepRecord(running=len(scheduler.running), pool_bytes=scheduler.pool_bytes)
+        for group in list(scheduler.groups.values()):
+            scheduler.sit_out(group, waiting)
+            if group.requests:
+                self._step(group, record)
+        return record
+
+    def _row_input(self, request: EngineRequest, cache, row: int) -> tuple[RowInput, bool]:
+        """What a request feeds this step, and whether its last logits give its next token."""
+        total = request.prompt_len
+        if request.prefilled < total:
+            start, end = request.next_chunk()
+            ids = request.inputs["input_ids"][0, start:end]
+            vision = encode_vision(self.model, request.vision, start, end) if request.vision is not None else None
+            return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
+                            vision), end == total
+        pos = decode_positions(self.model, [cache.requests[row]], self.device)[..., 0, :]
+        token = torch.tensor([request.generated[-1]], device=self.device)
+        return RowInput(token, pos, torch.zeros_like(token)), True
+
+    def _step(self, group: Batch, record: StepRecord) -> None:
+        cache = group.cache
+        plans, failed = {}, []
+        for b, request in enumerate(group.requests):  # per-row work that may fail on this row's input
+            try:
+                plans[request.id] = self._row_input(request, cache, b)
+            except Exception as exc:  # noqa: BLE001 - fail this request alone
+                failed.append((request, exc))
+        for request, exc in failed:
+            self._retire(group, request, None, error=as_api_error(exc))
+        requests = list(group.requests)
+        if not requests:
+            return
+        plans = [plans[r.id] for r in requests]
+        try:
+            with model_lock(self.model), torch.inference_mode():
+                logits = forward_rows(self.model, cache, [p[0] for p in plans])
+        except Exception as exc:  # noqa: BLE001 - no row to blame: restart them alone (recovery.py)
+            traceback.print_exc()
+            self._forward_failed(group, requests, exc)
+            return
+        self.metrics.inc("engine_steps_total")
+        record.views_bytes = max(record.views_bytes, self.scheduler.views_bytes())  # before retiring drops this batch's views
+        if self.scheduler.pool_bytes + record.views_bytes > self.kv_memory:
+            raise RuntimeError("the KV pool and views hold more than --kv-memory; admission control is broken")
+        now = time.monotonic()
+        finished = []
+        for b, (request, (row_input, samples)) in enumerate(zip(requests, plans)):
+            if request.prefilled < request.prompt_len:
+                request.prefilled += row_input.ids.numel()
+                record.prefill_tokens += row_input.ids.numel()
+                self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
+                if request.prefilled == request.prompt_len and self.vision_language:
+                    positions = request.positions[:, None]  # [4, 1, prompt]: the whole prompt, no padding
+                    delta = rope_deltas(positions, torch.ones_like(positions[0]), [cache.requests[b].seen])[0]
+                    if delta is not None:
+                        cache.set_rope_delta(b, delta)
+            else:
+                record.decode_tokens += 1
+            if not samples:
+                continue
+            try:
+                reason = self._accept(request, request.sampler(logits[b]), now)
+            except Exception as exc:  # noqa: BLE001 - a sampling or tokenizer failure fails this request alone
+                finished.append((request, None, as_api_error(exc)))
+                continue
+            if reason is not None:
+                finished.append((request, reason, None))
+        for request, reason, error in finished:
+            self._retire(group, request, reason, error=error)
+
+    def _forward_failed(self, group: Batch, requests: list[EngineRequest], exc: Exception) -> None:
+        """A batched forward failed: drop the batch's cache, reclaim its slots, restart its requests alone
+        (the one at fault then fails alone); a request alone in its batch is the one at fault."""
+        scheduler = self.scheduler
+        self.metrics.inc("batch_failures_total")
+        group.cache, group.requests = scheduler.new_cache(requests[0].config), []
+        scheduler.reclaim()
+        restarts = []
+        for request in requests:
+            scheduler.admission.release(request.id)
+            if len(requests) == 1 or request.solo:
+                request.sink(Event("error", error=as_api_error(exc)))
+            elif request.continues:
+                request.sink(Event("error", error=BatchFailed(
+                    "this request's batch failed under another request, and its session's cached history went "
+                    "with it; send it again (the whole conversation will be prefilled)")))
+            else:
+                request.restart()
+                request.reservation = scheduler.limits.reservation_for(request)
+                restarts.append(request)
+        scheduler.requeue(restarts)
+        group.cache.set_views_limit(scheduler.admission.group_view_bytes(group.key))
+        scheduler.drop_if_idle(group)
+
+    def _accept(self, request: EngineRequest, token: int, now: float) -> str | None:
+        """Record a sampled token, send its text; returns the finish reason if the request is done."""
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.metrics.observe("time_to_first_token_seconds", now - request.arrival)
+        else:
+            self.metrics.observe("time_per_output_token_seconds", now - request.last_token_at)
+        request.last_token_at = now
+        request.generated.append(token)
+        self.metrics.inc("generation_tokens_total")
+        end_of_text = token in self.stop_ids and not request.sampling.ignore_eos
+        piece = "" if end_of_text else request.tracker.add(token)
+        if piece:
+            request.sink(Event("token", text=piece))
+        if end_of_text or request.tracker.stopped:
+            return "stop"
+        if len(request.generated) >= request.sampling.max_tokens:
+            return "length"
+        return None
+
+    def _retire(self, group: Batch, request: EngineRequest, reason: str | None, error: APIError | None = None) -> None:
+        """Take a request out of its batch (the scheduler parks or frees its row) and tell the client."""
+        self.scheduler.retire(group, request, reason)
+        if error is not None:
+            request.sink(Event("error", error=error))
+            return
+        tail = request.tracker.flush()
+        if tail:
+            request.sink(Event("token", text=tail))
+        if request.first_token_at is not None:
+            self.metrics.observe("request_latency_seconds", time.monotonic() - request.arrival)
+        self.metrics.inc("cached_prompt_tokens_total", request.cached_tokens)
+        prompt = request.cached_tokens + request.prompt_len  # OpenAI: cached tokens are part of the prompt
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(request.generated),
+                 "total_tokens": prompt + len(request.generated),
+                 "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
+        request.sink(Event("done", finish_reason=reason, usage=usage))
