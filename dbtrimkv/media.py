@@ -27,7 +27,7 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from .errors import MediaError
-from .images import MAX_ASPECT_RATIO, fit_pixels, load_image
+from .images import MAX_ASPECT_RATIO, check_image_size, fit_pixels, load_image
 
 MAX_VIDEO_FRAME_PIXELS = 40_000_000  # source frame size a video may declare (8K UHD is 33 MP)
 VIDEO_MAX_FRAME_PIXELS = 768 * 32 * 32  # default per-frame ceiling after decoding (qwen-vl-utils' VIDEO_MAX_PIXELS)

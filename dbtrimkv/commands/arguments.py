@@ -13,7 +13,6 @@ import argparse
 import math
 import re
 import socket
-import sys
 
 from ..errors import ConfigError
 from ..text_files import check_unicode

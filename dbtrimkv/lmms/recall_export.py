@@ -52,7 +52,7 @@ metadata:
   version: 1.0
 """
 
-UTILS = f"""\
+UTILS = """\
 # the task's functions live in the installed package (the YAML's `!function` reads this file)
 from dbtrimkv.lmms.recall_export import doc_to_messages, doc_to_text, process_results  # noqa: F401
 """

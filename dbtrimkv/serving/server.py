@@ -48,7 +48,6 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
     """The app and its (not yet started) engine; the app's lifespan starts and stops the engine."""
     text = text_config_of(model)
     layers, heads = text.num_hidden_layers, text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     param = next(model.parameters())
     budget = config.resolve_budget(layers, heads)
     if budget is None:

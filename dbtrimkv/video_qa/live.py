@@ -17,7 +17,6 @@ Frames are timed by `index / fps` (the processor writes these times into the pro
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
