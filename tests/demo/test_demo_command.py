@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -64,6 +65,23 @@ def _config_when_up(url: str, proc: subprocess.Popen, timeout: float = 240) -> d
     pytest.fail("dbtrimkv demo did not come up in time")
 
 
+def _read_until(stream, text: str, timeout: float = 60) -> str:
+    """What `stream` gives up to and including the first line holding `text` (or all it gave in `timeout`):
+    the demo prints its start-up lines just after the server answers, so a fast check could stop it first."""
+    lines = []
+
+    def read():
+        for line in stream:
+            lines.append(line)
+            if text in line:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return "".join(lines)
+
+
 def test_command_serves_the_demo_on_loopback(tmp_path):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(tmp_path))
@@ -74,9 +92,11 @@ def test_command_serves_the_demo_on_loopback(tmp_path):
     )
     try:
         config = _config_when_up(f"http://127.0.0.1:{port}", proc)
+        head = _read_until(proc.stdout, "dbtrimkv demo --share")
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=60)
+    out = head + out
     text = json.dumps(config)
     assert "Video (at most 7 s)" in text and "tiny-recall" in text  # the default model's notice shows in the page
     assert all(f"digit-{seed}.png" in text for seed in (911, 912, 913))  # and its example images
