@@ -27,6 +27,7 @@ from .eviction_settings import resolve_eviction
 from .generation import generate
 from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
 from .stats_text import budget_words, entry_line, eviction_line, format_bytes, kv_bound, storage_line
+from .turns import closing_ids, prepend_tokens, stop_token_ids
 
 
 @dataclass
@@ -287,31 +288,6 @@ def _as_list(media) -> list:
     if isinstance(media, (str, bytes, bytearray, Path)) or not isinstance(media, (list, tuple)):
         return [media]
     return list(media)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids of the model's generation config and tokenizer."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    return (ids | {tokenizer.eos_token_id}) - {None}
-
-
-def closing_ids(tokenizer, last_ids: list[int], stop: set[int]) -> list[int]:
-    """Tokens that close an assistant reply before the next turn's template: a newline after an
-    end-of-sequence token, else the end-of-sequence token too (the reply was cut off)."""
-    ended = bool(last_ids) and last_ids[-1] in stop
-    return tokenizer.encode("\n" if ended else tokenizer.eos_token + "\n", add_special_tokens=False)
-
-
-def prepend_tokens(inputs, ids: list[int]) -> dict:
-    """Processor outputs (one sequence) with text tokens `ids` in front."""
-    prefix = torch.tensor([ids], dtype=inputs["input_ids"].dtype)
-    out = dict(inputs)
-    out["input_ids"] = torch.cat([prefix, inputs["input_ids"]], 1)
-    out["attention_mask"] = torch.cat([torch.ones_like(prefix), inputs["attention_mask"]], 1)
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = torch.cat([torch.zeros_like(prefix), inputs["mm_token_type_ids"]], 1)
-    return out
 
 
 def _strip_padding(ids: torch.Tensor, stop: set[int]) -> list[int]:

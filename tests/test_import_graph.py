@@ -137,6 +137,15 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_the_server_does_not_import_the_user_facing_pipeline():
+    """The server builds on the engine's modules, not on `pipeline.py` (issue 25: shared helpers live
+    in their own modules, e.g. `turns.py`, `stats_text.py`)."""
+    graph, _ = _graph()
+    serving = [m for m in graph if m == "dbtrimkv.serving" or m.startswith("dbtrimkv.serving.")]
+    assert len(serving) > 10
+    assert [m for m in serving if "dbtrimkv.pipeline" in graph[m]] == []
+
+
 def test_function_local_imports_only_for_heavy_optional_dependencies():
     _, lazy = _graph()
     assert not lazy, "function-local imports (move them to the top of the module):\n" + "\n".join(lazy)

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import DBTrimKVError
-from ..pipeline import closing_ids, prepend_tokens
+from ..turns import closing_ids, prepend_tokens
 from ..prompts import build_inputs
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
                          TooLarge, Unauthorized, Unavailable)

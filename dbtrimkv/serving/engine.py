@@ -27,7 +27,7 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
 from ..generation import is_vision_language
-from ..pipeline import stop_token_ids
+from ..turns import stop_token_ids
 from ..prompts import tokenizer_of
 from .admission import Admission, split_memory, view_columns
 from .api_errors import BadRequest, InternalError, TooLarge

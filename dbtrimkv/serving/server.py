@@ -16,7 +16,7 @@ from ..cache.portable import ModelIdentity
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
-from ..pipeline import format_bytes
+from ..stats_text import format_bytes
 from .admission import Reservation, memory_bytes, view_columns
 from .app import HTTPOptions, build_app
 from .engine import Engine
