@@ -4,7 +4,6 @@ sessions sticking to one replica, and a replica killed under load losing no sess
 from __future__ import annotations
 
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ serve = pytest.importorskip("ray.serve")
 
 from dbtrimkv.serving.ray_app import REPLICA_HEADER, ReplicaSpec, build_application  # noqa: E402
 from dbtrimkv.serving.server import ServerOptions  # noqa: E402
-from serving_helpers import image_message, start_server  # noqa: E402
+from serving_helpers import free_port, image_message, start_server  # noqa: E402
 
 KV = ("bytes", 2 * 2**20)
 LONG = 300  # tokens per request under load (ignore_eos): long enough to be in flight when the replica dies
@@ -24,17 +23,11 @@ DIGITS = ["digit-911.png", "digit-912.png", "digit-913.png"]
 pytestmark = pytest.mark.timeout(300)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     options = ServerOptions(kv_memory=KV, session_store=tmp_path_factory.mktemp("store"), session_write_through=True)
     eviction = {"config": None, "full_cache": False, "policy_options": None}
