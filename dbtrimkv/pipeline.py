@@ -27,6 +27,7 @@ from .eviction_settings import resolve_eviction
 from .generation import generate
 from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
 from .stats_text import budget_words, entry_line, eviction_line, format_bytes, kv_bound, storage_line
+from .stop_strings import StopStrings
 from .turns import closing_ids, prepend_tokens, stop_token_ids
 
 
@@ -193,13 +194,17 @@ class DBTrimKVPipeline:
 
     def __call__(self, messages, max_new_tokens: int = 128, do_sample: bool = False, temperature: float | None = None,
                  top_p: float | None = None, stream: bool = False, progress: bool = True,
-                 continue_final_message: bool = False):
+                 continue_final_message: bool = False, stop=None):
         """Answer one chat (a list of messages or a string) or a batch (a list of chats).
 
         `continue_final_message`: the chats end with the start of the assistant's answer, which the
-        model continues (no new assistant turn is opened). Returns a `PipelineOutput` (a list of them
-        for a batch), or a `StreamingOutput` if `stream`.
+        model continues (no new assistant turn is opened). `stop`: a string or list of strings that ends
+        a row's answer as soon as its text holds one; the text ends just before it (`dbtrimkv.stop_strings`).
+        Returns a `PipelineOutput` (a list of them for a batch), or a `StreamingOutput` if `stream`.
         """
+        until = StopStrings(self.tokenizer, stop) if stop is not None else None
+        if until is not None and stream:
+            raise ConfigError("stop strings are not supported with stream=True")
         batched = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict) \
             and not isinstance(messages, str)
         notes: list[str] = []
@@ -211,7 +216,7 @@ class DBTrimKVPipeline:
             if inputs["input_ids"].shape[0] != 1:
                 raise ConfigError("stream=True takes one conversation, not a batch")
             return self._stream(inputs, cache, kwargs, progress, notes=notes)
-        outputs = self._run(inputs, cache, kwargs, progress, notes=notes)
+        outputs = self._run(inputs, cache, kwargs, progress, notes=notes, until=until)
         return outputs if batched else outputs[0]
 
     def chat(self, text: str, images=(), videos=(), **kwargs):
@@ -233,16 +238,18 @@ class DBTrimKVPipeline:
         return conversation
 
     def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
-             notes: list[str] = ()) -> list[PipelineOutput]:
+             notes: list[str] = (), until: StopStrings | None = None) -> list[PipelineOutput]:
         timings: dict = {}
+        if until is not None:  # a fresh cache: the generated ids follow the prompt's columns
+            kwargs = dict(kwargs, stopping_criteria=until.criteria(inputs["input_ids"].shape[1]))
         with torch.inference_mode():
             new = generate(self.model, inputs, cache, progress=progress, timings=timings, **kwargs)
         outputs, stop = [], stop_token_ids(self.model, self.tokenizer)
         for b in range(new.shape[0]):
             ids = _strip_padding(new[b], stop)
+            ids, text = until.cut(ids) if until else (ids, self.tokenizer.decode(ids, skip_special_tokens=True))
             stats = collect_stats(cache, inputs, b, len(ids), timings, evictions_before)
             stats.notes = list(notes)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
             outputs.append(PipelineOutput(text, stats, ids, cache=cache, batch_index=b))
         return outputs
 

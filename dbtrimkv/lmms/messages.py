@@ -70,9 +70,3 @@ def generation_settings(gen_kwargs: dict) -> tuple[dict, list[str]]:
     if do_sample:
         settings.update(temperature=temperature or None, top_p=gen_kwargs.get("top_p"))
     return settings, [s for s in until if s]
-
-
-def cut_at_stop(text: str, until: list[str]) -> str:
-    """The text up to (not including) the earliest stop string, as lmms-eval's models return it."""
-    cut = min((i for i in (text.find(s) for s in until) if i >= 0), default=len(text))
-    return text[:cut]

@@ -8,8 +8,8 @@ sample's answer comes back with what it cost (`cost.py`) in lmms-eval's per-samp
 
 Requests are grouped by task and generation settings and run `batch_size` at a time (a chat that
 ends with the assistant's answer prefix is continued, in a sub-batch of its own) through the
-pipeline's batch call (one left-padded batch, one cache). `until` is applied to the decoded text
-(the pipeline has no stop strings: generation runs to `max_new_tokens` or end of sequence).
+pipeline's batch call (one left-padded batch, one cache). `until` becomes the pipeline's stop
+strings: a row stops generating as soon as its text holds one, and its answer ends just before it.
 `loglikelihood` and multi-round generation are refused: the engine generates inside a bounded
 cache and does not score given continuations.
 """
@@ -27,7 +27,7 @@ from ..checkpoints import load_model
 from ..loading import resolve_device
 from ..pipeline import DBTrimKVPipeline
 from .cost import sample_cost, task_summary
-from .messages import cut_at_stop, ends_with_assistant, generation_settings, to_pipeline_messages
+from .messages import ends_with_assistant, generation_settings, to_pipeline_messages
 from .settings import parse_model_args
 
 REFUSED = ("dbtrimkv answers generate_until requests only: it generates inside a bounded KV cache and does not "
@@ -108,16 +108,15 @@ class DBTrimKVLMM(lmms):
 
     def _run_batch(self, batch: list[_Request], continued: bool) -> list[GenerationResult]:
         outputs = self.pipeline([r.chat for r in batch], progress=False, continue_final_message=continued,
-                                **batch[0].settings)
+                                stop=batch[0].until or None, **batch[0].settings)
         results = []
         for request, out in zip(batch, outputs):
             cost = sample_cost(out, batch_size=len(batch))
             self.costs.setdefault(request.task, []).append(cost)
-            text = cut_at_stop(out.text, request.until)
             counts = KVCostCounts(input_tokens=sum(out.stats.prompt_tokens.values()),
                                   output_tokens=out.stats.new_tokens, kv=cost)
-            results.append(GenerationResult(text=text, token_counts=counts))
-            self.cache_hook.add_partial("generate_until", (request.ctx, request.gen_kwargs), text)
+            results.append(GenerationResult(text=out.text, token_counts=counts))
+            self.cache_hook.add_partial("generate_until", (request.ctx, request.gen_kwargs), out.text)
         return results
 
     def _log_summary(self, task: str, records: list[dict], new: list[dict]) -> None:

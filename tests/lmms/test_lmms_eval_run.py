@@ -207,6 +207,8 @@ def test_generate_until_honours_until_max_new_tokens_and_video_files(tmp_path):
     short = lm.generate_until([_instance(doc_to_messages, {"max_new_tokens": 2}, i) for i in range(3)])
     assert [r.text for r in free[:2]] == ["image:7", "image:7"]  # the shipped model answers its own question
     assert [r.text for r in cut] == [r.text.split(":")[0] for r in free] and cut[0].text == "image"
+    # generation stopped at the ':' (the tokens after it were never generated), not cut afterwards
+    assert all(c.token_counts.output_tokens < f.token_counts.output_tokens for c, f in zip(cut, free) if ":" in f.text)
     assert all(r.token_counts.output_tokens <= 2 for r in short) and all(r.token_counts.output_tokens > 2 for r in free)
     video = free[2].token_counts.kv
     assert video["prompt_tokens"]["video"] > 0 and video["batch_size"] == 1 and free[0].token_counts.kv["batch_size"] == 2

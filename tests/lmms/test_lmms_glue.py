@@ -20,7 +20,7 @@ from dbtrimkv.errors import ConfigError, DBTrimKVError, PromptError
 from dbtrimkv.eval.harness import BenchmarkSpec
 from dbtrimkv.lmms import recall_export
 from dbtrimkv.lmms.cost import sample_cost, task_summary
-from dbtrimkv.lmms.messages import cut_at_stop, generation_settings, to_pipeline_messages
+from dbtrimkv.lmms.messages import generation_settings, to_pipeline_messages
 from dbtrimkv.lmms.settings import parse_model_args
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.recall.tasks import TASK_KINDS, prompt_inputs
@@ -95,8 +95,6 @@ def test_generation_settings_and_stop_strings():
     assert settings == {"max_new_tokens": 7, "do_sample": False} and until == ["\n\n"]
     settings, until = generation_settings({"temperature": 0.7, "top_p": 0.9})
     assert settings == {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_p": 0.9} and until == []
-    assert cut_at_stop("A. yes\n\nQ: next", ["Q:", "\n\n"]) == "A. yes"
-    assert cut_at_stop("B", ["\n"]) == "B" and cut_at_stop("xy", []) == "xy"
     with pytest.raises(PromptError):
         generation_settings({"until": [3]})
 

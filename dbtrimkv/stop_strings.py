@@ -1,0 +1,83 @@
+"""Stop strings: end a row's generation as soon as its decoded text contains one of them.
+
+Why: evaluation harnesses (lmms-eval's `until`) and the OpenAI API (`stop`) end an answer at a
+string, not a token: a stop string may span several tokens or end inside one. Checking the decoded
+text after every token stops the row when it happens (no tokens wasted after it), and the answer is
+cut as OpenAI and vLLM cut it: the text ends just before the earliest stop string (which is not
+included); the token ids end with the token that completed it.
+
+`StopStrings` is a predicate over one row's generated ids (`done(ids) -> bool`), so any decode loop
+can ask it after each token, one row at a time, and a batch whose rows stop at different steps is
+no special case; `StoppingCriteria` adapts it to transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import transformers
+
+from .errors import ConfigError
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    """`stop` as a tuple of non-empty strings (None: none); `ConfigError` for anything else."""
+    if stop is None:
+        return ()
+    values = [stop] if isinstance(stop, str) else stop
+    if not isinstance(values, (list, tuple)) or not all(isinstance(s, str) and s for s in values):
+        raise ConfigError(f"stop must be a non-empty string or a list of non-empty strings, got {stop!r}")
+    return tuple(values)
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string in `text` begins (None: no stop string in it)."""
+    found = [at for at in (text.find(s) for s in stops) if at >= 0]
+    return min(found) if found else None
+
+
+class StopStrings:
+    """Whether a row's generated ids spell out a stop string, and the row's answer cut before it."""
+
+    def __init__(self, tokenizer, stop):
+        self.tokenizer, self.stops = tokenizer, stop_strings(stop)
+
+    def text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def __call__(self, ids: Sequence[int]) -> bool:
+        """True once the text of `ids` (a row's generated ids so far) contains a stop string."""
+        return bool(self.stops) and first_stop(self.text(ids), self.stops) is not None
+
+    def rows_done(self, rows: Sequence[Sequence[int]]) -> list[bool]:
+        """`self(ids)` for each row of a batch."""
+        return [self(ids) for ids in rows]
+
+    def cut(self, ids: Sequence[int]) -> tuple[list[int], str]:
+        """(the ids up to the token that completed the first stop string, the text before that string);
+        ids and their whole text when no stop string appears."""
+        ids = list(ids)
+        if not self(ids):
+            return ids, self.text(ids)
+        low, high = 1, len(ids)  # the shortest prefix that holds a stop string (text only grows with it)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self(ids[:middle]) else (middle + 1, high)
+        text = self.text(ids[:low])
+        return ids[:low], text[: first_stop(text, self.stops)]
+
+    def criteria(self, prompt_length: int) -> transformers.StoppingCriteriaList:
+        """For `model.generate`: ends a row once its ids after `prompt_length` columns hold a stop string."""
+        return transformers.StoppingCriteriaList([StoppingCriteria(self, prompt_length)])
+
+
+class StoppingCriteria(transformers.StoppingCriteria):
+    """`StopStrings` as transformers' stopping criterion (`[B, n]` ids so far -> `[B]` done)."""
+
+    def __init__(self, stop: StopStrings, prompt_length: int):
+        self.stop, self.prompt_length = stop, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = self.stop.rows_done(input_ids[:, self.prompt_length:].tolist())
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
