@@ -11,9 +11,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,13 +154,24 @@ def test_batches_answer_as_single_requests(task_dir, spied_run):
     assert [s["token_counts"][0]["kv"]["batch_size"] for s in batched.values()] == [3] * 6  # one group, two batches
 
 
-def test_lmms_eval_command_runs_the_offline_task(task_dir, tmp_path):
-    """The command a user types (through `python -m dbtrimkv.lmms`, which is `lmms-eval` with dbtrimkv imported
-    first for CPU-only torch), on a handful of samples: results and per-sample cost on disk."""
-    directory, _ = task_dir
+def _console_script(name: str) -> str:
+    """The console script `name` of the environment running the tests (lmms-eval's, installed with the extra)."""
+    script = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert script, f"{name} is not installed beside {sys.executable}"
+    return script
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["lmms-eval", "python -m dbtrimkv.lmms"])
+def test_lmms_eval_command_runs_the_offline_task(task_dir, tmp_path, launcher):
+    """The issue's command as a user types it (plain `lmms-eval`, and `python -m dbtrimkv.lmms`, the same with
+    dbtrimkv imported first for a CPU-only torch beside PyPI's torchvision), on a handful of samples: the
+    answers, the accuracy and the per-sample cost it reports are the synthetic benchmark's."""
+    directory, prompts = task_dir
+    command = [_console_script("lmms-eval")] if launcher == "lmms-eval" else [sys.executable, "-m", "dbtrimkv.lmms"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "dbtrimkv.lmms", "--model", "dbtrimkv", "--model_args", "pretrained=tiny-recall,memory_size=16",
+        [*command, "--model", "dbtrimkv", "--model_args", "pretrained=tiny-recall,memory_size=16",
          "--tasks", "dbtrimkv_recall", "--include_path", str(directory), "--limit", "3",
          "--output_path", str(tmp_path / "out"), "--log_samples"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -166,13 +179,23 @@ def test_lmms_eval_command_runs_the_offline_task(task_dir, tmp_path):
     (results_file,) = glob.glob(str(tmp_path / "out" / "*" / "*_results.json"))
     (samples_file,) = glob.glob(str(tmp_path / "out" / "*" / "*_samples_dbtrimkv_recall.jsonl"))
     results = json.loads(open(results_file).read())
-    accuracy = results["results"]["dbtrimkv_recall"]["accuracy,none"]
     samples = [json.loads(line) for line in open(samples_file)]
-    assert len(samples) == 3 and accuracy == pytest.approx(sum(s["accuracy"] for s in samples) / 3)
-    for sample in samples:
+    docs = [json.loads(line) for line in (directory / recall_export.DATA_FILE).read_text().splitlines()]
+    model, processor = load_model("tiny-recall")
+    config = parse_model_args(pretrained="tiny-recall", memory_size=16).resolve(model)
+    correct = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        doc = docs[sample["doc_id"]]
+        example = prompts[doc["kind"]][doc["seed"]]
+        expected, peak = answer(model, processor, prompt_inputs(processor, [example]), config)
         kv = sample["token_counts"][0]["kv"]
-        assert kv["policy"] == "global" and kv["budget"] == 96 and kv["peak_kv_bytes"] == kv["peak_kv_entries"] * 256
+        assert _response(sample) == expected and kv["peak_kv_entries"] == peak, doc["id"]
+        assert kv["policy"] == "global" and kv["budget"] == 96 and kv["peak_kv_bytes"] == peak * 256
+        correct.append(expected == example.answer)
+    assert [s["doc_id"] for s in sorted(samples, key=lambda s: s["doc_id"])] == [0, 1, 2]
+    assert results["results"]["dbtrimkv_recall"]["accuracy,none"] == pytest.approx(sum(correct) / 3)
     assert results["throughput"]["avg_dbtrimkv/dbtrimkv_recall/samples"] == 3
+    assert "dbtrimkv_recall" in result.stdout and "accuracy" in result.stdout  # lmms-eval's own table
 
 
 def _instance(doc_to_messages, gen_kwargs: dict, doc_id: int, task: str = "public_like") -> Instance:
