@@ -236,3 +236,43 @@ def test_generate_until_honours_until_max_new_tokens_and_video_files(tmp_path):
     video = free[2].token_counts.kv
     assert video["prompt_tokens"]["video"] > 0 and video["batch_size"] == 1 and free[0].token_counts.kv["batch_size"] == 2
     assert any("4 frames" in note for note in video["notes"]), video["notes"]  # 3 s at 2 fps > max_frames=4: spread
+
+
+def test_generate_until_runs_left_padded_batches_that_answer_as_alone():
+    """lmms-eval hands the model every request at once: requests of one task and generation settings go
+    `batch_size` at a time through one left-padded pipeline call, other settings in batches of their own,
+    and each answer (text, tokens, stop) is the one the request gets alone; results come back in order."""
+    import random
+
+    from dbtrimkv.recall.tasks import draw_digit
+
+    rng = random.Random(0)
+    questions = ["which digit?", "which digit is shown in this image?", "digit?",
+                 "look closely at the picture: which digit is written in it?", "what digit is this?"]
+    docs = [{"image": draw_digit(str(d), 32, rng)[0], "q": q} for d, q in zip((7, 2, 9, 4, 1), questions)]
+
+    def doc_to_messages(doc):
+        return [{"role": "user", "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": doc["q"]}]}]
+
+    long, short = {"max_new_tokens": 6, "until": [":"]}, {"max_new_tokens": 3}
+    requests = [_instance(doc_to_messages, long if i % 2 == 0 else short, i // 2) for i in range(10)]  # interleaved
+    lm = DBTrimKVLMM.create_from_arg_string("pretrained=tiny-recall,memory_size=16,batch_size=2")
+    lm.task_dict = {"public_like": {"test": docs}}
+    masks, real_build = [], lm.pipeline.build_inputs
+
+    def recording_build(*args, **kwargs):
+        inputs = real_build(*args, **kwargs)
+        masks.append(inputs["attention_mask"].clone())
+        return inputs
+
+    lm.pipeline.build_inputs = recording_build
+    batched = lm.generate_until(requests)
+    assert [m.shape[0] for m in masks] == [2, 2, 1, 2, 2, 1]  # 5 `long` requests, then 5 `short` ones
+    padded = [row for m in masks for row in m if not row.all()]
+    assert padded and all(bool((row.cummax(0).values == row).all()) for row in padded)  # zeros first: left padding
+    lm.batch_size = 1
+    alone = [lm.generate_until([request])[0] for request in requests]
+    assert [(r.text, r.token_counts.output_tokens) for r in batched] == [(r.text, r.token_counts.output_tokens)
+                                                                         for r in alone]
+    assert [r.token_counts.kv["batch_size"] for r in batched] == [2] * 8 + [1, 1]  # in the requests' order
+    assert [r.text for r in batched[::2]] == ["image"] * 5  # "image:7" and the like, stopped at the ':'
