@@ -8,7 +8,9 @@ included); the token ids end with the token that completed it.
 
 `StopStrings` is a predicate over one row's generated ids (`done(ids) -> bool`), so any decode loop
 can ask it after each token, one row at a time, and a batch whose rows stop at different steps is
-no special case; `StoppingCriteria` adapts it to transformers' `generate`.
+no special case; `StoppingCriteria` adapts it to transformers' `generate`. Each check decodes the
+row's ids so far, as the server's streaming detokenizer does (`serving/detokenize.py`, which also
+holds back text that may still grow into a stop string; this module serves whole answers).
 """
 
 from __future__ import annotations
