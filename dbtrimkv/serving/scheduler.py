@@ -21,8 +21,10 @@ import torch
 from ..cache import DBTrimKVCache, SlotPool
 from ..cache.views import KVViews
 from ..config import DBTrimKVConfig
+from ..errors import ConfigError
+from . import refusals
 from .admission import Admission, Reservation, request_bound, slot_bytes, view_columns
-from .api_errors import APIError, QueueFull, Unavailable
+from .api_errors import APIError, BadRequest, QueueFull, TooLarge, Unavailable
 from .metrics import Metrics
 from .records import Batch, EngineRequest, Event, as_api_error, config_key
 from .recovery import reclaim_pool
@@ -31,16 +33,31 @@ from .sessions import Session, SessionStore
 
 
 class Limits:
-    """A model's KV geometry: each request's bound in the pool and its attention-view columns."""
+    """A model's KV geometry and the server's budget: each request's budget, its bound in the pool and
+    its attention-view columns."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, views: bool):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, views: bool,
+                 server_budget: int):
         self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
         self.segments = num_layers * num_kv_heads
         self.slot_bytes = slot_bytes(head_dim, dtype)
         self.row_view_bytes = self._row_view_bytes if views else None  # None: this device uses no views
+        self.server_budget = server_budget
 
-    def bound_for(self, config: DBTrimKVConfig, new_tokens: int) -> int:
-        budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
+    def request_budget(self, config: DBTrimKVConfig) -> int:
+        """The entries a request with these settings keeps, at most the server's budget (a 400 naming
+        `eviction` otherwise). Called once per request, by `Scheduler.submit`, which stores it on the
+        request (`EngineRequest.budget`): everything after reads it from there."""
+        try:
+            budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
+        except ConfigError as exc:
+            raise BadRequest(f"eviction: {exc}", param="eviction") from None
+        if budget is None or budget > self.server_budget:
+            raise BadRequest(refusals.budget_over_server(budget, self.server_budget), param="eviction")
+        return budget
+
+    def bound_for(self, budget: int, config: DBTrimKVConfig, new_tokens: int) -> int:
+        """Most pool slots a sequence keeping `budget` entries holds when it feeds `new_tokens` at most."""
         return request_bound(budget, self.segments, config.buffer_size, config.prefill_chunk, new_tokens)
 
     def _row_view_bytes(self, columns: int) -> int:
@@ -48,7 +65,7 @@ class Limits:
 
     def reservation_for(self, request: EngineRequest) -> Reservation:
         """The request's bound in the pool and its view columns (from every token it can ever see)."""
-        bound = self.bound_for(request.config, request.prompt_len)
+        bound = self.bound_for(request.budget, request.config, request.prompt_len)
         cached = request.session.parked.state.seen if request.continues and request.session is not None else 0
         seen_max = cached + request.prompt_len + request.sampling.max_tokens
         return Reservation(bound, self.group_key(request),
@@ -92,13 +109,27 @@ class Scheduler:
         return sum(g.cache.views_bytes() for g in list(self.groups.values()))
 
     # --- the queue (called from other threads) -------------------------------------------------
+    def submit(self, request: EngineRequest) -> None:
+        """Take a new request: resolve its budget (the only time), reserve-check its bound and views
+        against the whole pool (413 if it could never run), and queue it (429 if the queue is full)."""
+        if request.config.prefill_chunk > self.max_prefill_tokens:
+            raise BadRequest(refusals.chunk_over_step_budget(request.config.prefill_chunk, self.max_prefill_tokens))
+        request.budget = self.limits.request_budget(request.config)
+        reservation = self.limits.reservation_for(request)
+        if not self.admission.alone_fits(reservation):
+            views = self.limits.row_view_bytes(reservation.view_columns) if self.limits.row_view_bytes else 0
+            raise TooLarge(refusals.over_pool(reservation.slots, views, self.admission.pool_slots,
+                                              self.admission.view_bytes))
+        request.bound, request.reservation = reservation.slots, reservation
+        self.enqueue(request)
+
     def enqueue(self, request: EngineRequest) -> None:
         with self.cond:
             if self.stopping:
-                raise Unavailable("the server is shutting down")
+                raise Unavailable(refusals.shutting_down())
             if len(self.waiting) >= self.max_queue:
                 self.metrics.inc("requests_rejected_total", label=("status", "429"))
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after=1)
+                raise QueueFull(refusals.queue_full(self.max_queue), retry_after=1)
             self.waiting.append(request)
             self.metrics.set("requests_waiting", len(self.waiting))
             self.cond.notify()
@@ -277,7 +308,7 @@ class Scheduler:
         self.reclaim()
 
     def shutdown(self) -> None:
-        self.fail_all(Unavailable("the server is shutting down"))
+        self.fail_all(Unavailable(refusals.shutting_down()))
         if self.session_files is not None:  # --session-store: parked sessions outlive the server
             for session in self.sessions.drop_all():
                 self.free_session(session)

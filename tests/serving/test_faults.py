@@ -207,7 +207,7 @@ def test_every_sampling_value_is_checked_and_the_400_names_the_field(field, valu
     from dbtrimkv.serving.api_errors import BadRequest
     from dbtrimkv.serving.schema import ServerLimits, parse_chat_request
 
-    limits = ServerLimits("m", CONFIG, 10**6, 3, 2)
+    limits = ServerLimits("m", CONFIG)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
     with pytest.raises(BadRequest) as info:
         parse_chat_request(body, limits)
