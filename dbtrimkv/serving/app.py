@@ -170,7 +170,7 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
             raise BadRequest(str(exc), param="messages") from None
         tokens = int(inputs["input_ids"].shape[1])
         if tokens > options.max_prompt_tokens:
-            raise TooLarge(refusals.prompt_too_long(options.max_prompt_tokens, tokens), param="messages")
+            raise TooLarge(refusals.prompt_too_long(options.max_prompt_tokens), param="messages")
         job = EngineRequest(f"req-{uuid.uuid4().hex}", inputs, chat.config, chat.sampling, sink,
                             session_id=chat.session_id, session=session, continues=continues, history=chat.canonical)
         engine.submit(job)

@@ -37,10 +37,10 @@ def over_pool(slots: int, view_bytes: int, pool_slots: int, pool_view_bytes: int
             "budget or the prefill chunk, or give the server more --kv-memory")
 
 
-def prompt_too_long(limit: int, tokens: int | None = None) -> str:
-    """A prompt over `--max-prompt-tokens` (`tokens`: its exact count, when it was counted whole)."""
-    counted = f"{tokens} tokens" if tokens is not None else f"more than {limit} tokens"
-    return f"the prompt has {counted}, over this server's limit of {limit} tokens (--max-prompt-tokens)"
+def prompt_too_long(limit: int) -> str:
+    """A prompt over `--max-prompt-tokens`, whether its text was surely over (counted in pieces) or its
+    rendered prompt was (counted whole)."""
+    return f"the prompt has more than {limit} tokens, this server's limit (--max-prompt-tokens)"
 
 
 def body_too_large(max_bytes: int) -> str:

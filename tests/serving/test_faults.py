@@ -9,6 +9,7 @@ slot returns to the pool.
 from __future__ import annotations
 
 import queue
+import sys
 
 import pytest
 import torch
@@ -182,10 +183,20 @@ def test_a_forward_that_fails_halfway_restarts_the_others_and_fails_the_culprit(
     monkeypatch.setattr(runner_module, "forward_rows", forward)
     metrics = engine.metrics
     before = {k: metrics.get(k) for k in ("batch_failures_total", "requests_restarted_total", "kv_slots_reclaimed_total")}
+    resolved = []  # a request's budget is resolved once, when it is submitted: a restart reads it from the request
+    real_resolve = DBTrimKVConfig.resolve_budget
+
+    def counted(self, *args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("dbtrimkv.serving"):
+            resolved.append(1)
+        return real_resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(DBTrimKVConfig, "resolve_budget", counted)
     try:
         bad, tokens, results = together_with_one_bad(engine, processor, items, poisoned)
     finally:
         handle.remove()
+    assert len(resolved) == len(items) + 1  # one per request submitted, none for the restarts
     assert bad == ("error", 500)
     assert all(kind == "done" for kind, _ in results) and tokens == expected
     assert metrics.get("batch_failures_total") - before["batch_failures_total"] == 2  # the batch, then it alone
