@@ -103,12 +103,8 @@ class SessionStore:
             idle = next((s for s in self._sessions.values() if not s.busy), None)
             return self._drop(idle, reason) if idle is not None else None
 
-    def discard(self, session_id: str) -> Session | None:
-        """Forget a session without a notice (it is being replaced)."""
-        with self._lock:
-            return self._sessions.pop(session_id, None)
-
     def drop_all(self) -> list[Session]:
+        """Remove every session (the server stops: with a session store they are spilled to disk)."""
         with self._lock:
             out = list(self._sessions.values())
             self._sessions.clear()
@@ -128,10 +124,6 @@ class SessionStore:
         """The pool slots each stored session holds (tensors)."""
         with self._lock:
             return [s.parked.slots for s in self._sessions.values()]
-
-    def parked_slots(self) -> int:
-        with self._lock:
-            return sum(s.parked.num_slots for s in self._sessions.values())
 
 
 class SessionBusy(Exception):
