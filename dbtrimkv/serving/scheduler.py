@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..cache import DBTrimKVCache, SlotPool
+from ..cache.store import KVStore
 from ..cache.views import KVViews
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
@@ -27,7 +28,6 @@ from .admission import Admission, Reservation, request_bound, slot_bytes, view_c
 from .api_errors import APIError, BadRequest, QueueFull, TooLarge, Unavailable
 from .metrics import Metrics
 from .records import Batch, EngineRequest, Event, as_api_error, config_key
-from .recovery import reclaim_pool
 from .schema import canonical_reply
 from .sessions import Session, SessionStore
 
@@ -85,6 +85,10 @@ class Scheduler:
     def __init__(self, model, limits: Limits, pool: SlotPool, admission: Admission, sessions: SessionStore,
                  metrics: Metrics, max_running: int, max_queue: int, max_prefill_tokens: int):
         self.model, self.limits, self.pool, self.admission, self.sessions = model, limits, pool, admission, sessions
+        # the shared pool's owner for rows out of any batch (finished, parked sessions): the free list
+        # is only ever changed through a `KVStore`
+        self.store = KVStore(limits.num_layers, limits.num_kv_heads, limits.head_dim)
+        self.store.initialize(0, pool.device, pool.dtype, pool)
         self.metrics, self.max_running, self.max_queue = metrics, max_running, max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.session_files = None  # session_store.SessionFiles (--session-store), set by create_server
@@ -215,7 +219,7 @@ class Scheduler:
             self.sessions.take(request.session.id)
             self.admission.unpark(request.session.id)
             if parked is None:
-                self.pool.release(request.session.parked.slots)
+                self.store.release(request.session.parked)
         key = request.reservation.group
         group = self.groups.get(key)
         if group is None:
@@ -281,7 +285,7 @@ class Scheduler:
             for dropped in self.sessions.park(session):
                 self.free_session(dropped)
         else:
-            self.pool.release(parked.slots)
+            self.store.release(parked)
         if reason is not None:
             self.metrics.inc("requests_finished_total", label=("reason", reason))
 
@@ -291,7 +295,7 @@ class Scheduler:
             self.session_files.spill(session, self.pool, group.cache if group is not None else None)
             self.metrics.inc("sessions_spilled_total")
         self.admission.unpark(session.id)
-        self.pool.release(session.parked.slots)
+        self.store.release(session.parked)
 
     def fail_all(self, error: APIError) -> None:
         with self.cond:
@@ -328,5 +332,5 @@ class Scheduler:
         """Give the pool back every slot no batch row, parked row or session holds."""
         in_use = [g.cache.retained_slots(b) for g in self.groups.values() for b in range(len(g.cache.requests))]
         in_use += [parked.slots for g in self.groups.values() for _, parked in g.paused.values()]
-        lost = reclaim_pool(self.pool, in_use + self.sessions.slot_ids())
+        lost = self.store.reclaim(in_use + self.sessions.slot_ids())
         self.metrics.inc("kv_slots_reclaimed_total", lost)

@@ -287,3 +287,14 @@ def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_co
     for session in sessions:
         engine.scheduler.free_session(session)
     assert_pool_all_back(engine)
+
+
+def test_the_server_changes_the_pools_free_list_only_through_a_kv_store():
+    """`KVStore` is the sole owner of the free list: the scheduler frees rows and reclaims through its store."""
+    import re
+    from pathlib import Path
+
+    import dbtrimkv.serving
+
+    for path in Path(dbtrimkv.serving.__file__).parent.glob("*.py"):
+        assert not re.search(r"pool\.(release|released|pop)\(", path.read_text()), path.name
