@@ -143,19 +143,11 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
     """Build the engine request: only the new messages when it continues a session. Submits it."""
     session, continues, notice = None, False, None
     if chat.session_id is not None:
-        notice = engine.sessions.notice_for(chat.session_id)
         try:
-            session = engine.sessions.reserve(chat.session_id)
+            session, continues, notice = engine.sessions.claim(chat.session_id, config_key(chat.config), chat.canonical)
         except SessionBusy as exc:
             raise Conflict(str(exc), param="session_id") from None
     try:
-        if session is not None:
-            seen = len(session.history)
-            continues = (session.config_key == config_key(chat.config) and len(chat.canonical) > seen
-                         and chat.canonical[:seen] == session.history)
-            if not continues:
-                notice = (f"session {chat.session_id!r} restarted: the messages do not continue its history "
-                          "(or its eviction settings changed), so the whole conversation was prefilled")
         new_messages = chat.messages[len(session.history):] if continues else chat.messages
         check_text_tokens(engine.tokenizer, [p["text"] for m in new_messages for p in m["content"] if p["type"] == "text"],
                           options.max_prompt_tokens)

@@ -6,7 +6,7 @@ copy); the store is bounded by count, and the least recently used sessions are d
 count is exceeded or the pool needs the room for a waiting request. A dropped session's id is
 remembered (bounded) so the next request naming it is told why its history was prefilled again.
 
-Threads: HTTP handlers `reserve` a session (it is then busy and cannot be dropped) to build the
+Threads: HTTP handlers `claim` a session (reserved: busy, it cannot be dropped) to build the
 new turn's inputs; only the engine thread parks, takes over and drops sessions (it owns the pool).
 """
 
@@ -62,6 +62,22 @@ class SessionStore:
                 raise SessionBusy(session_id)
             session.busy = True
             return session
+
+    def claim(self, session_id: str, config_key: tuple, canonical: list[tuple]) -> tuple[Session | None, bool, str | None]:
+        """For a request naming `session_id`: the session reserved for it (None if there is none),
+        whether the request continues it (same eviction settings, its messages extend the session's
+        history) and the notice its answer carries (why an earlier session is gone, or that this one
+        restarts). Raises `SessionBusy`; the caller unreserves the session if the request fails."""
+        notice = self.notice_for(session_id)
+        session = self.reserve(session_id)
+        if session is None:
+            return None, False, notice
+        seen = len(session.history)
+        continues = session.config_key == config_key and len(canonical) > seen and canonical[:seen] == session.history
+        if not continues:
+            notice = (f"session {session_id!r} restarted: the messages do not continue its history (or its eviction "
+                      "settings changed), so the whole conversation was prefilled")
+        return session, continues, notice
 
     def unreserve(self, session: Session) -> None:
         with self._lock:
