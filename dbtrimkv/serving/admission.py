@@ -143,6 +143,14 @@ class Admission:
         views = 0 if self.row_view_bytes is None else self.row_view_bytes(reservation.view_columns)
         return reservation.slots <= self.pool_slots and views <= self.view_bytes
 
+    def never_fits(self, reservation: Reservation) -> str | None:
+        """Why a request could never run, even in an empty server (None if it could): its refusal at
+        start-up (the smallest request) and per request."""
+        if self.alone_fits(reservation):
+            return None
+        views = 0 if self.row_view_bytes is None else self.row_view_bytes(reservation.view_columns)
+        return refusals.over_pool(reservation.slots, views, self.pool_slots, self.view_bytes)
+
     def views_fit(self, reservation: Reservation) -> bool:
         return self.views_reserved(reservation) <= self.view_bytes
 

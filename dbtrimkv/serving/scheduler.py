@@ -44,17 +44,21 @@ class Limits:
         self.row_view_bytes = self._row_view_bytes if views else None  # None: this device uses no views
         self.server_budget = server_budget
 
-    def request_budget(self, config: DBTrimKVConfig) -> int:
-        """The entries a request with these settings keeps, at most the server's budget (a 400 naming
-        `eviction` otherwise). Called once per request, by `Scheduler.submit`, which stores it on the
-        request (`EngineRequest.budget`): everything after reads it from there."""
+    def admit(self, request: EngineRequest, step_budget: int) -> Reservation:
+        """A new request's budget, resolved here once and stored on it (`EngineRequest.budget`: everything
+        after, a restart included, reads it from there), and its reservation. A 400 if its settings keep
+        more than the server's budget or its prefill chunk exceeds the step's prefill budget."""
+        config = request.config
+        if config.prefill_chunk > step_budget:
+            raise BadRequest(refusals.chunk_over_step_budget(config.prefill_chunk, step_budget))
         try:
             budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
         except ConfigError as exc:
             raise BadRequest(f"eviction: {exc}", param="eviction") from None
         if budget is None or budget > self.server_budget:
             raise BadRequest(refusals.budget_over_server(budget, self.server_budget), param="eviction")
-        return budget
+        request.budget = budget
+        return self.reservation_for(request)
 
     def bound_for(self, budget: int, config: DBTrimKVConfig, new_tokens: int) -> int:
         """Most pool slots a sequence keeping `budget` entries holds when it feeds `new_tokens` at most."""
@@ -85,8 +89,7 @@ class Scheduler:
     def __init__(self, model, limits: Limits, pool: SlotPool, admission: Admission, sessions: SessionStore,
                  metrics: Metrics, max_running: int, max_queue: int, max_prefill_tokens: int):
         self.model, self.limits, self.pool, self.admission, self.sessions = model, limits, pool, admission, sessions
-        # the shared pool's owner for rows out of any batch (finished, parked sessions): the free list
-        # is only ever changed through a `KVStore`
+        # the free list is changed only through a `KVStore`: this one frees rows out of any batch
         self.store = KVStore(limits.num_layers, limits.num_kv_heads, limits.head_dim)
         self.store.initialize(0, pool.device, pool.dtype, pool)
         self.metrics, self.max_running, self.max_queue = metrics, max_running, max_queue
@@ -114,16 +117,11 @@ class Scheduler:
 
     # --- the queue (called from other threads) -------------------------------------------------
     def submit(self, request: EngineRequest) -> None:
-        """Take a new request: resolve its budget (the only time), reserve-check its bound and views
-        against the whole pool (413 if it could never run), and queue it (429 if the queue is full)."""
-        if request.config.prefill_chunk > self.max_prefill_tokens:
-            raise BadRequest(refusals.chunk_over_step_budget(request.config.prefill_chunk, self.max_prefill_tokens))
-        request.budget = self.limits.request_budget(request.config)
-        reservation = self.limits.reservation_for(request)
-        if not self.admission.alone_fits(reservation):
-            views = self.limits.row_view_bytes(reservation.view_columns) if self.limits.row_view_bytes else 0
-            raise TooLarge(refusals.over_pool(reservation.slots, views, self.admission.pool_slots,
-                                              self.admission.view_bytes))
+        """Take a new request: its budget and reservation (`Limits.admit`), refused with 413 if it could
+        never run even alone, then queued (429 if the queue is full)."""
+        reservation = self.limits.admit(request, self.max_prefill_tokens)
+        if (refusal := self.admission.never_fits(reservation)) is not None:
+            raise TooLarge(refusal)
         request.bound, request.reservation = reservation.slots, reservation
         self.enqueue(request)
 

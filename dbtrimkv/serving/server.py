@@ -17,7 +17,6 @@ from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
 from ..stats_text import format_bytes
-from . import refusals
 from .admission import Reservation, memory_bytes, view_columns
 from .app import HTTPOptions, build_app
 from .engine import Engine
@@ -54,9 +53,9 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
                     options.max_queue, options.max_sessions, options.max_prefill_tokens)
     smallest = engine.bound_for(engine.budget, config, 1)
     one_token = Reservation(smallest, (), view_columns(smallest, layers * heads, 2, config.buffer_size))
-    if not engine.admission.alone_fits(one_token):
-        views = engine.row_view_bytes(one_token.view_columns) if engine.row_view_bytes is not None else 0
-        raise ConfigError(refusals.over_pool(smallest, views, engine.admission.pool_slots, engine.admission.view_bytes))
+    refusal = engine.admission.never_fits(one_token)
+    if refusal is not None:
+        raise ConfigError(refusal)
     if options.session_store is not None:
         engine.sessions.files = engine.session_files = SessionFiles(options.session_store, ModelIdentity.of(model),
                                                                     options.session_write_through)
