@@ -29,6 +29,8 @@ from dbtrimkv.serving.request_bounds import check_text_tokens
 from dbtrimkv.serving.sampling import SamplingParams
 from test_bounded_work import png_header_only
 
+pytestmark = pytest.mark.timeout(120)  # the apps never start: a request that wrongly got past its refusal would wait
+
 URL = "/v1/chat/completions"
 MEMORY = ("bytes", 4_000_000)
 
