@@ -52,6 +52,17 @@ def _image_source(image):
                      f"got {type(image).__name__}")
 
 
+def too_many_pixels(name: str, exc: Exception) -> MediaError:
+    """The one refusal of an image whose header declares more pixels than PIL decodes safely (the
+    pipeline's and the server's header checks both raise it)."""
+    return MediaError(f"image {name} declares too many pixels to decode safely ({exc})")
+
+
+def unreadable(name: str, exc: Exception) -> MediaError:
+    """The one refusal of a file that is not a readable image (pipeline and server alike)."""
+    return MediaError(f"cannot read image {name}: not a valid or complete image file ({exc})")
+
+
 def check_image_size(width: int, height: int, what: str = "image") -> None:
     """Refuse empty images and aspect ratios Qwen3-VL cannot take."""
     if width <= 0 or height <= 0:
@@ -136,9 +147,9 @@ def load_image(image, max_pixels: int = IMAGE_MAX_PIXELS) -> Image.Image:
                 img.load()
                 return _downscaled_rgb(img, max_pixels)
     except Image.DecompressionBombError as exc:
-        raise MediaError(f"image {name} declares too many pixels to decode safely ({exc})") from None
+        raise too_many_pixels(name, exc) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError,
             IndexError, struct.error) as exc:
         if isinstance(exc, MediaError):
             raise
-        raise MediaError(f"cannot read image {name}: not a valid or complete image file ({exc})") from None
+        raise unreadable(name, exc) from None

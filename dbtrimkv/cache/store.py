@@ -75,6 +75,19 @@ class KVStore:
         if self.pool is not None:
             self.pool.release(parked.slots)
 
+    def reclaim(self, in_use: list[torch.Tensor]) -> int:
+        """Make every pool slot not listed in `in_use` free again: a server's shared pool after a forward
+        failed halfway and left slots in no table (`serving/recovery.py`). Returns how many came back."""
+        pool = self.pool
+        held = torch.zeros(pool.capacity, dtype=torch.bool, device=pool.device)
+        for slots in in_use:
+            held[slots.to(device=pool.device, dtype=torch.long)] = True
+        free = torch.nonzero(~held).flatten().flip(0)  # the lowest ids on top, handed out first
+        lost = free.numel() - pool.num_free
+        pool.pop(pool.num_free)
+        pool.release(free)
+        return lost
+
     def set_rope_delta(self, row: int, delta: int) -> None:
         """Sequence `row`'s M-RoPE position of the next token minus its text position."""
         self.requests[row].rope_delta = int(delta)

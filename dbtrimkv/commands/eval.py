@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -186,9 +187,11 @@ def run_synthetic(args) -> int:
                           if args.threshold is None else
                           "--threshold is the threshold policy's tau: add threshold to --policies or drop it")
     args.output = _report_prefix(args.output, "synthetic_recall")
+    spec = harness.BenchmarkSpec.from_args(args)
+    with _recall_task_checked():  # before the model loads
+        spec.make_task()
     show_progress(args)  # the model download's bars
     _log_to_stderr()
-    spec = harness.BenchmarkSpec.from_args(args)
     results = harness.run_benchmark(spec, args.model, device=args.device, dtype=args.dtype)
     paths = report.write_report(results, args.output, command=" ".join(["dbtrimkv", *sys.argv[1:]]))
     print("\n".join(str(p) for p in paths))
@@ -197,13 +200,21 @@ def run_synthetic(args) -> int:
 
 def run_export_lmms(args) -> int:
     check_writable_dir(args.directory, "DIR")
-    try:
+    with _recall_task_checked():
         prompts = {kind: harness.BenchmarkSpec.from_args(argparse.Namespace(**dict(vars(args), kind=kind))).prompts()
                    for kind in dict.fromkeys(args.kinds)}
-    except ValueError as exc:  # the recall task classes check their parameters
-        raise ConfigError(f"recall task: {exc}") from None
     print(recall_export.export_task(args.directory, prompts))
     return 0
+
+
+@contextmanager
+def _recall_task_checked():
+    """The recall task classes check their own parameters (`recall/tasks.py` owns the rules): a
+    ValueError there is one CLI error, the same for `synthetic` and `export-lmms`."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(f"recall task: {exc}") from None
 
 
 def run_long_video(args) -> int:

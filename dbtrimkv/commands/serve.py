@@ -26,6 +26,7 @@ config = lazy("dbtrimkv.config")
 serving = lazy("dbtrimkv.serving")
 admission = lazy("dbtrimkv.serving.admission")
 app = lazy("dbtrimkv.serving.app")
+refusals = lazy("dbtrimkv.serving.refusals")
 server = lazy("dbtrimkv.serving.server")
 session_store = lazy("dbtrimkv.serving.session_store")
 torch = lazy("torch")
@@ -89,7 +90,7 @@ def add_parser(sub) -> None:
 def options_from_args(args):
     """`ServerOptions` from the flags, or ConfigError naming the bad one (before any model loads)."""
     if args.full_cache:
-        raise ConfigError("--full-cache cannot be served: admission control needs each request's KV bound")
+        raise ConfigError(refusals.no_budget())
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key must not be empty")
     if args.allow_media_dir is not None and not args.allow_media_dir.is_dir():
@@ -98,8 +99,7 @@ def options_from_args(args):
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     cap, chunk = args.max_prefill_tokens_per_step, args.prefill_chunk
     if cap is not None and chunk is not None and cap < chunk:
-        raise ConfigError(f"--max-prefill-tokens-per-step ({cap}) must be at least --prefill-chunk ({chunk}): a chunk "
-                          "is never split (that would change answers)")
+        raise ConfigError(refusals.chunk_over_step_budget(chunk, cap))
     if args.session_store is not None:
         session_store.check_folder(args.session_store)
     http = app.HTTPOptions(api_key=args.api_key, max_request_bytes=args.max_request_mb * 1024 * 1024,

@@ -7,7 +7,7 @@ batched forward over a cache's rows; rows join and leave with `DBTrimKVCache.add
 `detokenize`, `sessions`, `records` (request and step records), `scheduler` (queue, admission,
 prefill budget, batches, parked sessions), `runner` (one step: forwards, sampling), `engine` (the
 loop), `recovery` (a failure fails one request alone),
-`request_bounds` (bounded work before admission), `metrics` (Prometheus), `responses` (OpenAI
+`request_bounds` (bounded work before admission), `refusals` (the one message of each refusal rule), `metrics` (Prometheus), `responses` (OpenAI
 objects, SSE), `api_errors`, `app` (FastAPI routes), `server` (assembly and start-up report).
 """
 

@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 
 from ..cache.views import KVViews
+from ..config import DBTrimKVConfig
 from ..errors import ConfigError
+from . import refusals
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "tb": 1000**4}
@@ -75,6 +77,15 @@ def split_memory(total: int, per_slot: int, bound: int, view_bytes: int) -> tupl
     `bound` slots and `view_bytes` of views (0 where the kernels read the pool: all of it is pool)."""
     slots = int(total * bound // (bound * per_slot + view_bytes))
     return slots, total - slots * per_slot
+
+
+def server_budget(config: DBTrimKVConfig, num_layers: int, num_kv_heads: int) -> int:
+    """The server's budget (entries per request under its settings), resolved once at start-up; a
+    `ConfigError` when the settings keep everything (admission needs each request's bound)."""
+    budget = config.resolve_budget(num_layers, num_kv_heads)
+    if budget is None:
+        raise ConfigError(refusals.no_budget())
+    return budget
 
 
 def request_bound(budget: int, segments: int, buffer_size: int, chunk: int, new_tokens: int) -> int:
@@ -131,6 +142,14 @@ class Admission:
         """Could the request ever run (in an empty server)?"""
         views = 0 if self.row_view_bytes is None else self.row_view_bytes(reservation.view_columns)
         return reservation.slots <= self.pool_slots and views <= self.view_bytes
+
+    def never_fits(self, reservation: Reservation) -> str | None:
+        """Why a request could never run, even in an empty server (None if it could): its refusal at
+        start-up (the smallest request) and per request."""
+        if self.alone_fits(reservation):
+            return None
+        views = 0 if self.row_view_bytes is None else self.row_view_bytes(reservation.view_columns)
+        return refusals.over_pool(reservation.slots, views, self.pool_slots, self.view_bytes)
 
     def views_fit(self, reservation: Reservation) -> bool:
         return self.views_reserved(reservation) <= self.view_bytes

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..errors import DBTrimKVError
 from ..turns import closing_ids, prepend_tokens
 from ..prompts import build_inputs
+from . import refusals
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
                          TooLarge, Unauthorized, Unavailable)
 from .request_bounds import check_text_tokens, parse_json, read_body
@@ -89,7 +90,7 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
     @app.get("/health")
     async def health():
         if engine.stopping:
-            raise Unavailable("the server is shutting down")
+            raise Unavailable(refusals.shutting_down())
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -106,15 +107,14 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
     async def model(model_id: str, request: Request):
         authorize(request)
         if model_id != limits.model_name:
-            raise ModelNotFound(f"the model {model_id!r} does not exist; this server serves {limits.model_name!r}",
-                                param="model")
+            raise ModelNotFound(refusals.model_not_found(model_id, limits.model_name), param="model")
         return {"id": limits.model_name, "object": "model", "created": 0, "owned_by": "dbtrimkv"}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
         if engine.stopping:
-            raise Unavailable("the server is shutting down")
+            raise Unavailable(refusals.shutting_down())
         raw = await read_body(request, options.max_request_bytes)
         body = await run_in_threadpool(parse_json, raw)
         del raw
@@ -143,19 +143,11 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
     """Build the engine request: only the new messages when it continues a session. Submits it."""
     session, continues, notice = None, False, None
     if chat.session_id is not None:
-        notice = engine.sessions.notice_for(chat.session_id)
         try:
-            session = engine.sessions.reserve(chat.session_id)
+            session, continues, notice = engine.sessions.claim(chat.session_id, config_key(chat.config), chat.canonical)
         except SessionBusy as exc:
             raise Conflict(str(exc), param="session_id") from None
     try:
-        if session is not None:
-            seen = len(session.history)
-            continues = (session.config_key == config_key(chat.config) and len(chat.canonical) > seen
-                         and chat.canonical[:seen] == session.history)
-            if not continues:
-                notice = (f"session {chat.session_id!r} restarted: the messages do not continue its history "
-                          "(or its eviction settings changed), so the whole conversation was prefilled")
         new_messages = chat.messages[len(session.history):] if continues else chat.messages
         check_text_tokens(engine.tokenizer, [p["text"] for m in new_messages for p in m["content"] if p["type"] == "text"],
                           options.max_prompt_tokens)
@@ -170,8 +162,7 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
             raise BadRequest(str(exc), param="messages") from None
         tokens = int(inputs["input_ids"].shape[1])
         if tokens > options.max_prompt_tokens:
-            raise TooLarge(f"the prompt has {tokens} tokens, more than this server's limit of "
-                           f"{options.max_prompt_tokens} (--max-prompt-tokens)", param="messages")
+            raise TooLarge(refusals.prompt_too_long(options.max_prompt_tokens), param="messages")
         job = EngineRequest(f"req-{uuid.uuid4().hex}", inputs, chat.config, chat.sampling, sink,
                             session_id=chat.session_id, session=session, continues=continues, history=chat.canonical)
         engine.submit(job)

@@ -29,8 +29,9 @@ from ..gates import text_config_of
 from ..generation import is_vision_language
 from ..turns import stop_token_ids
 from ..prompts import tokenizer_of
-from .admission import Admission, split_memory, view_columns
-from .api_errors import BadRequest, InternalError, TooLarge
+from . import refusals
+from .admission import Admission, server_budget, split_memory, view_columns
+from .api_errors import InternalError
 from .metrics import Metrics
 from .records import EngineRequest, StepRecord
 from .runner import Runner
@@ -55,19 +56,16 @@ class Engine:
         self.num_layers, self.num_kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         param = next(model.parameters())
-        if config.resolve_budget(self.num_layers, self.num_kv_heads) is None:
-            raise ConfigError("the server needs a KV budget (--budget or --memory-size): admission control relies on "
-                              "each request's bound, and a full cache has none")
+        self.budget = server_budget(config, self.num_layers, self.num_kv_heads)  # resolved once per server
         self.max_prefill_tokens = max(2048, config.prefill_chunk) if max_prefill_tokens is None else max_prefill_tokens
         if self.max_prefill_tokens < config.prefill_chunk:
-            raise ConfigError(f"--max-prefill-tokens-per-step ({self.max_prefill_tokens}) must be at least the prefill "
-                              f"chunk ({config.prefill_chunk}): a chunk is never split (that would change answers)")
+            raise ConfigError(refusals.chunk_over_step_budget(config.prefill_chunk, self.max_prefill_tokens))
         self.kv_memory = int(kv_memory)
         views = uses_views(torch.empty(0, dtype=param.dtype, device=param.device))
-        self.limits = Limits(self.num_layers, self.num_kv_heads, head_dim, param.dtype, views)
+        self.limits = Limits(self.num_layers, self.num_kv_heads, head_dim, param.dtype, views, self.budget)
         self.slot_bytes, self.row_view_bytes = self.limits.slot_bytes, self.limits.row_view_bytes
         self.bound_for = self.limits.bound_for
-        bound = self.bound_for(config, config.prefill_chunk)
+        bound = self.bound_for(self.budget, config, config.prefill_chunk)
         default_views = (self.row_view_bytes(view_columns(bound, self.limits.segments, bound, config.buffer_size))
                          if views else 0)
         pool_slots, view_bytes = split_memory(self.kv_memory, self.slot_bytes, bound, default_views)
@@ -143,18 +141,8 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: EngineRequest) -> None:
-        if request.config.prefill_chunk > self.max_prefill_tokens:
-            raise BadRequest(f"prefill chunk {request.config.prefill_chunk} is larger than the server's prefill budget "
-                             f"per step ({self.max_prefill_tokens})")
-        reservation = self.limits.reservation_for(request)
-        if not self.admission.alone_fits(reservation):
-            views = self.row_view_bytes(reservation.view_columns) if self.row_view_bytes is not None else 0
-            raise TooLarge(f"this request may hold up to {reservation.slots} KV entries and {views} bytes of attention "
-                           f"views, more than the whole pool ({self.admission.pool_slots} entries) or view memory "
-                           f"({self.admission.view_bytes} bytes); lower its budget or prefill chunk, or start the "
-                           "server with more --kv-memory")
-        request.bound, request.reservation = reservation.slots, reservation
-        self.scheduler.enqueue(request)
+        """Hand a new request to the scheduler (admission: `Scheduler.submit`)."""
+        self.scheduler.submit(request)
 
     def cancel(self, request_id: str) -> None:
         """The client went away: free the request's slots at the next token boundary."""

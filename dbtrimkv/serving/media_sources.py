@@ -24,8 +24,9 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from ..errors import MediaError
-from ..images import IMAGE_MAX_PIXELS, load_image
+from ..images import IMAGE_MAX_PIXELS, load_image, too_many_pixels, unreadable
 from ..media import Video, load_video
+from . import refusals
 from .api_errors import BadRequest, TooLarge
 from .request_bounds import MediaBudget
 
@@ -52,16 +53,16 @@ def load_image_url(url: str, policy: MediaPolicy, where: str, budget: MediaBudge
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # dbtrimkv.media's cap applies
             with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:  # the header only
                 width, height = img.size
-    except Image.DecompressionBombError as exc:
-        raise BadRequest(f"{where}: the image declares too many pixels to decode ({exc})", param=where) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadRequest(f"{where}: not a readable image ({_clean(exc, data)})", param=where) from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:  # dbtrimkv.images' words
+        name = str(data) if isinstance(data, Path) else "from bytes"  # load_image's name for it
+        refusal = too_many_pixels if isinstance(exc, Image.DecompressionBombError) else unreadable
+        raise BadRequest(f"{where}: {_clean(refusal(name, exc), data)}", param=where) from None
     if budget is not None:
         budget.spend(min(width * height, policy.image_max_pixels), where)
     try:
         return load_image(data, policy.image_max_pixels)
-    except MediaError as exc:
-        raise BadRequest(f"{where}: not a readable image ({_clean(exc, data)})", param=where) from None
+    except MediaError as exc:  # dbtrimkv.images' own words (the pipeline's), after the message part
+        raise BadRequest(f"{where}: {_clean(exc, data)}", param=where) from None
 
 
 def load_video_url(url: str, policy: MediaPolicy, where: str, budget: MediaBudget | None = None) -> Video:
@@ -116,7 +117,7 @@ def _data_uri(url: str, policy: MediaPolicy, where: str) -> bytes:
     if not sep or not header.endswith(";base64"):
         raise BadRequest(f"{where}: a data URI must look like data:<mime>;base64,<data>", param=where)
     if len(payload) * 3 // 4 > policy.max_bytes:
-        raise TooLarge(f"{where}: the media is larger than {policy.max_bytes} bytes", param=where)
+        raise TooLarge(refusals.media_too_large(where, policy.max_bytes), param=where)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -135,7 +136,7 @@ def _local_file(path: str, policy: MediaPolicy, where: str, kind: str) -> Path:
     if not resolved.is_file():
         raise BadRequest(f"{where}: {kind} not found: {path}", param=where)
     if resolved.stat().st_size > policy.max_bytes:
-        raise TooLarge(f"{where}: the {kind} file is larger than {policy.max_bytes} bytes", param=where)
+        raise TooLarge(refusals.media_too_large(where, policy.max_bytes), param=where)
     return resolved
 
 
@@ -149,7 +150,7 @@ def _download(url: str, policy: MediaPolicy, where: str) -> bytes:
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > policy.max_bytes:
-                    raise TooLarge(f"{where}: the media at {url} is larger than {policy.max_bytes} bytes", param=where)
+                    raise TooLarge(refusals.media_too_large(where, policy.max_bytes), param=where)
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.HTTPError as exc:

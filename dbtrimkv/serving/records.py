@@ -54,6 +54,7 @@ class EngineRequest:
     arrival: float = field(default_factory=time.monotonic)
     # set by the engine
     prompt_len: int = 0
+    budget: int | None = None  # entries it keeps: resolved once, by Scheduler.submit
     bound: int = 0
     reservation: Reservation | None = None
     cached_tokens: int = 0

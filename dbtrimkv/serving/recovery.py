@@ -7,28 +7,10 @@ per-row work that can fail (vision encoding, building the row, sampling, detoken
 and fails only that row. What remains is the batched forward itself: one that stops halfway leaves
 its cache unusable (some layers wrote new entries, some slots were taken and are in no table), with
 no row to blame. Then the engine drops that batch's cache, gives the pool back every slot that no
-live cache, parked row or session holds (`reclaim_pool`), and runs each of the batch's requests
+live cache, parked row or session holds (`Scheduler.reclaim`, through `KVStore.reclaim`), and runs each of the batch's requests
 again in a batch of its own (`EngineRequest.restart`): batching never changes a row's answer and an
 unseeded request keeps the seed it drew, so an innocent request regenerates the tokens it already
 sent (they are not sent twice), while the request at fault fails again, alone, and only it gets
 the error. A request that continued a session cannot be restarted (its cached history went with
 the batch): it gets `BatchFailed` (503, retry: the conversation is prefilled again).
 """
-
-from __future__ import annotations
-
-import torch
-
-from ..cache import SlotPool
-
-
-def reclaim_pool(pool: SlotPool, in_use: list[torch.Tensor]) -> int:
-    """Make every slot not listed in `in_use` free again; returns how many slots were lost and are back."""
-    held = torch.zeros(pool.capacity, dtype=torch.bool, device=pool.device)
-    for slots in in_use:
-        held[slots.to(device=pool.device, dtype=torch.long)] = True
-    free = torch.nonzero(~held).flatten().flip(0)  # the lowest ids on top, handed out first
-    lost = free.numel() - pool.num_free
-    pool.pop(pool.num_free)
-    pool.release(free)
-    return lost

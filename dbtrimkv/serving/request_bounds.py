@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+from . import refusals
 from .api_errors import BadRequest, TooLarge
 
 MAX_JSON_OBJECTS = 100_000
@@ -32,11 +33,11 @@ async def read_body(request, max_bytes: int) -> bytearray:
     """The request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise TooLarge(f"the request body is larger than {max_bytes} bytes (--max-request-mb)")
+        raise TooLarge(refusals.body_too_large(max_bytes))
     body = bytearray()  # grown in place: no second copy from joining pieces
     async for chunk in request.stream():
         if len(body) + len(chunk) > max_bytes:
-            raise TooLarge(f"the request body is larger than {max_bytes} bytes (--max-request-mb)")
+            raise TooLarge(refusals.body_too_large(max_bytes))
         body += chunk
     return body
 
@@ -82,8 +83,7 @@ def check_text_tokens(tokenizer, texts: list[str], limit: int) -> None:
                 cuts += 1
             total += len(tokenizer.encode(text[start:end], add_special_tokens=False))
             if total > limit + 4 * cuts:
-                raise TooLarge(f"the prompt has more than {limit} tokens, this server's limit (--max-prompt-tokens)",
-                               param="messages")
+                raise TooLarge(refusals.prompt_too_long(limit), param="messages")
             start = end
 
 

@@ -19,28 +19,49 @@ from typing import Callable
 import torch
 
 from ..cache import DBTrimKVCache, SlotPool
+from ..cache.store import KVStore
 from ..cache.views import KVViews
 from ..config import DBTrimKVConfig
+from ..errors import ConfigError
+from . import refusals
 from .admission import Admission, Reservation, request_bound, slot_bytes, view_columns
-from .api_errors import APIError, QueueFull, Unavailable
+from .api_errors import APIError, BadRequest, QueueFull, TooLarge, Unavailable
 from .metrics import Metrics
 from .records import Batch, EngineRequest, Event, as_api_error, config_key
-from .recovery import reclaim_pool
 from .schema import canonical_reply
 from .sessions import Session, SessionStore
 
 
 class Limits:
-    """A model's KV geometry: each request's bound in the pool and its attention-view columns."""
+    """A model's KV geometry and the server's budget: each request's budget, its bound in the pool and
+    its attention-view columns."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, views: bool):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, views: bool,
+                 server_budget: int):
         self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
         self.segments = num_layers * num_kv_heads
         self.slot_bytes = slot_bytes(head_dim, dtype)
         self.row_view_bytes = self._row_view_bytes if views else None  # None: this device uses no views
+        self.server_budget = server_budget
 
-    def bound_for(self, config: DBTrimKVConfig, new_tokens: int) -> int:
-        budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
+    def admit(self, request: EngineRequest, step_budget: int) -> Reservation:
+        """A new request's budget, resolved here once and stored on it (`EngineRequest.budget`: everything
+        after, a restart included, reads it from there), and its reservation. A 400 if its settings keep
+        more than the server's budget or its prefill chunk exceeds the step's prefill budget."""
+        config = request.config
+        if config.prefill_chunk > step_budget:
+            raise BadRequest(refusals.chunk_over_step_budget(config.prefill_chunk, step_budget))
+        try:
+            budget = config.resolve_budget(self.num_layers, self.num_kv_heads)
+        except ConfigError as exc:
+            raise BadRequest(f"eviction: {exc}", param="eviction") from None
+        if budget is None or budget > self.server_budget:
+            raise BadRequest(refusals.budget_over_server(budget, self.server_budget), param="eviction")
+        request.budget = budget
+        return self.reservation_for(request)
+
+    def bound_for(self, budget: int, config: DBTrimKVConfig, new_tokens: int) -> int:
+        """Most pool slots a sequence keeping `budget` entries holds when it feeds `new_tokens` at most."""
         return request_bound(budget, self.segments, config.buffer_size, config.prefill_chunk, new_tokens)
 
     def _row_view_bytes(self, columns: int) -> int:
@@ -48,7 +69,7 @@ class Limits:
 
     def reservation_for(self, request: EngineRequest) -> Reservation:
         """The request's bound in the pool and its view columns (from every token it can ever see)."""
-        bound = self.bound_for(request.config, request.prompt_len)
+        bound = self.bound_for(request.budget, request.config, request.prompt_len)
         cached = request.session.parked.state.seen if request.continues and request.session is not None else 0
         seen_max = cached + request.prompt_len + request.sampling.max_tokens
         return Reservation(bound, self.group_key(request),
@@ -68,6 +89,9 @@ class Scheduler:
     def __init__(self, model, limits: Limits, pool: SlotPool, admission: Admission, sessions: SessionStore,
                  metrics: Metrics, max_running: int, max_queue: int, max_prefill_tokens: int):
         self.model, self.limits, self.pool, self.admission, self.sessions = model, limits, pool, admission, sessions
+        # the free list is changed only through a `KVStore`: this one frees rows out of any batch
+        self.store = KVStore(limits.num_layers, limits.num_kv_heads, limits.head_dim)
+        self.store.initialize(0, pool.device, pool.dtype, pool)
         self.metrics, self.max_running, self.max_queue = metrics, max_running, max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.session_files = None  # session_store.SessionFiles (--session-store), set by create_server
@@ -92,13 +116,22 @@ class Scheduler:
         return sum(g.cache.views_bytes() for g in list(self.groups.values()))
 
     # --- the queue (called from other threads) -------------------------------------------------
+    def submit(self, request: EngineRequest) -> None:
+        """Take a new request: its budget and reservation (`Limits.admit`), refused with 413 if it could
+        never run even alone, then queued (429 if the queue is full)."""
+        reservation = self.limits.admit(request, self.max_prefill_tokens)
+        if (refusal := self.admission.never_fits(reservation)) is not None:
+            raise TooLarge(refusal)
+        request.bound, request.reservation = reservation.slots, reservation
+        self.enqueue(request)
+
     def enqueue(self, request: EngineRequest) -> None:
         with self.cond:
             if self.stopping:
-                raise Unavailable("the server is shutting down")
+                raise Unavailable(refusals.shutting_down())
             if len(self.waiting) >= self.max_queue:
                 self.metrics.inc("requests_rejected_total", label=("status", "429"))
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later", retry_after=1)
+                raise QueueFull(refusals.queue_full(self.max_queue), retry_after=1)
             self.waiting.append(request)
             self.metrics.set("requests_waiting", len(self.waiting))
             self.cond.notify()
@@ -184,7 +217,7 @@ class Scheduler:
             self.sessions.take(request.session.id)
             self.admission.unpark(request.session.id)
             if parked is None:
-                self.pool.release(request.session.parked.slots)
+                self.store.release(request.session.parked)
         key = request.reservation.group
         group = self.groups.get(key)
         if group is None:
@@ -250,7 +283,7 @@ class Scheduler:
             for dropped in self.sessions.park(session):
                 self.free_session(dropped)
         else:
-            self.pool.release(parked.slots)
+            self.store.release(parked)
         if reason is not None:
             self.metrics.inc("requests_finished_total", label=("reason", reason))
 
@@ -260,7 +293,7 @@ class Scheduler:
             self.session_files.spill(session, self.pool, group.cache if group is not None else None)
             self.metrics.inc("sessions_spilled_total")
         self.admission.unpark(session.id)
-        self.pool.release(session.parked.slots)
+        self.store.release(session.parked)
 
     def fail_all(self, error: APIError) -> None:
         with self.cond:
@@ -277,7 +310,7 @@ class Scheduler:
         self.reclaim()
 
     def shutdown(self) -> None:
-        self.fail_all(Unavailable("the server is shutting down"))
+        self.fail_all(Unavailable(refusals.shutting_down()))
         if self.session_files is not None:  # --session-store: parked sessions outlive the server
             for session in self.sessions.drop_all():
                 self.free_session(session)
@@ -297,5 +330,5 @@ class Scheduler:
         """Give the pool back every slot no batch row, parked row or session holds."""
         in_use = [g.cache.retained_slots(b) for g in self.groups.values() for b in range(len(g.cache.requests))]
         in_use += [parked.slots for g in self.groups.values() for _, parked in g.paused.values()]
-        lost = reclaim_pool(self.pool, in_use + self.sessions.slot_ids())
+        lost = self.store.reclaim(in_use + self.sessions.slot_ids())
         self.metrics.inc("kv_slots_reclaimed_total", lost)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
-from .api_errors import BadRequest
-from .api_errors import ModelNotFound
+from . import refusals
+from .api_errors import BadRequest, ModelNotFound
 from .media_sources import MediaPolicy, load_image_url, load_video_url
 from .request_bounds import MediaBudget
 from .sampling import InvalidSampling, SamplingParams
@@ -41,10 +41,7 @@ EVICTION_FIELDS = ("policy", "budget", "memory_size", "threshold")
 @dataclass(frozen=True)
 class ServerLimits:
     model_name: str
-    config: DBTrimKVConfig  # the server's eviction settings
-    server_budget: int  # entries per request under `config`
-    num_layers: int
-    num_kv_heads: int
+    config: DBTrimKVConfig  # the server's eviction settings (a request's budget is capped by the scheduler)
     max_tokens: int = 4096  # cap on max_tokens
     default_max_tokens: int = 256
     media: MediaPolicy = field(default_factory=MediaPolicy)
@@ -72,13 +69,12 @@ def parse_chat_request(body, limits: ServerLimits) -> ChatRequest:
     for name, (what, default) in UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and value != default and not (isinstance(default, tuple) and value in ([], {})):
-            raise BadRequest(f"{what} not supported by this server ({name}={_short(value)})", param=name)
+            raise BadRequest(f"{what} not supported by this server ({name}={refusals.short(value)})", param=name)
     model = body.get("model")
     if model is None:
         raise BadRequest(f"'model' is required (this server serves {limits.model_name!r})", param="model")
     if model != limits.model_name:
-        raise ModelNotFound(f"the model {_short(model)} does not exist; this server serves {limits.model_name!r}",
-                            param="model")
+        raise ModelNotFound(refusals.model_not_found(model, limits.model_name), param="model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -99,11 +95,6 @@ def parse_chat_request(body, limits: ServerLimits) -> ChatRequest:
         stream=stream, include_usage=_bool(options, "include_usage", False, "stream_options.include_usage"),
         session_id=session_id,
     )
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bool(body: dict, name: str, default: bool, param: str | None = None) -> bool:
@@ -141,7 +132,9 @@ def _given(body: dict, name: str, default):
 
 
 def _eviction(value, limits: ServerLimits) -> DBTrimKVConfig:
-    """The server's eviction settings with the request's `eviction` overrides, capped by the server's budget."""
+    """The server's eviction settings with the request's `eviction` overrides. Its budget is resolved
+    once, when the scheduler takes the request (`scheduler.Limits.request_budget`: the server's
+    budget caps it)."""
     if value is None:
         return limits.config
     if not isinstance(value, dict):
@@ -154,14 +147,9 @@ def _eviction(value, limits: ServerLimits) -> DBTrimKVConfig:
     if changes.get("policy", limits.config.policy) != "threshold":
         changes.setdefault("threshold", None)
     try:
-        config = limits.config.replace(**changes)
-        budget = config.resolve_budget(limits.num_layers, limits.num_kv_heads)
+        return limits.config.replace(**changes)
     except (ConfigError, TypeError) as exc:
         raise BadRequest(f"eviction: {exc}", param="eviction") from None
-    if budget is None or budget > limits.server_budget:
-        raise BadRequest(f"eviction: a request may keep at most the server's budget of {limits.server_budget} entries "
-                         f"(got {budget})", param="eviction")
-    return config
 
 
 def _content_parts(message: dict, where: str) -> list[dict]:

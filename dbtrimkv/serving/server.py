@@ -49,18 +49,13 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
     text = text_config_of(model)
     layers, heads = text.num_hidden_layers, text.num_key_value_heads
     param = next(model.parameters())
-    budget = config.resolve_budget(layers, heads)
-    if budget is None:
-        raise ConfigError("dbtrimkv serve needs a KV budget (--budget or --memory-size; --full-cache has no bound "
-                          "to admit requests by)")
     engine = Engine(model, processor, config, memory_bytes(options.kv_memory, param.device), options.max_running,
                     options.max_queue, options.max_sessions, options.max_prefill_tokens)
-    smallest = engine.bound_for(config, 1)
+    smallest = engine.bound_for(engine.budget, config, 1)
     one_token = Reservation(smallest, (), view_columns(smallest, layers * heads, 2, config.buffer_size))
-    if not engine.admission.alone_fits(one_token):
-        raise ConfigError(f"--kv-memory holds {engine.admission.pool_slots} KV entries and "
-                          f"{engine.admission.view_bytes} bytes of attention views, but one request needs up to "
-                          f"{smallest} entries and their views; give it more memory or lower the budget")
+    refusal = engine.admission.never_fits(one_token)
+    if refusal is not None:
+        raise ConfigError(refusal)
     if options.session_store is not None:
         engine.sessions.files = engine.session_files = SessionFiles(options.session_store, ModelIdentity.of(model),
                                                                     options.session_write_through)
@@ -68,7 +63,7 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
                         max_bytes=options.http.max_request_bytes, video_fps=options.video_fps,
                         video_max_frames=options.video_max_frames,
                         max_pixels_per_request=options.http.max_prompt_tokens * _pixels_per_token(processor))
-    limits = ServerLimits(options.model_name, config, budget, layers, heads, options.max_tokens,
+    limits = ServerLimits(options.model_name, config, options.max_tokens,
                           min(options.default_max_tokens, options.max_tokens), media)
     return build_app(engine, limits, options.http), engine
 
@@ -84,8 +79,8 @@ def _pixels_per_token(processor) -> int:
 def startup_report(engine: Engine) -> str:
     admission, config = engine.admission, engine.config
     pool = admission.pool_slots
-    full = engine.bound_for(config, config.prefill_chunk)
-    budget = config.resolve_budget(engine.num_layers, engine.num_kv_heads)
+    full = engine.bound_for(engine.budget, config, config.prefill_chunk)
+    budget = engine.budget
     per_request_views = engine.metrics.get("kv_request_views_bytes")
     fit = pool // full if not per_request_views else min(pool // full, int(admission.view_bytes // per_request_views))
     if engine.row_view_bytes is None:

@@ -6,7 +6,7 @@ copy); the store is bounded by count, and the least recently used sessions are d
 count is exceeded or the pool needs the room for a waiting request. A dropped session's id is
 remembered (bounded) so the next request naming it is told why its history was prefilled again.
 
-Threads: HTTP handlers `reserve` a session (it is then busy and cannot be dropped) to build the
+Threads: HTTP handlers `claim` a session (reserved: busy, it cannot be dropped) to build the
 new turn's inputs; only the engine thread parks, takes over and drops sessions (it owns the pool).
 """
 
@@ -63,6 +63,22 @@ class SessionStore:
             session.busy = True
             return session
 
+    def claim(self, session_id: str, config_key: tuple, canonical: list[tuple]) -> tuple[Session | None, bool, str | None]:
+        """For a request naming `session_id`: the session reserved for it (None if there is none),
+        whether the request continues it (same eviction settings, its messages extend the session's
+        history) and the notice its answer carries (why an earlier session is gone, or that this one
+        restarts). Raises `SessionBusy`; the caller unreserves the session if the request fails."""
+        notice = self.notice_for(session_id)
+        session = self.reserve(session_id)
+        if session is None:
+            return None, False, notice
+        seen = len(session.history)
+        continues = session.config_key == config_key and len(canonical) > seen and canonical[:seen] == session.history
+        if not continues:
+            notice = (f"session {session_id!r} restarted: the messages do not continue its history (or its eviction "
+                      "settings changed), so the whole conversation was prefilled")
+        return session, continues, notice
+
     def unreserve(self, session: Session) -> None:
         with self._lock:
             session.busy = False
@@ -103,12 +119,8 @@ class SessionStore:
             idle = next((s for s in self._sessions.values() if not s.busy), None)
             return self._drop(idle, reason) if idle is not None else None
 
-    def discard(self, session_id: str) -> Session | None:
-        """Forget a session without a notice (it is being replaced)."""
-        with self._lock:
-            return self._sessions.pop(session_id, None)
-
     def drop_all(self) -> list[Session]:
+        """Remove every session (the server stops: with a session store they are spilled to disk)."""
         with self._lock:
             out = list(self._sessions.values())
             self._sessions.clear()
@@ -128,10 +140,6 @@ class SessionStore:
         """The pool slots each stored session holds (tensors)."""
         with self._lock:
             return [s.parked.slots for s in self._sessions.values()]
-
-    def parked_slots(self) -> int:
-        with self._lock:
-            return sum(s.parked.num_slots for s in self._sessions.values())
 
 
 class SessionBusy(Exception):

@@ -102,3 +102,21 @@ def test_threshold_and_its_tau_go_together(tmp_path):
                                  "--output", str(tmp_path / "t")], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.startswith("dbtrimkv: error:") and message in result.stderr
+
+
+def test_a_recall_task_parameter_the_task_refuses_is_one_clear_error_before_loading(monkeypatch, capsys):
+    """`--image-size 8` passes the flag's range but the recall task needs >= 32: one error line, exit 2,
+    before any model loads (it used to end in a raw ValueError after loading)."""
+    from dbtrimkv.cli import main
+    from dbtrimkv.eval import harness
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(harness, "run_benchmark", no_run)
+    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_run)
+    for kind, rule in (("cards", "image_size must be >= 32, filler and distractors >= 0"),
+                       ("video", "frames must be >= 2, image_size >= 32, filler >= 0"),
+                       ("image", "image_size must be >= 32, filler >= 0")):
+        assert main(["eval", "synthetic", "--kind", kind, "--image-size", "8"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"dbtrimkv: error: recall task: {rule}"]

@@ -9,6 +9,7 @@ slot returns to the pool.
 from __future__ import annotations
 
 import queue
+import sys
 
 import pytest
 import torch
@@ -182,10 +183,20 @@ def test_a_forward_that_fails_halfway_restarts_the_others_and_fails_the_culprit(
     monkeypatch.setattr(runner_module, "forward_rows", forward)
     metrics = engine.metrics
     before = {k: metrics.get(k) for k in ("batch_failures_total", "requests_restarted_total", "kv_slots_reclaimed_total")}
+    resolved = []  # a request's budget is resolved once, when it is submitted: a restart reads it from the request
+    real_resolve = DBTrimKVConfig.resolve_budget
+
+    def counted(self, *args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("dbtrimkv.serving"):
+            resolved.append(1)
+        return real_resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(DBTrimKVConfig, "resolve_budget", counted)
     try:
         bad, tokens, results = together_with_one_bad(engine, processor, items, poisoned)
     finally:
         handle.remove()
+    assert len(resolved) == len(items) + 1  # one per request submitted, none for the restarts
     assert bad == ("error", 500)
     assert all(kind == "done" for kind, _ in results) and tokens == expected
     assert metrics.get("batch_failures_total") - before["batch_failures_total"] == 2  # the batch, then it alone
@@ -207,10 +218,83 @@ def test_every_sampling_value_is_checked_and_the_400_names_the_field(field, valu
     from dbtrimkv.serving.api_errors import BadRequest
     from dbtrimkv.serving.schema import ServerLimits, parse_chat_request
 
-    limits = ServerLimits("m", CONFIG, 10**6, 3, 2)
+    limits = ServerLimits("m", CONFIG)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
     with pytest.raises(BadRequest) as info:
         parse_chat_request(body, limits)
     assert info.value.param == field and f"'{field}'" in info.value.message
     with pytest.raises(ValueError, match="finite|must be"):  # the engine's own check (one owner: SamplingParams)
         SamplingParams(**{"max_tokens": 4, field.replace("max_completion_tokens", "max_tokens"): value})
+
+
+def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_conversation(engine, random_vl,
+                                                                                          monkeypatch):
+    """Pins what recovery.py does to a request that continued a session when its batch's forward fails
+    under another request: its cached history went with the batch, so it is not restarted but answered
+    503 `batch_failed` (retry at once); the retry finds no session and prefills the whole conversation,
+    answering what that conversation gets alone. The request at fault fails alone; no slot is lost."""
+    from dbtrimkv.serving.api_errors import BatchFailed
+    from dbtrimkv.serving.app import HTTPOptions, _prepare
+    from dbtrimkv.serving.schema import ServerLimits, parse_chat_request
+
+    model, processor = random_vl
+    limits = ServerLimits("m", CONFIG, max_tokens=4096)
+    mark = processor.tokenizer.encode("#", add_special_tokens=False)[0]
+
+    def prepare(messages, session_id=None, max_tokens=6):
+        body = {"model": "m", "messages": messages, "temperature": 0, "ignore_eos": True, "max_tokens": max_tokens}
+        if session_id is not None:
+            body["session_id"] = session_id
+        events: queue.Queue = queue.Queue()
+        job, _ = _prepare(engine, parse_chat_request(body, limits), events.put, HTTPOptions())
+        return job, events
+
+    def answered(job, events):
+        kind, result = outcome(job, events)
+        assert kind == "done", result
+        return job.tracker.text
+
+    first = [{"role": "user", "content": "tell me about it"}]
+    reply = answered(*prepare(first, "s"))
+    conversation = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and more?"}]
+    alone_answer = answered(*prepare(conversation))  # the whole conversation, no session
+
+    real = runner_module.forward_rows
+
+    def forward(model_, cache, rows):
+        if any(mark in r.ids.tolist() for r in rows):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model_, cache, rows)
+
+    monkeypatch.setattr(runner_module, "forward_rows", forward)
+    turn, turn_events = prepare(conversation, "s", max_tokens=400)  # decoding when the poisoned prompt joins
+    assert turn.continues
+    poisoned, poisoned_events = prepare([{"role": "user", "content": "tell me about it " * 4 + "#"}])
+    failed = turn_events
+    while (event := failed.get(timeout=60)).kind == "token":
+        pass
+    assert event.kind == "error" and isinstance(event.error, BatchFailed)
+    assert (event.error.status, event.error.code, event.error.headers()) == (503, "batch_failed", {"Retry-After": "0"})
+    assert outcome(poisoned, poisoned_events) == ("error", 500)  # restarted alone, it fails alone
+    monkeypatch.setattr(runner_module, "forward_rows", real)
+    retry, retry_events = prepare(conversation, "s")
+    assert not retry.continues  # the session went with the batch
+    assert answered(retry, retry_events) == alone_answer and retry.cached_tokens == 0
+    assert not engine.running and not engine.waiting
+    sessions = [engine.sessions.take(i) for i in engine.sessions.ids()]
+    held = sum(s.parked.num_slots for s in sessions)
+    assert held > 0 and engine.pool.capacity - engine.pool.num_free == held  # only the retried turn's session
+    for session in sessions:
+        engine.scheduler.free_session(session)
+    assert_pool_all_back(engine)
+
+
+def test_the_server_changes_the_pools_free_list_only_through_a_kv_store():
+    """`KVStore` is the sole owner of the free list: the scheduler frees rows and reclaims through its store."""
+    import re
+    from pathlib import Path
+
+    import dbtrimkv.serving
+
+    for path in Path(dbtrimkv.serving.__file__).parent.glob("*.py"):
+        assert not re.search(r"pool\.(release|released|pop)\(", path.read_text()), path.name

@@ -86,7 +86,7 @@ def test_a_port_in_use_or_a_bad_host_fails_before_the_model_loads(monkeypatch, c
 
 def test_pool_too_small_for_one_request(capsys):
     assert main(["serve", "--kv-memory", "50KiB"]) == 2
-    assert "one request needs up to" in capsys.readouterr().err
+    assert "one request may hold up to" in capsys.readouterr().err
 
 
 def test_kv_memory_parsing():
