@@ -2,9 +2,12 @@
 
 Why: streamed pieces must concatenate to the final text, never contain a half character (a
 multi-byte character split over tokens) nor the beginning of a stop string that may still complete.
+Where a stop string begins is `stop_strings.first_stop`, as for whole answers.
 """
 
 from __future__ import annotations
+
+from ..stop_strings import first_stop
 
 
 class TextTracker:
@@ -20,10 +23,9 @@ class TextTracker:
         self.ids.append(token)
         full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         hold = 0
-        for stop in self.stop:
-            at = full.find(stop, max(0, self.emitted - len(stop)))
-            if at >= 0:
-                full, self.stopped = full[:at], True
+        at = first_stop(full, self.stop)
+        if at is not None:
+            full, self.stopped = full[:at], True
         self.text = full
         if not self.stopped:
             if full.endswith("\ufffd"):
