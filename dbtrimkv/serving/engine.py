@@ -26,7 +26,7 @@ from ..cache.cache import uses_views
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
-from ..generation import is_vision_language
+from ..runner.positions import is_vision_language
 from ..turns import stop_token_ids
 from ..prompts import tokenizer_of
 from .admission import Admission, split_memory, view_columns

@@ -16,11 +16,11 @@ import torch
 from ..cache.requests import ParkedSequence
 from ..config import DBTrimKVConfig
 from ..errors import DBTrimKVError
-from ..generation import VisionStream
+from ..runner.vision import VisionStream
 from .admission import Reservation
 from .api_errors import APIError, BadRequest, InternalError
 from .detokenize import TextTracker
-from .sampling import Sampler, SamplingParams
+from ..runner.sampling import Sampler, SamplingParams
 from .sessions import Session
 
 

@@ -3,7 +3,8 @@
 Why: running the model is one job, apart from choosing what runs (`scheduler.py`). A request is a row
 of a serving cache: it prefills its prompt in chunks of its own `prefill_chunk` (all but the last
 token, like `dbtrimkv.generate`), then feeds the last prompt token and decodes one token per step
-beside the others; each batch of one eviction setting is one batched forward (`batch_step.py`).
+beside the others; each batch of one eviction setting is one batched forward of the model runner
+(`dbtrimkv.runner`: positions, vision per chunk, the forward, decode inputs, rope deltas, sampling).
 Per-row work that may fail on its input fails that request alone; a failed batched forward restarts
 its requests alone (`recovery.py`, the one at fault then fails alone).
 """
@@ -15,13 +16,17 @@ import traceback
 
 import torch
 
-from ..generation import VisionStream, decode_positions, model_lock, rope_deltas, token_positions, with_input_defaults
+from ..generation import model_lock
+from ..runner.decode import decode_input
+from ..runner.forward import RowInput, forward_rows
+from ..runner.positions import token_positions, with_input_defaults
+from ..runner.prefill import finish_prompt
+from ..runner.sampling import Sampler
+from ..runner.vision import VisionStream
 from .api_errors import APIError, BatchFailed
-from .batch_step import RowInput, encode_vision, forward_rows
 from .detokenize import TextTracker
 from .metrics import Metrics
 from .records import Batch, EngineRequest, Event, StepRecord, as_api_error
-from .sampling import Sampler
 from .scheduler import Scheduler
 
 
@@ -66,12 +71,13 @@ class Runner:
         if request.prefilled < total:
             start, end = request.next_chunk()
             ids = request.inputs["input_ids"][0, start:end]
-            vision = encode_vision(self.model, request.vision, start, end) if request.vision is not None else None
+            vision = None
+            if request.vision is not None:
+                table = self.model.get_input_embeddings().weight
+                vision = request.vision.chunks(start, end, table.device, table.dtype)[0]
             return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
                             vision), end == total
-        pos = decode_positions(self.model, [cache.requests[row]], self.device)[..., 0, :]
-        token = torch.tensor([request.generated[-1]], device=self.device)
-        return RowInput(token, pos, torch.zeros_like(token)), True
+        return decode_input(self.model, cache, row, request.generated[-1]), True
 
     def _step(self, group: Batch, record: StepRecord) -> None:
         cache = group.cache
@@ -105,11 +111,9 @@ class Runner:
                 request.prefilled += row_input.ids.numel()
                 record.prefill_tokens += row_input.ids.numel()
                 self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
-                if request.prefilled == request.prompt_len and self.vision_language:
-                    positions = request.positions[:, None]  # [4, 1, prompt]: the whole prompt, no padding
-                    delta = rope_deltas(positions, torch.ones_like(positions[0]), [cache.requests[b].seen])[0]
-                    if delta is not None:
-                        cache.set_rope_delta(b, delta)
+                if request.prefilled == request.prompt_len:
+                    positions = request.positions[..., None, :]  # one row, the whole prompt, no padding
+                    finish_prompt(self.model, cache, positions, torch.ones_like(request.inputs["input_ids"]), [b])
             else:
                 record.decode_tokens += 1
             if not samples:

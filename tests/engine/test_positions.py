@@ -1,4 +1,4 @@
-"""Decode positions, rope deltas and input defaults: one function each (`dbtrimkv.generation`), used by
+"""Decode positions, rope deltas and input defaults: one function each (`dbtrimkv.runner.positions`), used by
 `generate` and by the server's engine alike.
 
 Why: Qwen-VL's M-RoPE runs ahead of the text position after an image; a decode step must continue
@@ -12,7 +12,8 @@ import torch
 from helpers import image_chat, random_image
 
 import dbtrimkv
-from dbtrimkv.generation import decode_positions, prefill, rope_deltas, token_positions, with_input_defaults
+from dbtrimkv.generation import prefill
+from dbtrimkv.runner.positions import decode_positions, rope_deltas, token_positions, with_input_defaults
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.tiny import build_tiny
 
