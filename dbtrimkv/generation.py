@@ -29,8 +29,8 @@ from .runner.prefill import PromptBatch, progress_reporter
 from .runner.sampling import Sampler, SamplingParams
 
 # `generate` keyword arguments of transformers' `generate` that the runner honours
-GENERATE_OPTIONS = {"do_sample", "temperature", "top_p", "top_k", "streamer", "logits_processor", "min_new_tokens",
-                    "eos_token_id", "pad_token_id", "done", "seed"}
+GENERATE_OPTIONS = {"do_sample", "temperature", "top_p", "top_k", "streamer", "logits_processor", "stopping_criteria",
+                    "min_new_tokens", "eos_token_id", "pad_token_id", "done", "seed"}
 
 
 def model_lock(model) -> threading.RLock:
@@ -69,7 +69,7 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     `inputs` are processor outputs for new tokens; if the cache already holds earlier turns, the new
     tokens are appended to them. `options` are the `model.generate` options the runner honours:
     do_sample, temperature, top_p, top_k (None: the model's generation config), streamer,
-    logits_processor, min_new_tokens, eos_token_id, pad_token_id, plus `seed` (the sampler's; default:
+    logits_processor, stopping_criteria, min_new_tokens, eos_token_id, pad_token_id, plus `seed` (the sampler's; default:
     drawn from torch's generator) and `done` (a predicate over a row's generated ids that ends it, e.g.
     stop strings). If `timings` is a dict, it receives `prefill_seconds` and `decode_seconds` (the
     decode part includes the last prompt token's forward).
@@ -159,7 +159,8 @@ def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, tim
         logits = prompt.run(ids.shape[1] - 1, ids.shape[1], 1)  # the last prompt token: its logits start decoding
         prompt.finish(ids.shape[1])
         on_step = None if streamer is None else (lambda step: streamer.put(torch.tensor([step[0]])))
-        decode(model, cache, logits, rows, max_new_tokens, history, options.get("logits_processor"), on_step)
+        decode(model, cache, logits, rows, max_new_tokens, history, options.get("logits_processor"),
+               options.get("stopping_criteria"), on_step)
     finally:
         if streamer is not None:
             streamer.end()

@@ -64,24 +64,28 @@ class DecodeRow:
 
 
 def decode(model, cache: DBTrimKVCache, logits: torch.Tensor, rows: list[DecodeRow], max_new_tokens: int,
-           history: torch.Tensor | None = None, logits_processor=None,
+           history: torch.Tensor | None = None, logits_processor=None, stopping_criteria=None,
            on_step: Callable[[list[int | None]], None] | None = None) -> None:
     """Decode from the prompt's last logits `[B, V]` until every row is done (`rows[b].generated`).
 
     The rows advance together (cache columns keep counting, as transformers' `generate` counts them).
-    `logits_processor` (transformers' `(ids [B, n], scores [B, V]) -> scores`) sees `history` (`[B, n]`:
-    the ids so far) followed by the generated ids. `on_step` gets each step's tokens (None: row done).
+    `logits_processor` and `stopping_criteria` (transformers' `(ids [B, n], scores [B, V])` callables; a
+    criterion returns `[B]` bools, True ending that row) see `history` (`[B, n]`: the ids so far)
+    followed by the generated ids. `on_step` gets each step's tokens (None: row done).
     """
-    ids = history
+    ids, criteria = history, list(stopping_criteria or [])
     while True:
         if logits_processor is not None:
             logits = logits_processor(ids, logits)
         step = [None if row.finished else row.accept(logits[b], max_new_tokens) for b, row in enumerate(rows)]
         if on_step is not None:
             on_step(step)
-        if logits_processor is not None:
+        if logits_processor is not None or criteria:
             fill = torch.tensor([[0 if t is None else t] for t in step], dtype=torch.long, device=ids.device)
             ids = torch.cat([ids, fill], 1)
+            for criterion in criteria:
+                for b, stop in enumerate(criterion(ids, logits).tolist()):
+                    rows[b].finished = rows[b].finished or bool(stop)
         if all(row.finished for row in rows):
             return
         feed = [None if row.finished else row.generated[-1] for row in rows]
