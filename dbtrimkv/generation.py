@@ -49,13 +49,14 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
     if not isinstance(cache, DBTrimKVCache):
         raise ConfigError("dbtrimkv.prefill needs a DBTrimKVCache")
     _check_generate_arguments(inputs, cache, 1, chunk)
+    cache.check_model(model)
     check_token_ids(model, inputs["input_ids"])
     chunk = chunk or cache.config.prefill_chunk
     inputs = with_input_defaults(inputs, next(model.parameters()).device)
-    prompt = PromptBatch(model, cache, inputs)
+    prompt = PromptBatch.after(model, cache, inputs)
     upto = prompt.width if upto is None else upto
-    logits = prompt.run(0, upto, chunk, progress_reporter(progress, upto, chunk))
-    prompt.finish(upto)
+    logits = prompt.run(cache, 0, upto, chunk, progress_reporter(progress, upto, chunk))
+    prompt.finish(cache, upto)
     return logits
 
 
@@ -152,12 +153,12 @@ def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, tim
     if streamer is not None:
         streamer.put(ids.cpu())  # the prompt (a streamer with skip_prompt skips it)
     start = time.perf_counter()
-    prompt = PromptBatch(model, cache, inputs)
-    prompt.run(0, ids.shape[1] - 1, chunk, progress_reporter(progress, ids.shape[1] - 1, chunk))
+    prompt = PromptBatch.after(model, cache, inputs)
+    prompt.run(cache, 0, ids.shape[1] - 1, chunk, progress_reporter(progress, ids.shape[1] - 1, chunk))
     prefilled = time.perf_counter()
     try:
-        logits = prompt.run(ids.shape[1] - 1, ids.shape[1], 1)  # the last prompt token: its logits start decoding
-        prompt.finish(ids.shape[1])
+        logits = prompt.run(cache, ids.shape[1] - 1, ids.shape[1], 1)  # the last prompt token: its logits start decoding
+        prompt.finish(cache, ids.shape[1])
         on_step = None if streamer is None else (lambda step: streamer.put(torch.tensor([step[0]])))
         decode(model, cache, logits, rows, max_new_tokens, history, options.get("logits_processor"),
                options.get("stopping_criteria"), on_step)

@@ -25,18 +25,24 @@ from .vision import VisionStream
 
 
 class PromptBatch:
-    """New tokens of every sequence of a cache, as one left-padded `[B, T]` batch: ids, mask, types,
-    positions (from where each sequence stands) and the vision stream."""
+    """New tokens of a batch of sequences, as one left-padded `[B, T]` batch: ids, mask, types, positions
+    (from where each sequence stands) and the vision stream. A prompt of the pipeline's batch and a
+    server request (one row) alike."""
 
-    def __init__(self, model, cache: DBTrimKVCache, inputs: dict):
-        """`inputs`: processor outputs with defaults filled in (`positions.with_input_defaults`)."""
-        self.model, self.cache = model, cache
+    def __init__(self, model, inputs: dict, seen: list[int], mrope_start: list[int]):
+        """`inputs`: processor outputs with defaults filled in (`positions.with_input_defaults`); sequence b
+        has seen `seen[b]` tokens and its next token's M-RoPE position is `mrope_start[b]`."""
+        self.model = model
         self.ids, self.mask, self.types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
-        batch = self.ids.shape[0]
-        start = cache.next_mrope_positions(batch)
-        self.positions = token_positions(model, inputs, self.mask, cache.seen or [0] * batch, start)
+        self.positions = token_positions(model, inputs, self.mask, seen, mrope_start)
         has_vision = is_vision_language(model) and bool(self.types.any())
         self.stream = VisionStream(model, inputs, self.types, self.mask) if has_vision else None
+
+    @classmethod
+    def after(cls, model, cache: DBTrimKVCache, inputs: dict) -> "PromptBatch":
+        """The new tokens of every sequence of `cache`, continuing where each stands."""
+        batch = inputs["input_ids"].shape[0]
+        return cls(model, inputs, cache.seen or [0] * batch, cache.next_mrope_positions(batch))
 
     @property
     def width(self) -> int:
@@ -55,25 +61,29 @@ class PromptBatch:
                                 self.types[b, start:end][real], vision[b]))
         return out
 
-    def run(self, start: int, end: int, chunk: int, report: Callable[[int], None] = lambda done: None):
-        """Feed columns [start, end) in chunks of `chunk` columns; returns the last forward's logits `[B, V]`
-        (None if nothing ran). The rotary table covers the whole prompt's positions."""
+    def run(self, cache: DBTrimKVCache, start: int, end: int, chunk: int,
+            report: Callable[[int], None] = lambda done: None):
+        """Feed columns [start, end) to `cache` (its rows = this batch's) in chunks of `chunk` columns;
+        returns the last forward's logits `[B, V]` (None if nothing ran). The rotary table covers the
+        whole prompt's positions."""
         logits = None
         with whole_prompt_rotary(self.model, int(self.positions.max()) if self.positions.numel() else 0):
             for lo in range(start, end, chunk):
                 hi = min(lo + chunk, end)
-                logits = forward_rows(self.model, self.cache, self.rows(lo, hi), width=hi - lo, keep_columns=True)
+                logits = forward_rows(self.model, cache, self.rows(lo, hi), width=hi - lo, keep_columns=True)
                 report(hi)
         return logits
 
-    def finish(self, upto: int) -> None:
-        """After columns [0, upto) were fed: record each sequence's rope delta (`finish_prompt`)."""
-        finish_prompt(self.model, self.cache, self.positions[..., :upto], self.mask[:, :upto], list(range(len(self.ids))))
+    def finish(self, cache: DBTrimKVCache, upto: int, rows: list[int] | None = None) -> None:
+        """After columns [0, upto) were fed: record each sequence's rope delta in its cache row (`rows[b]`
+        for sequence b; default: row b)."""
+        rows = list(range(self.ids.shape[0])) if rows is None else rows
+        finish_prompt(self.model, cache, self.positions[..., :upto], self.mask[:, :upto], rows)
 
 
 def finish_prompt(model, cache: DBTrimKVCache, positions: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> None:
     """Record how far M-RoPE runs ahead of the text position in cache rows `rows` once the prompt tokens
-    with `positions` `[4, len(rows), T]` and `mask` were fed (constant while decoding text), so later tokens
+    with `positions` `[4, len(rows), T]` and `mask` `[len(rows), T]` were fed (constant while decoding text), so later tokens
     and turns continue at `seen + rope_delta`. Nothing for a text-only model."""
     if not is_vision_language(model) or positions.shape[-1] == 0:
         return

@@ -19,10 +19,9 @@ import torch
 from ..generation import model_lock
 from ..runner.decode import decode_input
 from ..runner.forward import RowInput, forward_rows
-from ..runner.positions import token_positions, with_input_defaults
-from ..runner.prefill import finish_prompt
+from ..runner.positions import with_input_defaults
+from ..runner.prefill import PromptBatch
 from ..runner.sampling import Sampler
-from ..runner.vision import VisionStream
 from .api_errors import APIError, BatchFailed
 from .detokenize import TextTracker
 from .metrics import Metrics
@@ -33,21 +32,18 @@ from .scheduler import Scheduler
 class Runner:
     """Feeds every running row its next input, samples, and answers through each request's `sink`."""
 
-    def __init__(self, model, tokenizer, stop_ids, vision_language: bool, scheduler: Scheduler, metrics: Metrics,
-                 kv_memory: int):
-        self.model, self.tokenizer, self.stop_ids, self.vision_language = model, tokenizer, stop_ids, vision_language
+    def __init__(self, model, tokenizer, stop_ids, scheduler: Scheduler, metrics: Metrics, kv_memory: int):
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
         self.device = next(model.parameters()).device
         self.scheduler, self.metrics, self.kv_memory = scheduler, metrics, kv_memory
 
     def prepare(self, request: EngineRequest) -> None:
-        """Prepare the request's positions, streams, sampler and detokenizer (what may fail on bad input)."""
+        """Prepare the request's prompt (positions, vision stream: the model runner's `PromptBatch`), sampler
+        and detokenizer (what may fail on bad input)."""
         parked = request.session.parked if request.session is not None and request.continues else None
         seen, rope_delta = (parked.state.seen, parked.state.rope_delta) if parked is not None else (0, 0)
         request.inputs = with_input_defaults(request.inputs, self.device)  # one row: no padding
-        mask, types = request.inputs["attention_mask"], request.inputs["mm_token_type_ids"]
-        request.positions = token_positions(self.model, request.inputs, mask, [seen], [seen + rope_delta])[..., 0, :]
-        if self.vision_language and bool(types.any()):
-            request.vision = VisionStream(self.model, request.inputs, types, mask)
+        request.prompt = PromptBatch(self.model, request.inputs, [seen], [seen + rope_delta])
         request.sampler = Sampler(request.sampling, seed=request.seed)
         request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
         request.tracker.emitted = request.emitted
@@ -70,13 +66,7 @@ class Runner:
         total = request.prompt_len
         if request.prefilled < total:
             start, end = request.next_chunk()
-            ids = request.inputs["input_ids"][0, start:end]
-            vision = None
-            if request.vision is not None:
-                table = self.model.get_input_embeddings().weight
-                vision = request.vision.chunks(start, end, table.device, table.dtype)[0]
-            return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
-                            vision), end == total
+            return request.prompt.rows(start, end)[0], end == total
         return decode_input(self.model, cache, row, request.generated[-1]), True
 
     def _step(self, group: Batch, record: StepRecord) -> None:
@@ -112,8 +102,7 @@ class Runner:
                 record.prefill_tokens += row_input.ids.numel()
                 self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
                 if request.prefilled == request.prompt_len:
-                    positions = request.positions[..., None, :]  # one row, the whole prompt, no padding
-                    finish_prompt(self.model, cache, positions, torch.ones_like(request.inputs["input_ids"]), [b])
+                    request.prompt.finish(cache, request.prompt_len, [b])
             else:
                 record.decode_tokens += 1
             if not samples:
