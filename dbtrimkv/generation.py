@@ -26,7 +26,7 @@ from .runner.decode import DecodeRow, decode
 from .runner.pending import record_generation, with_pending_tokens
 from .runner.positions import check_token_ids, with_input_defaults
 from .runner.prefill import PromptBatch, progress_reporter
-from .runner.sampling import Sampler, SamplingParams
+from .runner.sampling import LocalSampling, Sampler
 
 # `generate` keyword arguments of transformers' `generate` that the runner honours
 GENERATE_OPTIONS = {"do_sample", "temperature", "top_p", "top_k", "streamer", "logits_processor", "stopping_criteria",
@@ -119,20 +119,22 @@ def decode_rows_for(model, batch: int, max_new_tokens: int, options: dict) -> tu
         value = options.get(name)
         return value if value is not None else (getattr(config, name, None) if config is not None else None) or fallback
 
+    seed = options.get("seed")
     if options.get("do_sample", getattr(config, "do_sample", False) if config is not None else False):
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=float(setting("temperature", 1.0)),
-                                top_p=float(setting("top_p", 1.0)), top_k=int(setting("top_k", 0)))
+        params = LocalSampling(max_tokens=max_new_tokens, temperature=setting("temperature", 1.0),
+                               top_p=setting("top_p", 1.0), top_k=setting("top_k", 0), seed=seed)
     else:
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        params = LocalSampling(max_tokens=max_new_tokens, temperature=0.0)
+    least = options.get("min_new_tokens") or 0
+    if isinstance(least, bool) or not isinstance(least, int) or least < 0:
+        raise ConfigError(f"min_new_tokens must be a non-negative integer, got {least!r}")
     stop = _ids(setting("eos_token_id", None))
     pad = options.get("pad_token_id", getattr(config, "pad_token_id", None) if config is not None else None)
     pad = pad if pad is not None else (min(stop) if stop else 0)
-    seed = options.get("seed")
     rows = []
     for _ in range(batch):
-        drawn = seed if seed is not None else int(torch.randint(2**62, (1,)))  # follows torch.manual_seed
-        rows.append(DecodeRow(Sampler(params, seed=drawn), stop, options.get("done"),
-                              int(options.get("min_new_tokens") or 0)))
+        drawn = None if seed is not None else int(torch.randint(2**62, (1,)))  # follows torch.manual_seed
+        rows.append(DecodeRow(Sampler(params, seed=drawn), stop, options.get("done"), least))
     return rows, pad
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -32,6 +33,9 @@ class InvalidSampling(ConfigError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """A request's settings, in OpenAI's ranges (temperature at most 2)."""
+
+    MAX_TEMPERATURE: ClassVar[float] = 2.0
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -42,13 +46,20 @@ class SamplingParams:
 
     def __post_init__(self):
         _integer("max_tokens", self.max_tokens, 1, None)
-        _real("temperature", self.temperature, 0.0, 2.0, "[0, 2]")
+        _real("temperature", self.temperature, 0.0, self.MAX_TEMPERATURE, f"[0, {self.MAX_TEMPERATURE:g}]")
         _real("top_p", self.top_p, 0.0, 1.0, "(0, 1]", open_low=True)
         _integer("top_k", self.top_k, 0, None)
         if self.seed is not None:
             _integer("seed", self.seed, *SEED_RANGE)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidSampling("stop", "'stop' strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class LocalSampling(SamplingParams):
+    """`dbtrimkv.generate`'s settings: a temperature up to 100, as the command line takes."""
+
+    MAX_TEMPERATURE: ClassVar[float] = 100.0
 
 
 def _integer(name: str, value, low: int, high: int | None) -> None:

@@ -112,3 +112,27 @@ def test_stopping_criteria_end_rows_like_transformers(models):
                             max_new_tokens=10, min_new_tokens=10, do_sample=False, stopping_criteria=[after_four])
     assert out.shape == (1, 4)
     assert seen == [inputs["input_ids"].shape[1] + k for k in range(1, 5)]
+
+
+def test_sampling_is_the_runners_seeded_and_validated(models):
+    """`do_sample` draws through the runner's `Sampler`: the same under `torch.manual_seed` or an explicit
+    seed, not the greedy answer, and a bad setting is one `ConfigError` naming it."""
+    model, processor = models["qwen3"]
+    inputs = build_inputs(processor, "Tell me a story.")
+
+    def run(**options):
+        cache = dbtrimkv.DBTrimKVCache(model, dbtrimkv.DBTrimKVConfig())
+        options = {"min_new_tokens": 8, **options}
+        return dbtrimkv.generate(model, inputs, cache, max_new_tokens=8, **options)[0].tolist()
+
+    torch.manual_seed(3)
+    first = run(do_sample=True, temperature=5.0)  # the command line's range, past OpenAI's 2
+    torch.manual_seed(3)
+    assert run(do_sample=True, temperature=5.0) == first
+    assert run(do_sample=True, seed=11) == run(do_sample=True, seed=11)
+    greedy = run(do_sample=False)
+    assert any(run(do_sample=True, temperature=2.0, seed=s) != greedy for s in range(3))
+    with pytest.raises(ConfigError, match="temperature"):
+        run(do_sample=True, temperature=float("nan"))
+    with pytest.raises(ConfigError, match="min_new_tokens"):
+        run(min_new_tokens=-1)
