@@ -240,8 +240,8 @@ class DBTrimKVPipeline:
     def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
              notes: list[str] = (), until: StopStrings | None = None) -> list[PipelineOutput]:
         timings: dict = {}
-        if until is not None:  # a fresh cache: the generated ids follow the prompt's columns
-            kwargs = dict(kwargs, stopping_criteria=until.criteria(inputs["input_ids"].shape[1]))
+        if until is not None:  # each row ends once its generated ids spell a stop string
+            kwargs = dict(kwargs, done=until)
         with torch.inference_mode():
             new = generate(self.model, inputs, cache, progress=progress, timings=timings, **kwargs)
         outputs, stop = [], stop_token_ids(self.model, self.tokenizer)

@@ -8,7 +8,7 @@ included); the token ids end with the token that completed it.
 
 `StopStrings` is a predicate over one row's generated ids (`done(ids) -> bool`), so any decode loop
 can ask it after each token, one row at a time, and a batch whose rows stop at different steps is
-no special case; `StoppingCriteria` adapts it to transformers' `generate`. Each check decodes the
+no special case (the model runner's decode loop takes it as a row's `done`). Each check decodes the
 row's ids so far, as the server's streaming detokenizer does (`serving/detokenize.py`, which also
 holds back text that may still grow into a stop string; this module serves whole answers).
 """
@@ -16,9 +16,6 @@ holds back text that may still grow into a stop string; this module serves whole
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
-import transformers
 
 from .errors import ConfigError
 
@@ -52,10 +49,6 @@ class StopStrings:
         """True once the text of `ids` (a row's generated ids so far) contains a stop string."""
         return bool(self.stops) and first_stop(self.text(ids), self.stops) is not None
 
-    def rows_done(self, rows: Sequence[Sequence[int]]) -> list[bool]:
-        """`self(ids)` for each row of a batch."""
-        return [self(ids) for ids in rows]
-
     def cut(self, ids: Sequence[int]) -> tuple[list[int], str]:
         """(the ids up to the token that completed the first stop string, the text before that string);
         ids and their whole text when no stop string appears."""
@@ -68,18 +61,3 @@ class StopStrings:
             low, high = (low, middle) if self(ids[:middle]) else (middle + 1, high)
         text = self.text(ids[:low])
         return ids[:low], text[: first_stop(text, self.stops)]
-
-    def criteria(self, prompt_length: int) -> transformers.StoppingCriteriaList:
-        """For `model.generate`: ends a row once its ids after `prompt_length` columns hold a stop string."""
-        return transformers.StoppingCriteriaList([StoppingCriteria(self, prompt_length)])
-
-
-class StoppingCriteria(transformers.StoppingCriteria):
-    """`StopStrings` as transformers' stopping criterion (`[B, n]` ids so far -> `[B]` done)."""
-
-    def __init__(self, stop: StopStrings, prompt_length: int):
-        self.stop, self.prompt_length = stop, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = self.stop.rows_done(input_ids[:, self.prompt_length:].tolist())
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -9,7 +9,7 @@ import pytest
 
 from dbtrimkv import DBTrimKVPipeline
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.generation import language_model_of
+from dbtrimkv.runner.positions import language_model_of
 from dbtrimkv.stop_strings import StopStrings, first_stop
 
 MAX_NEW = 16

@@ -1,8 +1,7 @@
 """`TokenMemory`: the token ids of a conversation so far, processed or still pending.
 
-Why: `dbtrimkv.generate` hands decoding to transformers' `generate`, whose last sampled token is
-never fed to the model; the next turn must feed it first, and id-based logits processors want
-every earlier id. The memory keeps `[B, columns]` ids and mask beside the cache, row for row
+Why: the last token `dbtrimkv.generate` samples is never fed to the model (`runner/pending.py`);
+the next turn must feed it first, and id-based logits processors want every earlier id. The memory keeps `[B, columns]` ids and mask beside the cache, row for row
 (a row added to a live cache gets all-padding history; a parked row's history leaves with it).
 """
 

@@ -1,9 +1,9 @@
 """`dbtrimkv serve`: an OpenAI-compatible server with continuous batching inside one bounded KV memory.
 
 Modules, one job each: `schema` (request validation), `media_sources` (data URIs, allowed files /
-URLs), `admission` (pool and view memory, per-request bound and views), `batch_step` (one ragged
-batched forward over a cache's rows; rows join and leave with `DBTrimKVCache.add_sequence` /
-`park_sequence`), `sampling`,
+URLs), `admission` (pool and view memory, per-request bound and views), `sampling` (the model
+runner's, `dbtrimkv.runner`, whose one forward runs a cache's rows; rows join and leave with
+`DBTrimKVCache.add_sequence` / `park_sequence`),
 `detokenize`, `sessions`, `records` (request and step records), `scheduler` (queue, admission,
 prefill budget, batches, parked sessions), `runner` (one step: forwards, sampling), `engine` (the
 loop), `recovery` (a failure fails one request alone),

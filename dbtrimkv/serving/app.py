@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..errors import DBTrimKVError
 from ..turns import closing_ids, prepend_tokens
 from ..prompts import build_inputs
+from ..runner.pending import reply_pending
 from . import refusals
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
                          TooLarge, Unauthorized, Unavailable)
@@ -154,7 +155,7 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
         try:
             if continues:
                 inputs = build_inputs(engine.processor, chat.messages[len(session.history):])
-                pending = session.last_ids[-1:]
+                pending = reply_pending(session.last_ids)  # the reply's last token was never fed
                 inputs = prepend_tokens(inputs, pending + closing_ids(engine.tokenizer, session.last_ids, engine.stop_ids))
             else:
                 inputs = build_inputs(engine.processor, chat.messages)

@@ -26,7 +26,6 @@ from ..cache.cache import uses_views
 from ..config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..gates import text_config_of
-from ..generation import is_vision_language
 from ..turns import stop_token_ids
 from ..prompts import tokenizer_of
 from . import refusals
@@ -78,7 +77,7 @@ class Engine:
         self.max_running, self.max_queue = max_running, max_queue
         self.scheduler = Scheduler(model, self.limits, self.pool, self.admission, self.sessions, self.metrics,
                                    max_running, max_queue, self.max_prefill_tokens)
-        self.runner = Runner(model, self.tokenizer, self.stop_ids, is_vision_language(model), self.scheduler,
+        self.runner = Runner(model, self.tokenizer, self.stop_ids, self.scheduler,
                              self.metrics, self.kv_memory)
         self.steps: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
         self._thread: threading.Thread | None = None

@@ -11,16 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from ..cache.requests import ParkedSequence
 from ..config import DBTrimKVConfig
 from ..errors import DBTrimKVError
-from ..generation import VisionStream
+from ..runner.prefill import PromptBatch
+from ..runner.sampling import Sampler, SamplingParams
 from .admission import Reservation
 from .api_errors import APIError, BadRequest, InternalError
 from .detokenize import TextTracker
-from .sampling import Sampler, SamplingParams
 from .sessions import Session
 
 
@@ -60,8 +58,7 @@ class EngineRequest:
     cached_tokens: int = 0
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
-    positions: torch.Tensor | None = None
-    vision: VisionStream | None = None
+    prompt: PromptBatch | None = None  # its new tokens' positions and vision stream (the model runner's)
     sampler: Sampler | None = None
     tracker: TextTracker | None = None
     first_token_at: float | None = None
@@ -83,7 +80,7 @@ class EngineRequest:
         """Start again from the first prompt token, alone, with the same seed; what was sent is not sent again."""
         self.seed = self.sampler.seed if self.sampler is not None else self.seed
         self.emitted = self.tracker.emitted if self.tracker is not None else self.emitted
-        self.prefilled, self.generated, self.positions, self.vision = 0, [], None, None
+        self.prefilled, self.generated, self.prompt = 0, [], None
         self.solo = True
 
 

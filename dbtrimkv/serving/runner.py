@@ -3,7 +3,8 @@
 Why: running the model is one job, apart from choosing what runs (`scheduler.py`). A request is a row
 of a serving cache: it prefills its prompt in chunks of its own `prefill_chunk` (all but the last
 token, like `dbtrimkv.generate`), then feeds the last prompt token and decodes one token per step
-beside the others; each batch of one eviction setting is one batched forward (`batch_step.py`).
+beside the others; each batch of one eviction setting is one batched forward of the model runner
+(`dbtrimkv.runner`: positions, vision per chunk, the forward, decode inputs, rope deltas, sampling).
 Per-row work that may fail on its input fails that request alone; a failed batched forward restarts
 its requests alone (`recovery.py`, the one at fault then fails alone).
 """
@@ -15,34 +16,34 @@ import traceback
 
 import torch
 
-from ..generation import VisionStream, decode_positions, model_lock, rope_deltas, token_positions, with_input_defaults
+from ..generation import model_lock
+from ..runner.decode import decode_input
+from ..runner.forward import RowInput, forward_rows
+from ..runner.positions import with_input_defaults
+from ..runner.prefill import PromptBatch
+from ..runner.sampling import Sampler
 from .api_errors import APIError, BatchFailed
-from .batch_step import RowInput, encode_vision, forward_rows
 from .detokenize import TextTracker
 from .metrics import Metrics
 from .records import Batch, EngineRequest, Event, StepRecord, as_api_error
-from .sampling import Sampler
 from .scheduler import Scheduler
 
 
 class Runner:
     """Feeds every running row its next input, samples, and answers through each request's `sink`."""
 
-    def __init__(self, model, tokenizer, stop_ids, vision_language: bool, scheduler: Scheduler, metrics: Metrics,
-                 kv_memory: int):
-        self.model, self.tokenizer, self.stop_ids, self.vision_language = model, tokenizer, stop_ids, vision_language
+    def __init__(self, model, tokenizer, stop_ids, scheduler: Scheduler, metrics: Metrics, kv_memory: int):
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
         self.device = next(model.parameters()).device
         self.scheduler, self.metrics, self.kv_memory = scheduler, metrics, kv_memory
 
     def prepare(self, request: EngineRequest) -> None:
-        """Prepare the request's positions, streams, sampler and detokenizer (what may fail on bad input)."""
+        """Prepare the request's prompt (positions, vision stream: the model runner's `PromptBatch`), sampler
+        and detokenizer (what may fail on bad input)."""
         parked = request.session.parked if request.session is not None and request.continues else None
         seen, rope_delta = (parked.state.seen, parked.state.rope_delta) if parked is not None else (0, 0)
         request.inputs = with_input_defaults(request.inputs, self.device)  # one row: no padding
-        mask, types = request.inputs["attention_mask"], request.inputs["mm_token_type_ids"]
-        request.positions = token_positions(self.model, request.inputs, mask, [seen], [seen + rope_delta])[..., 0, :]
-        if self.vision_language and bool(types.any()):
-            request.vision = VisionStream(self.model, request.inputs, types, mask)
+        request.prompt = PromptBatch(self.model, request.inputs, [seen], [seen + rope_delta])
         request.sampler = Sampler(request.sampling, seed=request.seed)
         request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
         request.tracker.emitted = request.emitted
@@ -65,13 +66,8 @@ class Runner:
         total = request.prompt_len
         if request.prefilled < total:
             start, end = request.next_chunk()
-            ids = request.inputs["input_ids"][0, start:end]
-            vision = encode_vision(self.model, request.vision, start, end) if request.vision is not None else None
-            return RowInput(ids, request.positions[..., start:end], request.inputs["mm_token_type_ids"][0, start:end],
-                            vision), end == total
-        pos = decode_positions(self.model, [cache.requests[row]], self.device)[..., 0, :]
-        token = torch.tensor([request.generated[-1]], device=self.device)
-        return RowInput(token, pos, torch.zeros_like(token)), True
+            return request.prompt.rows(start, end)[0], end == total
+        return decode_input(self.model, cache, row, request.generated[-1]), True
 
     def _step(self, group: Batch, record: StepRecord) -> None:
         cache = group.cache
@@ -105,11 +101,8 @@ class Runner:
                 request.prefilled += row_input.ids.numel()
                 record.prefill_tokens += row_input.ids.numel()
                 self.metrics.inc("prompt_tokens_total", row_input.ids.numel())
-                if request.prefilled == request.prompt_len and self.vision_language:
-                    positions = request.positions[:, None]  # [4, 1, prompt]: the whole prompt, no padding
-                    delta = rope_deltas(positions, torch.ones_like(positions[0]), [cache.requests[b].seen])[0]
-                    if delta is not None:
-                        cache.set_rope_delta(b, delta)
+                if request.prefilled == request.prompt_len:
+                    request.prompt.finish(cache, request.prompt_len, [b])
             else:
                 record.decode_tokens += 1
             if not samples:

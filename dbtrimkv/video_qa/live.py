@@ -6,7 +6,8 @@ seen so far (compressed by the eviction policy). `push(index, frame, fps)` adds 
 `window_frames` frames are prefilled (vision tower included) and dropped. `ask(question)` forks
 the cache as it is now (`cache.clone()`), appends the question and answers from the fork, so the
 video is never re-encoded and the session keeps running; the answer carries the stream time of
-the last frame it saw. Memory is the bounded cache, one fork per question being answered, and at
+the last frame it saw. Prefill and answers run on the model runner (`dbtrimkv.prefill` /
+`generate`). Memory is the bounded cache, one fork per question being answered, and at
 most one window of frames: the same after a minute or a day.
 
 Frames are timed by `index / fps` (the processor writes these times into the prompt as

@@ -4,7 +4,8 @@ Why: a long video cannot be turned into one processor call (every frame and ever
 would be in memory at once) nor into one forward (its K/V would have to fit before anything is
 evicted). Qwen3-VL treats each temporal frame group as its own grid with M-RoPE positions that
 advance group by group, so the prompt can be built piece by piece and fed through
-`generation.prefill` into one cache:
+`dbtrimkv.prefill` (the model runner, `dbtrimkv.runner`) into one cache; answers decode through
+`dbtrimkv.generate` on a fork of it:
 
     chat prefix tokens | window 1 of frames | window 2 | ... | question suffix tokens
 

@@ -1,4 +1,4 @@
-"""Decode positions, rope deltas and input defaults: one function each (`dbtrimkv.generation`), used by
+"""Decode positions, rope deltas and input defaults: one function each (`dbtrimkv.runner.positions`), used by
 `generate` and by the server's engine alike.
 
 Why: Qwen-VL's M-RoPE runs ahead of the text position after an image; a decode step must continue
@@ -12,7 +12,8 @@ import torch
 from helpers import image_chat, random_image
 
 import dbtrimkv
-from dbtrimkv.generation import decode_positions, prefill, rope_deltas, token_positions, with_input_defaults
+from dbtrimkv.generation import prefill
+from dbtrimkv.runner.positions import decode_positions, rope_deltas, token_positions, with_input_defaults
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.tiny import build_tiny
 
@@ -54,3 +55,16 @@ def test_input_defaults_fill_only_what_is_missing():
     given = with_input_defaults({"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1]]),
                                  "mm_token_type_ids": torch.tensor([[0, 1, 0]])}, "cpu")
     assert given["attention_mask"].tolist() == [[0, 1, 1]] and given["mm_token_type_ids"].tolist() == [[0, 1, 0]]
+
+
+def test_the_runner_keeps_rope_deltas_in_the_request_table_not_on_the_model():
+    """After an image, decoding continues from each sequence's own rope delta; transformers'
+    `model.model.rope_deltas` is never written (it would be shared by every cache of the model)."""
+    model, processor = build_tiny("qwen3_vl")
+    dbtrimkv.attach_retention_gates(model, intermediate_size=16)
+    assert model.model.rope_deltas is None
+    cache = dbtrimkv.DBTrimKVCache(model, dbtrimkv.DBTrimKVConfig(prefill_chunk=8))
+    dbtrimkv.generate(model, build_inputs(processor, image_chat(random_image(3), "What?")), cache, max_new_tokens=3,
+                      do_sample=False)
+    assert model.model.rope_deltas is None
+    assert cache.requests[0].rope_delta < 0

@@ -10,9 +10,9 @@ import torch
 from dbtrimkv import DBTrimKVConfig, DBTrimKVPipeline, load_model
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.cache import DBTrimKVCache, SlotPool
-from dbtrimkv.generation import token_positions
+from dbtrimkv.runner.positions import token_positions
 from dbtrimkv.serving.api_errors import BadRequest
-from dbtrimkv.serving.batch_step import RowInput, forward_rows
+from dbtrimkv.runner.forward import RowInput, forward_rows
 from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.serving.sampling import SamplingParams
 from helpers import random_image, randomize_gates

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dbtrimkv import DBTrimKVConfig, load_model
-from dbtrimkv.generation import VisionStream
+from dbtrimkv.runner.vision import VisionStream
 from dbtrimkv.model_anatomy import text_decoder_layers
 from dbtrimkv.prompts import build_inputs
 from dbtrimkv.serving import runner as runner_module
