@@ -87,7 +87,7 @@ class KVViews:
         layer: reserve their columns and mark them valid now (each layer writes its rows in `append`).
         The reserved cells are kept as flat row indices `[L, N*H]` into `k[l].view(-1, D)` (one
         `index_copy_` per layer and tensor in `append`)."""
-        _, batch, heads, columns = self.bias.shape[:3] + self.bias.shape[-1:]
+        heads, columns = self.bias.shape[2], self.bias.shape[-1]
         segment = token_batch[:, None] * heads + torch.arange(heads, device=token_batch.device)  # [N, H] in b*H + h
         column = self.length[:, token_batch, :]  # [L, N, H]
         flat = (segment[None] * columns + column).flatten(1)  # [L, N*H] cells of one layer's [B*H*C] rows
