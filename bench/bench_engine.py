@@ -25,6 +25,10 @@ Decode (ms per token, mean over the steps after 2 warm-up steps):
 - dense-M:      the limit of this design: the gated model (gates run, nothing evicted) over a plain
                 contiguous cache that starts with M entries per head and grows like ours (the same
                 mean size over the steps): a `StaticCache` (preallocated) and a `DynamicCache`
+- dense-M plain: the plain model (no gates) over a `DynamicCache` of M entries: what a user of a
+                dense-cache compressor (kvpress) runs at the kept size; ours / it includes the gates
+`--rounds R` repeats the fixed-budget decode R times (each round continues the caches), so the
+native-path table gives every ratio's median and range over the rounds.
 - ours-full / hf-dynamic / hf-static: budget >= length: a `DBTrimKVCache` holding everything and
                 transformers' caches, filled with `context` random entries through their own append
                 paths, `--full-steps` steps, up to `--full-max` tokens
@@ -221,23 +225,31 @@ def measure_context(args, context: int, plain, gated, fixed, dtype, device) -> d
     dense_static = random_fill(StaticCache(config=config, max_cache_len=m + args.decode_steps + WARMUP), config, m,
                                dtype, device, gen)
     dense_dynamic = random_fill(DynamicCache(config=config), config, m, dtype, device, gen)
+    dense_plain = random_fill(DynamicCache(config=config), config, m, dtype, device, gen)
     runners = {"ours": (gated, ours, context), "dense_static": (gated, dense_static, m),
-               "dense_dynamic": (gated, dense_dynamic, m)}
+               "dense_dynamic": (gated, dense_dynamic, m), "dense_plain": (plain, dense_plain, m)}
     tail = ids[:, -min(context, args.policy_prefill_max):]
     for policy in [] if "policies" in args.skip else args.policies:
         cache = dbtrimkv.DBTrimKVCache(gated, fixed.replace(policy=policy))
         with torch.inference_mode():
             prefill(gated, {"input_ids": tail}, cache, chunk=args.prefill_chunk)
         runners[policy] = (gated, cache, tail.shape[1])
-    decode = decode_interleaved(runners, args.decode_steps, device)
+    rounds = []
+    for _ in range(args.rounds):  # each round continues every cache by `decode_steps` more steps
+        rounds.append(decode_interleaved(runners, args.decode_steps, device))
+        if len(rounds) < args.rounds:  # a fresh static cache: it holds one round's steps
+            runners["dense_static"] = (gated, random_fill(StaticCache(config=config, max_cache_len=m + args.decode_steps
+                                                                      + WARMUP), config, m, dtype, device, gen), m)
+    decode = {name: statistics.fmean(r[name] for r in rounds) for name in runners}
     row.update(ours_decode_ms=decode["ours"], dense_static_decode_ms=decode["dense_static"],
-               dense_dynamic_decode_ms=decode["dense_dynamic"],
+               dense_dynamic_decode_ms=decode["dense_dynamic"], dense_plain_decode_ms=decode["dense_plain"],
+               decode_rounds=rounds,
                ours_kv_bytes=ours.storage_bytes(), ours_views_bytes=ours.views_bytes(),
                ours_peak_entries=max(ours.peak_entries), evictions=ours.num_evictions)
-    for policy in runners.keys() - {"ours", "dense_static", "dense_dynamic"}:
+    for policy in runners.keys() - {"ours", "dense_static", "dense_dynamic", "dense_plain"}:
         row[f"{policy}_decode_ms"] = decode[policy]
         row[f"{policy}_prefill_tokens"] = tail.shape[1]
-    del ours, dense_static, dense_dynamic, runners
+    del ours, dense_static, dense_dynamic, dense_plain, runners
     gc.collect()
 
     # budget >= length: everything cached
@@ -269,6 +281,9 @@ def main() -> None:
     parser.add_argument("--buffer-size", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of the fixed-budget decode (each `--decode-steps` steps, interleaved); the "
+                             "table gives each ratio's median and range over the rounds")
     parser.add_argument("--full-steps", type=int, default=6)
     parser.add_argument("--hf-prefill-max", type=int, default=32768)
     parser.add_argument("--extra-prefill-max", type=int, default=4096)
@@ -360,6 +375,30 @@ def table(result: dict) -> str:
             f"{_ratio(r.get('ours_full_decode_ms'), r.get('hf_dynamic_decode_ms'))} | "
             f"{_ratio(r.get('ours_full_decode_ms'), r.get('hf_static_decode_ms'))} | "
             f"{(r['ours_kv_bytes'] + r['ours_views_bytes']) / MIB:.0f} |"
+        )
+    lines += [
+        "",
+        "Native-path decode at the fixed budget (`model(..., cache=...)` step by step), per round (each "
+        f"{result['decode_steps']} steps, interleaved): ours-M over the gated model on a dense cache of M entries "
+        "(faster of static / dynamic: the cache's own cost) and over the plain model on a `DynamicCache` of M "
+        "entries (plain dense: the cache's and the gates' cost); median (min-max) over the rounds",
+        "",
+        "| context | rounds | ours-M ms | dense-M gated ms | dense-M plain ms | ours / dense-M gated | "
+        "ours / dense-M plain | gates' share (gated / plain dense) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        rounds = r.get("decode_rounds") or []
+        if not rounds or "dense_plain" not in rounds[0]:
+            continue
+        def spread(values):
+            return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+        gated = [min(x["dense_static"], x["dense_dynamic"]) for x in rounds]
+        lines.append(
+            f"| {r['context']} | {len(rounds)} | {r['ours_decode_ms']:.1f} | {statistics.fmean(gated):.1f} | "
+            f"{r['dense_plain_decode_ms']:.1f} | {spread([x['ours'] / g for x, g in zip(rounds, gated)])} | "
+            f"{spread([x['ours'] / x['dense_plain'] for x in rounds])} | "
+            f"{spread([g / x['dense_plain'] for x, g in zip(rounds, gated)])} |"
         )
     policies = result.get("policies", [])
     if policies:

@@ -1,18 +1,25 @@
-"""Serving benchmark: throughput and latency of `dbtrimkv serve` under 1, 4 and 16 concurrent clients.
+"""Serving benchmark: throughput of `dbtrimkv serve` under 1, 4 and 16 concurrent clients, against
+transformers `generate` on the same 16 requests as one static batch (the limit of perfect batching).
 
-For each model the server runs in its own process (one torch thread, so client and server do not
-share a GIL) and clients send OpenAI chat requests over HTTP. Two server modes, one run each:
-- batched:        continuous batching, --max-running 16 (the default)
-- one-at-a-time:  --max-running 1: requests are served one after another (what a server without
-                  batching does), the others wait in the queue.
-Each model's `--kv-memory` (pool and attention views together) holds about 12 of its requests, so
-under 16 clients admission control holds some back (the occupancy trace shows it). Every request
-generates exactly `--max-tokens` tokens (`ignore_eos`, greedy), so throughput is comparable.
-Reported per (model, mode, clients): requests/s, generated tokens/s, p50 / p99 request latency, p50
-time to first token (streamed), and the gain of batching over one-at-a-time. During the 16-client
-batched run `/metrics` is sampled every 50 ms: KV entries in use and reserved against the pool, and
-bytes of pool + views against `--kv-memory`, over time (JSON + PNG); the peak of the views is the
-server's own per-step maximum (`dbtrimkv_kv_views_bytes_peak`), not only what the samples caught.
+For each model three processes run side by side (one torch thread each, so clients and server do
+not share a GIL), started once and measured in turns, `--repeats` rounds (default 3):
+- batched:        the server with continuous batching, --max-running 16 (the default)
+- one-at-a-time:  the server with --max-running 1: requests are served one after another (what a
+                  server without batching does), the others wait in the queue
+- static:         transformers `model.generate` on the 16-client requests as ONE left-padded batch
+                  (`dbtrimkv.prompts.build_inputs`, the same chats and images) with its own full
+                  (dense) `DynamicCache`: the same model object the server serves (gates attached; with
+                  a dense cache they run but nothing is evicted). Timed from the chats to the last
+                  token (processor included, as the server's clients are timed from the request).
+Every request generates exactly `--max-tokens` tokens (`ignore_eos` / `min_new_tokens`, greedy), so
+throughput is comparable. Reported per (model, mode, clients): the median over the rounds and the
+range of requests/s and generated tokens/s, p50 / p99 request latency, p50 time to first token
+(streamed); per round, the gain of batching over one-at-a-time and the server's tokens/s over the
+static batch's (ratios within a round: the machine is shared, its load moves between rounds).
+`--kv-memory` (pool and attention views together) admits all 16 requests at once (the static batch
+holds all 16 too). During the first 16-client batched round `/metrics` is sampled every 50 ms: KV
+entries in use and reserved against the pool, bytes of pool + views against `--kv-memory` (JSON +
+PNG); the peak of the views is the server's own per-step maximum (`dbtrimkv_kv_views_bytes_peak`).
 
 Models: `tiny-recall` (the shipped toy Qwen3-VL; image chats of ~50 tokens) and a medium random
 text model (Qwen3 architecture, 8 layers, hidden 512, 8 / 4 heads, head_dim 64; prompts of ~130
@@ -28,7 +35,6 @@ import base64
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +45,16 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak_serve import ServeProcess  # noqa: E402  (the one `dbtrimkv serve` subprocess launcher)
+
 ROOT = Path(__file__).resolve().parents[1]
-# kv_memory: pool + views for about 12 requests (tiny-recall: a bound of 96 + 6 x 50 entries of 269 bytes and
-# 153 KB of views; medium: 1024 + 32 x ~150 entries of 525 bytes and 3.4 MB of views), so under 16 clients
-# admission holds some back
+CLIENTS = (1, 4, 16)
+# kv_memory: pool + views for all 16 requests at once (tiny-recall: a bound of 96 + 6 x 50 entries of 269 bytes
+# and ~150 KB of views each; medium: 1024 + 32 x ~150 entries of 525 bytes and ~3.4 MB of views)
 MODELS = {
-    "tiny-recall": {"memory_size": 16, "kv_memory": "3.5MiB", "requests": {1: 6, 4: 12, 16: 32}},
-    "medium-random": {"memory_size": 32, "kv_memory": "75MiB", "requests": {1: 3, 4: 8, 16: 16}},
+    "tiny-recall": {"memory_size": 16, "kv_memory": "6MiB", "requests": {1: 4, 4: 8, 16: 16}},
+    "medium-random": {"memory_size": 32, "kv_memory": "110MiB", "requests": {1: 2, 4: 8, 16: 16}},
 }
 
 
@@ -66,6 +75,13 @@ def build_medium():
     return model, build_tokenizer()
 
 
+def load_served(name: str):
+    """(model, processor) the server and the static batch use."""
+    import dbtrimkv
+
+    return dbtrimkv.load_model(None) if name == "tiny-recall" else build_medium()
+
+
 def serve(args) -> None:
     import torch
     import uvicorn
@@ -75,10 +91,7 @@ def serve(args) -> None:
     from dbtrimkv.serving.admission import parse_kv_memory
 
     torch.set_num_threads(1)
-    if args.serve == "tiny-recall":
-        model, processor = dbtrimkv.load_model(None)
-    else:
-        model, processor = build_medium()
+    model, processor = load_served(args.serve)
     config = dbtrimkv.DBTrimKVConfig(memory_size=MODELS[args.serve]["memory_size"], prefill_chunk=256)
     options = ServerOptions(model_name=args.serve, kv_memory=parse_kv_memory(args.kv_memory),
                             max_running=args.max_running, max_queue=256)
@@ -86,39 +99,71 @@ def serve(args) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
+def static_worker(args) -> None:
+    """transformers `generate` on the 16-client chats as one left-padded batch with a dense cache, once per
+    line read from stdin; one JSON line per run on stdout."""
+    import torch
+
+    from dbtrimkv.prompts import build_inputs
+
+    torch.set_num_threads(1)
+    model, processor = load_served(args.static)
+    chats = prompts(args.static, args.count, local=True)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run(count: int, tokens: int) -> dict:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            inputs = build_inputs(processor, chats[:count])
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=pad)
+        wall = time.perf_counter() - start
+        generated = (out.shape[1] - inputs["input_ids"].shape[1]) * count
+        return {"seconds": round(wall, 3), "tokens": generated, "tokens_per_s": round(generated / wall, 2),
+                "prompt_tokens": int(inputs["attention_mask"].sum()), "width": inputs["input_ids"].shape[1]}
+
+    run(2, 2)  # warm-up
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(run(args.count, args.max_tokens)), flush=True)
+
+
+class StaticBatch:
+    """The static-batch worker process (`static_worker`): one `run()` = one timed `generate`."""
+
+    def __init__(self, model: str, count: int, max_tokens: int):
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--static", model, "--count", str(count),
+                                      "--max-tokens", str(max_tokens)], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"static batch worker for {model} failed to start")
+
+    def run(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
 # --- clients ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(model: str, max_running: int, kv_memory: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", model, "--port", str(port), "--max-running",
-                             str(max_running), "--kv-memory", kv_memory], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
-def prompts(model: str, count: int) -> list[list[dict]]:
+def prompts(model: str, count: int, local: bool = False) -> list[list[dict]]:
+    """The chats: OpenAI messages for the server, or (`local`) the same chats for `build_inputs`."""
     if model == "tiny-recall":
         images = sorted((ROOT / "demos" / "examples").glob("digit-*.png"))
-        uris = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in images]
-        return [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris[i % len(uris)]}},
-                                              {"type": "text", "text": "which digit is in the image?"}]}]
+
+        def image(i):
+            path = images[i % len(images)]
+            if local:
+                return {"type": "image", "image": str(path)}
+            return {"type": "image_url",
+                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()}}
+
+        return [[{"role": "user", "content": [image(i), {"type": "text", "text": "which digit is in the image?"}]}]
                 for i in range(count)]
     words = "the cat sat on a mat while seven birds sang about tea and rain".split()
     return [[{"role": "user", "content": " ".join(words[(i + k) % len(words)] for k in range(28))}]
@@ -138,9 +183,11 @@ def one_request(base: str, model: str, messages, max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            elif first is None and chunk["choices"] and "content" in chunk["choices"][0]["delta"] \
+                    and "role" not in chunk["choices"][0]["delta"]:  # the first token's piece (maybe "")
                 first = time.perf_counter() - start
-    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": usage["completion_tokens"]}
+    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
 
 
 def sample_metrics(base: str, stop: threading.Event, out: list, t0: float) -> None:
@@ -148,7 +195,10 @@ def sample_metrics(base: str, stop: threading.Event, out: list, t0: float) -> No
 
     with httpx.Client() as client:
         while not stop.is_set():
-            m = parse_metrics(client.get(base + "/metrics", timeout=5).text)
+            try:
+                m = parse_metrics(client.get(base + "/metrics", timeout=30).text)
+            except httpx.TimeoutException:  # a starved server (shared CPU) answers late: skip this sample
+                continue
             out.append({"t": round(time.perf_counter() - t0, 3), "in_use": m["dbtrimkv_kv_slots_in_use"],
                         "reserved": m["dbtrimkv_kv_slots_reserved"], "pool": m["dbtrimkv_kv_pool_slots"],
                         "running": m["dbtrimkv_requests_running"], "waiting": m["dbtrimkv_requests_waiting"],
@@ -161,7 +211,6 @@ def sample_metrics(base: str, stop: threading.Event, out: list, t0: float) -> No
 
 def load(base: str, model: str, clients: int, count: int, max_tokens: int, trace: list | None = None) -> dict:
     work = prompts(model, count)
-    one_request(base, model, work[0], 2)  # warm-up
     stop, sampler = threading.Event(), None
     t0 = time.perf_counter()
     if trace is not None:
@@ -177,19 +226,48 @@ def load(base: str, model: str, clients: int, count: int, max_tokens: int, trace
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": count, "seconds": round(wall, 3),
             "requests_per_s": round(count / wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in results),
             "latency_p50_s": round(statistics.median(latencies), 3),
             "latency_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
             "ttft_p50_s": round(statistics.median(r["ttft"] for r in results), 3)}
 
 
+def spread(values: list[float], digits: int = 2) -> str:
+    """`median (min-max)` of one measurement's rounds."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def summarize(rounds: list[dict]) -> list[dict]:
+    """One row per (model, mode, clients): medians and ranges over the rounds, and the per-round ratios."""
+    rows = []
+    keys = list(dict.fromkeys((r["model"], r["mode"], r["clients"]) for r in rounds))
+    for model, mode, clients in keys:
+        mine = [r for r in rounds if (r["model"], r["mode"], r["clients"]) == (model, mode, clients)]
+        row = {"model": model, "mode": mode, "clients": clients, "requests": mine[0]["requests"],
+               "rounds": len(mine), "tokens_per_s": [r["tokens_per_s"] for r in mine]}
+        for key in ("requests_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s"):
+            if key in mine[0]:
+                row[key] = statistics.median(r[key] for r in mine)
+        if mode == "batched":
+            for other, name in (("one-at-a-time", "gain_vs_one_at_a_time"), ("static", "vs_static")):
+                base = {r["round"]: r for r in rounds if (r["model"], r["mode"], r["clients"]) == (model, other, clients)}
+                ratios = [r["tokens_per_s"] / base[r["round"]]["tokens_per_s"] for r in mine if r["round"] in base]
+                if ratios:
+                    row[name] = ratios
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
-    head = ["model", "mode", "clients", "requests", "req/s", "tok/s", "p50 latency s", "p99 latency s",
-            "p50 TTFT s", "batching gain"]
+    head = ["model", "mode", "clients", "requests", "tok/s median (range)", "p50 latency s", "p99 latency s",
+            "p50 TTFT s", "batched / one-at-a-time", "batched / static batch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        ratio = {k: spread(r[k]) + "x" if k in r else "" for k in ("gain_vs_one_at_a_time", "vs_static")}
         lines.append("| " + " | ".join(str(x) for x in (
-            r["model"], r["mode"], r["clients"], r["requests"], r["requests_per_s"], r["tokens_per_s"],
-            r["latency_p50_s"], r["latency_p99_s"], r["ttft_p50_s"], r.get("gain", ""))) + " |")
+            r["model"], r["mode"], r["clients"], r["requests"], spread(r["tokens_per_s"], 1),
+            r.get("latency_p50_s", ""), r.get("latency_p99_s", ""), r.get("ttft_p50_s", ""),
+            ratio["gain_vs_one_at_a_time"], ratio["vs_static"])) + " |")
     return "\n".join(lines)
 
 
@@ -220,61 +298,90 @@ def plot(traces: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def measure_model(args, model: str, rounds: list, traces: dict) -> None:
+    """Start the two servers and the static worker, then measure them in turns, `--repeats` rounds."""
+    requests = {c: (max(c, n // 2) if args.quick else n) for c, n in MODELS[model]["requests"].items()}
+    kv = args.kv_memory or MODELS[model]["kv_memory"]
+    servers = {mode: ServeProcess("--max-running", str(running), "--kv-memory", kv, launcher=[__file__, "--serve", model],
+                                  env={"OMP_NUM_THREADS": "1"})
+               for mode, running in (("batched", 16), ("one-at-a-time", 1))}
+    static = StaticBatch(model, requests[16], args.max_tokens)
+    try:
+        for server in servers.values():
+            one_request(server.base_url, model, prompts(model, 1)[0], 2)  # warm-up
+        for round_ in range(args.repeats):
+            for clients in CLIENTS:
+                for mode, server in servers.items():
+                    if mode == "one-at-a-time" and clients == 1:
+                        continue  # the same as batched with one client
+                    trace = [] if (mode, clients, round_) == ("batched", 16, 0) else None
+                    row = dict(model=model, mode=mode, round=round_,
+                               **load(server.base_url, model, clients, requests[clients], args.max_tokens, trace))
+                    if trace is not None:
+                        traces[model] = trace
+                    rounds.append(row)
+                    print(json.dumps(row), flush=True)
+            row = dict(model=model, mode="static", round=round_, clients=16, requests=requests[16], **static.run())
+            rounds.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        static.close()
+        for server in servers.values():
+            server.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_cpu.json")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement, taken in turns")
     parser.add_argument("--kv-memory", default=None, help="pool size for every model (default: per model, above)")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--static", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-running", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args)
         return
+    if args.static:
+        static_worker(args)
+        return
     import dbtrimkv.serving.metrics  # noqa: F401  (torch and all: not inside a timed run)
-    rows, traces = [], {}
+    rounds, traces = [], {}
+    started = time.perf_counter()
     for model in args.models:
-        for mode, max_running in (("batched", 16), ("one-at-a-time", 1)):
-            proc, base = start(model, max_running, args.kv_memory or MODELS[model]["kv_memory"])
-            try:
-                for clients, count in MODELS[model]["requests"].items():
-                    if mode == "one-at-a-time" and clients == 1:
-                        continue  # the same as batched with one client
-                    count = max(clients, count // 4) if args.quick else count
-                    trace = [] if (mode, clients) == ("batched", 16) else None
-                    row = dict(model=model, mode=mode, **load(base, model, clients, count, args.max_tokens, trace))
-                    rows.append(row)
-                    if trace is not None:
-                        traces[model] = trace
-                    print(json.dumps(row), flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(30)
-    for row in rows:
-        if row["mode"] == "batched" and row["clients"] > 1:
-            alone = next(r for r in rows if r["model"] == row["model"] and r["mode"] == "one-at-a-time"
-                         and r["clients"] == row["clients"])
-            row["gain"] = f"{row['tokens_per_s'] / alone['tokens_per_s']:.2f}x"
+        measure_model(args, model, rounds, traces)
+    rows = summarize(rounds)
     peaks = {m: {"peak_in_use": max(s["in_use"] for s in tr), "peak_reserved": max(s["reserved"] for s in tr),
                  "pool": tr[0]["pool"], "peak_running": max(s["running"] for s in tr),
                  "pool_bytes": tr[0]["pool_bytes"], "kv_memory_bytes": tr[0]["memory"],
                  "peak_views_bytes": tr[-1]["views_peak_bytes"],
                  "peak_views_sampled_bytes": max(s["views_bytes"] for s in tr),
                  "peak_pool_plus_views_bytes": tr[0]["pool_bytes"] + tr[-1]["views_peak_bytes"],
-                 "views_skipped": tr[-1]["views_skipped"]} for m, tr in traces.items()}
+                 "views_skipped": tr[-1]["views_skipped"], "samples": len(tr)} for m, tr in traces.items() if tr}
+    prompt_check = {m: {"server_16_clients": next(r["prompt_tokens"] for r in rounds if r["model"] == m
+                                                  and r["mode"] == "batched" and r["clients"] == 16),
+                        "static_batch": next(r["prompt_tokens"] for r in rounds if r["model"] == m
+                                             and r["mode"] == "static")} for m in args.models}
     import torch
 
-    result = {"rows": rows, "occupancy_peaks": peaks, "occupancy_traces": traces, "max_tokens": args.max_tokens,
+    result = {"rows": rows, "rounds": rounds, "prompt_tokens": prompt_check, "occupancy_peaks": peaks,
+              "occupancy_traces": traces, "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "seconds": round(time.perf_counter() - started, 1),
               "kv_memory": {m: args.kv_memory or MODELS[m]["kv_memory"] for m in args.models},
               "env": {"python": platform.python_version(), "torch": torch.__version__,
-                      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "server_threads": 1}}
+                      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "server_threads": 1,
+                      "load_average": os.getloadavg()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    md = table(rows) + "\n\nKV memory under 16 clients (batched): " + "; ".join(
-        f"{m}: peak {p['peak_in_use']:.0f} entries in use, {p['peak_reserved']:.0f} reserved, pool {p['pool']:.0f}, "
+    md = table(rows) + "\n\nPrompt tokens (server's usage vs the static batch's mask): " + "; ".join(
+        f"{m}: {p['server_16_clients']} / {p['static_batch']}" for m, p in prompt_check.items())
+    md += "\n\nKV memory under 16 clients (batched): " + "; ".join(
+        f"{m} ({p['samples']} samples): peak {p['peak_in_use']:.0f} entries in use, {p['peak_reserved']:.0f} reserved, pool {p['pool']:.0f}, "
         f"{p['peak_running']:.0f} running at most; pool {p['pool_bytes'] / 2**20:.2f} MiB + views peak "
         f"{p['peak_views_bytes'] / 2**20:.2f} MiB = {p['peak_pool_plus_views_bytes'] / 2**20:.2f} MiB of "
         f"--kv-memory {p['kv_memory_bytes'] / 2**20:.2f} MiB ({p['views_skipped']:.0f} forwards attended through the pool)"

@@ -69,16 +69,21 @@ class ServeProcess:
     """`dbtrimkv serve` in a subprocess (its memory is its own: /proc/PID/status), killable and restartable.
     With `faults`, a request with seed `FAULT_SEED` makes its sampler raise inside the server."""
 
-    def __init__(self, *args: str, port: int | None = None, faults: bool = False):
+    def __init__(self, *args: str, port: int | None = None, faults: bool = False, launcher: list[str] | None = None,
+                 env: dict[str, str] | None = None):
+        """`launcher`: the Python arguments that start the server (default: the CLI's `serve`; a benchmark
+        passes its own script, e.g. to serve a model built in-process); `env`: extra environment."""
         self.args, self.port, self.faults = list(args), port or free_port(), faults
+        if launcher is None:
+            launcher = [__file__, "--serve-with-faults"] if faults else ["-m", "dbtrimkv.cli", "serve"]
+        self.launcher, self.env = launcher, dict(env or {})
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc = None
         self.start()
 
     def start(self, timeout: float = 300) -> None:
-        launcher = [__file__, "--serve-with-faults"] if self.faults else ["-m", "dbtrimkv.cli", "serve"]
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, *launcher, "--port", str(self.port), *self.args],
+        env = dict(os.environ, HF_HUB_OFFLINE="1", **self.env)
+        self.proc = subprocess.Popen([sys.executable, *self.launcher, "--port", str(self.port), *self.args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         deadline = time.monotonic() + timeout
         while True:

@@ -259,15 +259,17 @@ class DBTrimKVCache(CacheStatistics, Cache):
         elif batch != len(self.requests):
             raise ConfigError(f"this cache holds {len(self.requests)} sequences, but the input has {batch}")
         device = self.device
-        valid = torch.ones(batch, length, dtype=torch.bool, device=device) if padding is None else padding.to(device)
-        counts = valid.sum(1).tolist()
+        valid = None if padding is None or bool(padding.all()) else padding.to(device)  # None: no padding
+        counts = [length] * batch if valid is None else valid.sum(1).tolist()
         modality, self._pending_modality = self._pending_modality, None
         if modality is None or tuple(modality.shape) != (batch, length):
             modality = torch.zeros(batch, length, dtype=torch.int8, device=device)
         due = self.eviction.due(counts)
         if due:
             self.evict(due)
-        plan = ForwardPlan.build(valid, self.requests.seen_tensor(device), modality.to(device))
+        seen, modality = self.requests.seen_tensor(device), modality.to(device)
+        plan = ForwardPlan.unpadded(batch, length, seen, modality) if valid is None else \
+            ForwardPlan.build(valid, seen, modality)
         self.store.reserve_forward(plan, counts, self.eviction.pool_limit(counts),
                                    headroom=max(self.config.buffer_size, max(counts, default=0)))
         self.columns += length

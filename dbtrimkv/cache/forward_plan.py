@@ -47,6 +47,22 @@ class ForwardPlan:
             new_tokens=valid.sum(1).to(torch.int64),
         )
 
+    @classmethod
+    def unpadded(cls, batch: int, length: int, seen: torch.Tensor, modality: torch.Tensor) -> "ForwardPlan":
+        """`build` for an input without padding (every decode step of unpadded rows): the same plan from
+        aranges, without the mask's cumsum and nonzero (tests/engine/test_forward_plan.py compares them)."""
+        column = torch.arange(length, device=seen.device)
+        query_positions = seen[:, None] + column
+        return cls(
+            token_batch=torch.arange(batch, device=seen.device).repeat_interleave(length),
+            token_column=column.repeat(batch),
+            token_rank=column.repeat(batch),
+            token_position=query_positions.flatten(),
+            token_modality=modality.flatten(),
+            query_positions=query_positions,
+            new_tokens=torch.full((batch,), length, dtype=torch.int64, device=seen.device),
+        )
+
 
 @dataclass(frozen=True)
 class ForwardContext:

@@ -29,6 +29,7 @@ class KVStore:
         self.tables: SlotTables | None = None
         self.requests = RequestTable()  # one row per sequence, in segment order
         self.device = None
+        self._offsets: torch.Tensor | None = None  # `_layer_head_offsets`, made on first use
 
     @property
     def segments_per_sequence(self) -> int:
@@ -113,11 +114,17 @@ class KVStore:
         shape = slots.shape
         self.pool.write_positions(slots.flatten(), plan.token_position[None, :, None].expand(shape).flatten(),
                                   plan.token_modality[None, :, None].expand(shape).flatten())
-        layer = torch.arange(layers, device=self.device)[:, None, None]
-        segments = (plan.token_batch[None, :, None] * layers + layer) * heads + torch.arange(heads, device=self.device)
+        segments = plan.token_batch[None, :, None] * self.segments_per_sequence + self._layer_head_offsets()
         self.tables.append(segments.flatten(), plan.token_rank[None, :, None].expand(shape).flatten(),
                            slots.flatten(), plan.new_tokens.repeat_interleave(self.segments_per_sequence))
         return slots
+
+    def _layer_head_offsets(self) -> torch.Tensor:
+        """`[L, 1, H]` segment id of (layer l, head h) within a sequence's run, `l * H + h` (made once)."""
+        if self._offsets is None:  # the device is fixed once the pool exists
+            self._offsets = torch.arange(self.segments_per_sequence, device=self.device).view(
+                self.num_layers, 1, self.num_kv_heads)
+        return self._offsets
 
     @torch.no_grad()
     def evict(self, order: EvictionOrder, sequences: list[int]) -> int:

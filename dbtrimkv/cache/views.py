@@ -31,7 +31,7 @@ class KVViews:
         self.bias: torch.Tensor | None = None  # [L, B, H, 1, C], 0 valid / dtype min
         self.length: torch.Tensor | None = None  # [L, B, H] int64 rows in use
         self.spare = 0  # columns every segment still has free (host count, no device read)
-        self._append_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._append_at: torch.Tensor | None = None  # [L, N*H] the decode step's cells (`plan_append`)
         self._longest: list[int] | None = None  # rows in use of each layer's longest segment (read once)
 
     @property
@@ -47,8 +47,8 @@ class KVViews:
 
     def storage_bytes(self) -> int:
         """Bytes the views hold now: every tensor they keep (`planned_bytes` must count the same)."""
-        tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [t for t in (self.k, self.v, self.bias, self.length) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)  # (the decode step's cell index is not storage)
 
     @staticmethod
     def columns_for(used: int, headroom: int) -> int:
@@ -84,17 +84,18 @@ class KVViews:
 
     def plan_append(self, token_batch: torch.Tensor) -> None:
         """A decode forward adds one row to the segments of the sequences `token_batch` `[N]` in every
-        layer: reserve their columns and mark them valid now (each layer writes its rows in `append`)."""
-        heads = self.length.shape[2]
-        rows = token_batch[:, None].expand(-1, heads)
-        head = torch.arange(heads, device=rows.device)[None, :].expand_as(rows)
+        layer: reserve their columns and mark them valid now (each layer writes its rows in `append`).
+        The reserved cells are kept as flat row indices `[L, N*H]` into `k[l].view(-1, D)` (one
+        `index_copy_` per layer and tensor in `append`)."""
+        heads, columns = self.bias.shape[2], self.bias.shape[-1]
+        segment = token_batch[:, None] * heads + torch.arange(heads, device=token_batch.device)  # [N, H] in b*H + h
         column = self.length[:, token_batch, :]  # [L, N, H]
-        layer = torch.arange(self.num_layers, device=rows.device)[:, None, None].expand_as(column)
-        self.bias[layer, rows.expand_as(column), head.expand_as(column), 0, column] = 0
-        self.length[:, token_batch, :] += 1
+        flat = (segment[None] * columns + column).flatten(1)  # [L, N*H] cells of one layer's [B*H*C] rows
+        self.bias.view(self.num_layers, -1).scatter_(1, flat, 0.0)
+        self.length[:, token_batch, :] = column + 1
         self.spare -= 1
         self._longest = None
-        self._append_at = (rows, head, column)
+        self._append_at = flat
 
     def longest(self, layer: int) -> int:
         """Rows in use of the longest segment of one layer (one host read per forward for all layers)."""
@@ -104,6 +105,6 @@ class KVViews:
 
     def append(self, layer: int, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
         """Write this decode step's rows `[N, H, D]` of one layer into the columns `plan_append` reserved."""
-        rows, head, column = self._append_at
-        self.k[layer][rows, head, column[layer]] = k_rows.to(self.k.dtype)
-        self.v[layer][rows, head, column[layer]] = v_rows.to(self.v.dtype)
+        cells, dim = self._append_at[layer], self.k.shape[-1]
+        self.k[layer].view(-1, dim).index_copy_(0, cells, k_rows.reshape(-1, dim).to(self.k.dtype))
+        self.v[layer].view(-1, dim).index_copy_(0, cells, v_rows.reshape(-1, dim).to(self.v.dtype))

@@ -98,3 +98,35 @@ def test_attention_statistics_from_the_views_match_the_pool_reference(gated, pol
     assert torch.equal(kept, torch.cat([reference.retained_slots(b) for b in range(batch)]))
     assert cache.policy_scores[kept].abs().sum() > 0
     torch.testing.assert_close(cache.policy_scores[kept], reference.policy_scores[kept], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_appends_equal_views_rebuilt_from_the_pool(gated, seed):
+    """The decode fast path (`KVViews.plan_append` / `append`: one flat `index_copy_` per layer) leaves
+    the views equal to a plain rebuild from the slot pool (the reference), on ragged left-padded rows."""
+    from dbtrimkv.cache.views import KVViews
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, length = 3, int(torch.randint(5, 30, (1,), generator=gen))
+    ids = torch.randint(0, gated.config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :3] = 0
+    cache = dbtrimkv.DBTrimKVCache(gated, dbtrimkv.DBTrimKVConfig(memory_size=4, buffer_size=8))
+    token = prefill(gated, {"input_ids": ids, "attention_mask": mask}, cache, chunk=8).argmax(-1, keepdim=True)
+    with torch.no_grad():
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], 1)
+            out = gated(input_ids=token, attention_mask=mask, use_cache=True, **cache_kwargs(cache))
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    views, store = cache.views, cache.store
+    assert views is not None and not views.stale
+    fresh = KVViews(store.num_layers)
+    fresh.rebuild(store.pool, *store.tables.padded_slots(store.tables.all_layer_segments(store.num_layers,
+                                                                                          store.num_kv_heads)), 1)
+    assert torch.equal(views.length, fresh.length)
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in views.length.shape)).tolist():
+        n = int(views.length[tuple(index)])
+        assert torch.equal(views.k[tuple(index)][:n], fresh.k[tuple(index)][:n])
+        assert torch.equal(views.v[tuple(index)][:n], fresh.v[tuple(index)][:n])
+        assert torch.equal(views.bias[tuple(index)][0, :n], fresh.bias[tuple(index)][0, :n])
+        assert bool((views.bias[tuple(index)][0, n:] < 0).all())
