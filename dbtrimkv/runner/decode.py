@@ -42,25 +42,49 @@ def _token_input(token: int | None, position: torch.Tensor, device) -> RowInput:
 
 @dataclass
 class DecodeRow:
-    """One row being decoded: how it samples, when it is done, what it generated."""
+    """One row being decoded: how it samples, when it is done and why, what it generated.
+
+    The one rule of "is this row done, and why" for every path (the pipeline's rows through `decode`,
+    the server's rows through `serving/runner.py`): "stop" at a stop token or once `done` says so,
+    else "length" after `max_new_tokens`.
+    """
 
     sampler: Sampler
     stop_ids: frozenset[int] = frozenset()
     done: Callable[[list[int]], bool] | None = None  # over the generated ids so far
     min_new_tokens: int = 0  # stop ids cannot be sampled before this many tokens
     generated: list[int] = field(default_factory=list)
-    finished: bool = False
+    reason: str | None = None  # why the row is done: "stop" or "length" (None: not done)
+
+    @property
+    def finished(self) -> bool:
+        return self.reason is not None
 
     def accept(self, logits: torch.Tensor, max_new_tokens: int) -> int:
         """Sample the next token from `[V]` logits, record it, decide whether the row is done."""
+        token = self.sample(logits)
+        self.record(token, max_new_tokens)
+        return token
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from `[V]` logits (no stop token before `min_new_tokens`)."""
         if len(self.generated) < self.min_new_tokens and self.stop_ids:
             logits = logits.clone()
             logits[list(self.stop_ids)] = float("-inf")
-        token = self.sampler(logits)
+        return self.sampler(logits)
+
+    def stops_at(self, token: int) -> bool:
+        """Whether `token` is one of the row's stop tokens (it ends the row; it is no text of the answer)."""
+        return token in self.stop_ids
+
+    def record(self, token: int, max_new_tokens: int) -> str | None:
+        """Record a sampled token; returns why the row is done now ("stop" before "length"), None if not."""
         self.generated.append(token)
-        self.finished = (token in self.stop_ids or len(self.generated) >= max_new_tokens
-                         or (self.done is not None and self.done(self.generated)))
-        return token
+        if self.stops_at(token) or (self.done is not None and self.done(self.generated)):
+            self.reason = "stop"
+        elif len(self.generated) >= max_new_tokens:
+            self.reason = "length"
+        return self.reason
 
 
 def decode(model, cache: DBTrimKVCache, logits: torch.Tensor, rows: list[DecodeRow], max_new_tokens: int,
@@ -85,7 +109,8 @@ def decode(model, cache: DBTrimKVCache, logits: torch.Tensor, rows: list[DecodeR
             ids = torch.cat([ids, fill], 1)
             for criterion in criteria:
                 for b, stop in enumerate(criterion(ids, logits).tolist()):
-                    rows[b].finished = rows[b].finished or bool(stop)
+                    if stop and not rows[b].finished:
+                        rows[b].reason = "stop"
         if all(row.finished for row in rows):
             return
         feed = [None if row.finished else row.generated[-1] for row in rows]

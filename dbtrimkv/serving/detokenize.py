@@ -35,6 +35,11 @@ class TextTracker:
                                        if full.endswith(stop[:k])), 0))
         return self._release(len(full) - hold)
 
+    def done(self, ids: list[int]) -> bool:
+        """A decode row's `done` predicate (`runner.decode.DecodeRow`): whether the answer's text reached a
+        stop string (`ids`: the row's generated ids, whose text tokens `add` was given first)."""
+        return self.stopped
+
     def flush(self) -> str:
         """Everything not yet released (at the end of generation)."""
         return self._release(len(self.text))

@@ -14,8 +14,9 @@ from typing import Callable
 from ..cache.requests import ParkedSequence
 from ..config import DBTrimKVConfig
 from ..errors import DBTrimKVError
+from ..runner.decode import DecodeRow
 from ..runner.prefill import PromptBatch
-from ..runner.sampling import Sampler, SamplingParams
+from ..runner.sampling import SamplingParams
 from .admission import Reservation
 from .api_errors import APIError, BadRequest, InternalError
 from .detokenize import TextTracker
@@ -57,9 +58,8 @@ class EngineRequest:
     reservation: Reservation | None = None
     cached_tokens: int = 0
     prefilled: int = 0
-    generated: list[int] = field(default_factory=list)
     prompt: PromptBatch | None = None  # its new tokens' positions and vision stream (the model runner's)
-    sampler: Sampler | None = None
+    row: DecodeRow | None = None  # its sampler, stop rule and generated ids (the model runner's decode row)
     tracker: TextTracker | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -70,6 +70,11 @@ class EngineRequest:
     def __post_init__(self):
         self.prompt_len = int(self.inputs["input_ids"].shape[1])
 
+    @property
+    def generated(self) -> list[int]:
+        """The ids it generated so far (its decode row's)."""
+        return self.row.generated if self.row is not None else []
+
     def next_chunk(self) -> tuple[int, int]:
         """Prompt columns [start, end) the request feeds next: a chunk of all but the last prompt token,
         then the last one alone (its logits give the first generated token)."""
@@ -78,9 +83,9 @@ class EngineRequest:
 
     def restart(self) -> None:
         """Start again from the first prompt token, alone, with the same seed; what was sent is not sent again."""
-        self.seed = self.sampler.seed if self.sampler is not None else self.seed
+        self.seed = self.row.sampler.seed if self.row is not None else self.seed
         self.emitted = self.tracker.emitted if self.tracker is not None else self.emitted
-        self.prefilled, self.generated, self.prompt = 0, [], None
+        self.prefilled, self.row, self.prompt = 0, None, None
         self.solo = True
 
 

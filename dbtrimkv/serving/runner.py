@@ -17,7 +17,7 @@ import traceback
 import torch
 
 from ..generation import model_lock
-from ..runner.decode import decode_input
+from ..runner.decode import DecodeRow, decode_input
 from ..runner.forward import RowInput, forward_rows
 from ..runner.positions import with_input_defaults
 from ..runner.prefill import PromptBatch
@@ -38,14 +38,15 @@ class Runner:
         self.scheduler, self.metrics, self.kv_memory = scheduler, metrics, kv_memory
 
     def prepare(self, request: EngineRequest) -> None:
-        """Prepare the request's prompt (positions, vision stream: the model runner's `PromptBatch`), sampler
-        and detokenizer (what may fail on bad input)."""
+        """Prepare the request's prompt (positions, vision stream: the model runner's `PromptBatch`), decode
+        row (sampler and stop rule: the model runner's `DecodeRow`) and detokenizer (what may fail on bad input)."""
         parked = request.session.parked if request.session is not None and request.continues else None
         seen, rope_delta = (parked.state.seen, parked.state.rope_delta) if parked is not None else (0, 0)
         request.inputs = with_input_defaults(request.inputs, self.device)  # one row: no padding
         request.prompt = PromptBatch(self.model, request.inputs, [seen], [seen + rope_delta])
-        request.sampler = Sampler(request.sampling, seed=request.seed)
         request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
+        stop_ids = frozenset() if request.sampling.ignore_eos else frozenset(self.stop_ids)
+        request.row = DecodeRow(Sampler(request.sampling, seed=request.seed), stop_ids, request.tracker.done)
         request.tracker.emitted = request.emitted
         request.cached_tokens = seen
 
@@ -108,7 +109,7 @@ class Runner:
             if not samples:
                 continue
             try:
-                reason = self._accept(request, request.sampler(logits[b]), now)
+                reason = self._accept(request, request.row.sample(logits[b]), now)
             except Exception as exc:  # noqa: BLE001 - a sampling or tokenizer failure fails this request alone
                 finished.append((request, None, as_api_error(exc)))
                 continue
@@ -149,17 +150,11 @@ class Runner:
         else:
             self.metrics.observe("time_per_output_token_seconds", now - request.last_token_at)
         request.last_token_at = now
-        request.generated.append(token)
         self.metrics.inc("generation_tokens_total")
-        end_of_text = token in self.stop_ids and not request.sampling.ignore_eos
-        piece = "" if end_of_text else request.tracker.add(token)
+        piece = "" if request.row.stops_at(token) else request.tracker.add(token)
         if piece:
             request.sink(Event("token", text=piece))
-        if end_of_text or request.tracker.stopped:
-            return "stop"
-        if len(request.generated) >= request.sampling.max_tokens:
-            return "length"
-        return None
+        return request.row.record(token, request.sampling.max_tokens)  # the model runner's rule: stop, length
 
     def _retire(self, group: Batch, request: EngineRequest, reason: str | None, error: APIError | None = None) -> None:
         """Take a request out of its batch (the scheduler parks or frees its row) and tell the client."""
