@@ -3,8 +3,8 @@
 Why: one thread owns the model, the pool and the views. At every token boundary (one engine step)
 it drops cancelled requests (their slots return to the pool at once), admits waiting requests whose
 bound and views fit, and runs one step: the scheduler (`scheduler.py`) owns the queue, admission, the
-prefill budget per step (`--max-prefill-tokens-per-step`) and the parked sessions; the runner
-(`runner.py`) feeds every running row, samples and answers; the records they share are in
+prefill budget per step (`--max-prefill-tokens-per-step`) and the parked sessions; the stepper
+(`stepper.py`) feeds every running row, samples and answers; the records they share are in
 `records.py`. This module sizes the pool, builds the two and runs the thread.
 
 Results go back through each request's `sink` (called from this thread; the HTTP layer hands
@@ -33,7 +33,7 @@ from .admission import Admission, server_budget, split_memory, view_columns
 from .api_errors import InternalError
 from .metrics import Metrics
 from .records import EngineRequest, StepRecord
-from .runner import Runner
+from .stepper import Stepper
 from .scheduler import Limits, Scheduler
 from .sessions import SessionStore
 
@@ -41,7 +41,7 @@ MAX_STEP_RECORDS = 100_000
 
 
 class Engine:
-    """One replica's engine: sizes the pool, builds the scheduler and the runner, runs the thread."""
+    """One replica's engine: sizes the pool, builds the scheduler and the stepper, runs the thread."""
 
     def __init__(self, model, processor, config: DBTrimKVConfig, kv_memory: int, max_running: int = 16,
                  max_queue: int = 64, max_sessions: int = 64, max_prefill_tokens: int | None = None,
@@ -77,7 +77,7 @@ class Engine:
         self.max_running, self.max_queue = max_running, max_queue
         self.scheduler = Scheduler(model, self.limits, self.pool, self.admission, self.sessions, self.metrics,
                                    max_running, max_queue, self.max_prefill_tokens)
-        self.runner = Runner(model, self.tokenizer, self.stop_ids, self.scheduler,
+        self.stepper = Stepper(model, self.tokenizer, self.stop_ids, self.scheduler,
                              self.metrics, self.kv_memory)
         self.steps: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
         self._thread: threading.Thread | None = None
@@ -160,8 +160,8 @@ class Engine:
                 break
             try:
                 self.scheduler.drop_cancelled(cancelled)
-                self.scheduler.admit(self.runner.prepare)
-                self._record(self.runner.run_step())
+                self.scheduler.admit(self.stepper.prepare)
+                self._record(self.stepper.run_step())
                 self._update_gauges()
             except Exception as exc:  # noqa: BLE001 - a bug must fail requests, not hang every client
                 traceback.print_exc()

@@ -1,7 +1,7 @@
 """What the engine keeps per request and per step: the request record, the events sent back, the
 batches of running rows and the per-step record.
 
-Why: the scheduler (`scheduler.py`), the runner (`runner.py`) and the loop (`engine.py`) all read and
+Why: the scheduler (`scheduler.py`), the stepper (`stepper.py`) and the loop (`engine.py`) all read and
 write these; one module owns them so none of the three imports another for a type.
 """
 

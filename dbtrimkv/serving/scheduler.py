@@ -2,7 +2,7 @@
 batches of running rows and the parked sessions.
 
 Why: what runs next and where its KV entries live is one job, apart from running the model
-(`runner.py`) and from the thread that alternates the two (`engine.py`). First come, first served;
+(`stepper.py`) and from the thread that alternates the two (`engine.py`). First come, first served;
 a request joins when its bound and views fit (`admission.py`), after dropping idle sessions least
 recently used first if the pool needs the room. A step feeds at most `max_prefill_tokens` prompt
 tokens: prefilling rows get their next chunk oldest first while the budget lasts, and a row left out
@@ -263,7 +263,7 @@ class Scheduler:
 
     # --- leaving -------------------------------------------------------------------------------------
     def retire(self, group: Batch, request: EngineRequest, reason: str | None) -> None:
-        """Take a request out of its batch: park its session row or free its slots (the runner tells the client)."""
+        """Take a request out of its batch: park its session row or free its slots (the stepper tells the client)."""
         if request.id in group.paused:
             parked = group.paused.pop(request.id)[1]
         else:

@@ -1,4 +1,4 @@
-"""The runner: one engine step over the running batches, and what each request sends back.
+"""The stepper: one engine step over the running batches, and what each request sends back.
 
 Why: running the model is one job, apart from choosing what runs (`scheduler.py`). A request is a row
 of a serving cache: it prefills its prompt in chunks of its own `prefill_chunk` (all but the last
@@ -29,7 +29,7 @@ from .records import Batch, EngineRequest, Event, StepRecord, as_api_error
 from .scheduler import Scheduler
 
 
-class Runner:
+class Stepper:
     """Feeds every running row its next input, samples, and answers through each request's `sink`."""
 
     def __init__(self, model, tokenizer, stop_ids, scheduler: Scheduler, metrics: Metrics, kv_memory: int):
