@@ -39,6 +39,8 @@ def test_exponent_floats_and_overrides(tmp_path):
     ("synthetic_examples: 2\nmemory_size: 0\n", "memory_size must be at least 1"),
     ("- a list\n", "expected a mapping"),
     ("seed: 1\n", "set train_data"),
+    ("synthetic_examples: 2\ndecay_scale: 0\n", "decay_scale must be positive"),
+    ("synthetic_examples: 2\nsaturation_grad: -0.1\n", "saturation_grad must not be negative"),
 ])
 def test_bad_values(tmp_path, text, message):
     path = tmp_path / "c.yaml"
