@@ -47,3 +47,12 @@ def test_bad_values(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         TrainConfig.load(path)
+
+
+def test_gate_horizon_experiment_is_stage_3_with_the_two_long_sequence_settings():
+    import dataclasses
+
+    stage3, horizon = TrainConfig.load("train-recall-gates-stage3"), TrainConfig.load("train-recall-gates-horizon")
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(stage3, f.name) != getattr(horizon, f.name)}
+    assert changed == {"max_steps", "output_dir", "train_data", "decay_scale", "saturation_grad"}
+    assert (horizon.max_steps, horizon.decay_scale, horizon.saturation_grad) == (60, 2.0, 0.01)
