@@ -92,8 +92,10 @@ class TrainConfig:
                      "capacity_weight", "saturation_grad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.lr <= 0 or self.video_fps <= 0 or self.decay_scale <= 0:
-            raise ConfigError("lr, video_fps and decay_scale must be positive")
+        if self.lr <= 0 or self.video_fps <= 0:
+            raise ConfigError("lr and video_fps must be positive")
+        if self.decay_scale <= 0:
+            raise ConfigError(f"decay_scale must be positive, got {self.decay_scale}")
         if self.capacity_chunk is not None and self.capacity_chunk < 1:
             raise ConfigError(f"capacity_chunk must be at least 1 (or null), got {self.capacity_chunk}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
