@@ -42,10 +42,13 @@ class RetentionGate(nn.Module):
         nn.init.zeros_(self.linear1.bias)
         nn.init.normal_(self.linear2.weight, std=std)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The gate's pre-sigmoid output `[B, T, H_kv]` (training reads it: `log beta` saturates)."""
         hidden_states = hidden_states.to(self.linear1.weight.dtype)  # gates may be kept in float32
-        logits = self.linear2(F.silu(self.linear1(hidden_states))) + self.bias
-        return F.logsigmoid(logits.float())
+        return (self.linear2(F.silu(self.linear1(hidden_states))) + self.bias).float()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(self.logits(hidden_states))
 
 
 class RetentionGate10(nn.Module):
@@ -67,10 +70,14 @@ class RetentionGate10(nn.Module):
             self.linear3 = shared.linear3
             self.bias = shared.bias
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The gate's pre-sigmoid output `[B, T, H_kv]` (training reads it: `log beta` saturates)."""
         hidden_states = hidden_states.to(self.linear1.weight.dtype)  # gates may be kept in float32
         h = F.silu(self.linear2(F.silu(self.linear1(hidden_states))))
-        return F.logsigmoid((self.linear3(h) + self.bias).float())
+        return (self.linear3(h) + self.bias).float()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(self.logits(hidden_states))
 
 
 def gate_spec_of(model) -> GateSpec | None:

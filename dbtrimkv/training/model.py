@@ -66,6 +66,31 @@ def prepare_for_gate_training(model, attention: str = "auto", gradient_checkpoin
     return backend
 
 
+def training_gate_hooks(model, decay_scale: float = 1.0, saturation_grad: float = 0.0) -> list:
+    """Forward hooks on every gate for training only (remove the returned handles to stop; [] when
+    both settings are neutral). The saved gates are the plain parameters either way.
+
+    `decay_scale`: each gate's `log beta` is multiplied by it in the student's biased attention and
+    the capacity loss, i.e. the decay over `decay_scale` times the distance: training sees every
+    sequence that many times longer. A gate trained on 3k-token clips is served on 33k-token videos,
+    where a log beta of -0.002 (kept for a clip's length) is long forgotten.
+
+    `saturation_grad`: a floor on d log beta / d logit. `log beta = logsigmoid(z)` has gradient
+    `sigmoid(-z)`, zero in float32 once z passes ~90: such entries (layer 1's timestamp `0` tokens
+    in the shipped tiny-recall) are kept forever and no loss can lower them. The hook adds
+    `saturation_grad * (z - z.detach())`, zero in value, so the losses reach those logits too."""
+    if decay_scale == 1.0 and saturation_grad == 0.0:
+        return []
+
+    def hook(gate, args, log_beta):
+        if saturation_grad:
+            z = gate.logits(args[0])
+            log_beta = log_beta + saturation_grad * (z - z.detach())
+        return log_beta * decay_scale
+
+    return [module.retention_gate.register_forward_hook(hook) for module in text_attention_modules(model)]
+
+
 def assert_only_gates_trainable(model) -> None:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     gates = {name for name, p in model.named_parameters() if ".retention_gate." in name}

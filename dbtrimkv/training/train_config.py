@@ -43,6 +43,11 @@ class TrainConfig:
     capacity: str = "global"  # global (DBTrimKV) | head (TRIM-KV)
     memory_size: int = 512  # M: entries per (layer, KV head); the global budget is M x L x H
     capacity_weight: float = 1.0
+    # train as if every sequence were this many times longer: log beta x decay_scale in the student's
+    # attention and the capacity loss (`model.stretch_gate_horizon`); the saved gates are unscaled
+    decay_scale: float = 1.0
+    # a floor on d log beta / d gate logit, so saturated gates (log beta = 0 in float32) still learn
+    saturation_grad: float = 0.0
     # data
     train_data: str | None = None  # chat JSONL; None: generate `synthetic_examples` examples
     synthetic_examples: int = 0
@@ -84,11 +89,13 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("synthetic_examples", "num_workers", "warmup_steps", "save_every", "weight_decay",
-                     "capacity_weight"):
+                     "capacity_weight", "saturation_grad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0 or self.video_fps <= 0:
             raise ConfigError("lr and video_fps must be positive")
+        if self.decay_scale <= 0:
+            raise ConfigError(f"decay_scale must be positive, got {self.decay_scale}")
         if self.capacity_chunk is not None and self.capacity_chunk < 1:
             raise ConfigError(f"capacity_chunk must be at least 1 (or null), got {self.capacity_chunk}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

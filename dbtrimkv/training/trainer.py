@@ -29,7 +29,7 @@ from .collate import Collator, EpochSampler, pack_examples
 from .train_config import TrainConfig
 from .data import ChatDataset, read_chats
 from .log import MetricsLog
-from .model import load_for_training, prepare_for_gate_training, unique_gate_parameters
+from .model import load_for_training, prepare_for_gate_training, training_gate_hooks, unique_gate_parameters
 from .objective import GateDistiller
 from .synthetic import write_synthetic_dataset
 
@@ -63,6 +63,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 
     model, processor, base_model = load_for_training(config, accelerator.device)
     backend = prepare_for_gate_training(model, config.attention, config.gradient_checkpointing)
+    gate_hooks = training_gate_hooks(model, config.decay_scale, config.saturation_grad)
     loader = _data_loader(config, processor, accelerator)
     params = unique_gate_parameters(model)
     distiller = GateDistiller(model, config.memory_size, config.capacity, config.loss, config.capacity_weight,
@@ -127,6 +128,8 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         log.close()
         print(f"saved gates to {output} (dbtrimkv.load_model({str(output)!r}) loads them)", flush=True)
     accelerator.wait_for_everyone()
+    for handle in gate_hooks:
+        handle.remove()
     disable_training_attention(model)
     model.requires_grad_(False).eval()
     return TrainResult(output, step, model, records)

@@ -39,9 +39,20 @@ def test_exponent_floats_and_overrides(tmp_path):
     ("synthetic_examples: 2\nmemory_size: 0\n", "memory_size must be at least 1"),
     ("- a list\n", "expected a mapping"),
     ("seed: 1\n", "set train_data"),
+    ("synthetic_examples: 2\ndecay_scale: 0\n", "decay_scale must be positive"),
+    ("synthetic_examples: 2\nsaturation_grad: -0.1\n", "saturation_grad must not be negative"),
 ])
 def test_bad_values(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         TrainConfig.load(path)
+
+
+def test_gate_horizon_experiment_is_stage_3_with_the_two_long_sequence_settings():
+    import dataclasses
+
+    stage3, horizon = TrainConfig.load("train-recall-gates-stage3"), TrainConfig.load("train-recall-gates-horizon")
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(stage3, f.name) != getattr(horizon, f.name)}
+    assert changed == {"max_steps", "output_dir", "train_data", "decay_scale", "saturation_grad"}
+    assert (horizon.max_steps, horizon.decay_scale, horizon.saturation_grad) == (60, 2.0, 0.01)
