@@ -55,7 +55,7 @@ import torch
 import dbtrimkv  # first: on CPU-only torch it makes torchvision (and so transformers' models) importable
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache  # noqa: E402
 from dbtrimkv.generation import prefill  # noqa: E402
-from dbtrimkv.transformers_compat import cache_kwargs  # noqa: E402
+from dbtrimkv.modeling.transformers_compat import cache_kwargs  # noqa: E402
 
 WARMUP = 2
 MIB = 1 << 20

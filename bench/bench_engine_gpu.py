@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import dbtrimkv
-from dbtrimkv import shapes
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.loading import shapes
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 
 class StepClock:
@@ -117,7 +117,7 @@ class ConstantGate(torch.nn.Module):
 
 
 def swap_gates(model, gates):
-    from dbtrimkv.gates import text_attention_modules
+    from dbtrimkv.modeling.gates import text_attention_modules
 
     old = []
     for module, gate in zip(text_attention_modules(model), gates):

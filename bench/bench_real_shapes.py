@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 
 import dbtrimkv
-from dbtrimkv import shapes
-from dbtrimkv.prompts import VideoOptions, build_inputs, tokens_by_modality
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.loading import shapes
+from dbtrimkv.inputs.prompts import VideoOptions, build_inputs, tokens_by_modality
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 SHAPE = "qwen3-vl-4b"
 GIB = 1 << 30

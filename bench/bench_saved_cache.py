@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dbtrimkv import checkpoints
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.loading import checkpoints
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.eval.long_video import LongVideo
 from dbtrimkv.recall.tasks import VIDEO_QUESTION
 from dbtrimkv.video_qa.saved import load_encoded, save_encoded

@@ -7,7 +7,7 @@ not share a GIL), started once and measured in turns, `--repeats` rounds (defaul
 - one-at-a-time:  the server with --max-running 1: requests are served one after another (what a
                   server without batching does), the others wait in the queue
 - static:         transformers `model.generate` on the 16-client requests as ONE left-padded batch
-                  (`dbtrimkv.prompts.build_inputs`, the same chats and images) with its own full
+                  (`dbtrimkv.inputs.prompts.build_inputs`, the same chats and images) with its own full
                   (dense) `DynamicCache`: the same model object the server serves (gates attached; with
                   a dense cache they run but nothing is evicted). Timed from the chats to the last
                   token (processor included, as the server's clients are timed from the request).
@@ -64,7 +64,7 @@ def build_medium():
     from transformers import AutoModelForCausalLM
 
     import dbtrimkv
-    from dbtrimkv.tiny import build_config, build_tokenizer
+    from dbtrimkv.loading.tiny import build_config, build_tokenizer
 
     config = build_config("qwen3")
     config.update(dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -104,7 +104,7 @@ def static_worker(args) -> None:
     line read from stdin; one JSON line per run on stdout."""
     import torch
 
-    from dbtrimkv.prompts import build_inputs
+    from dbtrimkv.inputs.prompts import build_inputs
 
     torch.set_num_threads(1)
     model, processor = load_served(args.static)

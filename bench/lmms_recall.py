@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 import dbtrimkv  # noqa: F401  (before lmms-eval: makes torchvision importable on a CPU-only torch)
-from dbtrimkv.checkpoints import gates_are_trained, load_model
+from dbtrimkv.loading.checkpoints import gates_are_trained, load_model
 from dbtrimkv.eval.harness import BenchmarkSpec, answer
 from dbtrimkv.lmms import recall_export
 from dbtrimkv.lmms.cost import task_summary
 from dbtrimkv.lmms.settings import parse_model_args
-from dbtrimkv.prompts import tokenizer_of
+from dbtrimkv.inputs.prompts import tokenizer_of
 from dbtrimkv.recall.tasks import TASK_KINDS, prompt_inputs
 from lmms_eval.utils import simple_parse_args_string
 

@@ -1,1 +1,1 @@
-"""YAML presets, installed as the data package `dbtrimkv.configs` (see `dbtrimkv.presets`)."""
+"""YAML presets, installed as the data package `dbtrimkv.configs` (see `dbtrimkv.settings.presets`)."""

@@ -24,8 +24,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that owns it (imported on first access)
 _PUBLIC = {
-    "DBTrimKVConfig": "config", "attach_retention_gates": "gates", "DBTrimKVCache": "cache",
-    "export_released_format": "checkpoints", "load_model": "checkpoints", "save_gates": "checkpoints",
+    "DBTrimKVConfig": "settings.config", "attach_retention_gates": "modeling.gates", "DBTrimKVCache": "cache",
+    "export_released_format": "loading.checkpoints", "load_model": "loading.checkpoints", "save_gates": "loading.checkpoints",
     "generate": "generation", "prefill": "generation", "Conversation": "pipeline", "DBTrimKVPipeline": "pipeline",
 }
 

@@ -14,7 +14,7 @@ import platform
 import torch
 
 from . import __version__
-from .transformers_compat import installed_version, is_supported, supported_range
+from .modeling.transformers_compat import installed_version, is_supported, supported_range
 
 REPORTED_PACKAGES = ("torch", "transformers", "triton", "accelerate", "gradio")
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 
 from .cache import DBTrimKVCache
-from .config import MAX_PREFILL_CHUNK
+from .settings.config import MAX_PREFILL_CHUNK
 from .errors import ConfigError
-from .model_state import model_state
+from .modeling.model_state import model_state
 from .runner.decode import DecodeRow, decode
 from .runner.pending import record_generation, with_pending_tokens
 from .runner.positions import check_token_ids, with_input_defaults
@@ -99,7 +99,7 @@ def _check_generate_arguments(inputs, cache: DBTrimKVCache, max_new_tokens, pref
         raise ConfigError(f"prefill_chunk must be an integer in [1, {MAX_PREFILL_CHUNK}] or None, got {prefill_chunk!r}")
     ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise ConfigError("inputs must hold input_ids of shape [batch, tokens] (see dbtrimkv.prompts.build_inputs)")
+        raise ConfigError("inputs must hold input_ids of shape [batch, tokens] (see dbtrimkv.inputs.prompts.build_inputs)")
     if cache.batch_size not in (-1, ids.shape[0]):
         raise ConfigError(f"this cache holds {cache.batch_size} sequences, but the input has {ids.shape[0]}: "
                           "use a new cache for a batch of another size")

@@ -14,9 +14,9 @@ import warnings
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .checkpoints import UNTRAINED_WARNING
-from .config import DBTrimKVConfig
-from .gates import attach_retention_gates, gate_spec_of
+from .loading.checkpoints import UNTRAINED_WARNING
+from .settings.config import DBTrimKVConfig
+from .modeling.gates import attach_retention_gates, gate_spec_of
 from .pipeline import DBTrimKVPipeline
 
 TASK = "dbtrimkv-image-text-to-text"

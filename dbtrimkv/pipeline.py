@@ -20,22 +20,22 @@ from transformers import TextIteratorStreamer
 
 from .cache import DBTrimKVCache
 from .cache.portable import load_cache, save_cache
-from .checkpoints import load_model
-from .config import DBTrimKVConfig
+from .loading.checkpoints import load_model
+from .settings.config import DBTrimKVConfig
 from .errors import CacheFileError, ConfigError
-from .eviction_settings import resolve_eviction
+from .settings.eviction_settings import resolve_eviction
 from .generation import generate
-from .prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
-from .stats_text import budget_words, entry_line, eviction_line, format_bytes, kv_bound, storage_line
+from .inputs.prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
+from .reporting.stats_text import budget_words, entry_line, eviction_line, format_bytes, kv_bound, storage_line
 from .stop_strings import StopStrings
-from .turns import closing_ids, prepend_tokens, stop_token_ids
+from .inputs.turns import closing_ids, prepend_tokens, stop_token_ids
 
 
 @dataclass
 class GenerationStats:
     """What one generation cost and kept (one sequence).
 
-    Units (`dbtrimkv.stats_text` words them for people): an entry is one token's K and V in one
+    Units (`dbtrimkv.reporting.stats_text` words them for people): an entry is one token's K and V in one
     (layer, KV head), so a token costs `layers * kv_heads` entries. `kv_entries` is what the cache
     holds now (after the answer), `peak_kv_entries` the most it held, `kv_entries_full` what a
     never-evicting cache would hold. Eviction is lazy: the cache is cut back to `budget` only just
@@ -154,7 +154,7 @@ class DBTrimKVPipeline:
     def __init__(self, model, processor, config: DBTrimKVConfig | str | Path | None = None,
                  video: VideoOptions | None = None):
         """`config`: eviction settings (a DBTrimKVConfig, a YAML/JSON path or a preset name), applied
-        on top of the model's saved default by `dbtrimkv.eviction_settings`."""
+        on top of the model's saved default by `dbtrimkv.settings.eviction_settings`."""
         self.model, self.processor = model, processor
         self.config = resolve_eviction(model, _checked_source(config))
         self.video = video or VideoOptions()
@@ -165,7 +165,7 @@ class DBTrimKVPipeline:
                         policy_options: dict | None = None, **kwargs) -> "DBTrimKVPipeline":
         """Load a model and resolve its eviction settings: the model's saved default, then `config` (a
         DBTrimKVConfig, a YAML/JSON path or a preset name), then the keyword settings you set (None:
-        not set), by the rule of `dbtrimkv.eviction_settings`."""
+        not set), by the rule of `dbtrimkv.settings.eviction_settings`."""
         source = _checked_source(config)  # before the (slow) load
         model, processor = load_model(name_or_path, device=device, dtype=dtype)
         resolved = resolve_eviction(model, source, budget=budget, memory_size=memory_size, policy=policy,

@@ -4,9 +4,9 @@ Why: the budget is the product; this page makes it tangible. Each browser sessio
 `Conversation` (its bounded cache survives between turns); the side panel shows, after every
 answer, KV memory used against a full cache, retained entries by modality and decode speed
 (`GenerationStats`), the latest image tinted by how many (layer, KV head) entries of each patch
-survive, a layer x head heatmap (`dbtrimkv.retention_maps`), and a retention timeline: every token in
+survive, a layer x head heatmap (`dbtrimkv.reporting.retention_maps`), and a retention timeline: every token in
 order (video frames with their times) x layers, coloured by the KV heads still holding it
-(`dbtrimkv.retention_timeline`), for image, video and text turns alike.
+(`dbtrimkv.reporting.retention_timeline`), for image, video and text turns alike.
 
 Safety defaults (see `launch`): loopback only unless told otherwise, no share link, bounded
 upload size, bounded video length, a bounded queue that runs one generation at a time (sessions
@@ -26,16 +26,16 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.errors import DBTrimKVError
-from dbtrimkv.eviction_settings import resolve_eviction
-from dbtrimkv.media import load_image, video_info
-from dbtrimkv.model_anatomy import text_config_of
+from dbtrimkv.settings.eviction_settings import resolve_eviction
+from dbtrimkv.inputs.media import load_image, video_info
+from dbtrimkv.modeling.model_anatomy import text_config_of
 from dbtrimkv.pipeline import Conversation, DBTrimKVPipeline, GenerationStats
-from dbtrimkv.stats_text import budget_words, format_bytes
+from dbtrimkv.reporting.stats_text import budget_words, format_bytes
 from dbtrimkv.policies import policy_names
-from dbtrimkv.retention_maps import head_heatmap, image_patch_survival, overlay
-from dbtrimkv.retention_timeline import build as build_timeline, conversation_tokens, plot as plot_timeline
+from dbtrimkv.reporting.retention_maps import head_heatmap, image_patch_survival, overlay
+from dbtrimkv.reporting.retention_timeline import build as build_timeline, conversation_tokens, plot as plot_timeline
 
 SESSION_SECONDS = 3600  # an idle session's cache is freed after this long
 UPLOAD_CLEANUP = (3600, 3600)  # (every, older than) seconds: uploaded files are deleted from disk

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import dbtrimkv  # noqa: E402,F401  (declares torchvision's op schemas on CPU torch)
-from dbtrimkv.tiny import build_tiny  # noqa: E402
+from dbtrimkv.loading.tiny import build_tiny  # noqa: E402
 from helpers import random_image  # noqa: E402
 
 torch.set_num_threads(2)

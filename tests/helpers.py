@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dbtrimkv.gates import text_attention_modules
+from dbtrimkv.modeling.gates import text_attention_modules
 
 
 def random_image(seed: int, height: int = 64, width: int = 96) -> Image.Image:
@@ -28,7 +28,7 @@ PANGRAM = "The quick brown fox jumps over the lazy dog while seven wizards quiet
 def gated_tiny_text(intermediate_size: int = 8):
     """`(model, tokenizer)`: the tiny text model with fresh retention gates attached."""
     import dbtrimkv
-    from dbtrimkv.tiny import build_tiny
+    from dbtrimkv.loading.tiny import build_tiny
 
     model, tokenizer = build_tiny("qwen3")
     dbtrimkv.attach_retention_gates(model, intermediate_size=intermediate_size)
@@ -79,7 +79,7 @@ def mixed_chats(kind: str):
 def plain_and_gated(variant: str, dtype=torch.float32):
     """Two copies of a tiny model, the second with randomized gates: `(plain, gated, processor)`."""
     import dbtrimkv
-    from dbtrimkv.tiny import build_tiny
+    from dbtrimkv.loading.tiny import build_tiny
 
     plain, processor = build_tiny(variant, dtype=dtype)
     gated, _ = build_tiny(variant, dtype=dtype)

@@ -139,7 +139,7 @@ def test_no_import_cycles():
 
 def test_the_server_does_not_import_the_user_facing_pipeline():
     """The server builds on the engine's modules, not on `pipeline.py` (issue 25: shared helpers live
-    in their own modules, e.g. `turns.py`, `stats_text.py`)."""
+    in their own modules, e.g. `inputs/turns.py`, `reporting/stats_text.py`)."""
     graph, _ = _graph()
     serving = [m for m in graph if m == "dbtrimkv.serving" or m.startswith("dbtrimkv.serving.")]
     assert len(serving) > 10

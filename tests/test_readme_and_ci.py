@@ -64,7 +64,7 @@ def test_readme_main_command_answers_cleanly():
 
 
 def test_readme_states_the_supported_transformers_range():
-    from dbtrimkv.transformers_compat import NEWEST_TESTED, OLDEST_SUPPORTED, supported_range
+    from dbtrimkv.modeling.transformers_compat import NEWEST_TESTED, OLDEST_SUPPORTED, supported_range
 
     readme = (ROOT / "README.md").read_text()
     line = next(line for line in readme.splitlines() if "Supported transformers" in line)
@@ -72,7 +72,7 @@ def test_readme_states_the_supported_transformers_range():
 
 
 def test_ci_reruns_the_oldest_supported_transformers():
-    from dbtrimkv.transformers_compat import OLDEST_SUPPORTED
+    from dbtrimkv.modeling.transformers_compat import OLDEST_SUPPORTED
 
     run = (ROOT / ".ci" / "run").read_text()
     assert "OLDEST_SUPPORTED" in run and 'transformers==$oldest.*' in run

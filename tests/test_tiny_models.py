@@ -9,8 +9,8 @@ import torch
 from helpers import random_image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from dbtrimkv.prompts import build_inputs, tokens_by_modality
-from dbtrimkv.tiny import SPECIAL_TOKENS, build_config, build_tiny, save_tiny
+from dbtrimkv.inputs.prompts import build_inputs, tokens_by_modality
+from dbtrimkv.loading.tiny import SPECIAL_TOKENS, build_config, build_tiny, save_tiny
 
 
 def _image_chat(image, text="What is in the image?"):

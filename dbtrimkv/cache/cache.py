@@ -8,7 +8,7 @@ an `AttentionBackend` (how layers write and attend: CPU views or the pool in pla
 configured policy (which entries an eviction keeps, from a read-only `StoreView`). Everything one
 forward needs lives in a `ForwardContext`, created before layer 0 and dropped after.
 
-Bookkeeping per forward of the language model (driven by the hooks in `dbtrimkv.attention`):
+Bookkeeping per forward of the language model (driven by the hooks in `dbtrimkv.modeling.attention`):
 1. before layer 0: read which new tokens are padding, give the real ones logical positions
    (`seen[b] + 0, 1, ...`), and if appending them would push sequence b past
    `budget + L*H*max(buffer_size, n_b)` entries, evict b down to `budget` first (scores use the
@@ -29,12 +29,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
-from ..modality import Modality
-from ..model_anatomy import RETENTION_ATTENTION, text_attention_name, text_config_of
-from ..model_state import existing_state
-from ..transformers_compat import integration_error
+from ..inputs.modality import Modality
+from ..modeling.model_anatomy import RETENTION_ATTENTION, text_attention_name, text_config_of
+from ..modeling.model_state import existing_state
+from ..modeling.transformers_compat import integration_error
 from .backend import AttentionBackend, uses_views
 from .forward_plan import ForwardContext, ForwardPlan
 from .pool import SlotPool

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..policies.base import EvictionPolicy
 from .store import KVStore, StoreView
 

@@ -34,10 +34,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import CacheFileError, CacheMismatchError, ConfigError
-from ..model_anatomy import text_attention_modules, text_config_of
-from ..model_state import existing_state
+from ..modeling.model_anatomy import text_attention_modules, text_config_of
+from ..modeling.model_state import existing_state
 from .cache import DBTrimKVCache
 from .pool import SlotPool
 from .requests import ParkedSequence, SequenceState

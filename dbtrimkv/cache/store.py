@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import select_and_compact, select_and_compact_by_score
-from ..modality import MODALITY_NAMES
+from ..inputs.modality import MODALITY_NAMES
 from ..policies.base import EvictionOrder
 from .forward_plan import ForwardPlan
 from .pool import SlotPool

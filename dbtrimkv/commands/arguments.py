@@ -15,7 +15,7 @@ import re
 import socket
 
 from ..errors import ConfigError
-from ..text_files import check_unicode
+from ..inputs.text_files import check_unicode
 
 MAX_NEW_TOKENS = 1_000_000
 MAX_FRAMES = 100_000

@@ -16,12 +16,12 @@ from .common import (TINY_NOTICE, add_eviction_args, add_media_args, add_model_a
                      eviction_config, show_progress)
 from .lazy import lazy
 
-checkpoints = lazy("dbtrimkv.checkpoints")
-media = lazy("dbtrimkv.media")
+checkpoints = lazy("dbtrimkv.loading.checkpoints")
+media = lazy("dbtrimkv.inputs.media")
 pipeline = lazy("dbtrimkv.pipeline")
-prompts = lazy("dbtrimkv.prompts")
-retention_timeline = lazy("dbtrimkv.retention_timeline")
-stats_text = lazy("dbtrimkv.stats_text")
+prompts = lazy("dbtrimkv.inputs.prompts")
+retention_timeline = lazy("dbtrimkv.reporting.retention_timeline")
+stats_text = lazy("dbtrimkv.reporting.stats_text")
 EMPTY_ANSWER = "(empty answer)"  # printed instead of a blank line when the model ends at once
 
 HELP = "commands: /image PATH, /video PATH (attach to the next message), /stats, /reset, /exit"

@@ -9,12 +9,12 @@ import sys
 import yaml
 
 from ..errors import ConfigError
-from ..limits import MAX_BUDGET, MAX_BUFFER_SIZE, MAX_MEMORY_SIZE, MAX_PREFILL_CHUNK
+from ..settings.limits import MAX_BUDGET, MAX_BUFFER_SIZE, MAX_MEMORY_SIZE, MAX_PREFILL_CHUNK
 from . import arguments
 from .lazy import lazy
 
-eviction_settings = lazy("dbtrimkv.eviction_settings")
-loading = lazy("dbtrimkv.loading")
+eviction_settings = lazy("dbtrimkv.settings.eviction_settings")
+loading = lazy("dbtrimkv.loading.models")
 
 TINY_NOTICE = (
     "Notice: the default model is tiny-recall, a toy Qwen3-VL trained only on the synthetic recall task: it "
@@ -125,7 +125,7 @@ def in_flag_words(message: str) -> str:
 
 
 def eviction_config(args, model):
-    """The DBTrimKVConfig the options describe, resolved by `dbtrimkv.eviction_settings`. An error names
+    """The DBTrimKVConfig the options describe, resolved by `dbtrimkv.settings.eviction_settings`. An error names
     the flags, or the --config file when the file alone cannot work."""
     try:
         return eviction_settings.resolve_eviction(model, **eviction_request(args))

@@ -14,7 +14,7 @@ from . import arguments
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
 from .lazy import lazy
 
-checkpoints = lazy("dbtrimkv.checkpoints")
+checkpoints = lazy("dbtrimkv.loading.checkpoints")
 pipeline = lazy("dbtrimkv.pipeline")
 
 

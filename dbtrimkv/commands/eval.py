@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..limits import MAX_BUFFER_SIZE, MAX_PREFILL_CHUNK
-from ..output_paths import check_writable_dir, check_writable_file, timestamped
-from ..presets import load_yaml
+from ..settings.limits import MAX_BUFFER_SIZE, MAX_PREFILL_CHUNK
+from ..reporting.output_paths import check_writable_dir, check_writable_file, timestamped
+from ..settings.presets import load_yaml
 from . import arguments
 from .common import add_model_args, add_progress_arg, show_progress
 from .lazy import lazy
@@ -31,7 +31,7 @@ from .lazy import lazy
 harness = lazy("dbtrimkv.eval.harness")
 long_video = lazy("dbtrimkv.eval.long_video")
 long_video_report = lazy("dbtrimkv.eval.long_video_report")
-loading = lazy("dbtrimkv.loading")
+loading = lazy("dbtrimkv.loading.models")
 recall_export = lazy("dbtrimkv.lmms.recall_export")
 report = lazy("dbtrimkv.eval.report")
 train_gates_module = lazy("dbtrimkv.recall.train_gates")

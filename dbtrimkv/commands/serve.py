@@ -21,8 +21,8 @@ from .common import (TINY_NOTICE, add_eviction_args, add_model_args, add_progres
                      eviction_request, show_progress)
 from .lazy import lazy
 
-checkpoints = lazy("dbtrimkv.checkpoints")
-config = lazy("dbtrimkv.config")
+checkpoints = lazy("dbtrimkv.loading.checkpoints")
+config = lazy("dbtrimkv.settings.config")
 serving = lazy("dbtrimkv.serving")
 admission = lazy("dbtrimkv.serving.admission")
 app = lazy("dbtrimkv.serving.app")

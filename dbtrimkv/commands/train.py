@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..output_paths import check_writable_dir
+from ..reporting.output_paths import check_writable_dir
 from .lazy import lazy
 
 training = lazy("dbtrimkv.training")

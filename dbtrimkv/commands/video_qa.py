@@ -7,18 +7,18 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..output_paths import check_writable_file
+from ..reporting.output_paths import check_writable_file
 from . import arguments
 from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config, show_progress
 from .lazy import lazy
 
-checkpoints = lazy("dbtrimkv.checkpoints")
+checkpoints = lazy("dbtrimkv.loading.checkpoints")
 portable = lazy("dbtrimkv.cache.portable")
-retention_timeline = lazy("dbtrimkv.retention_timeline")
+retention_timeline = lazy("dbtrimkv.reporting.retention_timeline")
 video_qa = lazy("dbtrimkv.video_qa")
 runner = lazy("dbtrimkv.video_qa.runner")
 saved = lazy("dbtrimkv.video_qa.saved")
-stats_text = lazy("dbtrimkv.stats_text")
+stats_text = lazy("dbtrimkv.reporting.stats_text")
 
 DESCRIPTION = """\
 Answer questions about a video of any length inside a fixed KV budget. The video is decoded with

@@ -20,11 +20,11 @@ from .common import TINY_NOTICE, add_eviction_args, add_model_args, add_progress
 from .lazy import lazy
 from .video_qa import add_answer_length_arg, add_window_args
 
-checkpoints = lazy("dbtrimkv.checkpoints")
+checkpoints = lazy("dbtrimkv.loading.checkpoints")
 live = lazy("dbtrimkv.video_qa.live")
 sources = lazy("dbtrimkv.video_qa.sources")
 streaming = lazy("dbtrimkv.video_qa.streaming")
-stats_text = lazy("dbtrimkv.stats_text")
+stats_text = lazy("dbtrimkv.reporting.stats_text")
 
 DESCRIPTION = """\
 Watch a video source (a file, a camera device such as /dev/video0, or a network stream PyAV can open:

@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import checkpoints
+from ..loading import checkpoints
 from ..cache import DBTrimKVCache
-from ..checkpoints import describe, gates_are_trained
-from ..config import DBTrimKVConfig
+from ..loading.checkpoints import describe, gates_are_trained
+from ..settings.config import DBTrimKVConfig
 from ..generation import generate
-from ..loading import DEFAULT_MODEL
-from ..model_anatomy import text_config_of
-from ..prompts import tokenizer_of
+from ..loading.models import DEFAULT_MODEL
+from ..modeling.model_anatomy import text_config_of
+from ..inputs.prompts import tokenizer_of
 from ..recall.tasks import (
     TASK_KINDS, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples, prompt_inputs,
 )

@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import checkpoints
-from ..checkpoints import gates_are_trained
-from ..config import DBTrimKVConfig
-from ..loading import DEFAULT_MODEL
+from ..loading import checkpoints
+from ..loading.checkpoints import gates_are_trained
+from ..settings.config import DBTrimKVConfig
+from ..loading.models import DEFAULT_MODEL
 from ..recall.tasks import DIGIT_HOLD, DIGITS, VIDEO_QUESTION, draw_digit, draw_shape
-from ..retention_timeline import fork_tokens, save
+from ..reporting.retention_timeline import fork_tokens, save
 from ..video_qa.streaming import StreamOptions, ask, encode_windows, frame_windows
 
 logger = logging.getLogger(__name__)

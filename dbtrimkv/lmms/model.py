@@ -23,8 +23,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 
-from ..checkpoints import load_model
-from ..loading import resolve_device
+from ..loading.checkpoints import load_model
+from ..loading.models import resolve_device
 from ..pipeline import DBTrimKVPipeline
 from .cost import sample_cost, task_summary
 from .messages import ends_with_assistant, generation_settings, to_pipeline_messages

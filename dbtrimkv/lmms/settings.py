@@ -12,11 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
-from ..eviction_settings import resolve_eviction
-from ..loading import DEFAULT_MODEL, resolve_device, resolve_dtype
-from ..prompts import VideoOptions
+from ..settings.eviction_settings import resolve_eviction
+from ..loading.models import DEFAULT_MODEL, resolve_device, resolve_dtype
+from ..inputs.prompts import VideoOptions
 
 # eviction settings passed through to resolve_eviction (None = not set: the checkpoint's default wins)
 EVICTION_ARGS = ("budget", "memory_size", "policy", "threshold", "policy_options", "buffer_size", "prefill_chunk",

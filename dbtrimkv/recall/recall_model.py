@@ -1,7 +1,7 @@
 """The tiny Qwen3-VL of the synthetic recall benchmark: its architecture, and where it is saved.
 
 Why: the benchmark needs a model that actually solves the task with a full cache. It is the
-released Qwen3-VL architecture at toy sizes, built with the same machinery as `dbtrimkv.tiny`
+released Qwen3-VL architecture at toy sizes, built with the same machinery as `dbtrimkv.loading.tiny`
 (same tokenizer, processor and special tokens; only the text/vision sizes come from
 `configs/recall-tiny.yaml`), trained from scratch by `dbtrimkv eval train-recall` into
 `runs/recall-tiny/` (safetensors + processor files), where `dbtrimkv eval train-gates` adds its
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
-from .. import presets, tiny
+from ..settings import presets
+from ..loading import tiny
 
 RECIPE = "recall-tiny.yaml"
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from ..prompts import build_inputs
+from ..inputs.prompts import build_inputs
 
 KEYS = string.ascii_uppercase
 DIGITS = string.digits

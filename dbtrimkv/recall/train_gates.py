@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import holds_gates, load_model, save_gates
-from ..config import DBTrimKVConfig
+from ..loading.checkpoints import holds_gates, load_model, save_gates
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
 from ..training import TrainConfig, train
 from .recall_model import load_recipe

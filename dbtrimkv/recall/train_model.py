@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from .. import tiny
-from ..prompts import build_inputs
+from ..loading import tiny
+from ..inputs.prompts import build_inputs
 from .recall_model import build_model, load_recipe, save_model
 from .tasks import (
     DIGIT_HOLD, DIGITS, KEYS, TASK_KINDS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import DBTrimKVCache
-from ..transformers_compat import cache_kwargs
+from ..modeling.transformers_compat import cache_kwargs
 from .positions import is_vision_language, language_model_of
 from .vision import VisionChunk, vision_inputs
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..cache import DBTrimKVCache
-from ..rope_scaling import whole_prompt_rotary
+from ..modeling.rope_scaling import whole_prompt_rotary
 from .forward import RowInput, forward_rows
 from .positions import is_vision_language, rope_deltas, token_positions
 from .vision import VisionStream

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..modality import Modality, VISUAL_MODALITIES
+from ..inputs.modality import Modality, VISUAL_MODALITIES
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..cache.views import KVViews
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
 from . import refusals
 

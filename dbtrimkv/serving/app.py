@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import DBTrimKVError
-from ..turns import closing_ids, prepend_tokens
-from ..prompts import build_inputs
+from ..inputs.turns import closing_ids, prepend_tokens
+from ..inputs.prompts import build_inputs
 from ..runner.pending import reply_pending
 from . import refusals
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,

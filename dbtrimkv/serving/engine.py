@@ -23,11 +23,11 @@ import torch
 
 from ..cache import SlotPool
 from ..cache.cache import uses_views
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
-from ..gates import text_config_of
-from ..turns import stop_token_ids
-from ..prompts import tokenizer_of
+from ..modeling.gates import text_config_of
+from ..inputs.turns import stop_token_ids
+from ..inputs.prompts import tokenizer_of
 from . import refusals
 from .admission import Admission, server_budget, split_memory, view_columns
 from .api_errors import InternalError

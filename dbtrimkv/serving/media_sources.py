@@ -4,7 +4,7 @@ Why: a server must read no file a client names and fetch nothing a client points
 operator said so. `data:` URIs are decoded in memory; `file://` URLs and paths only under
 `--allow-media-dir DIR`; `http(s)://` URLs only with `--allow-remote-media` (size-capped,
 time-limited). An image's size is read from its header and charged to the request's
-`MediaBudget` before it is decoded (`dbtrimkv.media` refuses what its header says is too large).
+`MediaBudget` before it is decoded (`dbtrimkv.inputs.media` refuses what its header says is too large).
 Decoding problems become one clear `BadRequest` naming the message part, never showing an object
 repr or a server path (an uploaded video's temporary file is "the uploaded video").
 """
@@ -24,8 +24,8 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from ..errors import MediaError
-from ..images import IMAGE_MAX_PIXELS, load_image, too_many_pixels, unreadable
-from ..media import Video, load_video
+from ..inputs.images import IMAGE_MAX_PIXELS, load_image, too_many_pixels, unreadable
+from ..inputs.media import Video, load_video
 from . import refusals
 from .api_errors import BadRequest, TooLarge
 from .request_bounds import MediaBudget
@@ -50,10 +50,10 @@ def load_image_url(url: str, policy: MediaPolicy, where: str, budget: MediaBudge
     data = _read(url, policy, where, "image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # dbtrimkv.media's cap applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # dbtrimkv.inputs.media's cap applies
             with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:  # the header only
                 width, height = img.size
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:  # dbtrimkv.images' words
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:  # dbtrimkv.inputs.images' words
         name = str(data) if isinstance(data, Path) else "from bytes"  # load_image's name for it
         refusal = too_many_pixels if isinstance(exc, Image.DecompressionBombError) else unreadable
         raise BadRequest(f"{where}: {_clean(refusal(name, exc), data)}", param=where) from None
@@ -61,7 +61,7 @@ def load_image_url(url: str, policy: MediaPolicy, where: str, budget: MediaBudge
         budget.spend(min(width * height, policy.image_max_pixels), where)
     try:
         return load_image(data, policy.image_max_pixels)
-    except MediaError as exc:  # dbtrimkv.images' own words (the pipeline's), after the message part
+    except MediaError as exc:  # dbtrimkv.inputs.images' own words (the pipeline's), after the message part
         raise BadRequest(f"{where}: {_clean(exc, data)}", param=where) from None
 
 

@@ -29,8 +29,8 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
 
-from .. import checkpoints
-from ..eviction_settings import resolve_eviction
+from ..loading import checkpoints
+from ..settings.eviction_settings import resolve_eviction
 from .ray_bridge import call_app, merge_metrics
 from .ray_router import STATS_PERIOD_S, KVAwareRouter, latest_stats
 from .server import ServerOptions, create_server

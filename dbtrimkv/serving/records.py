@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..cache.requests import ParkedSequence
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import DBTrimKVError
 from ..runner.decode import DecodeRow
 from ..runner.prefill import PromptBatch

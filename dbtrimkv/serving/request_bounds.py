@@ -11,7 +11,7 @@ text bodies (under `--max-request-mb`) grew the server by 15 GB and stalled it f
 - the prompt's text is counted in tokens in bounded pieces (`PIECE_CHARS` characters at a time),
   stopping as soon as it is surely over `--max-prompt-tokens`: only then is the whole prompt
   tokenized, and at most a prompt the limit can hold;
-- images and video frames are refused from their headers (`dbtrimkv.media`) and, per request, once
+- images and video frames are refused from their headers (`dbtrimkv.inputs.media`) and, per request, once
   their decoded pixels pass what `--max-prompt-tokens` visual tokens can cover (`MediaBudget`).
 So one request holds at most about 3x `--max-request-mb` (body, parsed text, rendered prompt) plus
 its media budget while it is prepared; docs/serving.md states the measured bound.

@@ -21,7 +21,7 @@ import torch
 from ..cache import DBTrimKVCache, SlotPool
 from ..cache.store import KVStore
 from ..cache.views import KVViews
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
 from . import refusals
 from .admission import Admission, Reservation, request_bound, slot_bytes, view_columns

@@ -13,10 +13,10 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from ..cache.portable import ModelIdentity
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
-from ..gates import text_config_of
-from ..stats_text import format_bytes
+from ..modeling.gates import text_config_of
+from ..reporting.stats_text import format_bytes
 from .admission import Reservation, memory_bytes, view_columns
 from .app import HTTPOptions, build_app
 from .engine import Engine

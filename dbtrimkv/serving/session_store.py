@@ -23,7 +23,7 @@ import torch
 
 from ..cache.portable import ModelIdentity, read_saved, save_parked
 from ..cache.requests import ParkedSequence
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import CacheFileError, ConfigError
 from .records import config_key
 from .sessions import Session

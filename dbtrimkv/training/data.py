@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DBTrimKVError
-from ..prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of
+from ..inputs.prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of
 
 logger = logging.getLogger(__name__)
 

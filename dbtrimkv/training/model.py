@@ -3,7 +3,7 @@
 Why: only the retention gates learn; the base model is both the frozen teacher and the student's
 backbone. On GPU the base model runs in bfloat16 while the gates (and so the optimizer state)
 stay float32: a bias near 18 moves in steps of 0.125 in bfloat16, far coarser than the updates.
-Each gate casts its input to its own dtype (`dbtrimkv.gates`). `assert_only_gates_trainable` checks the freeze.
+Each gate casts its input to its own dtype (`dbtrimkv.modeling.gates`). `assert_only_gates_trainable` checks the freeze.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import holds_gates, load_model
-from ..gates import attach_retention_gates, gate_parameters, text_attention_modules
-from ..loading import load_base_model
-from ..model_state import model_state
+from ..loading.checkpoints import holds_gates, load_model
+from ..modeling.gates import attach_retention_gates, gate_parameters, text_attention_modules
+from ..loading.models import load_base_model
+from ..modeling.model_state import model_state
 from .train_attention import enable_training_attention
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..gates import text_attention_modules
-from ..model_state import model_state
+from ..modeling.gates import text_attention_modules
+from ..modeling.model_state import model_state
 from .train_attention import teacher_attention
 from .capacity import capacity_loss
 from .distill import distillation_losses

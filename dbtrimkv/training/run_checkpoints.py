@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoints import GATES_WEIGHTS, load_gate_state, save_gates
+from ..loading.checkpoints import GATES_WEIGHTS, load_gate_state, save_gates
 from ..errors import CheckpointError
 
 STATE_JSON = "trainer_state.json"

@@ -26,10 +26,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
 
-from ..attention import ATTENTION_CALL_KEY, LazyCausalMask
+from ..modeling.attention import ATTENTION_CALL_KEY, LazyCausalMask
 from ..errors import ConfigError
-from ..model_anatomy import RETENTION_ATTENTION, set_text_attention, text_attention_modules
-from ..model_state import model_state
+from ..modeling.model_anatomy import RETENTION_ATTENTION, set_text_attention, text_attention_modules
+from ..modeling.model_state import model_state
 from .biased_attention import biased_attention, biased_flex_attention
 
 TRAIN_ATTENTION_NAME = "dbtrimkv_train"

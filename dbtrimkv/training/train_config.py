@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
-from ..gates import GATE_TYPES
-from ..presets import load_yaml
+from ..modeling.gates import GATE_TYPES
+from ..settings.presets import load_yaml
 from .train_attention import BACKENDS
 from .capacity import CAPACITY_MODES
 from .distill import LOSS_KINDS

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from ..checkpoints import export_released_format, save_gates
-from ..eviction_settings import resolve_eviction
+from ..loading.checkpoints import export_released_format, save_gates
+from ..settings.eviction_settings import resolve_eviction
 from ..errors import ConfigError
-from ..prompts import VideoOptions, is_multimodal, tokenizer_of
+from ..inputs.prompts import VideoOptions, is_multimodal, tokenizer_of
 from . import run_checkpoints as ckpt
 from .train_attention import disable_training_attention
 from .collate import Collator, EpochSampler, pack_examples

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DBTrimKVError
-from ..text_files import read_utf8
+from ..inputs.text_files import read_utf8
 from .answers import LETTERS, format_options, split_option
 
 FORMATS = ("videomme", "mlvu", "jsonl")

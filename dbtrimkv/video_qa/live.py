@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from ..cache import DBTrimKVCache
-from ..config import DBTrimKVConfig
-from ..eviction_settings import resolve_eviction
+from ..settings.config import DBTrimKVConfig
+from ..settings.eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
 from ..pipeline import GenerationStats, collect_stats
-from ..prompts import tokenizer_of
+from ..inputs.prompts import tokenizer_of
 from .streaming import StreamOptions, frame_windows, prompt_parts, text_inputs
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MediaError
-from ..media import iter_video_frames
+from ..inputs.media import iter_video_frames
 
 MILLISECONDS = 1000.0
 

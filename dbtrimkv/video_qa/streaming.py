@@ -40,15 +40,15 @@ from PIL import Image
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
 from ..cache import DBTrimKVCache
-from ..config import DBTrimKVConfig
+from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError, PromptError
-from ..eviction_settings import resolve_eviction
+from ..settings.eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
-from ..media import Video, check_image_size, iter_video_frames, video_info
-from ..modality import MODALITY_NAMES
+from ..inputs.media import Video, check_image_size, iter_video_frames, video_info
+from ..inputs.modality import MODALITY_NAMES
 from ..pipeline import GenerationStats, collect_stats
-from ..prompts import escape_special_tokens, is_multimodal, tokenizer_of, tokens_by_modality
-from ..transformers_compat import video_placeholder
+from ..inputs.prompts import escape_special_tokens, is_multimodal, tokenizer_of, tokens_by_modality
+from ..modeling.transformers_compat import video_placeholder
 
 # qwen-vl-utils gives every frame of a long video its per-frame floor of 128 merged tokens
 # (VIDEO_MIN_TOKEN_NUM); a stream has no known length, so that floor is our default.

@@ -1,4 +1,4 @@
-"""`dbtrimkv.retention_maps` on hand-made caches (exact counts and colours) and on a real bounded cache."""
+"""`dbtrimkv.reporting.retention_maps` on hand-made caches (exact counts and colours) and on a real bounded cache."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from helpers import random_image
 from PIL import Image
 
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.pipeline import DBTrimKVPipeline
-from dbtrimkv.retention_maps import (
+from dbtrimkv.reporting.retention_maps import (
     head_heatmap,
     image_patch_survival,
     image_token_positions,

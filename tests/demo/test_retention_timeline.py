@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dbtrimkv import retention_timeline as rt
-from dbtrimkv.modality import Modality
+from dbtrimkv.reporting import retention_timeline as rt
+from dbtrimkv.inputs.modality import Modality
 from dbtrimkv.recall.tasks import VideoRecallTask, video_example
 
 

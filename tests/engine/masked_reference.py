@@ -14,8 +14,8 @@ from helpers import brute_force_keep
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from dbtrimkv.attention import ATTENTION_CALL_KEY, LazyCausalMask, retention_mask
-from dbtrimkv.gates import text_attention_modules, text_config_of
+from dbtrimkv.modeling.attention import ATTENTION_CALL_KEY, LazyCausalMask, retention_mask
+from dbtrimkv.modeling.gates import text_attention_modules, text_config_of
 
 NAME = "dbtrimkv_test_reference"
 

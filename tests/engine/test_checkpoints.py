@@ -9,10 +9,10 @@ import torch
 from helpers import randomize_gates
 
 import dbtrimkv
-from dbtrimkv.checkpoints import RELEASED_WEIGHTS
+from dbtrimkv.loading.checkpoints import RELEASED_WEIGHTS
 from dbtrimkv.errors import CheckpointError, ConfigError
-from dbtrimkv.gates import gate_outputs, text_attention_modules
-from dbtrimkv.tiny import build_tiny, save_tiny
+from dbtrimkv.modeling.gates import gate_outputs, text_attention_modules
+from dbtrimkv.loading.tiny import build_tiny, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_released_checkpoint_loads_exactly(tmp_path, base_dir, gate_type):
     hidden = torch.randn(2, 5, 64)
     torch.testing.assert_close(gate_outputs(model, hidden), _expected_log_beta(state, gate_type, hidden),
                                rtol=1e-5, atol=1e-6)
-    defaults = dbtrimkv.checkpoints.default_eviction_config(model)
+    defaults = dbtrimkv.loading.checkpoints.default_eviction_config(model)
     assert defaults.memory_size == 128 and defaults.buffer_size == 64
     assert hasattr(processor, "image_processor")
     if gate_type == "rg10":
@@ -107,7 +107,7 @@ def test_save_gates_round_trip(tmp_path, base_dir):
     loaded, _ = dbtrimkv.load_model(tmp_path / "gates")
     hidden = torch.randn(1, 6, 64)
     assert torch.equal(gate_outputs(model, hidden), gate_outputs(loaded, hidden))
-    assert dbtrimkv.checkpoints.default_eviction_config(loaded) == eviction
+    assert dbtrimkv.loading.checkpoints.default_eviction_config(loaded) == eviction
     gates = [m.retention_gate for m in text_attention_modules(loaded)]
     assert gates[1].linear3.weight is gates[2].linear3.weight
     # and the export to the released format reads back identically
@@ -119,7 +119,7 @@ def test_save_gates_round_trip(tmp_path, base_dir):
 def test_plain_model_gets_fresh_gates_with_a_warning(base_dir):
     with pytest.warns(UserWarning, match="untrained"):
         model, _ = dbtrimkv.load_model(base_dir)
-    assert not dbtrimkv.checkpoints.gates_are_trained(model)
+    assert not dbtrimkv.loading.checkpoints.gates_are_trained(model)
 
 
 class NotATensor:

@@ -6,7 +6,7 @@ import pytest
 
 from dbtrimkv import DBTrimKVConfig
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.presets import preset_names
+from dbtrimkv.settings.presets import preset_names
 
 
 @pytest.mark.parametrize(

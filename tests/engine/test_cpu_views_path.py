@@ -8,8 +8,8 @@ from helpers import randomize_gates
 
 import dbtrimkv
 from dbtrimkv.generation import prefill
-from dbtrimkv.tiny import build_tiny
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.loading.tiny import build_tiny
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import yaml
 import dbtrimkv
 from dbtrimkv.cli import build_parser
 from dbtrimkv.commands.common import eviction_config
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.eviction_settings import default_eviction_config, library_default, resolve_eviction
+from dbtrimkv.settings.eviction_settings import default_eviction_config, library_default, resolve_eviction
 from dbtrimkv.pipeline import DBTrimKVPipeline
-from dbtrimkv.tiny import save_tiny
+from dbtrimkv.loading.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from helpers import image_chat, mixed_chats, plain_and_gated, random_image
 
 import dbtrimkv
 from dbtrimkv.generation import generate, prefill
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 STEPS = 16
 

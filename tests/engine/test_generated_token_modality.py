@@ -10,9 +10,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import dbtrimkv
 from dbtrimkv.generation import generate
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 
 class Force(LogitsProcessor):

@@ -21,9 +21,9 @@ from helpers import image_chat, random_image, randomize_gates
 
 import dbtrimkv
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 STEPS = 12
 

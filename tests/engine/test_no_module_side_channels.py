@@ -13,11 +13,11 @@ import torch
 from helpers import image_chat, random_image
 
 import dbtrimkv
-from dbtrimkv.gates import text_attention_modules
+from dbtrimkv.modeling.gates import text_attention_modules
 from dbtrimkv.generation import generate
-from dbtrimkv.model_state import STATE_ATTRIBUTE, model_state
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
+from dbtrimkv.modeling.model_state import STATE_ATTRIBUTE, model_state
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
 from dbtrimkv.training.train_attention import (disable_training_attention, enable_training_attention,
                                                teacher_attention)
 

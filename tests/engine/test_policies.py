@@ -10,11 +10,11 @@ from helpers import image_chat, random_image, randomize_gates
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import dbtrimkv
-from dbtrimkv.gates import text_attention_modules
+from dbtrimkv.modeling.gates import text_attention_modules
 from dbtrimkv.generation import generate
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 
 def _score(seen, pos, log_beta, lookahead):

@@ -13,11 +13,11 @@ from helpers import PANGRAM, gated_tiny_text
 import dbtrimkv
 from dbtrimkv.cli import build_parser
 from dbtrimkv.commands.common import eviction_config, parse_policy_options
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.errors import ConfigError
 from dbtrimkv.generation import generate
 from dbtrimkv.policies import get_policy, policy_option_defaults
-from dbtrimkv.prompts import build_inputs
+from dbtrimkv.inputs.prompts import build_inputs
 
 PROMPT = PANGRAM
 

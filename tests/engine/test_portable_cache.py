@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import dbtrimkv
 from dbtrimkv.cache.portable import FORMAT_VERSION, METADATA_KEY, load_cache, read_metadata, save_cache
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.errors import CacheFileError, CacheMismatchError
 from dbtrimkv.generation import generate
 from dbtrimkv.policies import policy_names
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
 
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 

@@ -14,8 +14,8 @@ from helpers import image_chat, random_image
 import dbtrimkv
 from dbtrimkv.generation import prefill
 from dbtrimkv.runner.positions import decode_positions, rope_deltas, token_positions, with_input_defaults
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
 
 
 def test_decode_position_after_an_image_is_where_the_whole_prompt_puts_its_last_token():

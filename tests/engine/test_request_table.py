@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dbtrimkv
-from dbtrimkv.tiny import build_tiny
+from dbtrimkv.loading.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")

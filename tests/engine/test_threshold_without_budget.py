@@ -14,10 +14,10 @@ import yaml
 from helpers import randomize_gates
 
 import dbtrimkv
-from dbtrimkv.eviction_settings import resolve_eviction
+from dbtrimkv.settings.eviction_settings import resolve_eviction
 from dbtrimkv.generation import generate
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog, twice and again.", "Short one."]
 

@@ -15,12 +15,12 @@ import torch
 import transformers
 
 import dbtrimkv
-from dbtrimkv import attention as retention_attention
+from dbtrimkv.modeling import attention as retention_attention
 from dbtrimkv.errors import DBTrimKVError, IntegrationError
-from dbtrimkv.gates import text_attention_modules
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
-from dbtrimkv.transformers_compat import (
+from dbtrimkv.modeling.gates import text_attention_modules
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
+from dbtrimkv.modeling.transformers_compat import (
     CACHE_KWARG, NEWEST_TESTED, OLDEST_SUPPORTED, cache_from_call, cache_kwargs, is_supported, supported_range,
 )
 

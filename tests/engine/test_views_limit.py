@@ -10,7 +10,7 @@ from helpers import gated_tiny_text, randomize_gates
 import dbtrimkv
 from dbtrimkv.cache.views import KVViews
 from dbtrimkv.generation import prefill
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from dbtrimkv.policies import get_policy, policy_names
 from dbtrimkv.policies.base import split_evenly
 from dbtrimkv.policies.snapkv import SnapKVPolicy
 from dbtrimkv.policies.streaming import StreamingPolicy
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 BASELINES = ("streaming", "snapkv", "h2o", "knorm", "random")
 SINKS = StreamingPolicy().sinks  # the defaults the tests below are written for

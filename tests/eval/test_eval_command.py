@@ -114,7 +114,7 @@ def test_a_recall_task_parameter_the_task_refuses_is_one_clear_error_before_load
         raise AssertionError("the model must not load")
 
     monkeypatch.setattr(harness, "run_benchmark", no_run)
-    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_run)
+    monkeypatch.setattr("dbtrimkv.loading.checkpoints.load_model", no_run)
     for kind, rule in (("cards", "image_size must be >= 32, filler and distractors >= 0"),
                        ("video", "frames must be >= 2, image_size >= 32, filler >= 0"),
                        ("image", "image_size must be >= 32, filler >= 0")):

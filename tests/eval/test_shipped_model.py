@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import dbtrimkv
-from dbtrimkv.checkpoints import default_eviction_config, gates_are_trained
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.loading.checkpoints import default_eviction_config, gates_are_trained
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.demos.examples import example_images
 from dbtrimkv.errors import ModelLoadError
 from dbtrimkv.eval.harness import answer
@@ -68,7 +68,7 @@ def test_every_example_image_is_answered_within_the_default_budget():
 
 
 def test_a_missing_shipped_model_is_one_clear_error(monkeypatch, tmp_path):
-    from dbtrimkv import loading
+    from dbtrimkv.loading import models as loading
 
     monkeypatch.setitem(loading.SHIPPED_MODELS, "tiny-recall", tmp_path / "gone")
     with pytest.raises(ModelLoadError, match="shipped model 'tiny-recall' is missing.*reinstall"):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import dbtrimkv
-from dbtrimkv.checkpoints import GATES_JSON, GATES_WEIGHTS, RELEASED_WEIGHTS
+from dbtrimkv.loading.checkpoints import GATES_JSON, GATES_WEIGHTS, RELEASED_WEIGHTS
 from dbtrimkv.errors import CheckpointError, DBTrimKVError, ModelLoadError
-from dbtrimkv.tiny import build_tiny, save_tiny
+from dbtrimkv.loading.tiny import build_tiny, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_bad_own_weights(tmp_path, checkpoints):
 def test_valid_checkpoints_still_load_with_their_budget(checkpoints):
     for directory in checkpoints:
         model, _ = dbtrimkv.load_model(directory)
-        assert dbtrimkv.checkpoints.default_eviction_config(model).memory_size == 16
+        assert dbtrimkv.loading.checkpoints.default_eviction_config(model).memory_size == 16
 
 
 def _gate_tensors_cases():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from cli_harness import assert_one_clear_error
 
-import dbtrimkv.checkpoints
-from dbtrimkv.config import DBTrimKVConfig
+import dbtrimkv.loading.checkpoints
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.errors import ConfigError
 
 FILES = {
@@ -48,7 +48,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr(dbtrimkv.checkpoints, "load_model", refuse)
+    monkeypatch.setattr(dbtrimkv.loading.checkpoints, "load_model", refuse)
 
 
 @pytest.mark.parametrize("name", sorted(FILES)[::3])

@@ -7,9 +7,9 @@ import socket
 import pytest
 from cli_harness import assert_one_clear_error
 
-import dbtrimkv.checkpoints
+import dbtrimkv.loading.checkpoints
 import dbtrimkv.eval.harness
-import dbtrimkv.loading
+import dbtrimkv.loading.models
 
 
 @pytest.fixture(autouse=True)
@@ -17,8 +17,8 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
 
-    monkeypatch.setattr(dbtrimkv.checkpoints, "load_model", refuse)
-    monkeypatch.setattr(dbtrimkv.loading, "load_base_model", refuse)
+    monkeypatch.setattr(dbtrimkv.loading.checkpoints, "load_model", refuse)
+    monkeypatch.setattr(dbtrimkv.loading.models, "load_base_model", refuse)
     monkeypatch.setattr(dbtrimkv.eval.harness, "run_benchmark", refuse)
 
 

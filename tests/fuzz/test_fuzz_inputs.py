@@ -15,7 +15,7 @@ from media_files import declared_size, encoded, png_bytes
 from PIL import Image
 
 from dbtrimkv.errors import ConfigError, DBTrimKVError, MediaError, PromptError
-from dbtrimkv.media import load_image
+from dbtrimkv.inputs.media import load_image
 
 SMALL = Image.new("RGB", (64, 48), (40, 80, 120))
 

@@ -13,7 +13,7 @@ from helpers import write_clip
 
 import dbtrimkv
 from dbtrimkv.errors import ConfigError, MediaError, PromptError
-from dbtrimkv.media import MAX_ASPECT_RATIO, load_video
+from dbtrimkv.inputs.media import MAX_ASPECT_RATIO, load_video
 
 
 @pytest.mark.parametrize("width,height", [(804, 2), (2, 804)])
@@ -74,7 +74,7 @@ def test_cache_on_something_that_is_not_a_gated_model(model):
 
 
 def test_cache_on_a_model_without_gates():
-    from dbtrimkv.loading import load_base_model
+    from dbtrimkv.loading.models import load_base_model
 
     model, _ = load_base_model("tiny")
     with pytest.raises(ConfigError, match="no retention gates"):
@@ -82,7 +82,7 @@ def test_cache_on_a_model_without_gates():
 
 
 def test_cache_built_for_another_model(recall_pipe):
-    from dbtrimkv.loading import load_base_model
+    from dbtrimkv.loading.models import load_base_model
 
     other, _ = dbtrimkv.load_model("tiny")
     inputs = recall_pipe.build_inputs("hello")

@@ -12,8 +12,8 @@ from helpers import write_clip
 from media_files import png_bytes, write_big_clip
 
 from dbtrimkv.errors import MediaError
-from dbtrimkv.media import VIDEO_MAX_FRAME_PIXELS, iter_video_frames, load_image, load_video, sample_indices
-from dbtrimkv.prompts import VideoOptions
+from dbtrimkv.inputs.media import VIDEO_MAX_FRAME_PIXELS, iter_video_frames, load_image, load_video, sample_indices
+from dbtrimkv.inputs.prompts import VideoOptions
 
 RSS_BOUND_MB = 500
 
@@ -85,7 +85,7 @@ def test_sample_indices(total, src, fps, limit):
 
 
 def test_unknown_length_stream_is_thinned_not_truncated(tmp_path, monkeypatch):
-    from dbtrimkv import media
+    from dbtrimkv.inputs import media
 
     path = tmp_path / "clip.mp4"
     write_clip(path, frames=100, fps=10)

@@ -27,7 +27,7 @@ from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
 from dbtrimkv import DBTrimKVPipeline  # noqa: E402
-from dbtrimkv.checkpoints import load_model  # noqa: E402
+from dbtrimkv.loading.checkpoints import load_model  # noqa: E402
 from dbtrimkv.errors import ConfigError  # noqa: E402
 from dbtrimkv.eval.harness import BenchmarkSpec, answer  # noqa: E402
 from dbtrimkv.lmms import recall_export  # noqa: E402

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from dbtrimkv import DBTrimKVPipeline
-from dbtrimkv.checkpoints import load_model
+from dbtrimkv.loading.checkpoints import load_model
 from dbtrimkv.cli import main as cli_main
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.errors import DBTrimKVError, PromptError
 from dbtrimkv.eval.harness import BenchmarkSpec
 from dbtrimkv.lmms import recall_export
 from dbtrimkv.lmms.cost import sample_cost, task_summary
 from dbtrimkv.lmms.messages import generation_settings, to_pipeline_messages
 from dbtrimkv.lmms.settings import parse_model_args
-from dbtrimkv.prompts import build_inputs
+from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.recall.tasks import TASK_KINDS, prompt_inputs
 
 SYNTHETIC_DEFAULTS = dict(num_cards=8, filler=32, distractors=1, frames=8, image_size=32, answer_modality="any",

@@ -20,7 +20,7 @@ from collections import Counter
 
 import torch
 
-from dbtrimkv.modality import MODALITY_NAMES
+from dbtrimkv.inputs.modality import MODALITY_NAMES
 
 
 class InvariantViolation(AssertionError):

@@ -27,12 +27,12 @@ from invariants import CacheInvariants, InvariantViolation
 import dbtrimkv
 from dbtrimkv.cache import DBTrimKVCache
 from dbtrimkv.cache.eviction import EvictionTrigger
-from dbtrimkv.config import DBTrimKVConfig
+from dbtrimkv.settings.config import DBTrimKVConfig
 from dbtrimkv.generation import generate
-from dbtrimkv.modality import MODALITY_NAMES
+from dbtrimkv.inputs.modality import MODALITY_NAMES
 from dbtrimkv.policies import policy_names, policy_option_defaults
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dbtrimkv import shapes
+from dbtrimkv.loading import shapes
 
 INTERMEDIATE = 512
 BIAS_INIT = 18.0

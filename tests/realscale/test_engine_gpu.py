@@ -10,9 +10,9 @@ from helpers import image_chat, random_image, randomize_gates
 from low_precision import assert_logits_close, first_divergence
 
 import dbtrimkv
-from dbtrimkv import shapes
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.loading import shapes
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -16,9 +16,9 @@ from masked_reference import MaskedReference
 
 import dbtrimkv
 from dbtrimkv.generation import prefill
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.tiny import build_tiny
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.loading.tiny import build_tiny
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 STEPS = 12
 DTYPES = [torch.bfloat16, torch.float16]

@@ -11,10 +11,10 @@ from helpers import randomize_gates
 from masked_reference import MaskedReference
 
 import dbtrimkv
-from dbtrimkv import shapes
+from dbtrimkv.loading import shapes
 from dbtrimkv.generation import generate, prefill
-from dbtrimkv.prompts import build_inputs
-from dbtrimkv.transformers_compat import cache_kwargs
+from dbtrimkv.inputs.prompts import build_inputs
+from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 PROMPTS = ["Hello there", "A longer prompt about the phi three model and its caches."]
 KW = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)

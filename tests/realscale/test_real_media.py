@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbtrimkv import shapes
-from dbtrimkv.media import load_video
-from dbtrimkv.prompts import VideoOptions, build_inputs
+from dbtrimkv.loading import shapes
+from dbtrimkv.inputs.media import load_video
+from dbtrimkv.inputs.prompts import VideoOptions, build_inputs
 
 FACTOR, MERGE = 32, 4  # patch 16 x spatial merge 2; 2 x 2 patches per vision token
 

@@ -10,10 +10,10 @@ from helpers import image_chat, random_image
 from released_layout import write_released_checkpoint
 
 import dbtrimkv
-from dbtrimkv.model_state import saved_eviction
-from dbtrimkv import shapes
-from dbtrimkv.gates import text_attention_modules, text_config_of
-from dbtrimkv.prompts import build_inputs
+from dbtrimkv.modeling.model_state import saved_eviction
+from dbtrimkv.loading import shapes
+from dbtrimkv.modeling.gates import text_attention_modules, text_config_of
+from dbtrimkv.inputs.prompts import build_inputs
 
 RELEASED = [(name, entry) for name in shapes.shape_names() for entry in shapes.load_shape(name)["released"]]
 

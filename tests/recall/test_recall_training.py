@@ -11,7 +11,7 @@ from dbtrimkv.recall.tasks import (
     ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, image_example, recall_example, video_example,
 )
 from dbtrimkv.recall.train_model import CopyChat, _lr_at, collate, copy_chat, parameter_groups, sample_batch
-from dbtrimkv.tiny import build_processor
+from dbtrimkv.loading.tiny import build_processor
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -123,7 +123,7 @@ def test_train_runs_the_recipe_and_saves_a_loadable_model(tmp_path):
     import torch
 
     from dbtrimkv.recall.train_model import train
-    from dbtrimkv.loading import load_base_model
+    from dbtrimkv.loading.models import load_base_model
 
     path, recipe = small_recipe(tmp_path)
     scores = train(path, output=tmp_path / "model", threads=1)
@@ -140,10 +140,10 @@ def test_train_gates_installs_trained_rg10_gates_next_to_the_model(tmp_path):
     import yaml
 
     import dbtrimkv
-    from dbtrimkv.checkpoints import gates_are_trained
+    from dbtrimkv.loading.checkpoints import gates_are_trained
     from dbtrimkv.recall.train_gates import train_gates
     from dbtrimkv.recall.recall_model import save_model
-    from dbtrimkv.presets import load_yaml
+    from dbtrimkv.settings.presets import load_yaml
 
     _, recipe = small_recipe(tmp_path)
     model, processor = build_model(recipe["model"], seed=0)
@@ -159,7 +159,7 @@ def test_train_gates_installs_trained_rg10_gates_next_to_the_model(tmp_path):
     assert gates_are_trained(loaded)
     gate = loaded.model.language_model.layers[0].self_attn.retention_gate
     assert gate.state_dict().keys() and config["gate_type"] == "rg10"
-    from dbtrimkv.checkpoints import default_eviction_config
+    from dbtrimkv.loading.checkpoints import default_eviction_config
 
     eviction = default_eviction_config(loaded)  # what chat / the demo use without budget options
     assert (eviction.memory_size, eviction.policy) == (5, "global") and config["memory_size"] != 5
@@ -179,8 +179,8 @@ def test_a_second_gate_stage_continues_from_the_installed_gates_on_its_own_secti
 
     import dbtrimkv
     from dbtrimkv.errors import ConfigError
-    from dbtrimkv.gates import gate_parameters
-    from dbtrimkv.presets import load_yaml
+    from dbtrimkv.modeling.gates import gate_parameters
+    from dbtrimkv.settings.presets import load_yaml
     from dbtrimkv.recall.recall_model import save_model
     from dbtrimkv.recall import train_gates as module
     from dbtrimkv.recall.train_gates import train_gates

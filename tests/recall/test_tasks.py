@@ -121,7 +121,7 @@ def test_image_variant_is_one_digit_image_and_its_question(seed):
 def test_example_images_are_the_generated_ones():
     """The committed example PNGs are the image variant at the seeds they claim."""
     from dbtrimkv.demos.examples import IMAGE_SEEDS, IMAGE_TASK, example_images
-    from dbtrimkv.media import load_image
+    from dbtrimkv.inputs.media import load_image
 
     assert len(example_images()) == len(IMAGE_SEEDS) == 3
     for (path, answer), seed in zip(example_images(), IMAGE_SEEDS):

@@ -98,7 +98,7 @@ def test_media_are_refused_from_their_headers_and_by_the_requests_pixel_budget(s
     response = httpx.post(url, json=bomb, timeout=30)
     assert response.status_code == 413 and time.monotonic() - start < 5  # its header is over the pixel budget
     assert "pixels" in response.json()["error"]["message"]
-    with pytest.raises(BadRequest) as info:  # without a budget, dbtrimkv.media refuses it from its header
+    with pytest.raises(BadRequest) as info:  # without a budget, dbtrimkv.inputs.media refuses it from its header
         load_image_url("data:image/png;base64," + base64.b64encode(png_header_only(12_000, 12_000)).decode(),
                        MediaPolicy(), "messages[0].content[0]")
     assert "12000x12000" in info.value.message and " at 0x" not in info.value.message

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dbtrimkv import DBTrimKVConfig, DBTrimKVPipeline, load_model
-from dbtrimkv.prompts import build_inputs
+from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.cache import DBTrimKVCache, SlotPool
 from dbtrimkv.runner.positions import token_positions
 from dbtrimkv.serving.api_errors import BadRequest

@@ -16,8 +16,8 @@ import torch
 
 from dbtrimkv import DBTrimKVConfig, load_model
 from dbtrimkv.runner.vision import VisionStream
-from dbtrimkv.model_anatomy import text_decoder_layers
-from dbtrimkv.prompts import build_inputs
+from dbtrimkv.modeling.model_anatomy import text_decoder_layers
+from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.serving import runner as runner_module
 from dbtrimkv.serving.detokenize import TextTracker
 from dbtrimkv.serving.engine import Engine, EngineRequest

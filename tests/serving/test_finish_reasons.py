@@ -14,7 +14,7 @@ import torch
 from dbtrimkv.runner.decode import DecodeRow
 from dbtrimkv.runner.sampling import Sampler, SamplingParams
 from dbtrimkv.serving.engine import Engine, EngineRequest
-from dbtrimkv.turns import stop_token_ids
+from dbtrimkv.inputs.turns import stop_token_ids
 
 CHAT = [{"role": "user", "content": "Remember the code 4417. What is the code?"}]
 

@@ -84,7 +84,7 @@ def test_serve_replicas_flag_builds_the_ray_application(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(ray_app, "run", lambda *args: calls.append(args) or 0)
-    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", lambda *a, **k: pytest.fail("the driver loaded the model"))
+    monkeypatch.setattr("dbtrimkv.loading.checkpoints.load_model", lambda *a, **k: pytest.fail("the driver loaded the model"))
     store = tmp_path / "store"
     assert cli.main(["serve", "--replicas", "2", "--budget", "64", "--port", "8123", "--session-store", str(store),
                      "--ray-address", "auto"]) == 0

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from dbtrimkv import DBTrimKVConfig
 from dbtrimkv.cli import main
 from dbtrimkv.errors import ConfigError, MediaError
-from dbtrimkv.images import load_image
-from dbtrimkv.prompts import build_inputs
+from dbtrimkv.inputs.images import load_image
+from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.serving import ServerOptions, create_server, refusals
 from dbtrimkv.serving.api_errors import BadRequest, TooLarge, Unavailable, scrub
 from dbtrimkv.serving.app import HTTPOptions
@@ -41,7 +41,7 @@ def cli_error(argv, monkeypatch, capsys, loads: bool = False) -> str:
         raise AssertionError("the model must not load")
 
     if not loads:
-        monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_load)
+        monkeypatch.setattr("dbtrimkv.loading.checkpoints.load_model", no_load)
     assert main(["serve", *argv]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("dbtrimkv: error: ")

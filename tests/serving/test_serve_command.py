@@ -27,7 +27,7 @@ def test_bad_flags_fail_before_loading(argv, message, monkeypatch, capsys):
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_load)
+    monkeypatch.setattr("dbtrimkv.loading.checkpoints.load_model", no_load)
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dbtrimkv: error: ") and message in err[-1]
@@ -71,7 +71,7 @@ def test_a_port_in_use_or_a_bad_host_fails_before_the_model_loads(monkeypatch, c
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_load)
+    monkeypatch.setattr("dbtrimkv.loading.checkpoints.load_model", no_load)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -84,7 +84,7 @@ def test_spilled_session_resumes_without_prefill(recall_pipeline, reference, tmp
 
 
 def test_session_store_flag_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("dbtrimkv.loading.checkpoints.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
     assert cli.main(["serve", "--session-store", str(not_a_folder)]) == 2

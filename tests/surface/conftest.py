@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "fuzz"))  # cli_harness: run 
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a model loads or an evaluation / training starts (errors must come first)."""
-    import dbtrimkv.checkpoints
+    import dbtrimkv.loading.checkpoints
     import dbtrimkv.eval.harness
     import dbtrimkv.eval.long_video
     import dbtrimkv.recall.train_model
@@ -22,7 +22,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(dbtrimkv.checkpoints, "load_model", refuse)
+    monkeypatch.setattr(dbtrimkv.loading.checkpoints, "load_model", refuse)
     monkeypatch.setattr(dbtrimkv.eval.harness, "run_benchmark", refuse)
     monkeypatch.setattr(dbtrimkv.eval.long_video, "run_long_video", refuse)
     monkeypatch.setattr(dbtrimkv.recall.train_model, "train", refuse)

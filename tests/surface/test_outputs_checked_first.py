@@ -11,7 +11,7 @@ import pytest
 from cli_harness import assert_one_clear_error, run_cli
 
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.output_paths import check_writable_dir, check_writable_file, timestamped
+from dbtrimkv.reporting.output_paths import check_writable_dir, check_writable_file, timestamped
 
 UNWRITABLE = "/proc/x/y"  # /proc takes no new files, even for root
 

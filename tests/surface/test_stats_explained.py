@@ -11,10 +11,10 @@ import pytest
 import dbtrimkv
 from dbtrimkv.commands.common import eviction_config
 from dbtrimkv.cli import build_parser
-from dbtrimkv.eviction_settings import resolve_eviction
+from dbtrimkv.settings.eviction_settings import resolve_eviction
 from dbtrimkv.pipeline import DBTrimKVPipeline, GenerationStats
 from dbtrimkv.serving.metrics import Metrics
-from dbtrimkv.stats_text import budget_words, entries, kv_bound
+from dbtrimkv.reporting.stats_text import budget_words, entries, kv_bound
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from helpers import image_chat, random_image
 from training_helpers import gated_model
 
-from dbtrimkv.gates import text_attention_modules
-from dbtrimkv.model_state import model_state
-from dbtrimkv.prompts import build_inputs
+from dbtrimkv.modeling.gates import text_attention_modules
+from dbtrimkv.modeling.model_state import model_state
+from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.training.train_attention import teacher_attention
 from dbtrimkv.training.biased_attention import biased_attention, biased_flex_attention
 

@@ -10,7 +10,7 @@ import torch
 from training_helpers import gated_model
 
 from dbtrimkv.errors import ConfigError
-from dbtrimkv.prompts import tokenizer_of
+from dbtrimkv.inputs.prompts import tokenizer_of
 from dbtrimkv.training.collate import Collator, pack_examples
 from dbtrimkv.training.data import ChatDataset, encode_example, read_chats
 from dbtrimkv.training.objective import GateDistiller

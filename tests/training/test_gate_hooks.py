@@ -7,7 +7,7 @@ import torch
 from test_gradients import one_batch
 from training_helpers import gated_model
 
-from dbtrimkv.gates import gate_parameters, text_attention_modules
+from dbtrimkv.modeling.gates import gate_parameters, text_attention_modules
 from dbtrimkv.training.capacity import capacity_loss
 from dbtrimkv.training.model import training_gate_hooks
 from dbtrimkv.training.objective import GateDistiller

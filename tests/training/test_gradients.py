@@ -6,8 +6,8 @@ import pytest
 import torch
 from training_helpers import gated_model
 
-from dbtrimkv.gates import gate_parameters
-from dbtrimkv.prompts import tokenizer_of
+from dbtrimkv.modeling.gates import gate_parameters
+from dbtrimkv.inputs.prompts import tokenizer_of
 from dbtrimkv.training.collate import Collator
 from dbtrimkv.training.data import ChatDataset, read_chats
 from dbtrimkv.training.model import assert_only_gates_trainable

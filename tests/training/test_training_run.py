@@ -10,8 +10,8 @@ import torch
 from training_helpers import tiny_config
 
 import dbtrimkv
-from dbtrimkv.gates import gate_outputs, text_config_of
-from dbtrimkv.model_state import model_state
+from dbtrimkv.modeling.gates import gate_outputs, text_config_of
+from dbtrimkv.modeling.model_state import model_state
 from dbtrimkv.training import train
 from dbtrimkv.training.run_checkpoints import checkpoint_dir
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import randomize_gates, write_clip
 
 import dbtrimkv
-from dbtrimkv.tiny import build_tiny
+from dbtrimkv.loading.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def test_save_then_load_answers_the_same_without_decoding(clips, tmp_path, capsy
 def test_python_api_round_trip(gated, clips, tmp_path, monkeypatch):
     model, processor = gated
     qa = VideoQA(model, processor, None, StreamOptions(fps=8, window_frames=4), max_new_tokens=5)
-    from dbtrimkv.config import DBTrimKVConfig
+    from dbtrimkv.settings.config import DBTrimKVConfig
 
     qa.config = DBTrimKVConfig(budget=40, buffer_size=2, prefill_chunk=8, policy="snapkv")
     encoded = qa.encode(clips(12, seed=2))
@@ -77,7 +77,7 @@ def test_bad_cache_flags_fail_before_the_model_loads(tmp_path, capsys, monkeypat
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("dbtrimkv.checkpoints.load_model", no_load)
+    monkeypatch.setattr("dbtrimkv.loading.checkpoints.load_model", no_load)
     (tmp_path / "JUNK").write_bytes(b"not safetensors at all")
     names = {"MISSING.dbkv": tmp_path / "missing.dbkv", "UNDERFILE/x.dbkv": tmp_path / "JUNK" / "x.dbkv",
              "DIR": tmp_path, "JUNK": tmp_path / "JUNK"}

@@ -8,8 +8,8 @@ import torch
 
 import dbtrimkv
 from dbtrimkv.generation import prefill
-from dbtrimkv.media import Video, iter_video_frames
-from dbtrimkv.prompts import build_inputs, tokenizer_of
+from dbtrimkv.inputs.media import Video, iter_video_frames
+from dbtrimkv.inputs.prompts import build_inputs, tokenizer_of
 from dbtrimkv.video_qa import StreamOptions, ask, encode_video, frame_size, prompt_parts, text_inputs, video_windows
 from dbtrimkv.video_qa import streaming
 
@@ -58,7 +58,7 @@ def test_windows_at_full_budget_match_one_shot_processing(gated, clips):
 
 
 def test_frame_size_does_not_depend_on_the_window_length():
-    from dbtrimkv.tiny import build_processor
+    from dbtrimkv.loading.tiny import build_processor
 
     processor = build_processor()  # patch 16 x merge 2: sides are multiples of 32
     # why it must be fixed: left to itself, the video processor shrinks frames as a clip gets longer

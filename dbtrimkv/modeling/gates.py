@@ -13,7 +13,7 @@ names match the released TrimKV / DBTrimKV checkpoints.
 Output: `logsigmoid(...)` in float32, shape `[B, T, H_kv]`.
 
 The gate modules themselves know nothing of hooks: `attach_retention_gates` builds them and asks
-`dbtrimkv.attention` to install the hooks that feed them.
+`dbtrimkv.modeling.attention` to install the hooks that feed them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import install_retention_attention
-from .errors import ConfigError
+from ..errors import ConfigError
 from .model_anatomy import text_attention_modules, text_config_of
 from .model_state import GateSpec, existing_state, model_state
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
-from .errors import MediaError
+from ..errors import MediaError
 from .images import MAX_ASPECT_RATIO, check_image_size, fit_pixels, load_image
 
 MAX_VIDEO_FRAME_PIXELS = 40_000_000  # source frame size a video may declare (8K UHD is 33 MP)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import BUDGET_SCALE, LIBRARY_DEFAULT, DBTrimKVConfig, apply_settings
-from .errors import ConfigError
-from .model_state import saved_eviction
+from ..errors import ConfigError
+from ..modeling.model_state import saved_eviction
 
 SETTINGS = tuple(f.name for f in fields(DBTrimKVConfig))
 LAYER_SETTINGS = SETTINGS + (BUDGET_SCALE,)  # what a preset, a file or a mapping may name

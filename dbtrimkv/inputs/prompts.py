@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
-from .errors import MediaError, PromptError
+from ..errors import MediaError, PromptError
 from .media import Video, frames_to_video, load_image, load_video
 from .modality import MODALITY_NAMES
 from .text_files import check_unicode

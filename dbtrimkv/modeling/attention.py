@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import DBTrimKVCache
+from ..cache import DBTrimKVCache
 from .model_anatomy import RETENTION_ATTENTION, set_text_attention, text_attention_modules, text_decoder
 from .model_state import ModelState, model_state
 from .transformers_compat import cache_from_call, integration_error

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import DBTrimKVError
+from ..errors import DBTrimKVError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

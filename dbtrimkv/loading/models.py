@@ -2,7 +2,7 @@
 
 Why: users name models in several ways (the embedded tiny default, a local directory, a hub id
 that may already be in the hub cache) and expect one clear error when a name cannot be resolved
-or the architecture is not supported. Gate checkpoints are handled by `dbtrimkv.checkpoints`,
+or the architecture is not supported. Gate checkpoints are handled by `dbtrimkv.loading.checkpoints`,
 which builds on this.
 """
 
@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .tiny import build_tiny
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 TINY_ALIASES = {"tiny": "qwen3_vl", "tiny-moe": "qwen3_vl_moe", "tiny-text": "qwen3"}
 # Models shipped inside the package: `tiny-recall`, the tiny Qwen3-VL trained on the synthetic recall
 # task (`dbtrimkv eval train-recall`) with its trained gates (`dbtrimkv eval train-gates`).
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 SHIPPED_MODELS = {"tiny-recall": ASSETS / "tiny-recall"}
 DEFAULT_MODEL = "tiny-recall"
 MULTIMODAL_TYPES = ("qwen3_vl", "qwen3_vl_moe")

@@ -23,13 +23,13 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from safetensors.torch import load_file
 
-from .config import MAX_BUFFER_SIZE, MAX_MEMORY_SIZE, DBTrimKVConfig
-from .errors import CheckpointError, ConfigError
-from .eviction_settings import default_eviction_config
-from .gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of
-from .loading import DEFAULT_MODEL, TINY_ALIASES, load_base_model, read_config, resolve_model_dir, unpickling_refusal
-from .model_anatomy import text_attention_modules, text_config_of
-from .model_state import existing_state, model_state
+from ..settings.config import MAX_BUFFER_SIZE, MAX_MEMORY_SIZE, DBTrimKVConfig
+from ..errors import CheckpointError, ConfigError
+from ..settings.eviction_settings import default_eviction_config
+from ..modeling.gates import GATE_TYPES, attach_retention_gates, gate_parameters, gate_spec_of
+from .models import DEFAULT_MODEL, TINY_ALIASES, load_base_model, read_config, resolve_model_dir, unpickling_refusal
+from ..modeling.model_anatomy import text_attention_modules, text_config_of
+from ..modeling.model_state import existing_state, model_state
 
 logger = logging.getLogger(__name__)
 

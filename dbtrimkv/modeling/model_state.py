@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # types only; config never imports this module (tests/test_import_graph.py)
-    from .config import DBTrimKVConfig
+    from ..settings.config import DBTrimKVConfig
 
 STATE_ATTRIBUTE = "_dbtrimkv_state"
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError
-from .modality import MODALITY_NAMES, Modality
+from ..errors import ConfigError
+from ..inputs.modality import MODALITY_NAMES, Modality
 from .output_paths import check_writable_file
 
 KIND_COLORS = {"text": "#b0b0b0", "image": "#1f77b4", "video": "#ff7f0e"}

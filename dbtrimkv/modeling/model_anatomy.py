@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
-RETENTION_ATTENTION = "dbtrimkv"  # the attention implementation dbtrimkv registers (dbtrimkv.attention)
+RETENTION_ATTENTION = "dbtrimkv"  # the attention implementation dbtrimkv registers (dbtrimkv.modeling.attention)
 
 
 def text_config_of(model):

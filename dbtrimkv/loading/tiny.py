@@ -22,8 +22,8 @@ from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoPr
 from transformers import Qwen3Config, Qwen3VLConfig, Qwen3VLMoeConfig
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
-from . import presets
-from ._torchvision_compat import ensure_torchvision_importable
+from ..settings import presets
+from .._torchvision_compat import ensure_torchvision_importable
 
 VARIANTS = ("qwen3_vl", "qwen3_vl_moe", "qwen3")
 
@@ -105,7 +105,7 @@ def build_processor(tokenizer=None, vision: dict | None = None, settings: dict |
     """A Qwen3VLProcessor (real image + video processors) around the tiny tokenizer.
 
     `vision` (patch sizes) and `settings` (min/max pixels, video frame limits) default to the tiny
-    spec; `dbtrimkv.shapes` passes the released models' values.
+    spec; `dbtrimkv.loading.shapes` passes the released models' values.
     """
     ensure_torchvision_importable()
 

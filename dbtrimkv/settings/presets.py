@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
-from .text_files import read_utf8
+from ..errors import ConfigError
+from ..inputs.text_files import read_utf8
 
 
 def preset_names(section: str | None = None) -> list[str]:

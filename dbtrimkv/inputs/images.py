@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MediaError
+from ..errors import MediaError
 
 MAX_IMAGE_DECODE_BYTES = 256 * 2**20  # decoded pixels, in the file's own format, before downscaling
 IMAGE_MAX_PIXELS = 16_777_216  # images are downscaled to at most this many pixels (Qwen3-VL's longest_edge)

@@ -14,7 +14,7 @@ its budget relative to the model's default (0.25 = a quarter of it), so a preset
 `policy_options` are the chosen policy's own options (e.g. `{window: 32}` for snapkv); the policy
 class validates them (`dbtrimkv.policies`). `threshold` is the threshold policy's tau, kept as a
 setting of its own because it is the paper's knob (and the CLI's `--threshold`). Which layer of
-defaults, presets and explicit options wins is decided in `dbtrimkv.eviction_settings`.
+defaults, presets and explicit options wins is decided in `dbtrimkv.settings.eviction_settings`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .limits import MAX_BUDGET, MAX_BUFFER_SIZE, MAX_LOOKAHEAD, MAX_MEMORY_SIZE, MAX_PREFILL_CHUNK
-from .policies import EvictionPolicy, get_policy, policy_names
+from ..policies import EvictionPolicy, get_policy, policy_names
 from .presets import load_yaml, preset_names
-from .text_files import read_utf8
+from ..inputs.text_files import read_utf8
 
 # Bounds on every setting: `limits.py`.
 BUDGET_SCALE = "budget_scale"  # a preset's budget relative to the model's default (not a stored setting)
@@ -174,7 +174,7 @@ class DBTrimKVConfig:
 
 
 def apply_settings(settings: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
-    """`settings` with one layer of named settings applied (the rule of `dbtrimkv.eviction_settings`):
+    """`settings` with one layer of named settings applied (the rule of `dbtrimkv.settings.eviction_settings`):
     setting `budget` clears `memory_size` and vice versa; `budget_scale` multiplies the budget (or
     memory size) the settings already have; choosing another policy drops the previous policy's
     `threshold` and `policy_options` unless the layer sets them; `policy_options` are merged."""

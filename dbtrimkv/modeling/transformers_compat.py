@@ -20,7 +20,7 @@ import transformers
 from packaging.version import Version
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
-from .errors import IntegrationError
+from ..errors import IntegrationError
 
 OLDEST_SUPPORTED = "5.17"  # the oldest release CI tests (second install in .ci/run)
 NEWEST_TESTED = "5.25"  # pyproject caps transformers below the next minor: raise both together

@@ -30,8 +30,9 @@ try:
 except ImportError:  # transformers releases without it
     no_init_weights = None
 
-from . import presets, tiny
-from .errors import ConfigError
+from ..settings import presets
+from . import tiny
+from ..errors import ConfigError
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3", "phi3")
 

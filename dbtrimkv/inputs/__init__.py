@@ -1,0 +1,1 @@
+"""What a request is made of: images, video, text files, prompts, chat turns and modality tags."""
