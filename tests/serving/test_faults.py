@@ -18,7 +18,7 @@ from dbtrimkv import DBTrimKVConfig, load_model
 from dbtrimkv.runner.vision import VisionStream
 from dbtrimkv.modeling.model_anatomy import text_decoder_layers
 from dbtrimkv.inputs.prompts import build_inputs
-from dbtrimkv.serving import runner as runner_module
+from dbtrimkv.serving import stepper as stepper_module
 from dbtrimkv.serving.detokenize import TextTracker
 from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.serving.sampling import Sampler, SamplingParams
@@ -164,7 +164,7 @@ def test_a_forward_that_fails_halfway_restarts_the_others_and_fails_the_culprit(
     assert all(mark not in build_inputs(processor, p)["input_ids"][0].tolist() for p in items)
     expected = alone(engine, processor, items)
     poisoned = [{"role": "user", "content": "tell me about it " * 4 + "#"}]
-    real = runner_module.forward_rows
+    real = stepper_module.forward_rows
     armed = {"on": False}
 
     def breaks_at_layer_one(module, args, kwargs):
@@ -180,7 +180,7 @@ def test_a_forward_that_fails_halfway_restarts_the_others_and_fails_the_culprit(
         finally:
             armed["on"] = False
 
-    monkeypatch.setattr(runner_module, "forward_rows", forward)
+    monkeypatch.setattr(stepper_module, "forward_rows", forward)
     metrics = engine.metrics
     before = {k: metrics.get(k) for k in ("batch_failures_total", "requests_restarted_total", "kv_slots_reclaimed_total")}
     resolved = []  # a request's budget is resolved once, when it is submitted: a restart reads it from the request
@@ -259,14 +259,14 @@ def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_co
     conversation = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and more?"}]
     alone_answer = answered(*prepare(conversation))  # the whole conversation, no session
 
-    real = runner_module.forward_rows
+    real = stepper_module.forward_rows
 
     def forward(model_, cache, rows):
         if any(mark in r.ids.tolist() for r in rows):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(model_, cache, rows)
 
-    monkeypatch.setattr(runner_module, "forward_rows", forward)
+    monkeypatch.setattr(stepper_module, "forward_rows", forward)
     turn, turn_events = prepare(conversation, "s", max_tokens=400)  # decoding when the poisoned prompt joins
     assert turn.continues
     poisoned, poisoned_events = prepare([{"role": "user", "content": "tell me about it " * 4 + "#"}])
@@ -276,7 +276,7 @@ def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_co
     assert event.kind == "error" and isinstance(event.error, BatchFailed)
     assert (event.error.status, event.error.code, event.error.headers()) == (503, "batch_failed", {"Retry-After": "0"})
     assert outcome(poisoned, poisoned_events) == ("error", 500)  # restarted alone, it fails alone
-    monkeypatch.setattr(runner_module, "forward_rows", real)
+    monkeypatch.setattr(stepper_module, "forward_rows", real)
     retry, retry_events = prepare(conversation, "s")
     assert not retry.continues  # the session went with the batch
     assert answered(retry, retry_events) == alone_answer and retry.cached_tokens == 0
