@@ -104,7 +104,7 @@ def test_transformers_pipeline_task(tmp_path):
     assert isinstance(result, list) and len(result) == 1
     assert set(result[0]) == {"input_text", "generated_text", "stats"} and result[0]["input_text"] == chat
     assert result[0]["stats"]["prompt_tokens"]["image"] > 0 and isinstance(result[0]["generated_text"], str)
-    assert hf.dbtrimkv.settings.config.memory_size == 128
+    assert hf.dbtrimkv.config.memory_size == 128
     from dbtrimkv.loading.tiny import save_tiny
 
     save_tiny(tmp_path / "m", "qwen3_vl")
