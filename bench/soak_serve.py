@@ -133,7 +133,7 @@ class ServeProcess:
 def serve_with_faults(argv: list[str]) -> int:
     """The CLI's `serve`, with a sampler that raises for requests seeded `FAULT_SEED` (the injected fault)."""
     from dbtrimkv.cli import main
-    from dbtrimkv.serving.sampling import Sampler
+    from dbtrimkv.runner.sampling import Sampler
 
     real = Sampler.__call__
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
+from ..runner.sampling import InvalidSampling, SamplingParams
+from ..settings.config import DBTrimKVConfig
 from . import refusals
 from .api_errors import BadRequest, ModelNotFound
 from .media_sources import MediaPolicy, load_image_url, load_video_url
 from .request_bounds import MediaBudget
-from .sampling import InvalidSampling, SamplingParams
 
 ROLES = ("system", "user", "assistant")
 # OpenAI fields this server cannot honour: refused (400 naming the field) unless absent, null or this value

@@ -14,7 +14,7 @@ from dbtrimkv.runner.positions import token_positions
 from dbtrimkv.serving.api_errors import BadRequest
 from dbtrimkv.runner.forward import RowInput, forward_rows
 from dbtrimkv.serving.engine import Engine, EngineRequest
-from dbtrimkv.serving.sampling import SamplingParams
+from dbtrimkv.runner.sampling import SamplingParams
 from helpers import random_image, randomize_gates
 
 CONFIG = DBTrimKVConfig(memory_size=4, buffer_size=4, prefill_chunk=8)  # evicts often, prefills in 8-token chunks

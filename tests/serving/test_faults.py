@@ -21,7 +21,7 @@ from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.serving import stepper as stepper_module
 from dbtrimkv.serving.detokenize import TextTracker
 from dbtrimkv.serving.engine import Engine, EngineRequest
-from dbtrimkv.serving.sampling import Sampler, SamplingParams
+from dbtrimkv.runner.sampling import Sampler, SamplingParams
 from helpers import random_image, randomize_gates
 
 CONFIG = DBTrimKVConfig(memory_size=4, buffer_size=4, prefill_chunk=8)

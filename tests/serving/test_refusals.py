@@ -26,7 +26,7 @@ from dbtrimkv.serving.app import HTTPOptions
 from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.serving.media_sources import MediaPolicy, load_image_url
 from dbtrimkv.serving.request_bounds import check_text_tokens
-from dbtrimkv.serving.sampling import SamplingParams
+from dbtrimkv.runner.sampling import SamplingParams
 from test_bounded_work import png_header_only
 
 pytestmark = pytest.mark.timeout(120)  # the apps never start: a request that wrongly got past its refusal would wait
