@@ -78,7 +78,7 @@ class KVStore:
 
     def reclaim(self, in_use: list[torch.Tensor]) -> int:
         """Make every pool slot not listed in `in_use` free again: a server's shared pool after a forward
-        failed halfway and left slots in no table (`serving/recovery.py`). Returns how many came back."""
+        failed halfway and left slots in no table (`serving/stepper.py`). Returns how many came back."""
         pool = self.pool
         held = torch.zeros(pool.capacity, dtype=torch.bool, device=pool.device)
         for slots in in_use:

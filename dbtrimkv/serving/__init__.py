@@ -5,9 +5,8 @@ URLs), `admission` (pool and view memory, per-request bound and views), `samplin
 runner's, `dbtrimkv.runner`, whose one forward runs a cache's rows; rows join and leave with
 `DBTrimKVCache.add_sequence` / `park_sequence`),
 `detokenize`, `sessions`, `records` (request and step records), `scheduler` (queue, admission,
-prefill budget, batches, parked sessions), `stepper` (one step: forwards, sampling), `engine` (the
-loop), `recovery` (a failure fails one request alone),
-`request_bounds` (bounded work before admission), `refusals` (the one message of each refusal rule), `metrics` (Prometheus), `responses` (OpenAI
+prefill budget, batches, parked sessions), `stepper` (one step: forwards, sampling,
+fault isolation), `engine` (the loop), `request_bounds` (bounded work before admission), `refusals` (the one message of each refusal rule), `metrics` (Prometheus), `responses` (OpenAI
 objects, SSE), `api_errors`, `app` (FastAPI routes), `server` (assembly and start-up report).
 """
 

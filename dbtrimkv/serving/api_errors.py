@@ -3,7 +3,7 @@
 Why: OpenAI clients (and the people reading their exceptions) expect `{"error": {"message", "type",
 "param", "code"}}` with the usual status codes: 400 bad request, 401 wrong key, 404 unknown model,
 409 session busy, 413 too large, 429 queue full (with Retry-After), 503 shutting down or a batch
-failed under a request that cannot be restarted (see recovery.py; retry at once).
+failed under a request that cannot be restarted (see stepper.py; retry at once).
 """
 
 from __future__ import annotations

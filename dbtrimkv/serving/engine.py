@@ -8,7 +8,7 @@ prefill budget per step (`--max-prefill-tokens-per-step`) and the parked session
 `records.py`. This module sizes the pool, builds the two and runs the thread.
 
 Results go back through each request's `sink` (called from this thread; the HTTP layer hands
-them to its event loop). A failure while serving one request fails that request alone (`recovery.py`).
+them to its event loop). A failure while serving one request fails that request alone (`stepper.py`).
 `steps` records, per engine step, the prompt and decode tokens fed and the
 pool and view bytes held (bounded; tests and the benchmark read it).
 """

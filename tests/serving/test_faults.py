@@ -229,7 +229,7 @@ def test_every_sampling_value_is_checked_and_the_400_names_the_field(field, valu
 
 def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_conversation(engine, random_vl,
                                                                                           monkeypatch):
-    """Pins what recovery.py does to a request that continued a session when its batch's forward fails
+    """Pins what the stepper does to a request that continued a session when its batch's forward fails
     under another request: its cached history went with the batch, so it is not restarted but answered
     503 `batch_failed` (retry at once); the retry finds no session and prefills the whole conversation,
     answering what that conversation gets alone. The request at fault fails alone; no slot is lost."""
