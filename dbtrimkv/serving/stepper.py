@@ -64,15 +64,31 @@ class Stepper:
 
     def run_step(self) -> StepRecord:
         """One token boundary: every decoding row feeds a token; prefilling rows feed their next chunk
-        within the step's prefill budget (the scheduler's), the others sit out this step."""
+        within the step's prefill budget (the scheduler's), the others sit out this step. A batch whose
+        feeding rows mix prompt chunks and single tokens runs them as two forwards (`phases`)."""
         scheduler = self.scheduler
         waiting = scheduler.sitting_out()
         record = StepRecord(running=len(scheduler.running), pool_bytes=scheduler.pool_bytes)
         for group in list(scheduler.groups.values()):
-            scheduler.sit_out(group, waiting)
-            if group.requests:
-                self._step(group, record)
+            for feeding in self.phases(group, waiting) or [set()]:  # (none: every row sits out)
+                scheduler.sit_out(group, {r.id for r in group.admitted()} - feeding)
+                if group.requests:
+                    self._step(group, record)
         return record
+
+    @staticmethod
+    def phases(group: Batch, waiting: set[str]) -> list[set[str]]:
+        """The ids of the rows each forward of this step feeds: the rows feeding a prompt chunk, then
+        those feeding one token (decoding, or a prompt's last token). Rows are left-padded to the widest,
+        so one forward of both would compute a chunk's width for every single-token row (15 rows
+        decoding beside one 143-token chunk: 2288 columns for 158 tokens). Each row feeds once a step."""
+        wide, narrow = set(), set()
+        for request in group.admitted():
+            if request.id in waiting:
+                continue
+            start, end = request.next_chunk() if request.prefilled < request.prompt_len else (0, 1)
+            (wide if end - start > 1 else narrow).add(request.id)
+        return [ids for ids in (wide, narrow) if ids]
 
     def _row_input(self, request: EngineRequest, cache, row: int) -> tuple[RowInput, bool]:
         """What a request feeds this step, and whether its last logits give its next token."""

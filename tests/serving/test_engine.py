@@ -172,6 +172,32 @@ def test_pool_and_views_stay_within_kv_memory_under_sixteen_requests(engine, ran
     assert tight.metrics.get("kv_views_bytes_peak") == max(r.views_bytes for r in steps)
 
 
+def test_prompt_chunks_and_single_tokens_run_in_separate_forwards(engine, random_vl, monkeypatch):
+    """Rows are left-padded to the widest in a forward, so a step whose rows mix prompt chunks and single
+    tokens (decoding, or a prompt's last token) runs them as two forwards (`Stepper.phases`): no forward
+    pads a one-token row to a chunk's width, each row feeds once a step, and answers do not change."""
+    from dbtrimkv.serving import stepper as stepper_module
+
+    model, processor = random_vl
+    prompts = [[{"role": "user", "content": "hi"}]] + [[{"role": "user", "content": "rivers and lakes " * (4 + i)}]
+                                                      for i in range(3)]
+    alone = [run(engine, processor, [p], max_tokens=16)[0] for p in prompts]
+    real, forwards = stepper_module.forward_rows, []
+
+    def recording(model_, cache, rows):
+        forwards.append(sorted(r.ids.numel() for r in rows))
+        return real(model_, cache, rows)
+
+    monkeypatch.setattr(stepper_module, "forward_rows", recording)
+    steps_before = len(engine.steps)
+    assert run(engine, processor, prompts, max_tokens=16) == alone
+    assert all(widths[-1] == 1 or widths[0] > 1 for widths in forwards)  # never a one-token row beside a chunk
+    assert any(widths[0] > 1 for widths in forwards) and any(widths[-1] == 1 for widths in forwards)
+    assert len(engine.steps) - steps_before < len(forwards)  # some step ran a chunk forward and a token forward
+    fed = sum(build_inputs(processor, p)["input_ids"].shape[1] + 16 - 1 for p in prompts)
+    assert sum(sum(widths) for widths in forwards) == fed  # every prompt token and every fed token once
+
+
 def test_prefill_budget_caps_every_step_and_answers_do_not_change(engine, random_vl):
     """Six long prompts admitted together with a budget of two chunks per step: no step prefills more,
     a request that decodes meanwhile is never held up, and every answer is the one it gets alone."""

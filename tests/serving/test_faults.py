@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import sys
+import time
 
 import pytest
 import torch
@@ -77,9 +78,12 @@ def alone(engine, processor, items) -> list[list[int]]:
 
 
 def together_with_one_bad(engine, processor, items, bad_prompt, bad_seed=None):
-    jobs = [submit(engine, processor, p, f"ok-{i}-{id(p)}") for i, p in enumerate(items[:3])]
-    jobs.append(submit(engine, processor, bad_prompt, f"bad-{id(bad_prompt)}", seed=bad_seed))
-    jobs += [submit(engine, processor, p, f"ok-{i}-{id(p)}") for i, p in enumerate(items[3:], 3)]
+    """Submits the items with a bad prompt among them; they join in one step (the engine waits on the
+    scheduler's lock until all are in), so their prompts' first chunks run in one forward."""
+    with engine.cond:
+        jobs = [submit(engine, processor, p, f"ok-{i}-{id(p)}") for i, p in enumerate(items[:3])]
+        jobs.append(submit(engine, processor, bad_prompt, f"bad-{id(bad_prompt)}", seed=bad_seed))
+        jobs += [submit(engine, processor, p, f"ok-{i}-{id(p)}") for i, p in enumerate(items[3:], 3)]
     results = [outcome(*j) for j in jobs]
     bad = results.pop(3)
     return bad, [tokens for kind, tokens in results], results
@@ -163,7 +167,7 @@ def test_a_forward_that_fails_halfway_restarts_the_others_and_fails_the_culprit(
     items = prompts(6)
     assert all(mark not in build_inputs(processor, p)["input_ids"][0].tolist() for p in items)
     expected = alone(engine, processor, items)
-    poisoned = [{"role": "user", "content": "tell me about it " * 4 + "#"}]
+    poisoned = [{"role": "user", "content": "# tell me about it " * 4}]  # in its first chunk, beside the others' first chunks
     real = stepper_module.forward_rows
     armed = {"on": False}
 
@@ -227,19 +231,22 @@ def test_every_sampling_value_is_checked_and_the_400_names_the_field(field, valu
         SamplingParams(**{"max_tokens": 4, field.replace("max_completion_tokens", "max_tokens"): value})
 
 
+@pytest.mark.parametrize("fails_on", ["token", "chunk"])
 def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_conversation(engine, random_vl,
-                                                                                          monkeypatch):
-    """Pins what the stepper does to a request that continued a session when its batch's forward fails
-    under another request: its cached history went with the batch, so it is not restarted but answered
-    503 `batch_failed` (retry at once); the retry finds no session and prefills the whole conversation,
-    answering what that conversation gets alone. The request at fault fails alone; no slot is lost."""
+                                                                                          monkeypatch, fails_on):
+    """Pins what the stepper does to a request that continued a session when a forward fails under
+    another request. `token`: the other request fails on its last prompt token, in the same forward
+    as the turn's decoding: the turn's cached history went with the batch, so it is not restarted but
+    answered 503 `batch_failed` (retry at once); the retry finds no session and prefills the whole
+    conversation, answering what that conversation gets alone. `chunk`: the other request fails on a
+    prompt chunk, which runs in a forward of its own (`Stepper.phases`): the turn is not in it and
+    answers what it answers with no fault. The request at fault fails alone; no slot is lost."""
     from dbtrimkv.serving.api_errors import BatchFailed
     from dbtrimkv.serving.app import HTTPOptions, _prepare
     from dbtrimkv.serving.schema import ServerLimits, parse_chat_request
 
     model, processor = random_vl
     limits = ServerLimits("m", CONFIG, max_tokens=4096)
-    mark = processor.tokenizer.encode("#", add_special_tokens=False)[0]
 
     def prepare(messages, session_id=None, max_tokens=6):
         body = {"model": "m", "messages": messages, "temperature": 0, "ignore_eos": True, "max_tokens": max_tokens}
@@ -258,32 +265,53 @@ def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_co
     reply = answered(*prepare(first, "s"))
     conversation = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and more?"}]
     alone_answer = answered(*prepare(conversation))  # the whole conversation, no session
+    assert answered(*prepare(first, "ref")) == reply
+    turn_alone = answered(*prepare(conversation, "ref", max_tokens=400))  # the turn, continuing its session
 
     real = stepper_module.forward_rows
+    poisoned_job, widths = {}, []
 
     def forward(model_, cache, rows):
-        if any(mark in r.ids.tolist() for r in rows):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        job = poisoned_job.get("job")
+        group = next((g for g in engine.groups.values() if g.cache is cache), None)
+        if job is not None and group is not None and job in group.requests:
+            width = rows[group.requests.index(job)].ids.numel()
+            widths.append((width, len(rows)))
+            if (width == 1) == (fails_on == "token"):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(model_, cache, rows)
 
     monkeypatch.setattr(stepper_module, "forward_rows", forward)
-    turn, turn_events = prepare(conversation, "s", max_tokens=400)  # decoding when the poisoned prompt joins
+    turn, turn_events = prepare(conversation, "s", max_tokens=400)
     assert turn.continues
-    poisoned, poisoned_events = prepare([{"role": "user", "content": "tell me about it " * 4 + "#"}])
-    failed = turn_events
-    while (event := failed.get(timeout=60)).kind == "token":
-        pass
-    assert event.kind == "error" and isinstance(event.error, BatchFailed)
-    assert (event.error.status, event.error.code, event.error.headers()) == (503, "batch_failed", {"Retry-After": "0"})
-    assert outcome(poisoned, poisoned_events) == ("error", 500)  # restarted alone, it fails alone
+    deadline = time.monotonic() + 60
+    while turn.first_token_at is None and time.monotonic() < deadline:  # decoding when the poisoned prompt joins
+        time.sleep(0.001)
+    poisoned, poisoned_events = prepare([{"role": "user", "content": "tell me about it " * 4}])
+    poisoned_job["job"] = poisoned
+    if fails_on == "token":
+        while (event := turn_events.get(timeout=60)).kind == "token":
+            pass
+        assert event.kind == "error" and isinstance(event.error, BatchFailed)
+        assert (event.error.status, event.error.code, event.error.headers()) == (503, "batch_failed", {"Retry-After": "0"})
+    assert outcome(poisoned, poisoned_events) == ("error", 500)  # restarted alone (token) or alone already (chunk)
+    if fails_on == "token":
+        assert (1, 2) in widths and widths[-1] == (1, 1)  # it failed beside the turn, then restarted alone
+    if fails_on == "chunk":
+        assert widths == [(widths[0][0], 1)] and widths[0][0] > 1  # its chunk ran without the decoding turn
+        assert answered(turn, turn_events) == turn_alone and turn.cached_tokens > 0
     monkeypatch.setattr(stepper_module, "forward_rows", real)
     retry, retry_events = prepare(conversation, "s")
-    assert not retry.continues  # the session went with the batch
-    assert answered(retry, retry_events) == alone_answer and retry.cached_tokens == 0
+    if fails_on == "token":
+        assert not retry.continues  # the session went with the batch
+        assert answered(retry, retry_events) == alone_answer and retry.cached_tokens == 0
+    else:
+        assert not retry.continues  # the session moved on: it holds the 400-token turn now
+        answered(retry, retry_events)
     assert not engine.running and not engine.waiting
     sessions = [engine.sessions.take(i) for i in engine.sessions.ids()]
     held = sum(s.parked.num_slots for s in sessions)
-    assert held > 0 and engine.pool.capacity - engine.pool.num_free == held  # only the retried turn's session
+    assert held > 0 and engine.pool.capacity - engine.pool.num_free == held  # only the sessions' rows
     for session in sessions:
         engine.scheduler.free_session(session)
     assert_pool_all_back(engine)
