@@ -34,6 +34,7 @@ from ..runner.forward import RowInput, forward_rows
 from ..runner.positions import with_input_defaults
 from ..runner.prefill import PromptBatch
 from ..runner.sampling import Sampler
+from ..runner.vision import encode as encode_vision
 from .api_errors import APIError, BatchFailed
 from .detokenize import TextTracker
 from .metrics import Metrics
@@ -98,14 +99,32 @@ class Stepper:
             return request.prompt.rows(start, end)[0], end == total
         return decode_input(self.model, cache, row, request.generated[-1]), True
 
+    @staticmethod
+    def _encode_vision_together(requests: list[EngineRequest]) -> None:
+        """One call of the vision tower for the images and frame groups the rows' chunks reach this step
+        (requests that arrive together: one call, not one each). If it fails, nothing is kept and each
+        row encodes its own in `_row_input`, so the failure falls on the row at fault alone."""
+        parts = []
+        for request in requests:
+            stream = request.prompt.stream
+            if stream is not None and request.prefilled < request.prompt_len:
+                parts.append((stream, stream.reached(*request.next_chunk())))
+        if sum(bool(items) for _, items in parts) > 1:
+            try:
+                encode_vision(parts)
+            except Exception:  # noqa: BLE001 - each row encodes alone next, and the one at fault fails alone
+                pass
+
     def _step(self, group: Batch, record: StepRecord) -> None:
         cache = group.cache
         plans, failed = {}, []
-        for b, request in enumerate(group.requests):  # per-row work that may fail on this row's input
-            try:
-                plans[request.id] = self._row_input(request, cache, b)
-            except Exception as exc:  # noqa: BLE001 - fail this request alone
-                failed.append((request, exc))
+        with torch.no_grad():
+            self._encode_vision_together(group.requests)
+            for b, request in enumerate(group.requests):  # per-row work that may fail on this row's input
+                try:
+                    plans[request.id] = self._row_input(request, cache, b)
+                except Exception as exc:  # noqa: BLE001 - fail this request alone
+                    failed.append((request, exc))
         for request, exc in failed:
             self._retire(group, request, None, error=as_api_error(exc))
         requests = list(group.requests)

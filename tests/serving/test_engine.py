@@ -39,7 +39,7 @@ def chats(n: int) -> list[list[dict]]:
     return out
 
 
-def run(engine: Engine, processor, prompts, max_tokens: int = 10, config=CONFIG, **sampling) -> list[list[int]]:
+def submit_all(engine: Engine, processor, prompts, max_tokens: int = 10, config=CONFIG, **sampling) -> list:
     jobs = []
     for i, prompt in enumerate(prompts):
         events: queue.Queue = queue.Queue()
@@ -48,6 +48,10 @@ def run(engine: Engine, processor, prompts, max_tokens: int = 10, config=CONFIG,
                                            seed=sampling.get("seed"), ignore_eos=True), events.put)
         engine.submit(job)
         jobs.append((job, events))
+    return jobs
+
+
+def collect(jobs) -> list[list[int]]:
     out = []
     for job, events in jobs:
         while (event := events.get(timeout=60)).kind == "token":
@@ -55,6 +59,10 @@ def run(engine: Engine, processor, prompts, max_tokens: int = 10, config=CONFIG,
         assert event.kind == "done", event.error
         out.append(job.generated)
     return out
+
+
+def run(engine: Engine, processor, prompts, max_tokens: int = 10, config=CONFIG, **sampling) -> list[list[int]]:
+    return collect(submit_all(engine, processor, prompts, max_tokens, config, **sampling))
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +80,53 @@ def test_sixteen_together_get_the_tokens_they_get_alone(engine, random_vl):
     together = run(engine, random_vl[1], prompts)
     assert together == alone
     assert len({tuple(t) for t in alone}) > 4  # different prompts, different answers
+
+
+def test_images_of_rows_joining_together_are_encoded_in_one_call(engine, random_vl, monkeypatch):
+    """The vision tower runs once for the images the rows' chunks reach in a step, not once per
+    request, and each request still gets the tokens it gets alone."""
+    model, processor = random_vl
+    prompts = [p for p in chats(12) if p[0]["content"][0]["type"] == "image"]
+    alone = [run(engine, processor, [p])[0] for p in prompts]
+    visual, calls = model.model.visual, []
+    real = visual.forward
+
+    def counted(pixels, grid_thw, **kwargs):
+        calls.append(len(grid_thw))
+        return real(pixels, grid_thw=grid_thw, **kwargs)
+
+    monkeypatch.setattr(visual, "forward", counted)
+    with engine.cond:  # the engine waits until all are in: they join in one step
+        jobs = submit_all(engine, processor, prompts)
+    assert collect(jobs) == alone
+    assert calls == [len(prompts)]  # six images, one call
+
+
+def test_encoding_streams_together_gives_each_the_features_it_gets_alone(random_vl):
+    from dbtrimkv.runner.positions import with_input_defaults
+    from dbtrimkv.runner.prefill import PromptBatch
+    from dbtrimkv.runner.vision import encode
+
+    model, processor = random_vl
+
+    def stream(i):
+        chat = [{"role": "user", "content": [{"type": "image", "image": random_image(40 + i, 32 + 16 * i, 48 + 8 * i)},
+                                             {"type": "text", "text": "and this?"}]}]
+        inputs = with_input_defaults(build_inputs(processor, chat), "cpu")
+        return PromptBatch(model, inputs, [0], [0]).stream
+
+    with torch.no_grad():
+        streams = [stream(i) for i in range(3)]
+        encode([(s, s.reached(0, s.mask.shape[1])) for s in streams])
+        together = [s._encoded[0] for s in streams]
+        for i, s in enumerate(streams):
+            fresh = stream(i)
+            encode([(fresh, fresh.reached(0, fresh.mask.shape[1]))])
+            embeds, deep = fresh._encoded[0]
+            assert embeds.shape == together[i][0].shape and embeds.shape[0] > 0
+            torch.testing.assert_close(together[i][0], embeds, rtol=1e-5, atol=1e-5)
+            for a, b in zip(together[i][1], deep):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine, random_vl):

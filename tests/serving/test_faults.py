@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from dbtrimkv import DBTrimKVConfig, load_model
-from dbtrimkv.runner.vision import VisionStream
 from dbtrimkv.modeling.model_anatomy import text_decoder_layers
 from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.serving import stepper as stepper_module
@@ -143,17 +142,20 @@ def test_a_vision_tower_failure_on_one_image_fails_its_request_alone(engine, ran
     bad_prompt = [{"role": "user", "content": [{"type": "image", "image": random_image(99, 96, 160)},
                                                {"type": "text", "text": "and this one?"}]}]
     bad_grid = build_inputs(processor, bad_prompt)["image_grid_thw"][0, 1:].tolist()
-    real = VisionStream._encode
+    visual = random_vl[0].model.visual
+    real, calls = visual.forward, []
 
-    def failing(self, items_):
-        if any(self.items[i][2][0, 1:].tolist() == bad_grid for i in items_):
+    def failing(pixels, grid_thw, **kwargs):  # the tower fails whenever the bad image is in its input
+        calls.append(len(grid_thw))
+        if any(g[1:] == bad_grid for g in grid_thw.tolist()):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, items_)
+        return real(pixels, grid_thw=grid_thw, **kwargs)
 
-    monkeypatch.setattr(VisionStream, "_encode", failing)
+    monkeypatch.setattr(visual, "forward", failing)
     bad, tokens, results = together_with_one_bad(engine, processor, items, bad_prompt)
     assert bad == ("error", 500)
     assert all(kind == "done" for kind, _ in results) and tokens == expected
+    assert calls[0] == 4  # the 3 good images and the bad one in one call (it failed: each row then encoded its own)
     assert_pool_all_back(engine)
 
 
