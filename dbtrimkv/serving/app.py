@@ -33,8 +33,9 @@ from . import refusals
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
                          TooLarge, Unauthorized, Unavailable)
 from .request_bounds import check_text_tokens, parse_json, read_body
+from .channel import EventChannel
 from .engine import Engine
-from .records import EngineRequest, Event, config_key
+from .records import EngineRequest, config_key
 from .responses import Completion, sse
 from .schema import ChatRequest, ServerLimits, parse_chat_request
 from .sessions import SessionBusy
@@ -121,16 +122,8 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
         del raw
         chat = await run_in_threadpool(parse_chat_request, body, limits)
         del body
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
-
-        job, extra = await run_in_threadpool(_prepare, engine, chat, sink, options)
+        events = EventChannel(asyncio.get_running_loop())
+        job, extra = await run_in_threadpool(_prepare, engine, chat, events.put, options)
         completion = Completion(limits.model_name, extra)
         if chat.stream:
             return StreamingResponse(_stream(engine, job, events, completion, chat.include_usage),
@@ -179,18 +172,17 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
     return job, extra
 
 
-async def _collect(engine: Engine, job: EngineRequest, events: asyncio.Queue, completion: Completion,
+async def _collect(engine: Engine, job: EngineRequest, events: EventChannel, completion: Completion,
                    request: Request):
     """Wait for the whole answer; cancel the request if the client disconnects first."""
     pieces = []
 
     async def answer():
         while True:
-            event = await events.get()
-            if event.kind == "token":
+            for event in await events.take():
+                if event.kind != "token":
+                    return event
                 pieces.append(event.text)
-            else:
-                return event
 
     async def gone():
         while not await request.is_disconnected():
@@ -211,25 +203,25 @@ async def _collect(engine: Engine, job: EngineRequest, events: asyncio.Queue, co
     return JSONResponse(completion.full("".join(pieces), event.finish_reason, event.usage))
 
 
-async def _stream(engine: Engine, job: EngineRequest, events: asyncio.Queue, completion: Completion,
+async def _stream(engine: Engine, job: EngineRequest, events: EventChannel, completion: Completion,
                   include_usage: bool):
     finished = False
     try:
         yield sse(completion.chunk({"role": "assistant", "content": ""}))
-        while True:
-            event = await events.get()
-            if event.kind == "token":
-                yield sse(completion.chunk({"content": event.text}))
-                continue
-            finished = True
-            if event.kind == "error":
-                yield sse(event.error.body())
-            else:
-                yield sse(completion.chunk({}, event.finish_reason))
-                if include_usage:
-                    yield sse(completion.usage_chunk(event.usage))
-            yield sse("[DONE]")
-            return
+        while not finished:
+            for event in await events.take():
+                if event.kind == "token":
+                    yield sse(completion.chunk({"content": event.text}))
+                    continue
+                finished = True
+                if event.kind == "error":
+                    yield sse(event.error.body())
+                else:
+                    yield sse(completion.chunk({}, event.finish_reason))
+                    if include_usage:
+                        yield sse(completion.usage_chunk(event.usage))
+                yield sse("[DONE]")
+                return
     finally:
         if not finished:
             engine.cancel(job.id)
