@@ -205,11 +205,11 @@ class Stepper:
 
     def _retire(self, group: Batch, request: EngineRequest, reason: str | None, error: APIError | None = None) -> None:
         """Take a request out of its batch (the scheduler parks or frees its row) and tell the client."""
+        tail = request.tracker.flush() if error is None else ""  # (before a session keeps the reply's text)
         self.scheduler.retire(group, request, reason)
         if error is not None:
             request.sink(Event("error", error=error))
             return
-        tail = request.tracker.flush()
         if tail:
             request.sink(Event("token", text=tail))
         if request.first_token_at is not None:

@@ -53,3 +53,48 @@ def test_pieces_equal_the_whole_answer_cut(seed):
     full = tok.decode(ids)
     earliest = min((full.find(s) for s in stops if s in full), default=None)
     assert streamed == (full if earliest is None else full[:earliest])
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE (Qwen's kind) trained here, so multi-byte characters split over tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the cat sat on the mat", "naïve café über straße", "数字 是 七", "emoji 🙂 and 🚀 fly", "<|end|>"] * 5
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+
+
+@pytest.mark.parametrize("name", ["byte-level", "tiny", "tiny-recall"])
+def test_incremental_text_equals_decoding_all_ids(name):
+    """Each token decodes a window of the last ids, not the whole answer; the pieces still add up to
+    the whole answer's decoded text for random ids (multi-byte characters split over tokens, special
+    tokens skipped), and no piece holds a half character."""
+    if name == "byte-level":
+        tok = byte_level_tokenizer()
+    else:
+        from dbtrimkv import load_model
+
+        tok = load_model(name)[1].tokenizer
+    rng = random.Random(0)
+    calls = []
+    real = tok.decode
+
+    def counted(ids, **kwargs):
+        calls.append(len(ids))
+        return real(ids, **kwargs)
+
+    tok.decode = counted
+    for trial in range(30):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 60))]
+        calls.clear()
+        tracker = TextTracker(tok)
+        pieces = stream(tracker, ids)
+        whole = real(ids, skip_special_tokens=True)
+        assert "".join(pieces) == tracker.text == whole, (trial, ids)
+        assert all("\ufffd" not in p for p in pieces[:-1]) or "\ufffd" in whole
+        assert max(calls) < max(8, len(ids) // 2) or len(ids) < 16  # windows, not the whole answer
