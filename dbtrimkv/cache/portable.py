@@ -6,7 +6,9 @@ another process or machine (the server's session store). This module owns the fi
 
 Format (one file, conventionally `*.dbkv`): a safetensors file, never a pickle. Its header
 metadata holds one JSON document under the key `dbtrimkv` (format name, `FORMAT_VERSION`, the
-model identity, the eviction settings, one bookkeeping row per sequence, tokens processed, the
+model identity, the eviction settings, one bookkeeping row per sequence (the ids it feeds first, its
+pending token, included; a file written before rows held them gets them from its known tokens or
+its session's last reply ids), tokens processed, the
 pool's capacity, eviction counters and a caller's `extra` mapping). Its tensors hold only the
 kept entries (compact), in segment order (row, layer, KV head, then position order):
 `k`, `v` `[N, D]` in the cache's dtype, `log_beta` `[N]`, `pos` `[N]`, `modality` `[N]`;
@@ -45,7 +47,7 @@ from .requests import ParkedSequence, SequenceState
 FORMAT_NAME = "dbtrimkv-cache"
 FORMAT_VERSION = 1
 METADATA_KEY = "dbtrimkv"
-_ROW_FIELDS = tuple(f.name for f in fields(SequenceState))
+_COUNT_FIELDS = tuple(f.name for f in fields(SequenceState) if f.name != "pending")
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,20 @@ class SavedCache:
 
     def rows(self) -> list[SequenceState]:
         try:
-            return [SequenceState(**{k: int(row[k]) for k in _ROW_FIELDS}) for row in self.meta["rows"]]
-        except (KeyError, TypeError, ValueError) as exc:
+            return [SequenceState(**{k: int(row[k]) for k in _COUNT_FIELDS},
+                                  pending=tuple(int(i) for i in row.get("pending", self._older_pending(b))))
+                    for b, row in enumerate(self.meta["rows"])]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CacheFileError(f"{self.path}: bad sequence rows ({exc!r})") from None
+
+    def _older_pending(self, row: int) -> list[int]:
+        """Pending ids of a file written before rows kept them: a cache's known tokens past the columns
+        it processed; a server session's reply's last id (`extra["last_ids"]`)."""
+        if "token_ids" in self.tensors and "columns" in self.meta:
+            columns = int(self.meta["columns"])
+            ids, mask = self.tensors["token_ids"][row, columns:], self.tensors["token_mask"][row, columns:]
+            return ids[mask.bool()].tolist()
+        return [int(i) for i in self.extra.get("last_ids", [])][-1:]
 
     def to_cache(self, model):
         """A new `DBTrimKVCache` on the model's device holding exactly the saved state."""

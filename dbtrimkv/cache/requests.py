@@ -24,6 +24,7 @@ class SequenceState:
     since_eviction: int = 0  # tokens processed since the last eviction of this sequence
     peak_entries: int = 0  # most entries held at once
     rope_delta: int = 0  # M-RoPE position of the next token minus its text position (Qwen-VL)
+    pending: tuple[int, ...] = ()  # ids sampled but never fed (a reply's last token): its next input starts with them
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """`TokenMemory`: the token ids of a conversation so far, processed or still pending.
 
-Why: the last token `dbtrimkv.generate` samples is never fed to the model (`runner/pending.py`);
-the next turn must feed it first, and id-based logits processors want every earlier id. The memory keeps `[B, columns]` ids and mask beside the cache, row for row
+Why: id-based logits processors want every earlier id, a retention timeline labels what the cache
+kept, and a saved cache keeps its conversation's text. (Which ids are still to be fed is the
+sequence's own row, `SequenceState.pending`: `runner/pending.py`.) The memory keeps `[B, columns]`
+ids and mask beside the cache, row for row
 (a row added to a live cache gets all-padding history; a parked row's history leaves with it).
 """
 

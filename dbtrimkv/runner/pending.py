@@ -2,10 +2,12 @@
 
 Why: decoding feeds token i to sample token i + 1, so a reply's last token is sampled but not cached;
 a next turn must feed it first (before the template tokens that close the reply), or the cache
-would miss a token a one-shot prompt of the whole conversation holds. This module is the one rule:
-`reply_pending` names the pending ids of a reply (what the server's sessions feed first), and a cache
-kept by a caller between `generate` calls remembers its conversation's ids (`record_generation`), so
-`with_pending_tokens` puts the ids it has not processed in front of the next inputs.
+would miss a token a one-shot prompt of the whole conversation holds. This module is the one rule,
+and the sequence's own row of the request table (`SequenceState.pending`) is the one place it is
+kept: `keep_pending` stores a finished reply's pending ids there (after `generate`, in
+`record_generation`; the server, when it parks a session's row), the row carries them wherever it
+goes (parked, saved to a file, into another batch), and the next input starts with them
+(`with_pending_tokens` for `generate`; the server's next turn reads `pending_ids`).
 """
 
 from __future__ import annotations
@@ -13,24 +15,38 @@ from __future__ import annotations
 import torch
 
 from ..cache import DBTrimKVCache
+from ..cache.requests import SequenceState
 from .positions import with_input_defaults
 
 
-def reply_pending(reply_ids: list[int]) -> list[int]:
-    """The ids of a finished reply that were never fed to the model: its last one (none for no reply)."""
-    return list(reply_ids[-1:])
+def keep_pending(state: SequenceState, reply_ids: list[int]) -> None:
+    """A sequence finished a reply with `reply_ids`: the ones never fed (its last one; none for no reply)
+    are its next input's first ids."""
+    state.pending = tuple(int(i) for i in reply_ids[-1:])
+
+
+def pending_ids(state: SequenceState) -> list[int]:
+    """The ids a sequence's next input starts with."""
+    return list(state.pending)
 
 
 def with_pending_tokens(cache: DBTrimKVCache, inputs, device) -> dict:
-    """`inputs` on `device` with defaults filled in, preceded by the known tokens the cache has not processed."""
+    """`inputs` on `device` with defaults filled in, each row preceded by its sequence's pending ids
+    (which the rows hand over: they are fed now)."""
     inputs = with_input_defaults(inputs, device)
     ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
-    if cache.pool is not None:
-        known_ids, known_mask = cache.known_tokens(ids.shape[0], device)
-        pending_ids, pending_mask = known_ids[:, cache.columns :], known_mask[:, cache.columns :]
-        ids = torch.cat([pending_ids, ids], 1)
-        mask = torch.cat([pending_mask, mask], 1)
-        types = torch.cat([torch.zeros_like(pending_ids), types], 1)
+    rows = list(cache.requests) if cache.pool is not None and len(cache.requests) == ids.shape[0] else []
+    width = max((len(row.pending) for row in rows), default=0)
+    if width:
+        pending = torch.zeros(ids.shape[0], width, dtype=ids.dtype, device=device)
+        pending_mask = torch.zeros(ids.shape[0], width, dtype=mask.dtype, device=device)
+        for b, row in enumerate(rows):
+            if row.pending:
+                pending[b, width - len(row.pending) :] = torch.tensor(row.pending, dtype=ids.dtype)
+                pending_mask[b, width - len(row.pending) :] = 1
+            row.pending = ()
+        ids, mask = torch.cat([pending, ids], 1), torch.cat([pending_mask, mask], 1)
+        types = torch.cat([torch.zeros_like(pending), types], 1)
     return dict(inputs, input_ids=ids, attention_mask=mask, mm_token_type_ids=types)
 
 
@@ -49,4 +65,6 @@ def record_generation(cache: DBTrimKVCache, ids: torch.Tensor, mask: torch.Tenso
         fed_mask[b, : len(tokens) - 1] = 1
         fed[b, -1], fed_mask[b, -1] = tokens[-1], 1
     cache.record_tokens(torch.cat([ids, fed], 1), torch.cat([mask, fed_mask], 1))
+    for state, tokens in zip(cache.requests, generated):
+        keep_pending(state, tokens)
     return out

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..errors import DBTrimKVError
 from ..inputs.turns import closing_ids, prepend_tokens
 from ..inputs.prompts import build_inputs
-from ..runner.pending import reply_pending
+from ..runner.pending import pending_ids
 from . import refusals
 from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
                          TooLarge, Unauthorized, Unavailable)
@@ -148,8 +148,8 @@ def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> t
         try:
             if continues:
                 inputs = build_inputs(engine.processor, chat.messages[len(session.history):])
-                pending = reply_pending(session.last_ids)  # the reply's last token was never fed
-                inputs = prepend_tokens(inputs, pending + closing_ids(engine.tokenizer, session.last_ids, engine.stop_ids))
+                pending = pending_ids(session.parked.state)  # the reply's last token was never fed
+                inputs = prepend_tokens(inputs, pending + closing_ids(engine.tokenizer, pending, engine.stop_ids))
             else:
                 inputs = build_inputs(engine.processor, chat.messages)
         except (DBTrimKVError, ValueError) as exc:

@@ -23,6 +23,7 @@ from ..cache.store import KVStore
 from ..cache.views import KVViews
 from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
+from ..runner.pending import keep_pending
 from . import refusals
 from .admission import Admission, Reservation, request_bound, slot_bytes, view_columns
 from .api_errors import APIError, BadRequest, QueueFull, TooLarge, Unavailable
@@ -274,9 +275,9 @@ class Scheduler:
         group.cache.set_views_limit(self.admission.group_view_bytes(group.key))
         self.drop_if_idle(group)
         if request.session_id is not None and reason in ("stop", "length"):
-            reply = request.tracker.text
-            session = Session(request.session_id, config_key(request.config), request.history + [canonical_reply(reply)],
-                              parked, list(request.generated))
+            keep_pending(parked.state, request.generated)  # the next turn feeds it first (app._prepare)
+            session = Session(request.session_id, config_key(request.config),
+                              request.history + [canonical_reply(request.tracker.text)], parked)
             self.admission.park(session.id, parked.num_slots)
             if self.session_files is not None and self.session_files.write_through:  # every turn on disk (replicas)
                 self.session_files.spill(session, self.pool, group.cache)

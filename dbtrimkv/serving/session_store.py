@@ -59,7 +59,7 @@ class SessionFiles:
         empty = torch.empty(0, dtype=torch.int64)
         placeholder = ParkedSequence(rows[0], empty, torch.zeros(self.segments, dtype=torch.int64))
         session = Session(session_id, config_key(config), [_tuples(m) for m in extra["history"]], placeholder,
-                          [int(i) for i in extra["last_ids"]], busy=True)
+                          busy=True)
         session.saved = saved
         return session
 
@@ -85,7 +85,7 @@ class SessionFiles:
             return
         config = DBTrimKVConfig.from_dict({k: dict(v) if k == "policy_options" else v for k, v in session.config_key})
         scores = cache.policy_scores if cache is not None else None
-        extra = {"kind": KIND, "id": session.id, "history": session.history, "last_ids": list(session.last_ids)}
+        extra = {"kind": KIND, "id": session.id, "history": session.history}
         try:
             save_parked(self.path_for(session.id), self.identity, config, pool, session.parked, scores, extra)
         except OSError as exc:  # a full or gone disk loses this session (its history is prefilled again), not the server

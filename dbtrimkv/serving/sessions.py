@@ -28,8 +28,8 @@ class Session:
     id: str
     config_key: tuple
     history: list[dict]  # OpenAI messages the cache has seen, the assistant replies included
-    parked: ParkedSequence  # its cache, out of any batch: the slots stay allocated in the pool
-    last_ids: list[int]  # the last reply's token ids; its final token was never fed to the model
+    parked: ParkedSequence  # its cache, out of any batch: the slots stay allocated in the pool (its row
+    # keeps the last reply's pending token, `runner/pending.py`)
     busy: bool = False
     last_used: float = field(default_factory=time.monotonic)
     saved: Any = None  # restored from the session store: a SavedCache whose entries are not in the pool yet

@@ -91,6 +91,32 @@ def test_a_conversation_saved_and_loaded_answers_the_same(models, tmp_path):
     assert got.token_ids == want.token_ids and got.text == want.text
 
 
+def test_the_pending_token_is_kept_in_the_sequences_row_and_travels_with_it(models, tmp_path):
+    """A reply's last token is never fed; the sequence's row keeps it (`SequenceState.pending`), the next
+    `generate` feeds it first and hands it over, and a saved cache carries it in its rows. A file written
+    before rows kept it (its known tokens past the columns processed) gets it back from those."""
+    model, processor = models[torch.float32]
+    cache = dbtrimkv.DBTrimKVCache(model, _config("global"))
+    first = generate(model, build_inputs(processor, "Hello"), cache, max_new_tokens=3, **GREEDY)
+    assert cache.requests[0].pending == (first[0, -1].item(),)
+    assert cache.seen[0] == cache.known_tokens(1, "cpu")[1].sum().item() - 1  # processed all but the pending one
+    path = tmp_path / "c.dbkv"
+    save_cache(model, cache, path)
+    assert read_metadata(path)["rows"][0]["pending"] == [first[0, -1].item()]
+    old = tmp_path / "old.dbkv"
+    old.write_bytes(path.read_bytes())
+    _rewrite(old, lambda meta, tensors: [row.pop("pending") for row in meta["rows"]])
+    follow = build_inputs(processor, "And then?")
+    loaded, older = load_cache(model, path)[0], load_cache(model, old)[0]
+    assert loaded.requests[0].pending == older.requests[0].pending == cache.requests[0].pending
+    seen = cache.seen[0]
+    want = generate(model, follow, cache, max_new_tokens=4, **GREEDY)
+    assert cache.seen[0] == seen + 1 + follow["input_ids"].shape[1] + 3  # the pending token was fed first
+    assert cache.requests[0].pending == (want[0, -1].item(),)  # and replaced by the new reply's
+    assert generate(model, follow, loaded, max_new_tokens=4, **GREEDY).tolist() == want.tolist()
+    assert generate(model, follow, older, max_new_tokens=4, **GREEDY).tolist() == want.tolist()
+
+
 def _saved(models, tmp_path, dtype=torch.float32):
     model, processor = models[dtype]
     cache = dbtrimkv.DBTrimKVCache(model, _config("global"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dbtrimkv import cli
-from dbtrimkv.cache.portable import read_metadata
+from dbtrimkv.cache.portable import ModelIdentity, read_metadata, read_saved
 from serving_helpers import EXAMPLES, image_message, start_server
 
 KV = ("bytes", 2 * 2**20)
@@ -69,6 +69,14 @@ def test_spilled_session_resumes_without_prefill(recall_pipeline, reference, tmp
     finally:
         server.close()  # stops: "a" (parked again) and whatever is in the pool spill
     assert len(list(store.glob("*.dbkv"))) == 2
+    # the session's row keeps its reply's pending token; a file of the older format (the reply's ids in
+    # `extra["last_ids"]`, rows without `pending`) is read as it was meant
+    (file_b,) = [f for f in store.glob("*.dbkv") if read_metadata(f)["extra"]["id"] == "b"]
+    meta = read_metadata(file_b)
+    (pending,) = meta["rows"][0]["pending"]
+    assert "last_ids" not in meta["extra"]
+    _rewrite_metadata(file_b, lambda m: (m["rows"][0].pop("pending"), m["extra"].update(last_ids=[7, pending])))
+    assert read_saved(file_b, ModelIdentity.of(recall_pipeline.model)).rows()[0].pending == (pending,)
 
     # a new server on the same store resumes "b" (SnapKV statistics included) without prefilling it again
     server = start_server(recall_pipeline, kv_memory=KV, max_sessions=4, session_store=store)
@@ -81,6 +89,21 @@ def test_spilled_session_resumes_without_prefill(recall_pipeline, reference, tmp
         assert second_b.choices[0].message.content == reference["b"]
     finally:
         server.close()
+
+
+def _rewrite_metadata(path, change):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dbtrimkv.cache.portable import METADATA_KEY
+
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()[METADATA_KEY])
+    change(meta)
+    save_file(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
 
 
 def test_session_store_flag_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
