@@ -12,7 +12,9 @@ not share a GIL), started once and measured in turns, `--repeats` rounds (defaul
                   a dense cache they run but nothing is evicted). Timed from the chats to the last
                   token (processor included, as the server's clients are timed from the request).
 Every request generates exactly `--max-tokens` tokens (`ignore_eos` / `min_new_tokens`, greedy), so
-throughput is comparable. Reported per (model, mode, clients): the median over the rounds and the
+throughput is comparable. Clients are threads of this process sharing one keep-alive connection pool
+(as a load generator holds one session; a new connection per request cost the client more CPU than
+the tiny model's server spent answering, on the same 2 cores). Reported per (model, mode, clients): the median over the rounds and the
 range of requests/s and generated tokens/s, p50 / p99 request latency, p50 time to first token
 (streamed); per round, the gain of batching over one-at-a-time and the server's tokens/s over the
 static batch's (ratios within a round: the machine is shared, its load moves between rounds).
