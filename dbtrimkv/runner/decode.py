@@ -29,12 +29,6 @@ def decode_rows(model, cache: DBTrimKVCache, tokens: Sequence[int | None]) -> li
     return [_token_input(token, positions[..., b, :], device) for b, token in enumerate(tokens)]
 
 
-def decode_input(model, cache: DBTrimKVCache, row: int, token: int) -> RowInput:
-    """What cache row `row` feeds to decode `token` (one row of `decode_rows`)."""
-    device = next(model.parameters()).device
-    return _token_input(token, decode_positions(model, [cache.requests[row]], device)[..., 0, :], device)
-
-
 def _token_input(token: int | None, position: torch.Tensor, device) -> RowInput:
     ids = torch.tensor([] if token is None else [token], dtype=torch.long, device=device)
     return RowInput(ids, position[..., : ids.numel()], torch.zeros_like(ids))

@@ -29,7 +29,7 @@ import traceback
 import torch
 
 from ..generation import model_lock
-from ..runner.decode import DecodeRow, decode_input
+from ..runner.decode import DecodeRow, decode_rows
 from ..runner.forward import RowInput, forward_rows
 from ..runner.positions import with_input_defaults
 from ..runner.prefill import PromptBatch
@@ -91,19 +91,17 @@ class Stepper:
             (wide if end - start > 1 else narrow).add(request.id)
         return [ids for ids in (wide, narrow) if ids]
 
-    def _row_input(self, request: EngineRequest, cache, row: int) -> tuple[RowInput, bool]:
-        """What a request feeds this step, and whether its last logits give its next token."""
-        total = request.prompt_len
-        if request.prefilled < total:
-            start, end = request.next_chunk()
-            return request.prompt.rows(start, end)[0], end == total
-        return decode_input(self.model, cache, row, request.generated[-1]), True
+    @staticmethod
+    def _chunk_input(request: EngineRequest) -> tuple[RowInput, bool]:
+        """A prefilling request's next chunk, and whether its last logits give its first token."""
+        start, end = request.next_chunk()
+        return request.prompt.rows(start, end)[0], end == request.prompt_len
 
     @staticmethod
     def _encode_vision_together(requests: list[EngineRequest]) -> None:
         """One call of the vision tower for the images and frame groups the rows' chunks reach this step
         (requests that arrive together: one call, not one each). If it fails, nothing is kept and each
-        row encodes its own in `_row_input`, so the failure falls on the row at fault alone."""
+        row encodes its own in `_chunk_input`, so the failure falls on the row at fault alone."""
         parts = []
         for request in requests:
             stream = request.prompt.stream
@@ -120,9 +118,11 @@ class Stepper:
         plans, failed = {}, []
         with torch.no_grad():
             self._encode_vision_together(group.requests)
+            tokens = [r.generated[-1] if r.prefilled >= r.prompt_len else None for r in group.requests]
+            decoding = decode_rows(self.model, cache, tokens) if any(t is not None for t in tokens) else None
             for b, request in enumerate(group.requests):  # per-row work that may fail on this row's input
                 try:
-                    plans[request.id] = self._row_input(request, cache, b)
+                    plans[request.id] = (decoding[b], True) if tokens[b] is not None else self._chunk_input(request)
                 except Exception as exc:  # noqa: BLE001 - fail this request alone
                     failed.append((request, exc))
         for request, exc in failed:
