@@ -90,7 +90,29 @@ class VisionStream:
         return int(grid.prod()) // self.merge**2
 
     def _encode(self, items: list[int]) -> None:
-        encode([(self, items)])
+        VisionStream.encode([(self, items)])
+
+    @staticmethod
+    def encode(parts: list[tuple["VisionStream", list[int]]]) -> None:
+        """Encode the given items of several streams in one call of the vision tower (a serving step's rows
+        that reach an image each: one call, not one per request) and keep each stream's features. The tower
+        encodes every image / frame group on its own (its attention does not cross them), so a stream gets
+        the features it would get alone."""
+        parts = [(stream, items) for stream, items in parts if items]
+        if not parts:
+            return
+        visual = parts[0][0].model.model.visual
+        pixels = torch.cat([s.items[i][1] for s, items in parts for i in items]).to(visual.device, visual.dtype)
+        grids = torch.cat([s.items[i][2] for s, items in parts for i in items]).to(visual.device)
+        out = visual(pixels, grid_thw=grids)
+        sizes = [s._tokens(i) for s, items in parts for i in items]
+        embeds = torch.split(out.pooler_output, sizes)
+        deep = [torch.split(f, sizes) for f in out.deepstack_features]
+        k = 0
+        for stream, items in parts:
+            for i in items:
+                stream._encoded[i] = (embeds[k], [d[k] for d in deep])
+                k += 1
 
     def reached(self, start: int, end: int) -> list[int]:
         """The items columns [start, end) reach that are not encoded yet."""
@@ -125,28 +147,6 @@ class VisionStream:
             if r.end <= end:
                 del self._encoded[r.item]  # fully consumed
         return out
-
-
-def encode(parts: list[tuple[VisionStream, list[int]]]) -> None:
-    """Encode the given items of several streams in one call of the vision tower (a serving step's rows
-    that reach an image each: one call, not one per request) and keep each stream's features. The tower
-    encodes every image / frame group on its own (its attention does not cross them), so a stream gets
-    the features it would get alone."""
-    parts = [(stream, items) for stream, items in parts if items]
-    if not parts:
-        return
-    visual = parts[0][0].model.model.visual
-    pixels = torch.cat([s.items[i][1] for s, items in parts for i in items]).to(visual.device, visual.dtype)
-    grids = torch.cat([s.items[i][2] for s, items in parts for i in items]).to(visual.device)
-    out = visual(pixels, grid_thw=grids)
-    sizes = [s._tokens(i) for s, items in parts for i in items]
-    embeds = torch.split(out.pooler_output, sizes)
-    deep = [torch.split(f, sizes) for f in out.deepstack_features]
-    k = 0
-    for stream, items in parts:
-        for i in items:
-            stream._encoded[i] = (embeds[k], [d[k] for d in deep])
-            k += 1
 
 
 def vision_inputs(chunks: list[VisionChunk | None], counts: list[int], width: int, embeds: torch.Tensor):

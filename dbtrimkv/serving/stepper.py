@@ -34,7 +34,7 @@ from ..runner.forward import RowInput, forward_rows
 from ..runner.positions import with_input_defaults
 from ..runner.prefill import PromptBatch
 from ..runner.sampling import Sampler
-from ..runner.vision import encode as encode_vision
+from ..runner.vision import VisionStream
 from .api_errors import APIError, BatchFailed
 from .detokenize import TextTracker
 from .metrics import Metrics
@@ -109,7 +109,7 @@ class Stepper:
                 parts.append((stream, stream.reached(*request.next_chunk())))
         if sum(bool(items) for _, items in parts) > 1:
             try:
-                encode_vision(parts)
+                VisionStream.encode(parts)
             except Exception:  # noqa: BLE001 - each row encodes alone next, and the one at fault fails alone
                 pass
 

@@ -105,7 +105,7 @@ def test_images_of_rows_joining_together_are_encoded_in_one_call(engine, random_
 def test_encoding_streams_together_gives_each_the_features_it_gets_alone(random_vl):
     from dbtrimkv.runner.positions import with_input_defaults
     from dbtrimkv.runner.prefill import PromptBatch
-    from dbtrimkv.runner.vision import encode
+    from dbtrimkv.runner.vision import VisionStream
 
     model, processor = random_vl
 
@@ -117,11 +117,11 @@ def test_encoding_streams_together_gives_each_the_features_it_gets_alone(random_
 
     with torch.no_grad():
         streams = [stream(i) for i in range(3)]
-        encode([(s, s.reached(0, s.mask.shape[1])) for s in streams])
+        VisionStream.encode([(s, s.reached(0, s.mask.shape[1])) for s in streams])
         together = [s._encoded[0] for s in streams]
         for i, s in enumerate(streams):
             fresh = stream(i)
-            encode([(fresh, fresh.reached(0, fresh.mask.shape[1]))])
+            VisionStream.encode([(fresh, fresh.reached(0, fresh.mask.shape[1]))])
             embeds, deep = fresh._encoded[0]
             assert embeds.shape == together[i][0].shape and embeds.shape[0] > 0
             torch.testing.assert_close(together[i][0], embeds, rtol=1e-5, atol=1e-5)
