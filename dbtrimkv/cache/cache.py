@@ -36,6 +36,7 @@ from ..modeling.model_anatomy import RETENTION_ATTENTION, text_attention_name, t
 from ..modeling.model_state import existing_state
 from ..modeling.transformers_compat import integration_error
 from .backend import AttentionBackend, uses_views
+from .calibration import calibrate_forward
 from .forward_plan import ForwardContext, ForwardPlan
 from .pool import SlotPool
 from .requests import ParkedSequence
@@ -250,7 +251,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
         """Called by the attention pre-hook with the layer's gate output `[B, T, H]`."""
         if layer_idx == 0:
             self._begin_forward(log_beta, padding, kv_dtype)
-        self.forward.staged[layer_idx] = log_beta
+        self.forward.staged[layer_idx] = calibrate_forward(log_beta, self.forward.plan, self.config)
 
     def _begin_forward(self, log_beta: torch.Tensor, padding: torch.Tensor | None, kv_dtype: torch.dtype) -> None:
         batch, length, _ = log_beta.shape

@@ -72,6 +72,7 @@ def _add_synthetic(sub) -> None:
     _add_recall_task_args(p)
     p.add_argument("--prefill-chunk", type=arguments.int_in(1, MAX_PREFILL_CHUNK), default=32, help="prompt tokens per prefill step (default: 32)")
     p.add_argument("--buffer-size", type=arguments.int_in(0, MAX_BUFFER_SIZE), default=0, help="tokens between evictions while decoding")
+    _add_calibration_args(p)
     p.add_argument("--threshold", type=arguments.fraction, default=None, metavar="TAU",
                    help="tau of the threshold policy (needed when it is among --policies): it drops entries whose "
                         "decayed retention is below tau, and each budget stays its hard cap")
@@ -108,6 +109,18 @@ def _add_export_lmms(sub) -> None:
     p.set_defaults(func=run_export_lmms, policies=[], budgets=[], prefill_chunk=32, buffer_size=0, threshold=None)
 
 
+def _add_calibration_args(p) -> None:
+    """The retention calibration of the bounded policies (`DBTrimKVConfig.video_decay_scale` / `decay_floor`)."""
+    p.add_argument("--video-decay-scale", type=arguments.float_in(0.0, 1.0, low_open=True), default=1.0, metavar="S",
+                   help="video tokens' log beta x S, in (0, 1] (dbtrimkv/cache/calibration.py; default 1: none)")
+    p.add_argument("--decay-floor", type=arguments.float_in(0.0, 1.0), default=0.0, metavar="F",
+                   help="every log beta capped at -F, in [0, 1], before the video scale (default 0: none)")
+
+
+def calibration_of(args) -> dict:
+    return {"video_decay_scale": args.video_decay_scale, "decay_floor": args.decay_floor}
+
+
 def _add_long_video(sub) -> None:
     p = sub.add_parser("long-video", help="accuracy and memory vs video length (1 min to an hour) per policy",
                        description="Stream synthetic videos (a digit shown on 3 consecutive frames at a random "
@@ -125,6 +138,7 @@ def _add_long_video(sub) -> None:
                    choices=arguments.POLICY_NAMES, metavar="POLICY", help="policies besides the full cache")
     p.add_argument("--memory-size", type=int, default=32, metavar="M",
                    help="entries per (layer, KV head) for every policy (default: 32)")
+    _add_calibration_args(p)
     p.add_argument("--full-cache-cap-mb", type=float, default=16.0, metavar="MIB",
                    help="KV storage the full cache may use before it counts as out of memory (default: 16)")
     p.add_argument("--window-frames", type=int, default=16, help="frames per prefill window (default: 16)")
@@ -235,7 +249,7 @@ def run_long_video(args) -> int:
     spec = long_video.LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
                          memory_size=args.memory_size, full_cache_cap_mb=args.full_cache_cap_mb,
                          window_frames=args.window_frames, timeline_minutes=args.timeline_minutes,
-                         first_seed=args.first_seed)
+                         first_seed=args.first_seed, calibration=calibration_of(args))
     if timeline is not None:
         timeline.parent.mkdir(parents=True, exist_ok=True)
     results = long_video.run_long_video(spec, args.model, device=args.device, dtype=args.dtype, timeline_path=timeline)

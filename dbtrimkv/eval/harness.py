@@ -50,6 +50,7 @@ class BenchmarkSpec:
     prefill_chunk: int = 32
     buffer_size: int = 0
     threshold: float | None = None  # tau of the threshold policy, with each budget as its hard cap
+    calibration: dict = field(default_factory=dict)  # DBTrimKVConfig video_decay_scale / decay_floor of the bounded runs
 
     def make_task(self) -> RecallTask | VideoRecallTask | ImageRecallTask:
         return TASK_KINDS[self.kind](**self.task)
@@ -69,7 +70,8 @@ class BenchmarkSpec:
             task = dict(filler=args.filler, image_size=args.image_size)
         return cls(kind=args.kind, task=task, examples=args.examples, policies=list(args.policies),
                    budgets=list(args.budgets), prefill_chunk=args.prefill_chunk, buffer_size=args.buffer_size,
-                   threshold=args.threshold)
+                   threshold=args.threshold,  # export-lmms has no calibration flags: none there
+                   calibration={k: getattr(args, k) for k in ("video_decay_scale", "decay_floor") if hasattr(args, k)})
 
 
 def entry_budget(fraction: float, prompt_tokens: int, segments: int) -> int:
@@ -115,7 +117,7 @@ def run_benchmark(spec: BenchmarkSpec, model_name=None, device="cpu", dtype=None
             for fraction in spec.budgets:
                 budget = entry_budget(fraction, tokens, segments)
                 tau = spec.threshold if policy == "threshold" else None
-                config = DBTrimKVConfig(budget=budget, policy=policy, threshold=tau, **base)
+                config = DBTrimKVConfig(budget=budget, policy=policy, threshold=tau, **base, **spec.calibration)
                 predicted, peak = answer(model, processor, inputs, config)
                 bound = budget + segments * max(spec.buffer_size, spec.prefill_chunk)
                 if peak > bound:

@@ -96,6 +96,7 @@ class LongVideoSpec:
     timeline_minutes: float | None = None  # draw the retention timeline of `global` on the first video of this length
     max_new_tokens: int = 8  # `video:` and the digit (the tiny tokenizer spells words by character)
     first_seed: int = 0
+    calibration: dict = field(default_factory=dict)  # DBTrimKVConfig video_decay_scale / decay_floor of the bounded policies
 
 
 class _OverCap(Exception):
@@ -126,7 +127,7 @@ def run_one(model, processor, video: LongVideo, policy: str, spec: LongVideoSpec
     if policy == FULL:
         config, cap = DBTrimKVConfig(), spec.full_cache_cap_mb * 2**20
     else:
-        config, cap = DBTrimKVConfig(memory_size=spec.memory_size, policy=policy), None
+        config, cap = DBTrimKVConfig(memory_size=spec.memory_size, policy=policy, **spec.calibration), None
     options = StreamOptions(fps=0, window_frames=spec.window_frames)
     peak = {"rss": rss_bytes(), "kv": 0}
 

@@ -55,6 +55,8 @@ class DBTrimKVConfig:
     min_per_head: int = 0
     prefill_chunk: int = 2048
     policy_options: dict[str, Any] = field(default_factory=dict)
+    video_decay_scale: float = 1.0  # retention calibration (dbtrimkv/cache/calibration.py): video log beta x this
+    decay_floor: float = 0.0  # ... and every log beta capped at -decay_floor
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.memory_size is not None:
@@ -86,6 +88,11 @@ class DBTrimKVConfig:
                 )
         elif self.threshold is not None:
             raise ConfigError(f"threshold is only used by the threshold policy, not by {self.policy!r}")
+        if not _is_real(self.video_decay_scale) or not 0.0 < self.video_decay_scale <= 1.0:
+            raise ConfigError(f"video_decay_scale must be a number in (0, 1], got {self.video_decay_scale!r}")
+        if not _is_real(self.decay_floor) or not 0.0 <= self.decay_floor <= 1.0:
+            raise ConfigError(f"decay_floor must be a number in [0, 1], got {self.decay_floor!r}")
+        self.video_decay_scale, self.decay_floor = float(self.video_decay_scale), float(self.decay_floor)
         self.build_policy()  # checks the policy name and its options now, not when a cache is built
 
     def build_policy(self) -> EvictionPolicy:

@@ -120,3 +120,32 @@ def test_a_recall_task_parameter_the_task_refuses_is_one_clear_error_before_load
                        ("image", "image_size must be >= 32, filler >= 0")):
         assert main(["eval", "synthetic", "--kind", kind, "--image-size", "8"]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"dbtrimkv: error: recall task: {rule}"]
+
+
+def test_the_calibration_flags_reach_the_bounded_runs_only(monkeypatch):
+    """`--video-decay-scale` / `--decay-floor`: every bounded answer is made with them, the full cache without."""
+    import argparse
+
+    from dbtrimkv.cli import build_parser
+    from dbtrimkv.eval import harness
+
+    seen = []
+
+    def spy(model, processor, inputs, config):
+        seen.append((config.budget, config.video_decay_scale, config.decay_floor))
+        return "K7", 1
+
+    monkeypatch.setattr(harness, "answer", spy)
+    args = build_parser().parse_args(["eval", "synthetic", "--policies", "global", "head", "--budgets", "0.25",
+                                      "--num-cards", "2", "--filler", "8", "--examples", "2",
+                                      "--video-decay-scale", "0.5", "--decay-floor", "0.01"])
+    spec = harness.BenchmarkSpec.from_args(args)
+    assert spec.calibration == {"video_decay_scale": 0.5, "decay_floor": 0.01}
+    harness.run_benchmark(spec)
+    assert len(seen) == 2 * 3  # per prompt: the full cache, global, head
+    assert all((scale, floor) == (1.0, 0.0) for budget, scale, floor in seen if budget is None)
+    assert [(scale, floor) for budget, scale, floor in seen if budget is not None] == [(0.5, 0.01)] * 4
+    plain = build_parser().parse_args(["eval", "synthetic"])
+    assert (plain.video_decay_scale, plain.decay_floor) == (1.0, 0.0)  # off unless asked for
+    lmms = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("video_decay_scale", "decay_floor")})
+    assert harness.BenchmarkSpec.from_args(lmms).calibration == {}  # export-lmms has no such flags

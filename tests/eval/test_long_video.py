@@ -151,3 +151,39 @@ def test_a_negative_first_seed_is_one_clear_error(capsys):
 
     assert main(["eval", "long-video", "--first-seed", "-1"]) == 2
     assert "--first-seed" in capsys.readouterr().err
+
+
+def test_the_retention_calibration_reaches_the_bounded_policies(monkeypatch):
+    from dbtrimkv.eval import long_video
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_encode(model, processor, windows, config, **kwargs):
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(long_video, "encode_windows", fake_encode)
+    monkeypatch.setattr(long_video, "frame_windows", lambda *args, **kwargs: iter(()))
+    spec = LongVideoSpec(memory_size=8, calibration={"video_decay_scale": 0.1, "decay_floor": 0.003})
+    for policy in ("global", FULL):
+        with pytest.raises(Stop):
+            run_one(None, None, LongVideo(0, 0.1), policy, spec)
+    assert (seen[0].policy, seen[0].memory_size, seen[0].video_decay_scale, seen[0].decay_floor) == ("global", 8, 0.1, 0.003)
+    assert seen[1].unbounded and (seen[1].video_decay_scale, seen[1].decay_floor) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("flag, value", [("--video-decay-scale", "0"), ("--video-decay-scale", "2"),
+                                         ("--decay-floor", "-0.5")])
+def test_a_bad_calibration_is_one_clear_error_before_the_model_loads(flag, value, capsys, monkeypatch):
+    from dbtrimkv.cli import main
+    from dbtrimkv.loading import checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own exit, status 2
+        main(["eval", "long-video", "--minutes", "1", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and flag in err

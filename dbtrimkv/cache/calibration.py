@@ -1,0 +1,50 @@
+"""Retention calibration at inference: the gates' `log beta` as the cache stores and scores it.
+
+Why: the gates learn `log beta` on training chats a few thousand tokens long; an hour of video is
+tens of thousands. Two things then go wrong at a small budget (measured on the tiny recall model,
+README "Long videos", M = 64):
+
+- video frames are tens of thousands of tokens apart, so a frame that the gates rank far above the
+  other frames (the digit frame, `log beta` ~ -0.002 against ~ -29) still decays below a window of
+  recent text; `video_decay_scale` s in (0, 1] multiplies the `log beta` of video tokens: a frame
+  decays as if the video were 1/s times shorter. Within the video tokens the order is unchanged.
+- gates that saturate (`log beta` ~ -1e-17 for layer 1's timestamp `0` tokens, 0 in effect) keep
+  an entry forever; a stream of them fills any fixed budget, the question included. `decay_floor`
+  f >= 0 caps `log beta` at -f (applied first: a video token's cap is then -f * s): every entry
+  decays at least that fast, so the oldest of the saturated entries leave first.
+
+Both default to no change (s = 1, f = 0). They apply before the entry is stored, so every policy
+and kernel scores the calibrated value and the eviction contract (docs/architecture.md) is
+unchanged. Settings: `DBTrimKVConfig.video_decay_scale` and `decay_floor`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inputs.modality import Modality
+
+
+def calibrate(log_beta: torch.Tensor, modality: torch.Tensor | None, video_scale: float = 1.0,
+              floor: float = 0.0) -> torch.Tensor:
+    """`log_beta` `[B, T, H]` capped at `-floor`, then video tokens' values x `video_scale` (the scale
+    is a change of the video's time axis, so a video token's floor is `-floor * video_scale`);
+    `modality` `[B, T]` `Modality` codes (None: no video token). Returns `log_beta` itself when
+    both are off."""
+    if floor > 0.0:
+        log_beta = log_beta.clamp(max=-floor)
+    if video_scale != 1.0 and modality is not None:
+        video = (modality == Modality.VIDEO).to(log_beta.device)[..., None]
+        log_beta = torch.where(video, log_beta * video_scale, log_beta)
+    return log_beta
+
+
+def calibrate_forward(log_beta: torch.Tensor, plan, config) -> torch.Tensor:
+    """`calibrate` with the settings of `config` (a `DBTrimKVConfig`) and the modalities of `plan`
+    (the forward's `ForwardPlan`, which lists its real tokens; padding columns stay text)."""
+    scale, floor = config.video_decay_scale, config.decay_floor
+    modality = None
+    if scale != 1.0:
+        modality = torch.zeros(log_beta.shape[:2], dtype=plan.token_modality.dtype, device=plan.token_modality.device)
+        modality[plan.token_batch, plan.token_column] = plan.token_modality
+    return calibrate(log_beta, modality, scale, floor)
