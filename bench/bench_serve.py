@@ -19,9 +19,10 @@ range of requests/s and generated tokens/s, p50 / p99 request latency, p50 time 
 (streamed); per round, the gain of batching over one-at-a-time and the server's tokens/s over the
 static batch's (ratios within a round: the machine is shared, its load moves between rounds).
 `--kv-memory` (pool and attention views together) admits all 16 requests at once (the static batch
-holds all 16 too). During the first 16-client batched round `/metrics` is sampled every 50 ms: KV
-entries in use and reserved against the pool, bytes of pool + views against `--kv-memory` (JSON +
-PNG); the peak of the views is the server's own per-step maximum (`dbtrimkv_kv_views_bytes_peak`).
+holds all 16 too). Before the rounds, one 16-client batched run of its own (not timed: sampling
+slows the server) samples `/metrics` every 50 ms: KV entries in use and reserved against the pool,
+bytes of pool + views against `--kv-memory` (JSON + PNG); the peak of the views is the server's own
+per-step maximum (`dbtrimkv_kv_views_bytes_peak`).
 
 Models: `tiny-recall` (the shipped toy Qwen3-VL; image chats of ~50 tokens) and a medium random
 text model (Qwen3 architecture, 8 layers, hidden 512, 8 / 4 heads, head_dim 64; prompts of ~130
@@ -318,16 +319,15 @@ def measure_model(args, model: str, rounds: list, traces: dict) -> None:
         for server in servers.values():
             for _ in range(2):
                 load(client, server.base_url, model, 16, 16, 2)  # warm-up: 16 connections open
+        traces[model] = []  # KV occupancy under 16 clients: a run of its own (sampling /metrics loads the server)
+        load(client, servers["batched"].base_url, model, 16, requests[16], args.max_tokens, traces[model])
         for round_ in range(args.repeats):
             for clients in CLIENTS:
                 for mode, server in servers.items():
                     if mode == "one-at-a-time" and clients == 1:
                         continue  # the same as batched with one client
-                    trace = [] if (mode, clients, round_) == ("batched", 16, 0) else None
                     row = dict(model=model, mode=mode, round=round_,
-                               **load(client, server.base_url, model, clients, requests[clients], args.max_tokens, trace))
-                    if trace is not None:
-                        traces[model] = trace
+                               **load(client, server.base_url, model, clients, requests[clients], args.max_tokens))
                     rounds.append(row)
                     print(json.dumps(row), flush=True)
             row = dict(model=model, mode="static", round=round_, clients=16, requests=requests[16], **static.run())
