@@ -24,6 +24,14 @@ import torch
 
 from ..inputs.modality import Modality
 
+SETTINGS = ("video_decay_scale", "decay_floor")  # the `DBTrimKVConfig` fields of the calibration
+
+
+def settings_from(args) -> dict:
+    """The calibration settings a command line gave (`--video-decay-scale`, `--decay-floor`); none for a
+    command without those flags."""
+    return {name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}
+
 
 def calibrate(log_beta: torch.Tensor, modality: torch.Tensor | None, video_scale: float = 1.0,
               floor: float = 0.0) -> torch.Tensor:

@@ -28,6 +28,7 @@ from . import arguments
 from .common import add_model_args, add_progress_arg, show_progress
 from .lazy import lazy
 
+calibration = lazy("dbtrimkv.cache.calibration")
 harness = lazy("dbtrimkv.eval.harness")
 long_video = lazy("dbtrimkv.eval.long_video")
 long_video_report = lazy("dbtrimkv.eval.long_video_report")
@@ -115,10 +116,6 @@ def _add_calibration_args(p) -> None:
                    help="video tokens' log beta x S, in (0, 1] (dbtrimkv/cache/calibration.py; default 1: none)")
     p.add_argument("--decay-floor", type=arguments.float_in(0.0, 1.0), default=0.0, metavar="F",
                    help="every log beta capped at -F, in [0, 1], before the video scale (default 0: none)")
-
-
-def calibration_of(args) -> dict:
-    return {"video_decay_scale": args.video_decay_scale, "decay_floor": args.decay_floor}
 
 
 def _add_long_video(sub) -> None:
@@ -249,7 +246,7 @@ def run_long_video(args) -> int:
     spec = long_video.LongVideoSpec(minutes=sorted(args.minutes), fps=args.fps, examples=args.examples, policies=args.policies,
                          memory_size=args.memory_size, full_cache_cap_mb=args.full_cache_cap_mb,
                          window_frames=args.window_frames, timeline_minutes=args.timeline_minutes,
-                         first_seed=args.first_seed, calibration=calibration_of(args))
+                         first_seed=args.first_seed, calibration=calibration.settings_from(args))
     if timeline is not None:
         timeline.parent.mkdir(parents=True, exist_ok=True)
     results = long_video.run_long_video(spec, args.model, device=args.device, dtype=args.dtype, timeline_path=timeline)

@@ -26,6 +26,7 @@ from ..loading import checkpoints
 from ..cache import DBTrimKVCache
 from ..loading.checkpoints import describe, gates_are_trained
 from ..settings.config import DBTrimKVConfig
+from ..cache import calibration
 from ..generation import generate
 from ..loading.models import DEFAULT_MODEL
 from ..modeling.model_anatomy import text_config_of
@@ -71,7 +72,7 @@ class BenchmarkSpec:
         return cls(kind=args.kind, task=task, examples=args.examples, policies=list(args.policies),
                    budgets=list(args.budgets), prefill_chunk=args.prefill_chunk, buffer_size=args.buffer_size,
                    threshold=args.threshold,  # export-lmms has no calibration flags: none there
-                   calibration={k: getattr(args, k) for k in ("video_decay_scale", "decay_floor") if hasattr(args, k)})
+                   calibration=calibration.settings_from(args))
 
 
 def entry_budget(fraction: float, prompt_tokens: int, segments: int) -> int:
