@@ -1,9 +1,12 @@
 """Serving benchmark: throughput of `dbtrimkv serve` under 1, 4 and 16 concurrent clients, against
 transformers `generate` on the same 16 requests as one static batch (the limit of perfect batching).
 
-For each model three processes run side by side (one torch thread each, so clients and server do
-not share a GIL), started once and measured in turns, `--repeats` rounds (default 3):
+For each model three servers and a static-batch worker run side by side (processes of one torch
+thread each, so clients and servers do not share a GIL), started once and measured in turns,
+`--repeats` rounds (default 3):
 - batched:        the server with continuous batching, --max-running 16 (the default)
+- batched, engine process: the same with `--engine-process` (the engine in a process of its own,
+                  the HTTP layer and the processor in the server's: two processes, two cores)
 - one-at-a-time:  the server with --max-running 1: requests are served one after another (what a
                   server without batching does), the others wait in the queue
 - static:         transformers `model.generate` on the 16-client requests as ONE left-padded batch
@@ -86,6 +89,10 @@ def load_served(name: str):
 
 
 def serve(args) -> None:
+    """The server of one mode, on `--port`: the engine in this process, or (`--engine-process`) in a
+    process of its own that builds the same model (`load_served`) and the same settings."""
+    import functools
+
     import torch
     import uvicorn
 
@@ -94,11 +101,17 @@ def serve(args) -> None:
     from dbtrimkv.serving.admission import parse_kv_memory
 
     torch.set_num_threads(1)
-    model, processor = load_served(args.serve)
     config = dbtrimkv.DBTrimKVConfig(memory_size=MODELS[args.serve]["memory_size"], prefill_chunk=256)
     options = ServerOptions(model_name=args.serve, kv_memory=parse_kv_memory(args.kv_memory),
                             max_running=args.max_running, max_queue=256)
-    app, _ = create_server(model, processor, config, options)
+    if args.engine_process:
+        from dbtrimkv.serving.engine_process import launch_server
+        from dbtrimkv.serving.replica_spec import ReplicaSpec
+
+        app, _ = launch_server(ReplicaSpec(None, None, None, {"config": config}, options,
+                                           loader=functools.partial(load_served, args.serve)))
+    else:
+        app, _ = create_server(*load_served(args.serve), config, options)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -253,7 +266,7 @@ def summarize(rounds: list[dict]) -> list[dict]:
         for key in ("requests_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s"):
             if key in mine[0]:
                 row[key] = statistics.median(r[key] for r in mine)
-        if mode == "batched":
+        if mode.startswith("batched"):
             for other, name in (("one-at-a-time", "gain_vs_one_at_a_time"), ("static", "vs_static")):
                 base = {r["round"]: r for r in rounds if (r["model"], r["mode"], r["clients"]) == (model, other, clients)}
                 ratios = [r["tokens_per_s"] / base[r["round"]]["tokens_per_s"] for r in mine if r["round"] in base]
@@ -307,9 +320,10 @@ def measure_model(args, model: str, rounds: list, traces: dict) -> None:
     """Start the two servers and the static worker, then measure them in turns, `--repeats` rounds."""
     requests = {c: (max(c, n // 2) if args.quick else n) for c, n in MODELS[model]["requests"].items()}
     kv = args.kv_memory or MODELS[model]["kv_memory"]
-    servers = {mode: ServeProcess("--max-running", str(running), "--kv-memory", kv, launcher=[__file__, "--serve", model],
-                                  env={"OMP_NUM_THREADS": "1"})
-               for mode, running in (("batched", 16), ("one-at-a-time", 1))}
+    servers = {mode: ServeProcess("--max-running", str(running), "--kv-memory", kv, *extra,
+                                  launcher=[__file__, "--serve", model], env={"OMP_NUM_THREADS": "1"})
+               for mode, running, extra in (("batched", 16, ()), ("batched, engine process", 16, ("--engine-process",)),
+                                            ("one-at-a-time", 1, ()))}
     static = StaticBatch(model, requests[16], args.max_tokens)
     # one connection pool for all clients, kept alive across rounds (as a load generator does: vLLM's
     # benchmark_serving holds one aiohttp session); a new client per request spent more CPU setting up
@@ -353,6 +367,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-running", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args)

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .arguments import positive_float as _positive_float, positive_int as _positive_int
 from .common import (TINY_NOTICE, add_eviction_args, add_model_args, add_progress_arg, eviction_config,
-                     eviction_request, show_progress)
+                     eviction_request, in_flag_words, show_progress)
 from .lazy import lazy
 
 checkpoints = lazy("dbtrimkv.loading.checkpoints")
@@ -27,6 +27,8 @@ serving = lazy("dbtrimkv.serving")
 admission = lazy("dbtrimkv.serving.admission")
 app = lazy("dbtrimkv.serving.app")
 refusals = lazy("dbtrimkv.serving.refusals")
+engine_process = lazy("dbtrimkv.serving.engine_process")
+replica_spec = lazy("dbtrimkv.serving.replica_spec")
 server = lazy("dbtrimkv.serving.server")
 session_store = lazy("dbtrimkv.serving.session_store")
 torch = lazy("torch")
@@ -63,6 +65,10 @@ def add_parser(sub) -> None:
                    help="folder where sessions go when the pool needs their room or the server stops, and resume "
                         "from without prefilling their history again (created if missing; default: none, such "
                         "sessions are dropped)")
+    g.add_argument("--engine-process", action="store_true",
+                   help="run the engine (the model, the KV pool, the scheduler) in a process of its own, apart from "
+                        "the HTTP layer and the processor, which then no longer share one Python interpreter lock "
+                        "with the model's steps (as vLLM runs its engine core); the same API and limits")
     r = p.add_argument_group("replicas (Ray Serve; needs the extra: pip install 'dbtrimkv[ray]')")
     r.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
                    help="serve the same API from N engine replicas as Ray Serve deployments, routed by free KV "
@@ -95,6 +101,9 @@ def options_from_args(args):
         raise ConfigError("--api-key must not be empty")
     if args.allow_media_dir is not None and not args.allow_media_dir.is_dir():
         raise ConfigError(f"--allow-media-dir {args.allow_media_dir} is not a directory")
+    if args.engine_process and (args.replicas > 1 or args.ray_address is not None):
+        raise ConfigError("--engine-process serves one engine; with --replicas or --ray-address every replica "
+                          "runs its engine in a process of its own already")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     cap, chunk = args.max_prefill_tokens_per_step, args.prefill_chunk
@@ -142,17 +151,33 @@ def run(args) -> int:
     if args.replicas > 1 or args.ray_address is not None:
         sock.close()  # the address is free (checked); Ray Serve's proxy listens on it
         return _run_replicas(args, options)
+    engine = None
     try:
-        model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
-        web_app, engine = serving.create_server(model, processor, eviction_config(args, model), options)
-        print(serving.startup_report(engine), file=sys.stderr)
+        if args.engine_process:
+            web_app, engine = _launch_engine_process(args, options)
+            print(engine.report, file=sys.stderr)
+        else:
+            model, processor = checkpoints.load_model(args.model, device=args.device, dtype=args.dtype)
+            web_app, engine = serving.create_server(model, processor, eviction_config(args, model), options)
+            print(serving.startup_report(engine), file=sys.stderr)
         if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
             print(f"Warning: listening on {args.host} without --api-key: anyone who can reach it can use it.",
                   file=sys.stderr)
         uvicorn.Server(uvicorn.Config(web_app, host=args.host, port=args.port, log_level="info")).run(sockets=[sock])
     finally:
         sock.close()
+        if engine is not None:
+            engine.stop()  # (the app's shutdown stopped it already, unless the server never started)
     return 0
+
+
+def _launch_engine_process(args, options):
+    """`--engine-process`: the app, and the engine process that loaded the model (serving/engine_process.py)."""
+    spec = replica_spec.ReplicaSpec(args.model, args.device, args.dtype, eviction_request(args), options)
+    try:
+        return engine_process.launch_server(spec)
+    except ConfigError as exc:
+        raise ConfigError(in_flag_words(str(exc))) from None
 
 
 def _run_replicas(args, options) -> int:

@@ -1,10 +1,11 @@
-"""The HTTP side: FastAPI routes in OpenAI's shape around one `Engine`.
+"""The HTTP side: FastAPI routes in OpenAI's shape around one engine: an `Engine` in this process,
+or an `EngineProcess` (the engine in a process of its own; the same calls).
 
 Why: OpenAI clients, curl and load balancers talk HTTP; the engine thread talks tokens. Each
-request is validated and its prompt built here (in a worker thread, so media decoding never
-blocks the event loop or the engine), submitted, then answered from the events the engine sends
-back: one JSON completion, or server-sent chunks when `stream` is set. A client that goes away
-is cancelled at once, which frees its KV slots at the next token boundary.
+request is validated and handed to the engine's `prepare` (in a worker thread, so media decoding
+and the processor never block the event loop; `submission.py`), then answered from the events the
+engine sends back: one JSON completion, or server-sent chunks when `stream` is set. A client that
+goes away is cancelled at once, which frees its KV slots at the next token boundary.
 
 Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`,
 `GET /metrics`. Every error, on every path (unknown path 404, wrong method 405, 400, 401, 409, 413,
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -25,20 +25,13 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..errors import DBTrimKVError
-from ..inputs.turns import closing_ids, prepend_tokens
-from ..inputs.prompts import build_inputs
-from ..runner.pending import pending_ids
 from . import refusals
-from .api_errors import (APIError, BadRequest, Conflict, InternalError, MethodNotAllowed, ModelNotFound, NotFound,
-                         TooLarge, Unauthorized, Unavailable)
-from .request_bounds import check_text_tokens, parse_json, read_body
+from .api_errors import (APIError, InternalError, MethodNotAllowed, ModelNotFound, NotFound, Unauthorized,
+                         Unavailable)
+from .request_bounds import parse_json, read_body
 from .channel import EventChannel
-from .engine import Engine
-from .records import EngineRequest, config_key
 from .responses import Completion, sse
-from .schema import ChatRequest, ServerLimits, parse_chat_request
-from .sessions import SessionBusy
+from .schema import ServerLimits, parse_chat_request
 
 
 @dataclass(frozen=True)
@@ -48,11 +41,11 @@ class HTTPOptions:
     max_prompt_tokens: int = 32768
 
 
-def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()) -> FastAPI:
+def build_app(engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()) -> FastAPI:
+    """The app around `engine`: an `engine.Engine`, or an `engine_process.EngineProcess` (the same calls)."""
     @asynccontextmanager
     async def lifespan(app):
-        if engine._thread is None:
-            engine.start()
+        engine.start()
         yield
         engine.stop()
 
@@ -62,7 +55,7 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         if exc.status != 429:
-            engine.metrics.inc("requests_rejected_total", label=("status", str(exc.status)))
+            engine.count_rejection(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(StarletteHTTPException)
@@ -97,8 +90,8 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
 
     @app.get("/metrics")
     async def metrics():
-        engine.live_gauges()
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        text = await run_in_threadpool(engine.metrics_text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -123,7 +116,7 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
         chat = await run_in_threadpool(parse_chat_request, body, limits)
         del body
         events = EventChannel(asyncio.get_running_loop())
-        job, extra = await run_in_threadpool(_prepare, engine, chat, events.put, options)
+        job, extra = await run_in_threadpool(engine.prepare, chat, events.put, options.max_prompt_tokens)
         completion = Completion(limits.model_name, extra)
         if chat.stream:
             return StreamingResponse(_stream(engine, job, events, completion, chat.include_usage),
@@ -133,46 +126,7 @@ def build_app(engine: Engine, limits: ServerLimits, options: HTTPOptions = HTTPO
     return app
 
 
-def _prepare(engine: Engine, chat: ChatRequest, sink, options: HTTPOptions) -> tuple[EngineRequest, dict]:
-    """Build the engine request: only the new messages when it continues a session. Submits it."""
-    session, continues, notice = None, False, None
-    if chat.session_id is not None:
-        try:
-            session, continues, notice = engine.sessions.claim(chat.session_id, config_key(chat.config), chat.canonical)
-        except SessionBusy as exc:
-            raise Conflict(str(exc), param="session_id") from None
-    try:
-        new_messages = chat.messages[len(session.history):] if continues else chat.messages
-        check_text_tokens(engine.tokenizer, [p["text"] for m in new_messages for p in m["content"] if p["type"] == "text"],
-                          options.max_prompt_tokens)
-        try:
-            if continues:
-                inputs = build_inputs(engine.processor, chat.messages[len(session.history):])
-                pending = pending_ids(session.parked.state)  # the reply's last token was never fed
-                inputs = prepend_tokens(inputs, pending + closing_ids(engine.tokenizer, pending, engine.stop_ids))
-            else:
-                inputs = build_inputs(engine.processor, chat.messages)
-        except (DBTrimKVError, ValueError) as exc:
-            raise BadRequest(str(exc), param="messages") from None
-        tokens = int(inputs["input_ids"].shape[1])
-        if tokens > options.max_prompt_tokens:
-            raise TooLarge(refusals.prompt_too_long(options.max_prompt_tokens), param="messages")
-        job = EngineRequest(f"req-{uuid.uuid4().hex}", inputs, chat.config, chat.sampling, sink,
-                            session_id=chat.session_id, session=session, continues=continues, history=chat.canonical)
-        engine.submit(job)
-    except BaseException:
-        if session is not None:
-            engine.sessions.unreserve(session)
-        raise
-    extra = {}
-    if chat.session_id is not None:
-        extra["session_id"] = chat.session_id
-    if notice:
-        extra["notice"] = notice
-    return job, extra
-
-
-async def _collect(engine: Engine, job: EngineRequest, events: EventChannel, completion: Completion,
+async def _collect(engine, job: str, events: EventChannel, completion: Completion,
                    request: Request):
     """Wait for the whole answer; cancel the request if the client disconnects first."""
     pieces = []
@@ -195,7 +149,7 @@ async def _collect(engine: Engine, job: EngineRequest, events: EventChannel, com
         watcher.cancel()
     if waiter not in done:
         waiter.cancel()
-        engine.cancel(job.id)
+        engine.cancel(job)
         return PlainTextResponse("client disconnected", status_code=499)
     event = waiter.result()
     if event.kind == "error":
@@ -203,7 +157,7 @@ async def _collect(engine: Engine, job: EngineRequest, events: EventChannel, com
     return JSONResponse(completion.full("".join(pieces), event.finish_reason, event.usage))
 
 
-async def _stream(engine: Engine, job: EngineRequest, events: EventChannel, completion: Completion,
+async def _stream(engine, job: str, events: EventChannel, completion: Completion,
                   include_usage: bool):
     finished = False
     try:
@@ -224,4 +178,4 @@ async def _stream(engine: Engine, job: EngineRequest, events: EventChannel, comp
                 return
     finally:
         if not finished:
-            engine.cancel(job.id)
+            engine.cancel(job)

@@ -33,9 +33,11 @@ from .admission import Admission, server_budget, split_memory, view_columns
 from .api_errors import InternalError
 from .metrics import Metrics
 from .records import EngineRequest, StepRecord
+from .schema import ChatRequest
 from .stepper import Stepper
 from .scheduler import Limits, Scheduler
 from .sessions import SessionStore
+from .submission import submit_chat
 
 MAX_STEP_RECORDS = 100_000
 
@@ -136,8 +138,10 @@ class Engine:
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="dbtrimkv-engine", daemon=True)
-        self._thread.start()
+        """Start the engine thread (once: a started engine is left as it is)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dbtrimkv-engine", daemon=True)
+            self._thread.start()
 
     def submit(self, request: EngineRequest) -> None:
         """Hand a new request to the scheduler (admission: `Scheduler.submit`)."""
@@ -146,6 +150,21 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """The client went away: free the request's slots at the next token boundary."""
         self.scheduler.cancel(request_id)
+
+    def prepare(self, chat: ChatRequest, sink, max_prompt_tokens: int) -> tuple[str, dict]:
+        """Submit a validated chat request (`submission.submit_chat`); its id and the answer's extra fields.
+        The HTTP layer's calls (`prepare`, `cancel`, `count_rejection`, `metrics_text`, `stopping`, `start`,
+        `stop`) are the same on an `EngineProcess`."""
+        job, extra = submit_chat(self, chat, sink, max_prompt_tokens)
+        return job.id, extra
+
+    def count_rejection(self, status: int) -> None:
+        self.metrics.inc("requests_rejected_total", label=("status", str(status)))
+
+    def metrics_text(self) -> str:
+        """The Prometheus text of the metrics, gauges read now."""
+        self.live_gauges()
+        return self.metrics.render()
 
     def stop(self, timeout: float = 10.0) -> None:
         self.scheduler.stop()

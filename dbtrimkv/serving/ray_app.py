@@ -21,7 +21,6 @@ import itertools  # no `from __future__ import annotations`: FastAPI reads the r
 import json
 import sys
 import time
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -29,11 +28,10 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
 
-from ..loading import checkpoints
-from ..settings.eviction_settings import resolve_eviction
 from .ray_bridge import call_app, merge_metrics
 from .ray_router import STATS_PERIOD_S, KVAwareRouter, latest_stats
-from .server import ServerOptions, create_server
+from .replica_spec import ReplicaSpec
+from .server import create_server
 
 REPLICA_HEADER = "x-dbtrimkv-replica"
 ATTEMPTS = 3  # sends of a request whose replica died before answering
@@ -41,22 +39,9 @@ ROUTER = f"{KVAwareRouter.__module__}:{KVAwareRouter.__name__}"  # by import pat
 RESENT_HELP = "Requests sent again to another replica because theirs died before answering"
 
 
-@dataclass
-class ReplicaSpec:
-    """What every replica builds its server from: plain values (each replica resolves the eviction
-    settings against its own copy of the model, as `dbtrimkv serve` does)."""
-
-    model: str | None
-    device: str | None
-    dtype: str | None
-    eviction: dict  # `resolve_eviction` keyword arguments (commands.common.eviction_request)
-    options: ServerOptions
-
-
 class EngineReplica:
     def __init__(self, spec: ReplicaSpec):
-        self.model, processor = checkpoints.load_model(spec.model, device=spec.device, dtype=spec.dtype)
-        config = resolve_eviction(self.model, **spec.eviction)
+        self.model, processor, config = spec.load()
         self.app, self.engine = create_server(self.model, processor, config, spec.options)
         self.engine.start()
         self.id = serve.get_replica_context().replica_id.unique_id

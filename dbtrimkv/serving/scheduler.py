@@ -275,7 +275,7 @@ class Scheduler:
         group.cache.set_views_limit(self.admission.group_view_bytes(group.key))
         self.drop_if_idle(group)
         if request.session_id is not None and reason in ("stop", "length"):
-            keep_pending(parked.state, request.generated)  # the next turn feeds it first (app._prepare)
+            keep_pending(parked.state, request.generated)  # the next turn feeds it first (submission.prompt_inputs)
             session = Session(request.session_id, config_key(request.config),
                               request.history + [canonical_reply(request.tracker.text)], parked)
             self.admission.park(session.id, parked.num_slots)

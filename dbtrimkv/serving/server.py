@@ -46,6 +46,12 @@ class ServerOptions:
 
 def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptions) -> tuple[FastAPI, Engine]:
     """The app and its (not yet started) engine; the app's lifespan starts and stops the engine."""
+    engine = create_engine(model, processor, config, options)
+    return build_app(engine, server_limits(processor, config, options), options.http), engine
+
+
+def create_engine(model, processor, config: DBTrimKVConfig, options: ServerOptions) -> Engine:
+    """The engine the options describe (not yet started), or ConfigError if not even a one-token request fits."""
     text = text_config_of(model)
     layers, heads = text.num_hidden_layers, text.num_key_value_heads
     param = next(model.parameters())
@@ -59,13 +65,17 @@ def create_server(model, processor, config: DBTrimKVConfig, options: ServerOptio
     if options.session_store is not None:
         engine.sessions.files = engine.session_files = SessionFiles(options.session_store, ModelIdentity.of(model),
                                                                     options.session_write_through)
+    return engine
+
+
+def server_limits(processor, config: DBTrimKVConfig, options: ServerOptions) -> ServerLimits:
+    """What the HTTP layer checks a request against (it needs the processor, not the model)."""
     media = MediaPolicy(allow_dir=options.allow_media_dir, allow_remote=options.allow_remote_media,
                         max_bytes=options.http.max_request_bytes, video_fps=options.video_fps,
                         video_max_frames=options.video_max_frames,
                         max_pixels_per_request=options.http.max_prompt_tokens * _pixels_per_token(processor))
-    limits = ServerLimits(options.model_name, config, options.max_tokens,
-                          min(options.default_max_tokens, options.max_tokens), media)
-    return build_app(engine, limits, options.http), engine
+    return ServerLimits(options.model_name, config, options.max_tokens,
+                        min(options.default_max_tokens, options.max_tokens), media)
 
 
 def _pixels_per_token(processor) -> int:

@@ -244,7 +244,8 @@ def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_co
     prompt chunk, which runs in a forward of its own (`Stepper.phases`): the turn is not in it and
     answers what it answers with no fault. The request at fault fails alone; no slot is lost."""
     from dbtrimkv.serving.api_errors import BatchFailed
-    from dbtrimkv.serving.app import HTTPOptions, _prepare
+    from dbtrimkv.serving.app import HTTPOptions
+    from dbtrimkv.serving.submission import submit_chat
     from dbtrimkv.serving.schema import ServerLimits, parse_chat_request
 
     model, processor = random_vl
@@ -255,7 +256,7 @@ def test_a_session_turn_in_a_failed_batch_gets_503_and_its_retry_prefills_the_co
         if session_id is not None:
             body["session_id"] = session_id
         events: queue.Queue = queue.Queue()
-        job, _ = _prepare(engine, parse_chat_request(body, limits), events.put, HTTPOptions())
+        job, _ = submit_chat(engine, parse_chat_request(body, limits), events.put, HTTPOptions().max_prompt_tokens)
         return job, events
 
     def answered(job, events):

@@ -22,6 +22,7 @@ from dbtrimkv.serving.admission import (Admission, Reservation, parse_kv_memory,
     (["--api-key", " "], "--api-key must not be empty"),
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--prefill-chunk", "512", "--max-prefill-tokens-per-step", "256"], "must be at least --prefill-chunk (512)"),
+    (["--engine-process", "--replicas", "2"], "--engine-process serves one engine"),
 ])
 def test_bad_flags_fail_before_loading(argv, message, monkeypatch, capsys):
     def no_load(*args, **kwargs):
@@ -87,6 +88,20 @@ def test_a_port_in_use_or_a_bad_host_fails_before_the_model_loads(monkeypatch, c
 def test_pool_too_small_for_one_request(capsys):
     assert main(["serve", "--kv-memory", "50KiB"]) == 2
     assert "one request may hold up to" in capsys.readouterr().err
+
+
+def test_engine_process_reports_and_refuses_as_the_in_process_server(monkeypatch, capsys):
+    """`--engine-process`: the engine process's start-up report is the same text; its refusal to start
+    is the same one `dbtrimkv: error:` line (exit 2), raised in the engine process."""
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets: None)
+    argv = ["serve", "--kv-memory", "2MiB", "--prefill-chunk", "64"]
+    assert main([*argv, "--port", str(free_port())]) == 0
+    in_process = capsys.readouterr().err
+    assert main([*argv, "--port", str(free_port()), "--engine-process"]) == 0
+    assert capsys.readouterr().err == in_process and "KV pool: " in in_process
+    assert main(["serve", "--kv-memory", "50KiB", "--engine-process", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dbtrimkv: error: ") and "one request may hold up to" in err[-1]
 
 
 def test_kv_memory_parsing():
