@@ -72,7 +72,7 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     do_sample, temperature, top_p, top_k (None: the model's generation config), streamer,
     logits_processor, stopping_criteria, min_new_tokens, eos_token_id, pad_token_id, plus `seed` (the sampler's; default:
     drawn from torch's generator) and `done` (a predicate over a row's generated ids that ends it, e.g.
-    stop strings). If `timings` is a dict, it receives `prefill_seconds` and `decode_seconds` (the
+    a `runner.text.TextTracker`'s for stop strings; or a list of them, one per row). If `timings` is a dict, it receives `prefill_seconds` and `decode_seconds` (the
     decode part includes the last prompt token's forward).
     """
     if not isinstance(cache, DBTrimKVCache):
@@ -131,10 +131,14 @@ def decode_rows_for(model, batch: int, max_new_tokens: int, options: dict) -> tu
     stop = _ids(setting("eos_token_id", None))
     pad = options.get("pad_token_id", getattr(config, "pad_token_id", None) if config is not None else None)
     pad = pad if pad is not None else (min(stop) if stop else 0)
+    done = options.get("done")
+    dones = list(done) if isinstance(done, (list, tuple)) else [done] * batch
+    if len(dones) != batch:
+        raise ConfigError(f"done takes one predicate, or one per row ({batch}), got {len(dones)}")
     rows = []
-    for _ in range(batch):
+    for b in range(batch):
         drawn = None if seed is not None else int(torch.randint(2**62, (1,)))  # follows torch.manual_seed
-        rows.append(DecodeRow(Sampler(params, seed=drawn), stop, options.get("done"), least))
+        rows.append(DecodeRow(Sampler(params, seed=drawn), stop, dones[b], least))
     return rows, pad
 
 

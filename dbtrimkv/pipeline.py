@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import TextIteratorStreamer
 
 from .cache import DBTrimKVCache
 from .cache.portable import load_cache, save_cache
@@ -27,7 +26,8 @@ from .settings.eviction_settings import resolve_eviction
 from .generation import generate
 from .inputs.prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
 from .reporting.stats_text import budget_words, entry_line, eviction_line, format_bytes, kv_bound, storage_line
-from .stop_strings import StopStrings
+from .runner.text import TextStream, TextTracker
+from .stop_strings import stop_strings
 from .inputs.turns import closing_ids, prepend_tokens, stop_token_ids
 
 
@@ -202,9 +202,7 @@ class DBTrimKVPipeline:
         a row's answer as soon as its text holds one; the text ends just before it (`dbtrimkv.stop_strings`).
         Returns a `PipelineOutput` (a list of them for a batch), or a `StreamingOutput` if `stream`.
         """
-        until = StopStrings(self.tokenizer, stop) if stop is not None else None
-        if until is not None and stream:
-            raise ConfigError("stop strings are not supported with stream=True")
+        stops = stop_strings(stop)
         batched = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict) \
             and not isinstance(messages, str)
         notes: list[str] = []
@@ -215,8 +213,9 @@ class DBTrimKVPipeline:
         if stream:
             if inputs["input_ids"].shape[0] != 1:
                 raise ConfigError("stream=True takes one conversation, not a batch")
-            return self._stream(inputs, cache, kwargs, progress, notes=notes)
-        outputs = self._run(inputs, cache, kwargs, progress, notes=notes, until=until)
+            return self._stream(inputs, cache, kwargs, progress, notes=notes, stops=stops)
+        trackers = [TextTracker(self.tokenizer, stops) for _ in range(inputs["input_ids"].shape[0])] if stops else None
+        outputs = self._run(inputs, cache, kwargs, progress, notes=notes, trackers=trackers)
         return outputs if batched else outputs[0]
 
     def chat(self, text: str, images=(), videos=(), **kwargs):
@@ -238,30 +237,38 @@ class DBTrimKVPipeline:
         return conversation
 
     def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
-             notes: list[str] = (), until: StopStrings | None = None) -> list[PipelineOutput]:
+             notes: list[str] = (), trackers: list[TextTracker] | None = None) -> list[PipelineOutput]:
+        """Generate; `trackers` (one per row): each row ends once its text holds a stop string, and its
+        answer is the tracker's text, cut before it."""
         timings: dict = {}
-        if until is not None:  # each row ends once its generated ids spell a stop string
-            kwargs = dict(kwargs, done=until)
+        if trackers is not None:
+            kwargs = dict(kwargs, done=[tracker.done for tracker in trackers])
         with torch.inference_mode():
             new = generate(self.model, inputs, cache, progress=progress, timings=timings, **kwargs)
         outputs, stop = [], stop_token_ids(self.model, self.tokenizer)
         for b in range(new.shape[0]):
-            ids = _strip_padding(new[b], stop)
-            ids, text = until.cut(ids) if until else (ids, self.tokenizer.decode(ids, skip_special_tokens=True))
+            if trackers is not None and trackers[b].stopped:  # ids up to the token that completed the stop string
+                ids, text = list(trackers[b].ids), trackers[b].text
+            else:
+                ids = _strip_padding(new[b], stop)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
             stats = collect_stats(cache, inputs, b, len(ids), timings, evictions_before)
             stats.notes = list(notes)
             outputs.append(PipelineOutput(text, stats, ids, cache=cache, batch_index=b))
         return outputs
 
     def _stream(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
-                on_done=None, notes: list[str] = ()) -> StreamingOutput:
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+                on_done=None, notes: list[str] = (), stops: tuple[str, ...] = ()) -> StreamingOutput:
+        """The answer's text pieces as they come (never a stop string, nor the start of one that may still
+        complete), from generation in a thread; its stats when the pieces end."""
+        tracker = TextTracker(self.tokenizer, stops)
+        streamer = TextStream(tracker)
         result: dict = {}
 
         def work():
             try:
                 result["outputs"] = self._run(inputs, cache, dict(kwargs, streamer=streamer), progress,
-                                              evictions_before, notes)
+                                              evictions_before, notes, [tracker])
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
                 result["error"] = exc
                 streamer.end()

@@ -10,7 +10,8 @@ import pytest
 from dbtrimkv import DBTrimKVPipeline
 from dbtrimkv.errors import ConfigError
 from dbtrimkv.runner.positions import language_model_of
-from dbtrimkv.stop_strings import StopStrings, first_stop
+from dbtrimkv.runner.text import TextTracker
+from dbtrimkv.stop_strings import first_stop
 
 MAX_NEW = 16
 
@@ -85,14 +86,24 @@ def test_each_row_of_a_batch_stops_at_its_own_step(pipe, forwards):
     assert free_forwards - forwards[0] == MAX_NEW - max(len(ids) for ids, _ in expected)
 
 
+def _cut(tokenizer, ids: list[int], stops) -> tuple[list[int], str]:
+    """What a decode row whose `done` is a TextTracker keeps: its ids as they grow, until the text holds a stop."""
+    tracker = TextTracker(tokenizer, stops)
+    for k in range(1, len(ids) + 1):
+        if tracker.done(ids[:k]):
+            return ids[:k], tracker.text
+    tracker.flush()
+    return ids, tracker.text
+
+
 def test_cut_spans_tokens_and_ends_inside_a_token(pipe):
     tokenizer = pipe.tokenizer
     ids = tokenizer.encode("The answer is 42.\nNext question follows", add_special_tokens=False)
-    cut_ids, text = StopStrings(tokenizer, ["\nNext q", "question"]).cut(ids)
+    cut_ids, text = _cut(tokenizer, ids, ["\nNext q", "question"])
     assert text == "The answer is 42."  # the earliest of the two, not included
     assert "\nNext q" in tokenizer.decode(cut_ids) and "\nNext q" not in tokenizer.decode(cut_ids[:-1])
-    assert StopStrings(tokenizer, "4").cut(ids)[1] == "The answer is "  # a stop that ends inside a token
-    assert StopStrings(tokenizer, ["zebra"]).cut(ids) == (ids, tokenizer.decode(ids))
+    assert _cut(tokenizer, ids, ["4"])[1] == "The answer is "  # a stop that ends inside a token
+    assert _cut(tokenizer, ids, ["zebra"]) == (ids, tokenizer.decode(ids))
     assert first_stop("abcabc", ["c", "b"]) == 1 and first_stop("abc", ["x"]) is None
 
 
@@ -102,6 +113,17 @@ def test_bad_stop_strings_are_one_clear_error(pipe, stop):
         pipe(_chat("hi"), max_new_tokens=2, progress=False, stop=stop)
 
 
-def test_stop_strings_with_streaming_are_refused(pipe):
-    with pytest.raises(ConfigError, match="not supported with stream=True"):
-        pipe(_chat("hi"), max_new_tokens=2, progress=False, stream=True, stop=["x"])
+def test_stop_strings_with_streaming(pipe, forwards):
+    """Streamed with `stop`: the pieces add up to the answer not streamed (cut before the stop string), no
+    piece holds the stop string, and decoding ended where it appeared."""
+    chat = _chat("Describe the weather today.")
+    free = pipe(chat, max_new_tokens=MAX_NEW, progress=False)
+    stop = _stop_in_the_middle(pipe, free)
+    whole = pipe(chat, max_new_tokens=MAX_NEW, progress=False, stop=stop)
+    forwards[0] = 0
+    streamed = pipe(chat, max_new_tokens=MAX_NEW, progress=False, stream=True, stop=[stop, "never appears here"])
+    pieces = list(streamed)
+    assert "".join(pieces) == streamed.text == whole.text and all(stop not in p for p in pieces)
+    assert streamed.stats.new_tokens == whole.stats.new_tokens < MAX_NEW
+    assert forwards[0] < MAX_NEW
+    assert "".join(pipe(chat, max_new_tokens=MAX_NEW, progress=False, stream=True)) == free.text

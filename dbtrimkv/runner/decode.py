@@ -39,7 +39,7 @@ class DecodeRow:
     """One row being decoded: how it samples, when it is done and why, what it generated.
 
     The one rule of "is this row done, and why" for every path (the pipeline's rows through `decode`,
-    the server's rows through `serving/runner.py`): "stop" at a stop token or once `done` says so,
+    the server's rows through `serving/stepper.py`): "stop" at a stop token or once `done` says so,
     else "length" after `max_new_tokens`.
     """
 

@@ -19,7 +19,7 @@ from ..runner.prefill import PromptBatch
 from ..runner.sampling import SamplingParams
 from .admission import Reservation
 from .api_errors import APIError, BadRequest, InternalError
-from .detokenize import TextTracker
+from ..runner.text import TextTracker
 from .sessions import Session
 
 

@@ -34,9 +34,9 @@ from ..runner.forward import RowInput, forward_rows
 from ..runner.positions import with_input_defaults
 from ..runner.prefill import PromptBatch
 from ..runner.sampling import Sampler
+from ..runner.text import TextTracker
 from ..runner.vision import VisionStream
 from .api_errors import APIError, BatchFailed
-from .detokenize import TextTracker
 from .metrics import Metrics
 from .records import Batch, EngineRequest, Event, StepRecord, as_api_error
 from .scheduler import Scheduler

@@ -19,7 +19,7 @@ from dbtrimkv import DBTrimKVConfig, load_model
 from dbtrimkv.modeling.model_anatomy import text_decoder_layers
 from dbtrimkv.inputs.prompts import build_inputs
 from dbtrimkv.serving import stepper as stepper_module
-from dbtrimkv.serving.detokenize import TextTracker
+from dbtrimkv.runner.text import TextTracker
 from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.runner.sampling import Sampler, SamplingParams
 from helpers import random_image, randomize_gates

@@ -1,11 +1,11 @@
-"""The server's streaming detokenizer: pieces add up to the answer, cut before the earliest stop string."""
+"""A row's text (`runner.text.TextTracker`, the server's pieces and the pipeline's answers and streams):
+pieces add up to the answer, cut before the earliest stop string."""
 
 import random
 
 import pytest
 
-from dbtrimkv.serving.detokenize import TextTracker
-from dbtrimkv.stop_strings import StopStrings
+from dbtrimkv.runner.text import TextTracker
 
 
 class CharTokenizer:
@@ -47,12 +47,17 @@ def test_pieces_equal_the_whole_answer_cut(seed):
     ids = [rng.randrange(len(pieces)) for _ in range(30)]
     tracker = TextTracker(tok, stop=stops)
     streamed = "".join(stream(tracker, ids))
-    # the whole answer, cut the way whole answers are cut (stop_strings), equals what was streamed
-    _, whole = StopStrings(tok, list(stops)).cut(ids)
-    assert streamed == whole
+    # the whole answer, cut before its earliest stop string, equals what was streamed; the tracker used as a
+    # decode row's `done` (the ids given all at once, as a row's generated ids grow) cuts it the same way
     full = tok.decode(ids)
     earliest = min((full.find(s) for s in stops if s in full), default=None)
     assert streamed == (full if earliest is None else full[:earliest])
+    row = TextTracker(tok, stop=stops)
+    stopped_at = next((k for k in range(1, len(ids) + 1) if row.done(ids[:k])), None)
+    assert row.text == streamed and (stopped_at is None) == (earliest is None)
+    if stopped_at is not None:  # the shortest prefix whose text holds a stop string
+        assert any(s in tok.decode(ids[:stopped_at]) for s in stops)
+        assert not any(s in tok.decode(ids[:stopped_at - 1]) for s in stops)
 
 
 def byte_level_tokenizer():
