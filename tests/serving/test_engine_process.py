@@ -138,3 +138,22 @@ def test_the_engine_process_refuses_to_start_as_create_server_does(recall_pipeli
     with pytest.raises(ConfigError) as engine_process:
         launch_server(ReplicaSpec(None, None, None, {"config": recall_pipeline.config}, options))
     assert str(engine_process.value) == str(in_process.value)
+
+
+def test_sessions_go_to_the_store_when_the_engine_process_stops(recall_pipeline, tmp_path):
+    """`--session-store` with `--engine-process`: the engine process writes its parked sessions when the
+    server stops, and a new server's engine process resumes them without prefilling the history again."""
+    first = [{"role": "user", "content": "tell me about it"}]
+    server = process_server(recall_pipeline, session_store=tmp_path)
+    try:
+        reply = chat(server, first, session_id="kept", max_tokens=6)["body"]["choices"][0]["message"]["content"]
+    finally:
+        server.close()
+    assert len(list(tmp_path.iterdir())) == 1
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and more?"}]
+    server = process_server(recall_pipeline, session_store=tmp_path)
+    try:
+        usage = chat(server, second, session_id="kept", max_tokens=6)["body"]["usage"]
+    finally:
+        server.close()
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0
