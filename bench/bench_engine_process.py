@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak_serve import ServeProcess  # noqa: E402  (the one `dbtrimkv serve` subprocess launcher)
+from soak_serve import ServeProcess, sse_events  # noqa: E402  (the one `dbtrimkv serve` subprocess launcher)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"in process": (), "engine process": ("--engine-process",)}
@@ -59,10 +59,7 @@ def stream(client: httpx.Client, base: str, gaps: list, tokens: list) -> None:
     last = None
     with client.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in sse_events(response):
             if chunk.get("usage"):
                 tokens.append(chunk["usage"]["completion_tokens"])
                 continue

@@ -52,7 +52,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak_serve import ServeProcess  # noqa: E402  (the one `dbtrimkv serve` subprocess launcher)
+from soak_serve import ServeProcess, sse_events  # noqa: E402  (the one `dbtrimkv serve` subprocess launcher)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = (1, 4, 16)
@@ -193,10 +193,7 @@ def one_request(client: httpx.Client, base: str, model: str, messages, max_token
     first, usage = None, None
     with client.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in sse_events(response):
             if chunk.get("usage"):
                 usage = chunk["usage"]
             elif first is None and chunk["choices"] and "content" in chunk["choices"][0]["delta"] \

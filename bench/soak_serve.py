@@ -193,6 +193,13 @@ def post(base: str, body, stream: bool = False, timeout: float = 60):
                       headers={"content-type": "application/json"})
 
 
+def sse_events(response):
+    """The JSON events of a server-sent-event response, in order (the final `[DONE]` left out)."""
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 def streamed(base: str, body, disconnect: bool = False) -> tuple[int, str]:
     payload = json.dumps(dict(body, model=MODEL, stream=True))
     with httpx.stream("POST", base + "/v1/chat/completions", content=payload, timeout=60,
@@ -201,10 +208,7 @@ def streamed(base: str, body, disconnect: bool = False) -> tuple[int, str]:
             response.read()
             return response.status_code, ""
         pieces = []
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        for event in sse_events(response):
             if "error" in event:
                 return 500, event["error"]["message"]
             delta = event["choices"][0]["delta"].get("content") if event.get("choices") else None
