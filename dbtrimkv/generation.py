@@ -71,8 +71,8 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     tokens are appended to them. `options` are the `model.generate` options the runner honours:
     do_sample, temperature, top_p, top_k (None: the model's generation config), streamer,
     logits_processor, stopping_criteria, min_new_tokens, eos_token_id, pad_token_id, plus `seed` (the sampler's; default:
-    drawn from torch's generator) and `done` (a predicate over a row's generated ids that ends it, e.g.
-    a `runner.text.TextTracker`'s for stop strings; or a list of them, one per row). If `timings` is a dict, it receives `prefill_seconds` and `decode_seconds` (the
+    drawn from torch's generator) and `done` (a predicate over a row's generated ids that ends it, shared by
+    all rows, or a list of them, one per row: e.g. each row's own `runner.text.TextTracker.done`). If `timings` is a dict, it receives `prefill_seconds` and `decode_seconds` (the
     decode part includes the last prompt token's forward).
     """
     if not isinstance(cache, DBTrimKVCache):

@@ -62,7 +62,8 @@ class AttentionBackend:
             self.views.invalidate()
 
     def views_bytes(self) -> int:
-        return self.views.storage_bytes() if self.views is not None else 0
+        views = self.views  # (read once: /metrics asks from another thread while the engine may drop them)
+        return views.storage_bytes() if views is not None else 0
 
     def prepare(self, plan, decode: bool) -> bool:
         """Before the store appends this forward's entries: whether it attends over the views. Rebuild

@@ -191,6 +191,6 @@ def _run_replicas(args, options) -> int:
         print(f"Session store: {options.session_store} (on several machines, give a shared --session-store)",
               file=sys.stderr)
     options = replace(options, session_write_through=True)
-    spec = ray_app.ReplicaSpec(args.model, args.device, args.dtype, eviction_request(args), options)
+    spec = replica_spec.ReplicaSpec(args.model, args.device, args.dtype, eviction_request(args), options)
     gpus = 1.0 if (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available()) else 0.0
     return ray_app.run(spec, args.replicas, args.host, args.port, args.ray_address, gpus)

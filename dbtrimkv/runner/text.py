@@ -53,8 +53,11 @@ class TextTracker:
     def done(self, ids: Sequence[int]) -> bool:
         """A decode row's `done` predicate (`runner.decode.DecodeRow`): whether the text of `ids` (the row's
         generated ids so far, of which the tracker may have been given the first ones with `add`)
-        reached a stop string."""
-        if len(ids) > len(self.ids):
+        reached a stop string. A tracker follows one row: ids that do not continue its own are an error."""
+        known = len(self.ids)
+        if len(ids) < known or (known and ids[known - 1] != self.ids[-1]):
+            raise ValueError("a TextTracker follows one row's ids: give each row a tracker of its own")
+        if len(ids) > known:
             self.ids.extend(ids[len(self.ids) :])
             self._update()
         return self.stopped

@@ -12,67 +12,82 @@ and offers the HTTP layer (`app.build_app`) the calls of an in-process `Engine`:
   and sends it; a turn of a session is built beside the engine, whose parked state its prompt
   depends on. The child answers "accepted" (the response's extra fields) or the `APIError` that
   refuses the request, which `prepare` raises as the in-process call would.
-- The child's engine thread hands each event to an outbox; one sender thread ships whatever has
-  gathered as one message, and a reader thread here hands each event to its request's sink.
-- If the child dies, every request in flight gets a 503 error event and new ones are refused.
+- Each side sends through an outbox of its own (`pipe.Outbox`): one thread ships whatever has gathered
+  as one message (a step's events for all rows travel together; the engine thread and the event
+  loop never wait on the pipe); a reader thread here hands each event to its request's sink. A
+  client that goes away is cancelled there and forgotten here.
+- A message that fails (one that does not pickle, a bug while handling it) fails its request alone,
+  with a 500. If the child dies, every request in flight gets a 503 error event, new ones are
+  refused, and the server says so on stderr. Signals go to the parent, which stops the child in
+  order (its parked sessions reach the session store).
 
-Only these two processes write what crosses the pipe (`pickle`; nothing a client sends or a file
-holds is unpickled). Messages go as bytes pickled here, not through multiprocessing's own pickler:
-torch registers with that one a reduction that moves every tensor through shared memory and a file
-descriptor handed over a socket, which costs more than the tensors of a prompt are worth.
+The pipe and how messages cross it: `pipe.py`; the child's side: `engine_worker.py`.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import pickle
-import signal
+import sys
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 
-from ..errors import ConfigError
 from ..inputs.prompts import tokenizer_of
 from . import refusals
-from .api_errors import APIError, InternalError, Unavailable
+from .api_errors import InternalError, Unavailable
 from .app import build_app
+from .engine_worker import engine_main
+from .pipe import Outbox, recv
 from .records import Event
 from .replica_spec import ReplicaSpec
 from .schema import ChatRequest
-from .server import create_engine, server_limits, startup_report
-from .submission import new_request_id, prompt_inputs, submit_chat
+from .server import server_limits
+from .submission import new_request_id, prompt_inputs
 
 START_TIMEOUT_S = 1800.0  # loading a large model from a slow disk can take many minutes
-CALL_TIMEOUT_S = 60.0
-PREPARE_THREADS = 4  # session turns whose prompts the child builds at once
+METRICS_TIMEOUT_S = 60.0
+PREPARE_TIMEOUT_S = 900.0  # a backstop: a session's turn has its prompt (its media) built in the child
+STOP_TIMEOUT_S = 60.0  # the child writes its parked sessions to the session store before it exits
 
 
 def launch_server(spec: ReplicaSpec, start_timeout: float = START_TIMEOUT_S):
-    """The app and its engine process, whose model is loaded when this returns; ConfigError if the
-    engine cannot be built as `spec` says (as `create_server` raises it)."""
+    """The app and its engine process, whose model is loaded when this returns; the `DBTrimKVError`
+    (e.g. ConfigError) the engine process met building the engine, as `create_server` raises it."""
     engine = EngineProcess(spec, start_timeout)
-    return build_app(engine, server_limits(engine.processor, engine.config, spec.options), spec.options.http), engine
+    try:
+        limits = server_limits(engine.processor, engine.config, spec.options)
+    except BaseException:
+        engine.stop()
+        raise
+    return build_app(engine, limits, spec.options.http), engine
 
 
 class EngineProcess:
-    """The parent's handle on the engine process (see the module docstring)."""
+    """The parent's handle on the engine process (see the module docstring). The engine process
+    is a daemon (stopped with its parent), so the engine cannot start processes of its own."""
 
     def __init__(self, spec: ReplicaSpec, start_timeout: float = START_TIMEOUT_S):
         context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_engine_main, args=(spec, child), name="dbtrimkv-engine", daemon=True)
+        self._process = context.Process(target=engine_main, args=(spec, child), name="dbtrimkv-engine", daemon=True)
         self._process.start()
         child.close()
-        self._send_lock, self._lock = threading.Lock(), threading.Lock()
+        self._lock = threading.Lock()
         self._sinks: dict[str, Callable[[Event], None]] = {}
         self._replies: dict[str, Future] = {}
         self._stopping = self._lost = False
-        self.processor, self.config, self.report = self._await_ready(start_timeout)
+        try:
+            self.processor, self.config, self.report = self._await_ready(start_timeout)
+        except BaseException:
+            self._end_process(5.0)
+            self._conn.close()
+            raise
         self.tokenizer = tokenizer_of(self.processor)
+        self._outbox = Outbox(self._conn, "dbtrimkv-engine-requests", self._unsendable)
         self._reader = threading.Thread(target=self._read, name="dbtrimkv-engine-events", daemon=True)
         self._reader.start()
 
@@ -87,70 +102,71 @@ class EngineProcess:
         """Submit a validated chat request; its id and the answer's extra fields, or the APIError refusing it."""
         if self.stopping:
             raise Unavailable(refusals.shutting_down())
-        arrival, inputs = time.monotonic(), None
+        inputs = None
         if chat.session_id is None:
             inputs = prompt_inputs(self.processor, self.tokenizer, chat, max_prompt_tokens)
             chat = replace(chat, messages=[])  # built: its media need not travel
+        arrival = time.monotonic()  # (as in process: the request arrives at the engine once its prompt is built)
         job_id = new_request_id()
         with self._lock:
             self._sinks[job_id] = sink
         try:
-            extra = self._call("prepare", job_id, chat, inputs, max_prompt_tokens, arrival).result()
+            return job_id, self._call("prepare", job_id, chat, inputs, max_prompt_tokens, arrival).result(PREPARE_TIMEOUT_S)
         except BaseException:
-            with self._lock:
-                self._sinks.pop(job_id, None)
+            self.cancel(job_id)  # (a request the engine never took: nothing to cancel there)
             raise
-        return job_id, extra
+        finally:
+            with self._lock:
+                self._replies.pop(job_id, None)
 
     def cancel(self, request_id: str) -> None:
-        self._post(("cancel", request_id))
+        """The client went away: no more events for it; the engine frees its slots at the next token boundary."""
+        with self._lock:
+            self._sinks.pop(request_id, None)
+        self._outbox.put(("cancel", request_id))
 
     def count_rejection(self, status: int) -> None:
-        self._post(("reject", status))
+        self._outbox.put(("reject", status))
 
     def metrics_text(self) -> str:
-        return self._call("metrics", uuid.uuid4().hex).result(CALL_TIMEOUT_S)
+        key = uuid.uuid4().hex
+        try:
+            return self._call("metrics", key).result(METRICS_TIMEOUT_S)
+        finally:
+            with self._lock:
+                self._replies.pop(key, None)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Stop the engine (its parked sessions go to the session store, if any) and the process."""
+        if self._conn.closed:
+            return
         self._stopping = True
-        self._post(("stop",))
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout)
+        self._outbox.put(("stop",))
+        self._outbox.close()
+        self._end_process(timeout)
         self._reader.join(timeout)
+        self._conn.close()
 
     # --- the pipe ----------------------------------------------------------------------------------
     def _await_ready(self, timeout: float):
         if not self._conn.poll(timeout):
-            self._process.kill()
             raise RuntimeError(f"the engine process did not load the model within {timeout:g} s")
         try:
-            message = _recv(self._conn)
+            message = recv(self._conn)
         except (EOFError, OSError):
             self._process.join(5)
             raise RuntimeError(f"the engine process exited (code {self._process.exitcode}) while starting; "
                                "its error is above") from None
         if message[0] == "failed":
-            self._process.join(5)
-            _, config_error, text = message
-            raise (ConfigError if config_error else RuntimeError)(text)
+            _, error, text = message
+            raise error if error is not None else RuntimeError(text)
         return message[1:]
 
-    def _send(self, message: tuple) -> None:
-        try:
-            with self._send_lock:
-                _send(self._conn, message)
-        except (OSError, ValueError):  # the engine process is gone (ValueError: the pipe is closed here)
-            raise Unavailable(self._gone()) from None
-
-    def _post(self, message: tuple) -> None:
-        """Send, with no answer awaited (nothing to do if the engine process is gone)."""
-        try:
-            self._send(message)
-        except Unavailable:
-            pass
+    def _end_process(self, timeout: float) -> None:
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout)
 
     def _call(self, kind: str, key: str, *args) -> Future:
         future = Future()
@@ -158,18 +174,34 @@ class EngineProcess:
             if self._lost:
                 raise Unavailable(self._gone())
             self._replies[key] = future
-        self._send((kind, key, *args))
+        self._outbox.put((kind, key, *args))
         return future
 
+    def _unsendable(self, message: tuple, exc: Exception) -> None:
+        """A request that cannot be pickled for the engine process fails alone (a bug: one clear 500)."""
+        with self._lock:
+            future = self._replies.pop(message[1], None) if len(message) > 1 else None
+        if future is not None:
+            future.set_exception(InternalError(f"the request could not be handed to the engine process "
+                                               f"({type(exc).__name__})"))
+
     def _read(self) -> None:
-        while True:
-            try:
-                batch = _recv(self._conn)
-            except (EOFError, OSError):
-                break
-            for message in batch:
-                self._dispatch(*message)
-        self._fail_everything()
+        try:
+            while True:
+                try:
+                    batch = recv(self._conn)
+                except (EOFError, OSError):
+                    break
+                for message in batch:
+                    try:
+                        self._dispatch(*message)
+                    except Exception:  # noqa: BLE001 - one message's sink failing must not stop the others
+                        traceback.print_exc()
+        except Exception:  # noqa: BLE001 - e.g. a message that does not unpickle: the engine is unreachable
+            traceback.print_exc()
+            self._process.kill()
+        finally:
+            self._fail_everything()
 
     def _dispatch(self, kind: str, key: str, payload) -> None:
         if kind == "event":
@@ -192,6 +224,9 @@ class EngineProcess:
         with self._lock:
             self._lost = True
             sinks, replies, self._sinks, self._replies = self._sinks, self._replies, {}, {}
+        self._process.join(1.0)
+        if not self._stopping:
+            print(f"dbtrimkv: error: {self._gone()}", file=sys.stderr)
         error = Unavailable(self._gone())
         for future in replies.values():
             future.set_exception(error)
@@ -203,108 +238,3 @@ class EngineProcess:
             return refusals.shutting_down()
         return (f"the engine process exited (code {self._process.exitcode}); this server answers no request "
                 "until it is restarted")
-
-
-def _send(conn, message) -> None:
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _recv(conn):
-    return pickle.loads(conn.recv_bytes())
-
-
-# --- the child ---------------------------------------------------------------------------------------
-def _engine_main(spec: ReplicaSpec, conn) -> None:
-    """The engine process: build the engine, then serve the parent's messages until "stop" or until the
-    parent is gone. Ctrl-C reaches the parent, which stops this process in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        model, processor, config = spec.load()
-        engine = create_engine(model, processor, config, spec.options)
-        report = startup_report(engine)
-    except Exception as exc:  # noqa: BLE001 - the parent raises it (a ConfigError as the same ConfigError)
-        if not isinstance(exc, ConfigError):
-            traceback.print_exc()
-        _send(conn, ("failed", isinstance(exc, ConfigError), str(exc) or type(exc).__name__))
-        conn.close()
-        return
-    engine.start()
-    _send(conn, ("ready", processor, config, report))
-    outbox = _Outbox(conn)
-    prompts = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="dbtrimkv-prepare")
-    try:
-        while True:
-            try:
-                message = _recv(conn)
-            except (EOFError, OSError):  # the HTTP process is gone
-                break
-            kind = message[0]
-            if kind == "stop":
-                break
-            if kind == "prepare":
-                prompts.submit(_prepare, engine, outbox, *message[1:])
-            elif kind == "cancel":
-                engine.cancel(message[1])
-            elif kind == "reject":
-                engine.count_rejection(message[1])
-            elif kind == "metrics":
-                outbox.put(("metrics", message[1], engine.metrics_text()))
-    finally:
-        prompts.shutdown(wait=True)
-        engine.stop()
-        outbox.close()
-
-
-def _prepare(engine, outbox: _Outbox, job_id: str, chat: ChatRequest, inputs: dict | None, max_prompt_tokens: int,
-             arrival: float) -> None:
-    def sink(event: Event) -> None:
-        outbox.put(("event", job_id, event))
-
-    try:
-        _, extra = submit_chat(engine, chat, sink, max_prompt_tokens, request_id=job_id, inputs=inputs,
-                               arrival=arrival)
-    except APIError as exc:
-        outbox.put(("refused", job_id, exc))
-    except Exception as exc:  # noqa: BLE001 - a bug: one clear 500, as the in-process server answers it
-        traceback.print_exc()
-        outbox.put(("refused", job_id, InternalError(f"the server failed on this request ({type(exc).__name__})")))
-    else:
-        outbox.put(("accepted", job_id, extra))
-
-
-class _Outbox:
-    """Messages for the HTTP process, sent by one thread: what gathers while a send runs goes as one
-    (a step's tokens for all its rows travel together; the engine thread never waits on the pipe)."""
-
-    def __init__(self, conn):
-        self._conn, self._items, self._closed = conn, [], False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="dbtrimkv-outbox", daemon=True)
-        self._thread.start()
-
-    def put(self, message: tuple) -> None:
-        with self._cond:
-            self._items.append(message)
-            if len(self._items) == 1:
-                self._cond.notify()
-
-    def close(self) -> None:
-        """Send what is left, then close the pipe (the parent's reader sees the end)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-        self._conn.close()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._items and not self._closed:
-                    self._cond.wait()
-                batch, self._items = self._items, []
-            if not batch:
-                return
-            try:
-                _send(self._conn, batch)
-            except OSError:  # the HTTP process is gone
-                return

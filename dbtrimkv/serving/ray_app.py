@@ -59,10 +59,10 @@ class EngineReplica:
         engine = self.engine
         with engine.cond:
             waiting = sum(r.reservation.slots for r in engine.waiting if r.reservation is not None)
-        engine.live_gauges()
+        metrics = engine.metrics_text()  # (gauges read now)
         return {"seq": next(self._seq), "free_slots": engine.admission.pool_slots - engine.admission.reserved - waiting,
                 "request_bound": int(engine.metrics.get("kv_request_bound_slots")), "running": len(engine.running),
-                "waiting": len(engine.waiting), "sessions": engine.sessions.ids(), "metrics": engine.metrics.render()}
+                "waiting": len(engine.waiting), "sessions": engine.sessions.ids(), "metrics": metrics}
 
     def check_health(self) -> None:
         thread = self.engine._thread

@@ -10,7 +10,6 @@ session-free prompt itself, on its own core, and `submit_chat` runs beside the e
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from ..errors import DBTrimKVError
@@ -51,7 +50,8 @@ def prompt_inputs(processor, tokenizer, chat: ChatRequest, max_prompt_tokens: in
 def submit_chat(engine, chat: ChatRequest, sink, max_prompt_tokens: int, request_id: str | None = None,
                 inputs: dict | None = None, arrival: float | None = None) -> tuple[EngineRequest, dict]:
     """Claim the request's session, build its prompt (unless `inputs`, built by the caller for a request
-    without a session, are given), submit it to `engine`; returns it and the response's extra fields."""
+    without a session, are given), submit it to `engine`; returns it and the response's extra fields.
+    `arrival` (time.monotonic(), default now): when its prompt was built, where the caller built it."""
     session, continues, notice = None, False, None
     if chat.session_id is not None:
         try:
@@ -64,7 +64,7 @@ def submit_chat(engine, chat: ChatRequest, sink, max_prompt_tokens: int, request
                                    session if continues else None, engine.stop_ids)
         job = EngineRequest(request_id or new_request_id(), inputs, chat.config, chat.sampling, sink,
                             session_id=chat.session_id, session=session, continues=continues, history=chat.canonical,
-                            arrival=time.monotonic() if arrival is None else arrival)
+                            **({} if arrival is None else {"arrival": arrival}))
         engine.submit(job)
     except BaseException:
         if session is not None:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from dbtrimkv.errors import ConfigError
+from dbtrimkv.errors import ConfigError, ModelLoadError
 from dbtrimkv.serving import ServerOptions, create_server
 from dbtrimkv.serving.engine_process import launch_server
 from dbtrimkv.serving.replica_spec import ReplicaSpec
@@ -131,6 +131,24 @@ def test_a_lost_engine_process_fails_its_requests_with_503(recall_pipeline):
         server.close()
 
 
+def test_a_client_that_goes_away_leaves_nothing_behind(servers):
+    """A stream cut by its client is cancelled in the engine process, and its sink is dropped here."""
+    _, remote = servers
+    body = {"model": "tiny-recall", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
+            "ignore_eos": True, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", remote.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+            for n, _line in enumerate(response.iter_lines()):
+                if n == 6:
+                    break
+    after = remote.wait_idle(timeout=30)
+    assert after["dbtrimkv_requests_running"] == 0 and remote.engine._sinks == {} and remote.engine._replies == {}
+
+
+def unloadable():
+    raise ModelLoadError("no such model: nowhere/nothing")
+
+
 def test_the_engine_process_refuses_to_start_as_create_server_does(recall_pipeline):
     options = ServerOptions(kv_memory=("bytes", 50_000))
     with pytest.raises(ConfigError) as in_process:
@@ -138,6 +156,8 @@ def test_the_engine_process_refuses_to_start_as_create_server_does(recall_pipeli
     with pytest.raises(ConfigError) as engine_process:
         launch_server(ReplicaSpec(None, None, None, {"config": recall_pipeline.config}, options))
     assert str(engine_process.value) == str(in_process.value)
+    with pytest.raises(ModelLoadError, match="no such model: nowhere/nothing"):  # any DBTrimKVError, as itself
+        launch_server(ReplicaSpec(None, None, None, {}, options, loader=unloadable))
 
 
 def test_sessions_go_to_the_store_when_the_engine_process_stops(recall_pipeline, tmp_path):
