@@ -26,6 +26,7 @@ from .settings.eviction_settings import resolve_eviction
 from .generation import generate
 from .inputs.prompts import VideoOptions, build_inputs, is_multimodal, tokenizer_of, tokens_by_modality
 from .reporting.stats_text import budget_words, entry_line, eviction_line, format_bytes, kv_bound, storage_line
+from .runner.pending import pending_ids
 from .runner.text import TextStream, TextTracker
 from .stop_strings import stop_strings
 from .inputs.turns import closing_ids, prepend_tokens, stop_token_ids
@@ -233,7 +234,6 @@ class DBTrimKVPipeline:
             raise CacheFileError(f"{path} holds a {extra.get('kind', 'bare')} cache, not a saved conversation")
         conversation = Conversation(self)
         conversation.cache, conversation.messages = cache, list(extra["messages"])
-        conversation._last_ids = extra["last_ids"]
         return conversation
 
     def _run(self, inputs, cache: DBTrimKVCache, kwargs, progress, evictions_before: int = 0,
@@ -335,17 +335,17 @@ class Conversation:
         self.pipeline = pipeline
         self.cache = pipeline.new_cache()
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self._last_ids: list[int] | None = None
 
     def _turn_inputs(self, message: list[dict], notes: list | None = None):
-        """Inputs for the new turn only, prefixed with what closes the previous assistant turn."""
+        """Inputs for the new turn only, prefixed with what closes the previous assistant turn (after the
+        reply's pending token, which the cache's row keeps and `generate` feeds first)."""
         pipe = self.pipeline
-        chat = (self.messages if self._last_ids is None else []) + message
-        inputs = pipe.build_inputs(chat, notes=notes)
-        if self._last_ids is None:
+        replied = any(m["role"] == "assistant" for m in self.messages)
+        inputs = pipe.build_inputs(([] if replied else self.messages) + message, notes=notes)
+        if not replied:
             return inputs
         stop = stop_token_ids(pipe.model, pipe.tokenizer)
-        return prepend_tokens(inputs, closing_ids(pipe.tokenizer, self._last_ids, stop))
+        return prepend_tokens(inputs, closing_ids(pipe.tokenizer, pending_ids(self.cache.requests[0]), stop))
 
     def send(self, text: str, images=(), videos=(), max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float | None = None, top_p: float | None = None, stream: bool = False, progress: bool = True):
@@ -361,7 +361,6 @@ class Conversation:
 
         def record(out: PipelineOutput):
             self.messages += message + [{"role": "assistant", "content": out.text}]
-            self._last_ids = out.token_ids
 
         if stream:
             return pipe._stream(inputs, self.cache, kwargs, progress, before, on_done=record, notes=notes)
@@ -372,8 +371,7 @@ class Conversation:
     def save(self, path) -> int:
         """Write the compressed cache and the turns so far to `path` (`cache/portable.py` format; media
         are not stored, only where they were); returns the file's size in bytes."""
-        extra = {"kind": "conversation", "messages": [_without_media(m) for m in self.messages],
-                 "last_ids": self._last_ids}
+        extra = {"kind": "conversation", "messages": [_without_media(m) for m in self.messages]}
         return save_cache(self.pipeline.model, self.cache, path, extra)
 
     @property
