@@ -103,3 +103,32 @@ def test_incremental_text_equals_decoding_all_ids(name):
         assert "".join(pieces) == tracker.text == whole, (trial, ids)
         assert all("\ufffd" not in p for p in pieces[:-1]) or "\ufffd" in whole
         assert max(calls) < max(8, len(ids) // 2) or len(ids) < 16  # windows, not the whole answer
+
+
+def test_a_tracker_follows_one_row():
+    """A `TextTracker` is one row's `done`: ids that do not continue its own are refused, not mixed in."""
+    tok = CharTokenizer(["a", "b", "c"])
+    tracker = TextTracker(tok, stop=("cc",))
+    assert not tracker.done([0, 1]) and tracker.text == "ab"
+    assert not tracker.done([0, 1])  # the same ids again: nothing new
+    with pytest.raises(ValueError, match="one row"):
+        tracker.done([2, 2])  # another row's ids
+    with pytest.raises(ValueError, match="one row"):
+        tracker.done([0])  # fewer ids than it has seen
+
+
+def test_generate_takes_one_done_per_row():
+    import torch
+
+    from dbtrimkv import DBTrimKVCache, generate, load_model
+    from dbtrimkv.errors import ConfigError
+    from dbtrimkv.inputs.prompts import build_inputs
+
+    model, processor = load_model("tiny")
+    chats = [[{"role": "user", "content": [{"type": "text", "text": t}]}] for t in ("hi", "hello there")]
+    inputs = build_inputs(processor, chats)
+    with pytest.raises(ConfigError, match="one per row"):
+        generate(model, inputs, DBTrimKVCache(model), max_new_tokens=4, done=[lambda ids: False])
+    stops = [lambda ids: len(ids) == 2, lambda ids: len(ids) == 3]  # row b stops after b + 2 tokens
+    out = generate(model, inputs, DBTrimKVCache(model), max_new_tokens=6, min_new_tokens=6, done=stops)
+    assert isinstance(out, torch.Tensor) and out.shape[1] == 3
