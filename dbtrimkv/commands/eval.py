@@ -115,7 +115,8 @@ def _add_calibration_args(p) -> None:
     p.add_argument("--video-decay-scale", type=arguments.float_in(0.0, 1.0, low_open=True), default=1.0, metavar="S",
                    help="video tokens' log beta x S, in (0, 1] (dbtrimkv/cache/calibration.py; default 1: none)")
     p.add_argument("--decay-floor", type=arguments.float_in(0.0, 1.0), default=0.0, metavar="F",
-                   help="every log beta capped at -F, in [0, 1], before the video scale (default 0: none)")
+                   help="text and image tokens' log beta capped at -F, in [0, 1]; video tokens follow the scale alone "
+                        "(default 0: none)")
 
 
 def _add_long_video(sub) -> None:

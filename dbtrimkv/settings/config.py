@@ -56,7 +56,7 @@ class DBTrimKVConfig:
     prefill_chunk: int = 2048
     policy_options: dict[str, Any] = field(default_factory=dict)
     video_decay_scale: float = 1.0  # retention calibration (dbtrimkv/cache/calibration.py): video log beta x this
-    decay_floor: float = 0.0  # ... and every log beta capped at -decay_floor
+    decay_floor: float = 0.0  # ... and text / image log beta capped at -decay_floor
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.memory_size is not None:

@@ -1,5 +1,5 @@
-"""Retention calibration (`dbtrimkv/cache/calibration.py`): video tokens' log beta scaled, every log beta
-capped at -decay_floor, before the cache stores (and every policy scores) it."""
+"""Retention calibration (`dbtrimkv/cache/calibration.py`): video tokens' log beta scaled, text and image
+tokens' log beta capped at -decay_floor, before the cache stores (and every policy scores) it."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ from dbtrimkv.loading.tiny import build_tiny
 from dbtrimkv.modeling.transformers_compat import cache_kwargs
 
 
-def test_calibrate_scales_video_only_then_applies_the_floor():
-    log_beta = torch.tensor([[[-2.0, -1e-20], [-0.5, 0.0], [-4.0, -1e-3]]])  # [B=1, T=3, H=2]
+def test_calibrate_scales_video_and_floors_the_rest():
+    log_beta = torch.tensor([[[-2.0, -1e-20], [-0.5, -1e-20], [-4.0, -1e-3]]])  # [B=1, T=3, H=2]
     modality = torch.tensor([[Modality.TEXT, Modality.VIDEO, Modality.IMAGE]], dtype=torch.int8)
     out = calibrate(log_beta, modality, video_scale=0.1, floor=0.01)
-    expected = torch.tensor([[[-2.0, -0.01], [-0.05, -0.001], [-4.0, -0.01]]])  # floor first, then video x 0.1
-    assert torch.equal(out, expected)
+    expected = torch.tensor([[[-2.0, -0.01], [-0.05, -1e-21], [-4.0, -0.01]]])  # video x 0.1, never floored
+    assert torch.allclose(out, expected, rtol=1e-6, atol=0.0)
+    assert torch.equal(calibrate(log_beta, None, floor=0.01), log_beta.clamp(max=-0.01))  # no modalities: all floored
     assert calibrate(log_beta, modality) is log_beta  # both off: untouched
-    assert torch.equal(calibrate(log_beta, modality, video_scale=0.5)[0, 1], torch.tensor([-0.25, 0.0]))
+    assert torch.equal(calibrate(log_beta, modality, video_scale=0.5)[0, 1], torch.tensor([-0.25, -5e-21]))
     assert torch.equal(calibrate(log_beta, None, video_scale=0.5), log_beta)  # no modalities: no video token
 
 
@@ -89,4 +90,5 @@ def test_the_cache_stores_calibrated_log_beta_for_video_positions_only(gated_tex
     for key, value in raw.items():
         video = key[2] % 2 == 1  # positions 1, 3, ... are video
         assert calibrated[key] == pytest.approx(value * 0.25 if video else value, rel=1e-6, abs=0.0)
-        assert floored[key] == pytest.approx(min(value, -floor) * (0.25 if video else 1.0), rel=1e-6, abs=0.0)
+        assert floored[key] == pytest.approx(value * 0.25 if video else min(value, -floor), rel=1e-6, abs=0.0)
+    assert any(value > -floor for key, value in raw.items() if key[2] % 2 == 1)  # a video entry the floor spared
