@@ -74,9 +74,11 @@ class TextTracker:
 
     def _update(self) -> None:
         full = self._advance()
-        at = first_stop(full, self.stop)
+        # the text so far held no stop string, so a new one ends in what was added: search only from there
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
+        at = first_stop(full[start:], self.stop)
         if at is not None:
-            full, self.stopped = full[:at], True
+            full, self.stopped = full[: start + at], True
         self.text, self._hold = full, 0
         if not self.stopped:
             for stop in self.stop:  # a suffix that could grow into a stop string waits

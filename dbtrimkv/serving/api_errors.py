@@ -94,6 +94,12 @@ class InternalError(APIError):
     status, type, code = 500, "server_error", "internal_error"
 
 
+def server_failure(exc: BaseException) -> InternalError:
+    """The one 500 for a bug met while handling a request (the log has the traceback), wherever it ran:
+    the HTTP layer, or the engine process preparing the request."""
+    return InternalError(f"the server failed on this request ({type(exc).__name__})")
+
+
 class BatchFailed(APIError):
     status, type, code = 503, "service_unavailable", "batch_failed"
 

@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import refusals
-from .api_errors import (APIError, InternalError, MethodNotAllowed, ModelNotFound, NotFound, Unauthorized,
-                         Unavailable)
+from .api_errors import (APIError, MethodNotAllowed, ModelNotFound, NotFound, Unauthorized, Unavailable,
+                         server_failure)
 from .request_bounds import parse_json, read_body
 from .channel import EventChannel
 from .responses import Completion, sse
@@ -73,7 +73,7 @@ def build_app(engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # a bug: one clear 500 (the log has the traceback)
-        return await api_error(request, InternalError(f"the server failed on this request ({type(exc).__name__})"))
+        return await api_error(request, server_failure(exc))
 
     def authorize(request: Request) -> None:
         if options.api_key is None:

@@ -38,7 +38,7 @@ from dataclasses import replace
 
 from ..inputs.prompts import tokenizer_of
 from . import refusals
-from .api_errors import InternalError, Unavailable
+from .api_errors import APIError, InternalError, Unavailable
 from .app import build_app
 from .engine_worker import engine_main
 from .pipe import Outbox, recv
@@ -112,8 +112,12 @@ class EngineProcess:
             self._sinks[job_id] = sink
         try:
             return job_id, self._call("prepare", job_id, chat, inputs, max_prompt_tokens, arrival).result(PREPARE_TIMEOUT_S)
-        except BaseException:
-            self.cancel(job_id)  # (a request the engine never took: nothing to cancel there)
+        except APIError:  # refused: the engine never took it
+            with self._lock:
+                self._sinks.pop(job_id, None)
+            raise
+        except BaseException:  # e.g. no answer in time: the engine may hold it
+            self.cancel(job_id)
             raise
         finally:
             with self._lock:

@@ -15,7 +15,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import DBTrimKVError
-from .api_errors import APIError, InternalError
+from .api_errors import APIError, InternalError, server_failure
 from .pipe import Outbox, dumps, recv
 from .records import Event
 from .replica_spec import ReplicaSpec
@@ -100,8 +100,7 @@ def _serve(engine, outbox: Outbox, prompts: ThreadPoolExecutor, batch: list[tupl
         except Exception as exc:  # noqa: BLE001 - one clear 500 for its request; the engine goes on
             traceback.print_exc()
             if kind in ("prepare", "metrics"):
-                outbox.put(("refused", message[1], InternalError(f"the engine process failed on this request "
-                                                                 f"({type(exc).__name__})")))
+                outbox.put(("refused", message[1], server_failure(exc)))
     return True
 
 
@@ -117,6 +116,6 @@ def _prepare(engine, outbox: Outbox, job_id: str, chat: ChatRequest, inputs: dic
         outbox.put(("refused", job_id, exc))
     except Exception as exc:  # noqa: BLE001 - a bug: one clear 500, as the in-process server answers it
         traceback.print_exc()
-        outbox.put(("refused", job_id, InternalError(f"the server failed on this request ({type(exc).__name__})")))
+        outbox.put(("refused", job_id, server_failure(exc)))
     else:
         outbox.put(("accepted", job_id, extra))
