@@ -89,23 +89,24 @@ class AttentionBackend:
         return True
 
     def write(self, forward: ForwardContext, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
-              log_beta: torch.Tensor) -> None:
-        """Write one layer's new real (non-padding) tokens' K/V and log beta into their pool slots (and,
-        decoding over the views, into the views); a multi-token forward over the views keeps its K/V
-        for `attend`."""
+              log_beta: torch.Tensor | None) -> None:
+        """Write one layer's new real (non-padding) tokens' K/V and log beta (None: deferred, the store
+        writes it later) into their pool slots (and, decoding over the views, into the views); a
+        multi-token forward over the views keeps its K/V for `attend`."""
         plan = forward.plan
         if forward.slots is not None:
             slots = forward.slots[layer_idx].flatten()
             if forward.padded:
                 tok_b, tok_j = plan.token_batch, plan.token_column
-                k_rows, v_rows, beta_rows = key_states[tok_b, :, tok_j], value_states[tok_b, :, tok_j], log_beta[tok_b, tok_j]
+                k_rows, v_rows = key_states[tok_b, :, tok_j], value_states[tok_b, :, tok_j]
+                beta_rows = log_beta[tok_b, tok_j] if log_beta is not None else None
             else:  # every column is a real token: (row, column) order is a reshape
                 batch, heads, length, dim = key_states.shape
                 k_rows = key_states.transpose(1, 2).reshape(batch * length, heads, dim)
                 v_rows = value_states.transpose(1, 2).reshape(batch * length, heads, dim)
                 beta_rows = log_beta
             self.store.pool.write_rows(slots, k_rows.reshape(slots.numel(), -1), v_rows.reshape(slots.numel(), -1),
-                                       beta_rows.reshape(-1))
+                                       beta_rows.reshape(-1) if beta_rows is not None else None)
             if forward.views_now and key_states.shape[2] == 1:
                 self.views.append(layer_idx, k_rows, v_rows)
         if forward.views_now and key_states.shape[2] > 1:

@@ -16,7 +16,9 @@ Bookkeeping per forward of the language model (driven by the hooks in `dbtrimkv.
    every layer at once, take the new entries' slots, write their positions and modality and append
    them to the slot tables (no per-layer bookkeeping, no host reads after this point);
 2. each layer writes its new K/V and log beta into those slots (padding never cached) and attends
-   (`AttentionBackend`).
+   (`AttentionBackend`). A single-token forward (decode) queues the layer's gate input instead of
+   running the gate: the queue's log beta is computed in one call per layer when first needed
+   (`deferred_gates.py`; reading `pool` from outside completes it).
 So a sequence never holds more than `budget + L*H*max(buffer_size, n)` entries, n = tokens of
 the current forward (1 when decoding, the chunk size when prefilling in chunks).
 
@@ -59,6 +61,10 @@ def _check_gated(model) -> None:
             "this model has no retention gates: call dbtrimkv.attach_retention_gates(model) or load it "
             "with dbtrimkv.load_model(...) before creating a DBTrimKVCache"
         )
+
+
+def _calibration(config: DBTrimKVConfig) -> tuple[float, float]:
+    return config.video_decay_scale, config.decay_floor
 
 
 def _kv_shape(model) -> tuple[int, int, int]:
@@ -107,7 +113,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
         policy = config.build_policy()  # this cache's own instance (its state is the cache's)
         budget = config.resolve_budget(layers, kv_heads, policy)
         ids = (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
-        self._assemble(config, policy, budget, ids, KVStore(layers, kv_heads, head_dim))
+        self._assemble(config, policy, budget, ids, KVStore(layers, kv_heads, head_dim, _calibration(config)))
 
     def check_model(self, model) -> None:
         """ConfigError unless `model` has retention gates and the KV shape this cache was built for."""
@@ -140,7 +146,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
     def reset(self) -> None:
         self.policy.reset()
         self._assemble(self.config, self.policy, self.budget, (self.image_token_id, self.video_token_id),
-                       KVStore(self.num_layers, self.num_kv_heads, self.head_dim))
+                       KVStore(self.num_layers, self.num_kv_heads, self.head_dim, _calibration(self.config)))
 
     def clone(self) -> "DBTrimKVCache":
         """An independent copy (e.g. to ask several questions about one compressed video); per-forward
@@ -153,7 +159,14 @@ class DBTrimKVCache(CacheStatistics, Cache):
         return other
 
     # --- the roles' state, read-only ---------------------------------------------------------------
-    pool = property(lambda self: self.store.pool)
+    @property
+    def pool(self) -> SlotPool | None:
+        """The slot pool, every entry's `log beta` computed (deferred gates run first)."""
+        if self.store.pool is not None:
+            self.store.complete_log_beta()
+        return self.store.pool
+
+    has_pool = property(lambda self: self.store.ready, doc="whether the pool exists (after the first forward or use_pool)")
     tables = property(lambda self: self.store.tables)
     requests = property(lambda self: self.store.requests)
     device = property(lambda self: self.store.device)
@@ -175,7 +188,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
     def use_pool(self, pool: SlotPool) -> None:
         """Keep this cache's entries in `pool`, which other caches may share (a server's one bounded
         pool). Call before the first forward; the cache then starts with no sequences."""
-        if self.pool is not None:
+        if self.store.pool is not None:
             raise RuntimeError("use_pool must be called before the cache's first forward")
         self._initialize(0, pool.device, pool.dtype, pool)
 
@@ -246,19 +259,32 @@ class DBTrimKVCache(CacheStatistics, Cache):
         """`Modality` codes of the next forward's tokens, `[B, T]`."""
         self._pending_modality = modality.to(torch.int8)
 
-    def stage(self, layer_idx: int, log_beta: torch.Tensor, padding: torch.Tensor | None,
-              kv_dtype: torch.dtype) -> None:
-        """Called by the attention pre-hook with the layer's gate output `[B, T, H]`."""
+    def stage(self, layer_idx: int, gate, hidden_states: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
+        """Called by the attention pre-hook with the layer's attention input `[B, T, d]` and its `gate`
+        (hidden -> log beta `[..., H]`). Returns the gate's output, or None when this forward's gates
+        are deferred (a single-token forward: `deferred_gates.py`)."""
         if layer_idx == 0:
-            self._begin_forward(log_beta, padding, kv_dtype)
-        self.forward.staged[layer_idx] = calibrate_forward(log_beta, self.forward.plan, self.config)
+            self._begin_forward(hidden_states.shape[0], hidden_states.shape[1], padding, hidden_states.device,
+                                hidden_states.dtype)
+        forward = self.forward
+        plan = forward.plan
+        if hidden_states.shape[1] == 1 and forward.slots is not None:
+            rows = hidden_states[plan.token_batch, plan.token_column] if forward.padded else hidden_states[:, 0]
+            self.store.gates.add(layer_idx, gate, rows, forward.slots[layer_idx], plan.token_modality)
+            forward.staged[layer_idx] = None
+            return None
+        log_beta = gate(hidden_states)  # [B, T, H]
+        forward.staged[layer_idx] = calibrate_forward(log_beta, plan, self.config)
+        return log_beta
 
-    def _begin_forward(self, log_beta: torch.Tensor, padding: torch.Tensor | None, kv_dtype: torch.dtype) -> None:
-        batch, length, _ = log_beta.shape
-        if self.pool is None and len(self.requests) in (0, batch):
-            self._initialize(batch, log_beta.device, kv_dtype)
+    def _begin_forward(self, batch: int, length: int, padding: torch.Tensor | None, device, kv_dtype: torch.dtype) -> None:
+        store = self.store
+        if store.pool is None and len(self.requests) in (0, batch):
+            self._initialize(batch, device, kv_dtype)
         elif batch != len(self.requests):
             raise ConfigError(f"this cache holds {len(self.requests)} sequences, but the input has {batch}")
+        if store.gates.full:
+            store.complete_log_beta()
         device = self.device
         valid = None if padding is None or bool(padding.all()) else padding.to(device)  # None: no padding
         counts = [length] * batch if valid is None else valid.sum(1).tolist()
@@ -283,7 +309,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
     def evict(self, sequences: list[int] | None = None) -> int:
         """Shrink the given sequences (default: all) to their budget (and, for the threshold policy, drop
         every entry below tau) now; returns entries evicted."""
-        if not self.eviction.evicts or self.pool is None:
+        if not self.eviction.evicts or self.store.pool is None:
             return 0
         evicted = self.eviction.evict(list(range(len(self.requests))) if sequences is None else list(sequences))
         self.backend.invalidate()
@@ -292,7 +318,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
     # --- positions and tokens ------------------------------------------------------------------------
     def next_mrope_positions(self, batch: int) -> list[int]:
         """The M-RoPE position the next token of each sequence gets (its text position + rope delta)."""
-        if self.pool is None:
+        if self.store.pool is None:
             return [0] * batch
         return [row.seen + row.rope_delta for row in self.requests]
 

@@ -73,7 +73,7 @@ class ForwardContext:
     padded: bool  # some column is padding
     counted: torch.Tensor | None  # [B, T] queries whose attention the policy reads (None: none)
     views_now: bool  # this forward attends over the CPU views
-    staged: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> log beta, until its `update`
+    staged: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> log beta (None: deferred), until its `update`
     new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # multi-token: K/V
     decode_mass: list[torch.Tensor] = field(default_factory=list)  # CPU decode: the layers' view masses so far
 

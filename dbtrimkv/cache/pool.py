@@ -83,11 +83,12 @@ class SlotPool:
         self.pos.index_copy_(0, slots, pos.to(torch.int32))
         self.modality.index_copy_(0, slots, modality.to(torch.int8))
 
-    def write_rows(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor) -> None:
-        """K, V `[n, D]` and log beta `[n]` of new entries at the flat slot ids `slots` `[n]`."""
+    def write_rows(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor | None) -> None:
+        """K, V `[n, D]` and log beta `[n]` (None: written later) of new entries at the flat slot ids `slots` `[n]`."""
         self.k.index_copy_(0, slots, k.to(self.dtype))
         self.v.index_copy_(0, slots, v.to(self.dtype))
-        self.log_beta.index_copy_(0, slots, log_beta.to(torch.float32))
+        if log_beta is not None:
+            self.log_beta.index_copy_(0, slots, log_beta.to(torch.float32))
 
     def clone(self) -> "SlotPool":
         other = SlotPool(self.head_dim, self.dtype, self.device)

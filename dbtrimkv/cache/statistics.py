@@ -38,19 +38,19 @@ class CacheStatistics:
 
     def num_entries(self, batch_index: int = 0) -> int:
         """Entries currently cached for a sequence, over all layers and KV heads."""
-        return int(self.requests[batch_index].entries) if self.pool is not None else 0
+        return int(self.requests[batch_index].entries) if self.store.pool is not None else 0
 
     def storage_bytes(self) -> int:
         """Bytes of the allocated K/V pool."""
-        return self.pool.storage_bytes() if self.pool is not None else 0
+        return self.store.pool.storage_bytes() if self.store.pool is not None else 0
 
     def full_cache_entries(self, batch_index: int = 0) -> int:
         """Entries a full (never evicting) cache would hold for this sequence."""
-        return self.requests[batch_index].seen * self.segments_per_sequence if self.pool is not None else 0
+        return self.requests[batch_index].seen * self.segments_per_sequence if self.store.pool is not None else 0
 
     def entry_bytes(self) -> int:
         """Bytes of K + V of one entry."""
-        return 2 * self.head_dim * (self.pool.k.element_size() if self.pool is not None else 2)
+        return 2 * self.head_dim * (self.store.pool.k.element_size() if self.store.pool is not None else 2)
 
     def _segment_ids(self, batch_index: int) -> range:
         return self.store.segment_ids(batch_index)

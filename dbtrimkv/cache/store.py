@@ -4,7 +4,8 @@ table, and every operation that changes them.
 Why: one owner for the stored entries. The store alone takes slots from the pool and gives them
 back (the free list is its pool's), appends new entries to the segment tables, carries out a
 policy's `EvictionOrder`, and adds, parks and removes sequences (one request-table row and its
-`L * H` segments each). The transformers adapter (`cache.py`) decides when; the attention backend
+`L * H` segments each), and it fills in the `log beta` of entries whose gates were deferred
+(`deferred_gates.py`) before anything reads it: an eviction, a sequence leaving, a clone. The transformers adapter (`cache.py`) decides when; the attention backend
 (`backend.py`) reads the pool and tables; policies read them through a `StoreView` (a
 `policies.view.PolicyView`) and never write them. Layout: docs/architecture.md, "Storage".
 """
@@ -16,6 +17,7 @@ import torch
 from ..kernels import select_and_compact, select_and_compact_by_score
 from ..inputs.modality import MODALITY_NAMES
 from ..policies.base import EvictionOrder
+from .deferred_gates import DeferredGates
 from .forward_plan import ForwardPlan
 from .pool import SlotPool
 from .requests import ParkedSequence, RequestTable
@@ -23,8 +25,10 @@ from .tables import SlotTables
 
 
 class KVStore:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, calibration: tuple[float, float] = (1.0, 0.0)):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.calibration = calibration  # (video_decay_scale, decay_floor) of the deferred gates' entries
+        self.gates = DeferredGates(*calibration)  # decode entries whose log beta is not computed yet
         self.pool: SlotPool | None = None
         self.tables: SlotTables | None = None
         self.requests = RequestTable()  # one row per sequence, in segment order
@@ -63,6 +67,7 @@ class KVStore:
     def park_sequence(self, row: int) -> ParkedSequence:
         if not 0 <= row < len(self.requests):
             raise IndexError(f"row {row} out of range for a cache of {len(self.requests)} sequences")
+        self.complete_log_beta()  # (its entries may go to another cache, or their slots back to the pool)
         lh = self.segments_per_sequence
         if self.tables is not None:
             lengths = self.tables.seg_len[row * lh : (row + 1) * lh].to(torch.int64)
@@ -92,6 +97,11 @@ class KVStore:
     def set_rope_delta(self, row: int, delta: int) -> None:
         """Sequence `row`'s M-RoPE position of the next token minus its text position."""
         self.requests[row].rope_delta = int(delta)
+
+    def complete_log_beta(self) -> None:
+        """Compute the deferred gates' `log beta` into the pool (`deferred_gates.py`)."""
+        if len(self.gates):
+            self.gates.write_into(self.pool.log_beta)
 
     # --- one forward -----------------------------------------------------------------------------
     def reserve_forward(self, plan: ForwardPlan, counts: list[int], limit: int | None, headroom: int) -> None:
@@ -130,6 +140,7 @@ class KVStore:
     def evict(self, order: EvictionOrder, sequences: list[int]) -> int:
         """Carry out a policy's order: drop the losers from the tables, push their slots on the free
         stack, re-read every row's entry count. Returns entries evicted."""
+        self.complete_log_beta()  # (the kernels score log beta; the policy planned on completed values)
         pool, t = self.pool, self.tables
         if order.scores is None:
             evicted = select_and_compact(
@@ -182,7 +193,8 @@ class KVStore:
         return lens.to(torch.long).view(self.num_layers, self.num_kv_heads).cpu()
 
     def clone(self) -> "KVStore":
-        other = KVStore(self.num_layers, self.num_kv_heads, self.head_dim)
+        self.complete_log_beta()
+        other = KVStore(self.num_layers, self.num_kv_heads, self.head_dim, self.calibration)
         other.device, other.requests = self.device, self.requests.clone()
         if self.pool is not None:
             other.pool, other.tables = self.pool.clone(), self.tables.clone()

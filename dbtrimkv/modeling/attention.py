@@ -5,9 +5,9 @@ attention input, (2) tell the cache which new tokens are padding and what modali
 (3) attend over the cache's slot pool instead of a dense K/V tensor. transformers 5.x lets us do
 this from outside:
 
-- a forward pre-hook on every text attention module runs its `retention_gate` and hands
-  `log beta` (plus the query padding mask) to the cache before the attention calls its
-  `update(...)` (the cache arrives as `cache=` from transformers 5.24, `past_key_values=` before),
+- a forward pre-hook on every text attention module hands its `retention_gate` and the attention
+  input (plus the query padding mask) to the cache, which runs the gate (or, decoding, defers it:
+  `cache/deferred_gates.py`), before the attention calls its `update(...)` (the cache arrives as `cache=` from transformers 5.24, `past_key_values=` before),
   and passes the attention function what it needs for this call as one keyword argument,
   `dbtrimkv=AttentionCall(...)` (the model's record, the layer's log beta, the cache): the
   attention modules forward their extra keyword arguments to the attention function, so nothing
@@ -78,7 +78,7 @@ class AttentionCall:
     """What one text attention call needs from dbtrimkv, built by its pre-hook."""
 
     state: ModelState  # the model's record (training flags)
-    log_beta: torch.Tensor  # [B, T, H_kv] this layer's gate output for the call's tokens
+    log_beta: torch.Tensor | None  # [B, T, H_kv] this layer's gate output (None: deferred by the cache)
     cache: DBTrimKVCache | None  # the retention cache of this forward, if any
 
 
@@ -103,15 +103,15 @@ def _attention_pre_hook(state: ModelState, module, args, kwargs):
     """Run the gate on the attention input; stage log beta and padding into a retention cache; hand
     the attention function its `AttentionCall`."""
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    log_beta = module.retention_gate(hidden_states)  # [B, T, H_kv]
     cache = cache_from_call(kwargs)
     if not isinstance(cache, DBTrimKVCache):
         cache = None
+        log_beta = module.retention_gate(hidden_states)  # [B, T, H_kv]
         state.log_beta[module.layer_idx] = log_beta  # training / plain calls: the training loss reads it
-    else:  # the cache keeps it in its pool
+    else:  # the cache runs the gate (or defers it) and keeps log beta in its pool
         mask = kwargs.get("attention_mask")
         padding = mask.query_padding if isinstance(mask, LazyCausalMask) else None
-        cache.stage(module.layer_idx, log_beta, padding, hidden_states.dtype)
+        log_beta = cache.stage(module.layer_idx, module.retention_gate, hidden_states, padding)
     return args, {**kwargs, ATTENTION_CALL_KEY: AttentionCall(state, log_beta, cache)}
 
 

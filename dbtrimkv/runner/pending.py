@@ -35,7 +35,7 @@ def with_pending_tokens(cache: DBTrimKVCache, inputs, device) -> dict:
     (which the rows hand over: they are fed now)."""
     inputs = with_input_defaults(inputs, device)
     ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
-    rows = list(cache.requests) if cache.pool is not None and len(cache.requests) == ids.shape[0] else []
+    rows = list(cache.requests) if cache.has_pool and len(cache.requests) == ids.shape[0] else []
     width = max((len(row.pending) for row in rows), default=0)
     if width:
         pending = torch.zeros(ids.shape[0], width, dtype=ids.dtype, device=device)

@@ -34,6 +34,11 @@ def _step_data(cache, name: int, step: int, length: int, q_heads: int):
     )
 
 
+def _given(log_beta: torch.Tensor) -> torch.Tensor:
+    """A gate that returns its input: the test hands each layer's log beta as its gate input."""
+    return log_beta
+
+
 def _forward(cache, names: list[int], lengths: list[int], step: int, q_heads: int) -> dict[int, torch.Tensor]:
     """One left-padded forward of the listed sequences; returns each one's attention outputs
     `[L, Hq, n, D]` over its real tokens."""
@@ -49,7 +54,7 @@ def _forward(cache, names: list[int], lengths: list[int], step: int, q_heads: in
         valid[b, T - n :] = True
     outputs = []
     for layer in range(L):
-        cache.stage(layer, log_beta[layer], valid, torch.float32)
+        cache.stage(layer, _given, log_beta[layer], valid)  # the "hidden states" are the log beta themselves
         cache.update(k[layer], v[layer], layer)
         outputs.append(cache.attend(layer, q[layer], cache.head_dim**-0.5))
     out = torch.stack(outputs)  # [L, B, Hq, T, D]

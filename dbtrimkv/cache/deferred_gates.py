@@ -1,0 +1,71 @@
+"""`DeferredGates`: the `log beta` of decode tokens, computed for many tokens in one call per layer.
+
+Why: a retention gate is three small linears per layer. Decoding one token, each call reads all of
+the gate's weights for a single row: on the bench model (`bench/bench_engine.py`, 8 layers, hidden
+1024) that made a decode step 8-13% slower than the plain model, while the cache's own work cost
+0-3%. Yet a stored entry's `log beta` is read only when an eviction scores the entries (or someone
+reads the pool). So a single-token forward queues each layer's gate input (the attention input of its
+new real tokens) with the pool slots those tokens went to, and the queue is run through the gates,
+calibrated (`calibration.py`) and written into the pool in one call per layer when it is needed:
+before an eviction plans, before a sequence leaves the cache (park, remove) or the cache is cloned,
+when the pool is read from outside (`DBTrimKVCache.pool`), and once the queued inputs pass
+`MAX_BYTES` (checked before each forward), which bounds the memory the queue takes.
+
+Same values: a gate is a function of its token's own hidden state; computing 32 rows at once instead of
+one at a time changes only the matmul's rounding (float32: ~1e-7 relative). Multi-token forwards
+(prefill chunks) are batched already and compute their gates at once, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .calibration import calibrate
+
+MAX_BYTES = 8 << 20  # queued gate inputs past this are computed before the next forward
+
+
+class DeferredGates:
+    """Per layer: the gate, and the queued `(hidden rows [N, d], slots [N, H], modality [N])`."""
+
+    def __init__(self, video_scale: float = 1.0, floor: float = 0.0):
+        self.video_scale, self.floor = video_scale, floor  # the cache's calibration settings
+        self._gates: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._queued: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.bytes = 0  # of the queued hidden rows
+
+    def __len__(self) -> int:
+        """Queued (layer, forward) entries."""
+        return sum(len(items) for items in self._queued.values())
+
+    @property
+    def full(self) -> bool:
+        return self.bytes >= MAX_BYTES
+
+    def add(self, layer_idx: int, gate: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+            slots: torch.Tensor, modality: torch.Tensor) -> None:
+        """Queue one layer's new real tokens: their gate input `[N, d]`, slots `[N, H]`, codes `[N]`."""
+        self._gates[layer_idx] = gate
+        self._queued.setdefault(layer_idx, []).append((hidden, slots, modality))
+        self.bytes += hidden.numel() * hidden.element_size()
+
+    def write_into(self, log_beta: torch.Tensor) -> None:
+        """Compute every queued entry's calibrated `log beta` into `log_beta` (the pool's, by slot) and
+        empty the queue."""
+        if not self._queued:
+            return
+        with torch.inference_mode():  # (the pool may hold inference tensors; nothing here needs a graph)
+            for layer_idx, items in self._queued.items():
+                hidden = torch.cat([h for h, _, _ in items]) if len(items) > 1 else items[0][0]
+                slots = torch.cat([s for _, s, _ in items]) if len(items) > 1 else items[0][1]
+                modality = torch.cat([m for _, _, m in items]) if len(items) > 1 else items[0][2]
+                values = calibrate(self._gates[layer_idx](hidden)[None], modality[None], self.video_scale, self.floor)
+                log_beta.index_copy_(0, slots.flatten(), values[0].reshape(-1).to(torch.float32))
+        self.clear()
+
+    def clear(self) -> None:
+        self._queued.clear()
+        self._gates.clear()
+        self.bytes = 0
