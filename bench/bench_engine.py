@@ -104,6 +104,12 @@ def random_fill(cache, config, tokens: int, dtype, device, gen: torch.Generator)
     return cache
 
 
+def given_log_beta(hidden: torch.Tensor) -> torch.Tensor:
+    """A "gate" for `DBTrimKVCache.stage` whose input is the log beta itself (in the K/V dtype: the
+    cache takes its K/V dtype from the gate input)."""
+    return hidden.float()
+
+
 def retention_fill(model, config, tokens: int, eviction, dtype, device, gen: torch.Generator):
     """A DBTrimKVCache with `tokens` random entries per layer and head, through its staging/append path."""
     cache = dbtrimkv.DBTrimKVCache(model, eviction)
@@ -112,7 +118,7 @@ def retention_fill(model, config, tokens: int, eviction, dtype, device, gen: tor
         n = min(eviction.prefill_chunk, tokens - start)
         for layer in range(config.num_hidden_layers):
             log_beta = torch.nn.functional.logsigmoid(torch.randn(1, n, heads, generator=gen) * 2 + 4).to(device)
-            cache.stage(layer, log_beta, None, dtype)
+            cache.stage(layer, given_log_beta, log_beta.to(dtype), None)
             k = torch.randn(1, heads, n, dim, generator=gen).to(device=device, dtype=dtype)
             cache.update(k, torch.randn_like(k), layer)
     return cache
@@ -171,7 +177,7 @@ def time_eviction(model, config, eviction, dtype, device, repeats: int = 5) -> f
     for _ in range(repeats):
         n = eviction.buffer_size
         for layer in range(config.num_hidden_layers):
-            cache.stage(layer, torch.zeros(1, n, heads, device=device) - 0.1, None, dtype)
+            cache.stage(layer, given_log_beta, torch.full((1, n, heads), -0.1, device=device, dtype=dtype), None)
             k = torch.randn(1, heads, n, dim, device=device, dtype=dtype)
             cache.update(k, k, layer)
         _sync(device)
