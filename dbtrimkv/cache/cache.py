@@ -33,12 +33,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..settings.config import DBTrimKVConfig
 from ..errors import ConfigError
-from ..inputs.modality import Modality
+from ..inputs.modality import modality_codes
 from ..modeling.model_anatomy import RETENTION_ATTENTION, text_attention_name, text_config_of
 from ..modeling.model_state import existing_state
 from ..modeling.transformers_compat import integration_error
 from .backend import AttentionBackend, uses_views
-from .calibration import calibrate_forward
 from .forward_plan import ForwardContext, ForwardPlan
 from .pool import SlotPool
 from .requests import ParkedSequence
@@ -159,13 +158,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
         return other
 
     # --- the roles' state, read-only ---------------------------------------------------------------
-    @property
-    def pool(self) -> SlotPool | None:
-        """The slot pool, every entry's `log beta` computed (deferred gates run first)."""
-        if self.store.pool is not None:
-            self.store.complete_log_beta()
-        return self.store.pool
-
+    pool = property(lambda self: self.store.completed_pool(), doc="the slot pool, deferred gates run first")
     has_pool = property(lambda self: self.store.ready, doc="whether the pool exists (after the first forward or use_pool)")
     tables = property(lambda self: self.store.tables)
     requests = property(lambda self: self.store.requests)
@@ -248,12 +241,8 @@ class DBTrimKVCache(CacheStatistics, Cache):
     def note_input_ids(self, input_ids: torch.Tensor, images: bool = True, videos: bool = True) -> None:
         """Remember the modality of the next forward's tokens (from the image / video token ids; `images` /
         `videos` False: this forward has no such pixels, so those ids are text, e.g. generated ones)."""
-        modality = torch.zeros_like(input_ids, dtype=torch.int8)
-        if images and self.image_token_id is not None:
-            modality[input_ids == self.image_token_id] = Modality.IMAGE
-        if videos and self.video_token_id is not None:
-            modality[input_ids == self.video_token_id] = Modality.VIDEO
-        self._pending_modality = modality
+        self._pending_modality = modality_codes(input_ids, self.image_token_id if images else None,
+                                                self.video_token_id if videos else None)
 
     def set_next_modality(self, modality: torch.Tensor) -> None:
         """`Modality` codes of the next forward's tokens, `[B, T]`."""
@@ -266,16 +255,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
         if layer_idx == 0:
             self._begin_forward(hidden_states.shape[0], hidden_states.shape[1], padding, hidden_states.device,
                                 hidden_states.dtype)
-        forward = self.forward
-        plan = forward.plan
-        if hidden_states.shape[1] == 1 and forward.slots is not None:
-            rows = hidden_states[plan.token_batch, plan.token_column] if forward.padded else hidden_states[:, 0]
-            self.store.gates.add(layer_idx, gate, rows, forward.slots[layer_idx], plan.token_modality)
-            forward.staged[layer_idx] = None
-            return None
-        log_beta = gate(hidden_states)  # [B, T, H]
-        forward.staged[layer_idx] = calibrate_forward(log_beta, plan, self.config)
-        return log_beta
+        return self.store.gates.stage(self.forward, layer_idx, gate, hidden_states)
 
     def _begin_forward(self, batch: int, length: int, padding: torch.Tensor | None, device, kv_dtype: torch.dtype) -> None:
         store = self.store

@@ -53,12 +53,11 @@ def calibrate(log_beta: torch.Tensor, modality: torch.Tensor | None, video_scale
     return log_beta
 
 
-def calibrate_forward(log_beta: torch.Tensor, plan, config) -> torch.Tensor:
-    """`calibrate` with the settings of `config` (a `DBTrimKVConfig`) and the modalities of `plan`
-    (the forward's `ForwardPlan`, which lists its real tokens; padding columns stay text)."""
-    scale, floor = config.video_decay_scale, config.decay_floor
-    if scale == 1.0 and floor <= 0.0:
+def calibrate_forward(log_beta: torch.Tensor, plan, video_scale: float, floor: float) -> torch.Tensor:
+    """`calibrate` with the modalities of `plan` (the forward's `ForwardPlan`, which lists its real
+    tokens; padding columns stay text)."""
+    if video_scale == 1.0 and floor <= 0.0:
         return log_beta
     modality = torch.zeros(log_beta.shape[:2], dtype=plan.token_modality.dtype, device=plan.token_modality.device)
     modality[plan.token_batch, plan.token_column] = plan.token_modality
-    return calibrate(log_beta, modality, scale, floor)
+    return calibrate(log_beta, modality, video_scale, floor)

@@ -22,17 +22,22 @@ from collections.abc import Callable
 
 import torch
 
-from .calibration import calibrate
+from .calibration import calibrate, calibrate_forward
+from .forward_plan import ForwardContext
 
 MAX_BYTES = 8 << 20  # queued gate inputs past this are computed before the next forward
 
 
+Gate = Callable[[torch.Tensor], torch.Tensor]  # attention input [..., d] -> log beta [..., H]
+
+
 class DeferredGates:
-    """Per layer: the gate, and the queued `(hidden rows [N, d], slots [N, H], modality [N])`."""
+    """A cache's gate runs: at once for a multi-token forward, queued for a single-token one. The queue
+    holds, per layer, the gate and `(hidden rows [N, d], slots [N, H], modality [N])`."""
 
     def __init__(self, video_scale: float = 1.0, floor: float = 0.0):
         self.video_scale, self.floor = video_scale, floor  # the cache's calibration settings
-        self._gates: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._gates: dict[int, Gate] = {}
         self._queued: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.bytes = 0  # of the queued hidden rows
 
@@ -44,8 +49,21 @@ class DeferredGates:
     def full(self) -> bool:
         return self.bytes >= MAX_BYTES
 
-    def add(self, layer_idx: int, gate: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-            slots: torch.Tensor, modality: torch.Tensor) -> None:
+    def stage(self, forward: ForwardContext, layer_idx: int, gate: Gate, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """One layer of `forward` with attention input `[B, T, d]`: put the calibrated log beta its `update`
+        stores in `forward.staged[layer_idx]` and return the gate's output, or (a single-token forward)
+        queue the real tokens' rows and stage / return None."""
+        plan = forward.plan
+        if hidden_states.shape[1] == 1 and forward.slots is not None:
+            rows = hidden_states[plan.token_batch, plan.token_column] if forward.padded else hidden_states[:, 0]
+            self.add(layer_idx, gate, rows, forward.slots[layer_idx], plan.token_modality)
+            forward.staged[layer_idx] = None
+            return None
+        log_beta = gate(hidden_states)  # [B, T, H]
+        forward.staged[layer_idx] = calibrate_forward(log_beta, plan, self.video_scale, self.floor)
+        return log_beta
+
+    def add(self, layer_idx: int, gate: Gate, hidden: torch.Tensor, slots: torch.Tensor, modality: torch.Tensor) -> None:
         """Queue one layer's new real tokens: their gate input `[N, d]`, slots `[N, H]`, codes `[N]`."""
         self._gates[layer_idx] = gate
         self._queued.setdefault(layer_idx, []).append((hidden, slots, modality))

@@ -103,6 +103,13 @@ class KVStore:
         if len(self.gates):
             self.gates.write_into(self.pool.log_beta)
 
+    def completed_pool(self) -> SlotPool | None:
+        """The pool (None before the first forward) with every entry's `log beta` computed: what a
+        reader outside the cache's own forward sees."""
+        if self.pool is not None:
+            self.complete_log_beta()
+        return self.pool
+
     # --- one forward -----------------------------------------------------------------------------
     def reserve_forward(self, plan: ForwardPlan, counts: list[int], limit: int | None, headroom: int) -> None:
         """Account for a forward adding `counts[b]` real tokens to sequence b in every segment: grow the

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+import torch
+
 
 class Modality(IntEnum):
     TEXT = 0
@@ -24,3 +26,14 @@ class Modality(IntEnum):
 
 MODALITY_NAMES: tuple[str, ...] = tuple(m.label for m in Modality)  # ("text", "image", "video")
 VISUAL_MODALITIES: tuple[Modality, ...] = (Modality.IMAGE, Modality.VIDEO)
+
+
+def modality_codes(input_ids: torch.Tensor, image_token_id: int | None, video_token_id: int | None) -> torch.Tensor:
+    """int8 `Modality` codes of `input_ids`: the image / video placeholder ids (None: that kind is
+    text here) are image / video tokens, every other id is text."""
+    codes = torch.zeros_like(input_ids, dtype=torch.int8)
+    if image_token_id is not None:
+        codes[input_ids == image_token_id] = Modality.IMAGE
+    if video_token_id is not None:
+        codes[input_ids == video_token_id] = Modality.VIDEO
+    return codes
