@@ -84,8 +84,9 @@ def build_app(engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()
 
     @app.get("/health")
     async def health():
-        if engine.stopping:
-            raise Unavailable(refusals.shutting_down())
+        reason = engine.unavailable()
+        if reason is not None:
+            raise Unavailable(reason)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -108,8 +109,9 @@ def build_app(engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        if engine.stopping:
-            raise Unavailable(refusals.shutting_down())
+        reason = engine.unavailable()
+        if reason is not None:
+            raise Unavailable(reason)
         raw = await read_body(request, options.max_request_bytes)
         body = await run_in_threadpool(parse_json, raw)
         del raw

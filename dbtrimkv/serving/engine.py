@@ -114,6 +114,10 @@ class Engine:
     def stopping(self) -> bool:
         return self.scheduler.stopping
 
+    def unavailable(self) -> str | None:
+        """Why this engine takes no request now (None: it does)."""
+        return refusals.shutting_down() if self.stopping else None
+
     @property
     def groups(self) -> dict:
         return self.scheduler.groups

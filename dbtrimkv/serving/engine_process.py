@@ -95,13 +95,17 @@ class EngineProcess:
     def stopping(self) -> bool:
         return self._stopping or self._lost
 
+    def unavailable(self) -> str | None:
+        """Why this engine takes no request now (None: it does): shutting down, or its process exited."""
+        return self._gone() if self.stopping else None
+
     def start(self) -> None:
         """(The engine runs from the moment the process is ready.)"""
 
     def prepare(self, chat: ChatRequest, sink: Callable[[Event], None], max_prompt_tokens: int) -> tuple[str, dict]:
         """Submit a validated chat request; its id and the answer's extra fields, or the APIError refusing it."""
         if self.stopping:
-            raise Unavailable(refusals.shutting_down())
+            raise Unavailable(self._gone())
         inputs = None
         if chat.session_id is None:
             inputs = prompt_inputs(self.processor, self.tokenizer, chat, max_prompt_tokens)
@@ -240,5 +244,4 @@ class EngineProcess:
     def _gone(self) -> str:
         if self._stopping:
             return refusals.shutting_down()
-        return (f"the engine process exited (code {self._process.exitcode}); this server answers no request "
-                "until it is restarted")
+        return refusals.engine_exited(self._process.exitcode)

@@ -60,6 +60,10 @@ def shutting_down() -> str:
     return "the server is shutting down"
 
 
+def engine_exited(exit_code) -> str:
+    return f"the engine process exited (code {exit_code}); this server answers no request until it is restarted"
+
+
 def model_not_found(model, served: str) -> str:
     """`model` (a request's field or a path's id) is not the one this server serves."""
     return f"the model {short(model)} does not exist; this server serves {served!r}"

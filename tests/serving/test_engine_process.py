@@ -124,9 +124,10 @@ def test_a_lost_engine_process_fails_its_requests_with_503(recall_pipeline):
                         server.engine._process.kill()  # mid-answer
         assert events[-1]["error"]["type"] == "service_unavailable"
         assert "the engine process exited" in events[-1]["error"]["message"]
-        assert httpx.get(server.base_url + "/health", timeout=10).status_code == 503
+        health = httpx.get(server.base_url + "/health", timeout=10)
+        assert health.status_code == 503 and "the engine process exited" in health.json()["error"]["message"]
         again = httpx.post(server.base_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
-        assert again.status_code == 503
+        assert again.status_code == 503 and "the engine process exited" in again.json()["error"]["message"]
     finally:
         server.close()
 
