@@ -20,6 +20,7 @@ from collections import Counter
 
 import torch
 
+from dbtrimkv.cache import deferred_gates
 from dbtrimkv.inputs.modality import MODALITY_NAMES
 
 
@@ -44,8 +45,7 @@ class CacheInvariants:
         cache.evict = self._checked_evict
 
     # --- wrappers ------------------------------------------------------------------------------
-    def _checked_forward(self, log_beta, padding, kv_dtype):
-        batch, length, _ = log_beta.shape
+    def _checked_forward(self, batch, length, padding, device, kv_dtype):
         valid = torch.ones(batch, length, dtype=torch.bool) if padding is None else padding.cpu().bool()
         codes = self.cache._pending_modality
         codes = (torch.zeros(batch, length, dtype=torch.int8) if codes is None or tuple(codes.shape) != (batch, length)
@@ -56,7 +56,10 @@ class CacheInvariants:
         for b in range(batch):
             self.modality[b] += [int(codes[b, j]) for j in range(length) if valid[b, j]]
         capacity_before = self._capacity()
-        self._begin_forward(log_beta, padding, kv_dtype)
+        self._begin_forward(batch, length, padding, device, kv_dtype)
+        if self.cache.store.gates.bytes >= deferred_gates.MAX_BYTES:
+            raise InvariantViolation(f"{self.cache.store.gates.bytes} bytes of gate inputs still queued as a forward "
+                                     f"starts (bound {deferred_gates.MAX_BYTES})")
         for b, n in enumerate(counts):
             self.seen[b] += n
         self.forwards += 1
@@ -71,6 +74,9 @@ class CacheInvariants:
         before = self.check_tables()
         listed = list(range(len(before))) if sequences is None else list(sequences)
         evicted = self._evict(sequences)
+        if len(self.cache.store.gates):
+            raise InvariantViolation("an eviction left decode entries' gate inputs queued: it scored log beta "
+                                     "that was not computed yet")
         after = self.check_tables()
         self.evictions += 1
         self.evicted += sum(before) - sum(after)
@@ -88,7 +94,7 @@ class CacheInvariants:
 
     # --- the properties -------------------------------------------------------------------------
     def _capacity(self) -> int:
-        pool = self.cache.pool
+        pool = self.cache.store.pool
         return 0 if pool is None else int(pool.capacity)
 
     def segments(self, b: int):
@@ -104,9 +110,9 @@ class CacheInvariants:
     def check_tables(self) -> list[int]:
         """Structural checks of tables and pool; returns the entries each sequence holds (recounted)."""
         cache = self.cache
-        if cache.pool is None:
+        if cache.store.pool is None:
             return [0] * len(self.seen)
-        pool, tables = cache.pool, cache.tables
+        pool, tables = cache.store.pool, cache.tables
         lh = cache.segments_per_sequence
         rows = len(cache.requests)
         if tables.num_segments != rows * lh:
@@ -153,7 +159,7 @@ class CacheInvariants:
         """The cache's statistics against the recount and the checker's own ledger."""
         cache = self.cache
         lh = cache.segments_per_sequence
-        if cache.pool is None:
+        if cache.store.pool is None:
             return
         for b, n in enumerate(held):
             if cache.num_entries(b) != n:
@@ -166,7 +172,7 @@ class CacheInvariants:
             kept = Counter()
             for s in self.segments(b):
                 for x in self.slots_of(s):
-                    kept[self.modality[b][int(cache.pool.pos[x])]] += 1
+                    kept[self.modality[b][int(cache.store.pool.pos[x])]] += 1
             expected = {name: kept[code] for code, name in enumerate(MODALITY_NAMES)}
             if cache.retained_by_modality(b) != expected:
                 raise InvariantViolation(f"retained_by_modality({b}) = {cache.retained_by_modality(b)}, the tables "
@@ -210,7 +216,7 @@ class CacheInvariants:
             cache = self.cache
             columns = self.max_bound + max(cache.config.buffer_size, self.max_bound // 8, 1)
             segments = cache.num_layers * len(held) * cache.num_kv_heads  # K, V and a bias per column, a count
-            most = segments * (columns * (2 * cache.head_dim + 1) * cache.pool.k.element_size() + 8)
+            most = segments * (columns * (2 * cache.head_dim + 1) * cache.store.pool.k.element_size() + 8)
             if views > most:
                 raise InvariantViolation(f"the attention views take {views} bytes, above their bound {most}")
 
