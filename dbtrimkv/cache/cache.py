@@ -62,10 +62,6 @@ def _check_gated(model) -> None:
         )
 
 
-def _calibration(config: DBTrimKVConfig) -> tuple[float, float]:
-    return config.video_decay_scale, config.decay_floor
-
-
 def _kv_shape(model) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of the model's language model."""
     text = text_config_of(model)
@@ -112,7 +108,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
         policy = config.build_policy()  # this cache's own instance (its state is the cache's)
         budget = config.resolve_budget(layers, kv_heads, policy)
         ids = (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
-        self._assemble(config, policy, budget, ids, KVStore(layers, kv_heads, head_dim, _calibration(config)))
+        self._assemble(config, policy, budget, ids, KVStore(layers, kv_heads, head_dim, config))
 
     def check_model(self, model) -> None:
         """ConfigError unless `model` has retention gates and the KV shape this cache was built for."""
@@ -145,7 +141,7 @@ class DBTrimKVCache(CacheStatistics, Cache):
     def reset(self) -> None:
         self.policy.reset()
         self._assemble(self.config, self.policy, self.budget, (self.image_token_id, self.video_token_id),
-                       KVStore(self.num_layers, self.num_kv_heads, self.head_dim, _calibration(self.config)))
+                       KVStore(self.num_layers, self.num_kv_heads, self.head_dim, self.config))
 
     def clone(self) -> "DBTrimKVCache":
         """An independent copy (e.g. to ask several questions about one compressed video); per-forward

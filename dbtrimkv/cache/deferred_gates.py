@@ -12,8 +12,18 @@ when the pool is read from outside (`DBTrimKVCache.pool`), and once the queued i
 `MAX_BYTES` (checked before each forward), which bounds the memory the queue takes.
 
 Same values: a gate is a function of its token's own hidden state; computing 32 rows at once instead of
-one at a time changes only the matmul's rounding (float32: ~1e-7 relative). Multi-token forwards
-(prefill chunks) are batched already and compute their gates at once, as before.
+one at a time changes only the matmul's rounding (float32 on CPU: ~1e-7 relative; bf16 GEMMs on CUDA
+may pick another kernel for another row count, and under `torch.autocast` a queue completed outside
+the forward runs in the gates' own dtype). Multi-token forwards (prefill chunks) are batched already
+and compute their gates at once, as before. The calibration settings are read from the cache's
+config when the values are computed.
+
+Costs: the queue is per cache, up to `MAX_BYTES` plus one forward's rows, outside a server's
+`--kv-memory` (there a decode step of 16 rows of an 8B model queues ~4.7 MiB, so the bound runs
+it about every other step; a served row that is parked, e.g. between the phases of a mixed step or
+when its request ends, completes its cache's whole queue). The batched gate call runs wherever the
+queue is completed: in a server, also when a row is parked, outside the forward whose failure the
+stepper isolates to its batch (a failure there, e.g. out of memory, fails the engine's requests).
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ class DeferredGates:
     """A cache's gate runs: at once for a multi-token forward, queued for a single-token one. The queue
     holds, per layer, the gate and `(hidden rows [N, d], slots [N, H], modality [N])`."""
 
-    def __init__(self, video_scale: float = 1.0, floor: float = 0.0):
-        self.video_scale, self.floor = video_scale, floor  # the cache's calibration settings
+    def __init__(self, settings=None):
+        self.settings = settings  # a `DBTrimKVConfig` (`video_decay_scale`, `decay_floor`); None: no calibration
         self._gates: dict[int, Gate] = {}
         self._queued: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.bytes = 0  # of the queued hidden rows
@@ -60,7 +70,7 @@ class DeferredGates:
             forward.staged[layer_idx] = None
             return None
         log_beta = gate(hidden_states)  # [B, T, H]
-        forward.staged[layer_idx] = calibrate_forward(log_beta, plan, self.video_scale, self.floor)
+        forward.staged[layer_idx] = calibrate_forward(log_beta, plan, *self._calibration())
         return log_beta
 
     def add(self, layer_idx: int, gate: Gate, hidden: torch.Tensor, slots: torch.Tensor, modality: torch.Tensor) -> None:
@@ -79,9 +89,13 @@ class DeferredGates:
                 hidden = torch.cat([h for h, _, _ in items]) if len(items) > 1 else items[0][0]
                 slots = torch.cat([s for _, s, _ in items]) if len(items) > 1 else items[0][1]
                 modality = torch.cat([m for _, _, m in items]) if len(items) > 1 else items[0][2]
-                values = calibrate(self._gates[layer_idx](hidden)[None], modality[None], self.video_scale, self.floor)
+                values = calibrate(self._gates[layer_idx](hidden)[None], modality[None], *self._calibration())
                 log_beta.index_copy_(0, slots.flatten(), values[0].reshape(-1).to(torch.float32))
         self.clear()
+
+    def _calibration(self) -> tuple[float, float]:
+        settings = self.settings
+        return (1.0, 0.0) if settings is None else (settings.video_decay_scale, settings.decay_floor)
 
     def clear(self) -> None:
         self._queued.clear()

@@ -25,10 +25,10 @@ from .tables import SlotTables
 
 
 class KVStore:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, calibration: tuple[float, float] = (1.0, 0.0)):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, settings=None):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.calibration = calibration  # (video_decay_scale, decay_floor) of the deferred gates' entries
-        self.gates = DeferredGates(*calibration)  # decode entries whose log beta is not computed yet
+        self.settings = settings  # the cache's `DBTrimKVConfig` (its calibration; None: none)
+        self.gates = DeferredGates(settings)  # runs the gates; decode entries whose log beta is not computed yet
         self.pool: SlotPool | None = None
         self.tables: SlotTables | None = None
         self.requests = RequestTable()  # one row per sequence, in segment order
@@ -201,7 +201,7 @@ class KVStore:
 
     def clone(self) -> "KVStore":
         self.complete_log_beta()
-        other = KVStore(self.num_layers, self.num_kv_heads, self.head_dim, self.calibration)
+        other = KVStore(self.num_layers, self.num_kv_heads, self.head_dim, self.settings)
         other.device, other.requests = self.device, self.requests.clone()
         if self.pool is not None:
             other.pool, other.tables = self.pool.clone(), self.tables.clone()
@@ -220,7 +220,7 @@ class StoreView:
     batch_size = property(lambda self: len(self._store.requests))
     device = property(lambda self: self._store.device)
     capacity = property(lambda self: self._store.pool.capacity)
-    log_beta = property(lambda self: self._store.pool.log_beta)
+    log_beta = property(lambda self: self._store.completed_pool().log_beta)  # (deferred gates run first)
     positions = property(lambda self: self._store.pool.pos)
     modality = property(lambda self: self._store.pool.modality)
     keys = property(lambda self: self._store.pool.k)

@@ -15,6 +15,7 @@ from dbtrimkv.cache import deferred_gates
 from dbtrimkv.inputs.modality import Modality
 from dbtrimkv.modeling.model_anatomy import text_attention_modules
 from dbtrimkv.modeling.transformers_compat import cache_kwargs
+from dbtrimkv.runner.forward import RowInput, forward_rows
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_deferred_log_beta_equals_the_gates_run_at_once(model, calibration):
 
 
 def test_queue_calibrates_each_token_by_its_modality():
-    gates = deferred_gates.DeferredGates(video_scale=0.5, floor=0.1)
+    gates = deferred_gates.DeferredGates(dbtrimkv.DBTrimKVConfig(video_decay_scale=0.5, decay_floor=0.1))
     identity = lambda hidden: hidden  # noqa: E731 - the gate input is the log beta itself
     gates.add(0, identity, torch.tensor([[-0.01, -1.0]]), torch.tensor([[3, 1]]), torch.tensor([Modality.TEXT]))
     gates.add(0, identity, torch.tensor([[-0.01, -1.0]]), torch.tensor([[0, 2]]), torch.tensor([Modality.VIDEO]))
@@ -156,3 +157,51 @@ def test_queue_stays_under_its_byte_bound(model, monkeypatch):
             model(input_ids=ids[:, j : j + 1], use_cache=True, **cache_kwargs(cache))
             most = max(most, cache.store.gates.bytes)
     assert most == 3 * step_bytes  # reached the bound, then completed before the next forward queued more
+
+
+def _row(ids: torch.Tensor, start: int, types: torch.Tensor | None = None) -> RowInput:
+    n = ids.numel()
+    return RowInput(ids, torch.arange(start, start + n), torch.zeros(n, dtype=torch.long) if types is None else types)
+
+
+def test_ragged_decode_pairs_each_row_with_its_own_entries(model):
+    """Rows of one batch that sit decode steps out (left padding in the batched forward), one decoded
+    token tagged video, the calibration on: every entry's log beta is what the row gets alone, in one
+    eager forward of all its tokens, with the same modalities."""
+    config = dbtrimkv.DBTrimKVConfig(video_decay_scale=0.25, decay_floor=1.0)
+    gen = torch.Generator().manual_seed(7)
+    tokens = [torch.randint(5, 200, (n,), generator=gen) for n in (7, 4, 9)]
+    types = [torch.zeros(n, dtype=torch.long) for n in (7, 4, 9)]
+    cache = dbtrimkv.DBTrimKVCache(model, config)
+    with torch.no_grad():
+        forward_rows(model, cache, [_row(t, 0) for t in tokens])
+        for step in range(10):
+            rows = []
+            for b in range(3):
+                if (b == 1 and step % 3) or (b == 0 and step in (4, 5)):  # sits this step out
+                    rows.append(_row(torch.zeros(0, dtype=torch.long), 0))
+                    continue
+                token = torch.randint(5, 200, (1,), generator=gen)
+                kind = torch.full((1,), int(Modality.VIDEO) if (b, step) == (2, 3) else 0)
+                rows.append(_row(token, tokens[b].numel(), kind))
+                tokens[b], types[b] = torch.cat([tokens[b], token]), torch.cat([types[b], kind])
+            forward_rows(model, cache, rows)
+        assert len(cache.store.gates) > 0
+        copy = cache.clone()  # (the copy keeps the calibration: it computes the next queue with it)
+        forward_rows(model, copy, [_row(torch.tensor([9]), t.numel()) for t in tokens])
+    video_at = 9 + 3  # row 2's prompt had 9 tokens; it decoded at every step
+    assert int(types[2][video_at]) == Modality.VIDEO
+    for b in range(3):
+        alone = dbtrimkv.DBTrimKVCache(model, config)
+        with torch.no_grad():
+            forward_rows(model, alone, [_row(tokens[b], 0, types[b])])
+        want, got = _by_position(alone), _by_position(cache, b)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (b, key)
+        copied = _by_position(copy, b)
+        assert all(copied[key] == got[key] for key in got)  # the copy's older entries are the original's
+    scaled = [v for (_, _, p), v in got.items() if p == video_at]
+    assert len(scaled) == len(text_attention_modules(model)) * cache.num_kv_heads and max(scaled) > -1.0  # not floored
+    newest = {k: v for k, v in _by_position(copy, 1).items() if k[2] == tokens[1].numel()}
+    assert newest and max(newest.values()) <= -1.0  # the copy's own decode step: floored by the copied settings
