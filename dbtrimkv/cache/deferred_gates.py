@@ -86,9 +86,7 @@ class DeferredGates:
             return
         with torch.inference_mode():  # (the pool may hold inference tensors; nothing here needs a graph)
             for layer_idx, items in self._queued.items():
-                hidden = torch.cat([h for h, _, _ in items]) if len(items) > 1 else items[0][0]
-                slots = torch.cat([s for _, s, _ in items]) if len(items) > 1 else items[0][1]
-                modality = torch.cat([m for _, _, m in items]) if len(items) > 1 else items[0][2]
+                hidden, slots, modality = (torch.cat(parts) for parts in zip(*items))
                 values = calibrate(self._gates[layer_idx](hidden)[None], modality[None], *self._calibration())
                 log_beta.index_copy_(0, slots.flatten(), values[0].reshape(-1).to(torch.float32))
         self.clear()
