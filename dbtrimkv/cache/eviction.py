@@ -59,7 +59,6 @@ class EvictionTrigger:
     @torch.no_grad()
     def evict(self, sequences: list[int]) -> int:
         """Ask the policy for its order on `sequences` and have the store carry it out."""
-        self.store.complete_log_beta()  # the policy scores every entry's log beta
         evicted = self.store.evict(self.policy.plan_eviction(self.view, sequences), sequences)
         self.num_evictions += 1
         self.evicted_entries += evicted

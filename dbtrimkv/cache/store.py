@@ -5,8 +5,9 @@ Why: one owner for the stored entries. The store alone takes slots from the pool
 back (the free list is its pool's), appends new entries to the segment tables, carries out a
 policy's `EvictionOrder`, and adds, parks and removes sequences (one request-table row and its
 `L * H` segments each), and it fills in the `log beta` of entries whose gates were deferred
-(`deferred_gates.py`) before anything reads it: an eviction, a sequence leaving, a clone. The transformers adapter (`cache.py`) decides when; the attention backend
-(`backend.py`) reads the pool and tables; policies read them through a `StoreView` (a
+(`deferred_gates.py`) before anything reads it: an eviction (the kernels), a policy reading its
+`StoreView.log_beta`, a sequence leaving, a clone. The transformers adapter (`cache.py`) decides when;
+the attention backend (`backend.py`) reads the pool and tables; policies read them through a `StoreView` (a
 `policies.view.PolicyView`) and never write them. Layout: docs/architecture.md, "Storage".
 """
 
@@ -147,7 +148,7 @@ class KVStore:
     def evict(self, order: EvictionOrder, sequences: list[int]) -> int:
         """Carry out a policy's order: drop the losers from the tables, push their slots on the free
         stack, re-read every row's entry count. Returns entries evicted."""
-        self.complete_log_beta()  # (the kernels score log beta; the policy planned on completed values)
+        self.complete_log_beta()  # (the kernels score log beta; a policy that reads it got completed values from its view)
         pool, t = self.pool, self.tables
         if order.scores is None:
             evicted = select_and_compact(
