@@ -1,4 +1,4 @@
-"""Chunked prefill with eviction over the columns of a (left-padded) batch of prompts.
+"""Chunked prefill with eviction over a (left-padded) batch of prompts, each row cut where it would be cut alone.
 
 Why: `model(**inputs, cache=cache)` prefills the whole prompt in one forward, so its K/V must fit
 before anything can be evicted. Here the prompt goes to the language model `chunk` columns at a
@@ -51,11 +51,15 @@ class PromptBatch:
     def rows(self, start: int, end: int) -> list[RowInput]:
         """Each sequence's real tokens in columns [start, end) (left padding comes first, so a row's
         tokens are the chunk's right-most columns) with their positions and visual features."""
+        return self.rows_in([(start, end)] * self.ids.shape[0])
+
+    def rows_in(self, spans: list[tuple[int, int]]) -> list[RowInput]:
+        """Row b's real tokens in its own columns `spans[b]` = [start, end), with positions and visual features."""
         table = self.model.get_input_embeddings().weight
-        vision = (self.stream.chunks(start, end, table.device, table.dtype) if self.stream is not None
+        vision = (self.stream.chunks(spans, table.device, table.dtype) if self.stream is not None
                   else [None] * self.ids.shape[0])
         out = []
-        for b in range(self.ids.shape[0]):
+        for b, (start, end) in enumerate(spans):
             real = self.mask[b, start:end].bool()
             out.append(RowInput(self.ids[b, start:end][real], self.positions[..., b, start:end][..., real],
                                 self.types[b, start:end][real], vision[b]))
@@ -63,15 +67,29 @@ class PromptBatch:
 
     def run(self, cache: DBTrimKVCache, start: int, end: int, chunk: int,
             report: Callable[[int], None] = lambda done: None):
-        """Feed columns [start, end) to `cache` (its rows = this batch's) in chunks of `chunk` columns;
-        returns the last forward's logits `[B, V]` (None if nothing ran). The rotary table covers the
-        whole prompt's positions."""
-        logits = None
+        """Feed columns [start, end) to `cache` (its rows = this batch's); returns each row's logits after
+        its last token in the range `[B, V]` (None if nothing ran). The rotary table covers the whole
+        prompt's positions.
+
+        Each row is cut into chunks of `chunk` of its own real tokens, counted from its first one, so a
+        left-padded row is cut (and evicted before each chunk) exactly where it would be alone, and a
+        batch answers as its prompts do one by one. The forwards' widths add up to `end - start`
+        columns (the last one is padded), so `get_seq_length()` counts the columns as transformers expects."""
+        real = [torch.nonzero(self.mask[b, start:end]).flatten().add(start).tolist() for b in range(self.ids.shape[0])]
+        steps = max((-(-len(cols) // chunk) for cols in real), default=0) or int(end > start)
+        logits, done = None, 0
         with whole_prompt_rotary(self.model, int(self.positions.max()) if self.positions.numel() else 0):
-            for lo in range(start, end, chunk):
-                hi = min(lo + chunk, end)
-                logits = forward_rows(self.model, cache, self.rows(lo, hi), width=hi - lo, keep_columns=True)
-                report(hi)
+            for k in range(steps):
+                picked = [cols[k * chunk : (k + 1) * chunk] for cols in real]
+                width = max(len(cols) for cols in picked) if k + 1 < steps else end - start - done
+                spans = [(cols[0], cols[-1] + 1) if cols else (0, 0) for cols in picked]  # (0, 0): sits it out
+                out = forward_rows(self.model, cache, self.rows_in(spans), width=width, keep_columns=True)
+                # a row's logits are those after its last token (a row with none in the range: the last forward's)
+                ended = [bool(cols) and cols[-1] == whole[-1] or not whole and k + 1 == steps
+                         for cols, whole in zip(picked, real)]
+                logits = out if logits is None else torch.where(torch.tensor(ended, device=out.device)[:, None], out, logits)
+                done += width
+                report(start + done)
         return logits
 
     def finish(self, cache: DBTrimKVCache, upto: int, rows: list[int] | None = None) -> None:

@@ -118,16 +118,15 @@ class VisionStream:
         """The items columns [start, end) reach that are not encoded yet."""
         return [r.item for r in self.runs if r.start < end and r.end > start and r.item not in self._encoded]
 
-    def chunks(self, start: int, end: int, device, dtype) -> list[VisionChunk | None]:
-        """Each row's visual features for columns [start, end), encoding what they reach (all rows' items
-        in one call of the tower); None for a row whose chunk holds no vision token."""
-        rows = self.mask.shape[0]
-        active = [r for r in self.runs if r.start < end and r.end > start]
+    def chunks(self, spans: list[tuple[int, int]], device, dtype) -> list[VisionChunk | None]:
+        """Each row's visual features for its columns `spans[row]` = [start, end), encoding what they reach
+        (all rows' items in one call of the tower); None for a row whose span holds no vision token."""
+        active = [r for r in self.runs if r.start < spans[r.row][1] and r.end > spans[r.row][0]]
         if not active:
-            return [None] * rows
-        self._encode(self.reached(start, end))
+            return [None] * len(spans)
+        self._encode([r.item for r in active if r.item not in self._encoded])
         out: list[VisionChunk | None] = []
-        for row in range(rows):
+        for row, (start, end) in enumerate(spans):
             pieces = sorted((r for r in active if r.row == row), key=lambda r: r.start)
             if not pieces:
                 out.append(None)
@@ -144,7 +143,7 @@ class VisionStream:
             out.append(VisionChunk(columns[real].to(device), torch.cat(embeds).to(device, dtype),
                                    [torch.cat([d[k] for d in deep]).to(device, dtype) for k in range(len(deep[0]))]))
         for r in active:
-            if r.end <= end:
+            if r.end <= spans[r.row][1]:
                 del self._encoded[r.item]  # fully consumed
         return out
 
