@@ -10,6 +10,8 @@
 - `dbtrimkv eval train-recall --config configs/recall-tiny.yaml` trains the tiny recall model.
 - `dbtrimkv eval train-gates --config configs/train-recall-gates.yaml` trains its retention gates
   with `dbtrimkv.training` on recall data and saves them next to the model.
+- `dbtrimkv eval soup-gates START END --alpha A --output FILE` averages two gate files of one model
+  (`dbtrimkv.recall.gate_soup`: how the shipped gates are made from stages 2 and 3).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ harness = lazy("dbtrimkv.eval.harness")
 long_video = lazy("dbtrimkv.eval.long_video")
 long_video_report = lazy("dbtrimkv.eval.long_video_report")
 loading = lazy("dbtrimkv.loading.models")
+gate_soup = lazy("dbtrimkv.recall.gate_soup")
 recall_export = lazy("dbtrimkv.lmms.recall_export")
 report = lazy("dbtrimkv.eval.report")
 train_gates_module = lazy("dbtrimkv.recall.train_gates")
@@ -55,6 +58,7 @@ def add_parser(sub) -> None:
     _add_long_video(eval_sub)
     _add_train_recall(eval_sub)
     _add_train_gates(eval_sub)
+    _add_soup_gates(eval_sub)
 
 
 def _add_synthetic(sub) -> None:
@@ -189,6 +193,18 @@ def _add_train_gates(sub) -> None:
     p.set_defaults(func=run_train_gates)
 
 
+def _add_soup_gates(sub) -> None:
+    p = sub.add_parser("soup-gates", help="average two gate files of one model (weight-space soup)",
+                       description="Write (1 - alpha) x START + alpha x END, two gate safetensors files of the same "
+                                   "model (e.g. two training stages), to --output; the shipped tiny-recall gates are "
+                                   "stage 2 and stage 3 at alpha 0.4.")
+    p.add_argument("start", metavar="START", help="gate weights at alpha 0 (a dbtrimkv_gates.safetensors)")
+    p.add_argument("end", metavar="END", help="gate weights at alpha 1")
+    p.add_argument("--alpha", type=arguments.unit_interval, required=True, help="weight of END, in [0, 1]")
+    p.add_argument("--output", required=True, metavar="FILE", help="the averaged gates (may be START or END)")
+    p.set_defaults(func=run_soup_gates)
+
+
 def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -296,3 +312,9 @@ def run_train_gates(args) -> int:
                       continue_gates=args.continue_gates))
     return 0
 
+
+
+def run_soup_gates(args) -> int:
+    check_writable_file(args.output, "--output")
+    print(gate_soup.soup_gates(args.start, args.end, args.alpha, args.output))
+    return 0

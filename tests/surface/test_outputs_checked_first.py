@@ -90,3 +90,15 @@ def test_train_gates_checks_where_it_will_write(tmp_path, monkeypatch, no_work):
     config.write_text("output_dir: /proc/gates\n")
     line = assert_one_clear_error(["eval", "train-gates", "--config", str(config)])
     assert "cannot write the output_dir of" in line and "/proc/gates" in line
+
+
+def test_soup_gates_checks_its_output_first_and_names_bad_inputs(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    line = assert_one_clear_error(["eval", "soup-gates", str(missing), str(missing), "--alpha", "0.4",
+                                   "--output", "/proc/soup.safetensors"])
+    assert "cannot write --output" in line and "/proc/soup.safetensors" in line  # before reading any input
+    line = assert_one_clear_error(["eval", "soup-gates", str(missing), str(missing), "--alpha", "0.4",
+                                   "--output", str(tmp_path / "out.safetensors")])
+    assert "cannot read gate weights" in line and str(missing) in line
+    line = assert_one_clear_error(["eval", "soup-gates", "a", "b", "--alpha", "1.5", "--output", "o"])
+    assert "--alpha" in line
