@@ -96,8 +96,10 @@ def attend_view_and_new(q, q_valid, view_k, view_v, view_bias, k_new, v_new, sca
                                        scale=scale)
     old_out = old_out.reshape(batch, q_heads, length, dim)
     old_lse = old_lse.reshape(batch, q_heads, length)
-    # softmax over both key sets = the two outputs weighted by exp(lse) / (exp(old lse) + exp(new lse))
-    out = torch.lerp(new_out.float(), old_out.float(), torch.sigmoid(old_lse - new_lse)[..., None])
+    # softmax over both key sets = the two outputs weighted by exp(lse) / (exp(old lse) + exp(new lse)),
+    # in float32 at least (a float64 model's lse is float64: lerp wants one dtype for all three)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = torch.lerp(new_out.to(acc), old_out.to(acc), torch.sigmoid(old_lse - new_lse).to(acc)[..., None])
     return _zero_padding(out.to(q.dtype), q_valid)
 
 

@@ -12,8 +12,9 @@ arguments, `attention.AttentionCall`).
 
 from __future__ import annotations
 
+import copy
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # types only; config never imports this module (tests/test_import_graph.py)
@@ -51,6 +52,17 @@ class ModelState:
     # and plain calls; the capacity loss reads it); a cached forward's log beta goes to the cache's pool only
     log_beta: dict[int, Any] = field(default_factory=dict, repr=False)
     columns_before: int | None = None  # the retention cache's columns when the running decoder forward began
+
+    def __deepcopy__(self, memo) -> "ModelState":
+        """`copy.deepcopy(model)`: everything copied but the lock (a lock cannot be copied; the copy is a
+        model of its own, with a lock of its own)."""
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        for f in fields(self):
+            if f.name != "lock":
+                setattr(clone, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        clone.lock = threading.RLock()
+        return clone
 
     def remove_hooks(self) -> None:
         """Remove every hook dbtrimkv installed on the model."""

@@ -130,3 +130,21 @@ def test_decode_appends_equal_views_rebuilt_from_the_pool(gated, seed):
         assert torch.equal(views.v[tuple(index)][:n], fresh.v[tuple(index)][:n])
         assert torch.equal(views.bias[tuple(index)][0, :n], fresh.bias[tuple(index)][0, :n])
         assert bool((views.bias[tuple(index)][0, n:] < 0).all())
+
+
+def test_a_float64_model_runs_the_views_path_like_the_pool_reference(gated):
+    """A float64 model (a researcher's reference run) under chunked prefill with eviction: the views path
+    merges view and new attention in the model's dtype (it once failed inside torch.lerp)."""
+    import copy
+
+    model = copy.deepcopy(gated).to(torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=gen)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+    config = dbtrimkv.DBTrimKVConfig(memory_size=3, buffer_size=2)
+    fast, cache = _run(model, config, ids, mask, 6, 6, views=True)
+    slow, _ = _run(model, config, ids, mask, 6, 6, views=False)
+    assert cache.num_evictions >= 2 and fast[0].dtype == torch.float64
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
