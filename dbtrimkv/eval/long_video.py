@@ -32,6 +32,7 @@ from ..loading import checkpoints
 from ..loading.checkpoints import gates_are_trained
 from ..settings.config import DBTrimKVConfig
 from ..loading.models import DEFAULT_MODEL
+from ..modeling.transformers_compat import installed_version
 from ..recall.tasks import DIGIT_HOLD, DIGITS, VIDEO_QUESTION, draw_digit, draw_shape
 from ..reporting.retention_timeline import fork_tokens, save
 from ..video_qa.streaming import StreamOptions, ask, encode_windows, frame_windows
@@ -201,5 +202,7 @@ def run_long_video(spec: LongVideoSpec, model_name: str | None = None, device: s
             logger.info("%g min %s: %s", minutes, policy, {k: v for k, v in cells[-1].items() if k != "answers"})
     rank = {policy: i for i, policy in enumerate([*spec.policies, FULL])}
     cells.sort(key=lambda cell: (spec.minutes.index(cell["minutes"]), rank[cell["policy"]]))
+    # the transformers release matters: 5.25's Qwen3-VL processor dropped the outer vision wrapper of a
+    # video (2 tokens), which moves some policies' answers (README, long-video section)
     return {"benchmark": "long-video recall", "model": model_name, "gates_trained": gates_are_trained(model),
-            "spec": asdict(spec), "frames_per_minute": round(60 * spec.fps), "results": cells}
+            "transformers": installed_version(), "spec": asdict(spec), "frames_per_minute": round(60 * spec.fps), "results": cells}

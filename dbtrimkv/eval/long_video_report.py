@@ -64,6 +64,11 @@ def _speed(cell: dict) -> str:
     return f"{cell['seconds_per_minute']:.2f}" + ("" if cpu is None else f" ({cpu:.2f})")
 
 
+def _library(results: dict) -> str:
+    """The transformers release the run used (files written before it was recorded have none)."""
+    return f"; transformers {results['transformers']}" if results.get("transformers") else ""
+
+
 def _seeds(spec: dict) -> str:
     """Which videos, where they are not the benchmark's own (seeds 0..N-1)."""
     first = spec.get("first_seed", 0)
@@ -77,7 +82,7 @@ def markdown(results: dict, command: str, png_name: str) -> str:
     return (
         "# Long-video recall: accuracy and memory vs video length\n\n"
         f"Command: `{command}`\n\n"
-        f"Model: {results['model']} (gates trained: {results['gates_trained']}). Synthetic videos at {spec['fps']:g} fps ({results['frames_per_minute']} frames a "
+        f"Model: {results['model']} (gates trained: {results['gates_trained']}{_library(results)}). Synthetic videos at {spec['fps']:g} fps ({results['frames_per_minute']} frames a "
         f"minute, {spec['image_size']} px), the digit on {DIGIT_HOLD} consecutive frames (a still image) at a random time, the question after the last frame; "
         f"{spec['examples']} videos per length{_seeds(spec)}, streamed through video-qa's windowed path ({spec['window_frames']} "
         f"frames per window) at memory size M = {spec['memory_size']} per (layer, KV head). The full cache runs until "

@@ -118,6 +118,9 @@ def test_the_command_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     assert 0 < cells[(0.5, "global")]["cpu_seconds_per_minute"]
     table = out.with_suffix(".md").read_text()
     assert "| 0.5 | " in table and "OOM" in table and data["command"].startswith("dbtrimkv eval long-video")
+    import transformers  # the video layout depends on the release: the table names it
+
+    assert data["transformers"] == transformers.__version__ and f"transformers {transformers.__version__})" in table
     from PIL import Image
 
     assert Image.open(out.with_suffix(".png")).size[0] > 800
