@@ -25,15 +25,17 @@ def _run(model, processor, chats, config):
 
 
 @pytest.mark.parametrize("kind", ["image", "video", "text"])
-@pytest.mark.parametrize("policy", ["global", "h2o"])
-def test_each_row_of_a_padded_batch_keeps_and_answers_what_it_would_alone(kind, policy):
+@pytest.mark.parametrize("policy, buffer", [("global", 0), ("h2o", 0), ("global", 2), ("snapkv", 1)])
+def test_each_row_of_a_padded_batch_keeps_and_answers_what_it_would_alone(kind, policy, buffer):
+    """(A row whose tokens ran out sits forwards out; if it is over its bound it is evicted then, from the
+    state it would be evicted from alone at its next token.)"""
     torch.manual_seed(0)
     _, model, processor = plain_and_gated("qwen3_vl")
     chats = mixed_chats(kind)
     widths = build_inputs(processor, chats)["attention_mask"].sum(1).tolist()
     chunk = 5
     assert len(set(widths)) == 2 and (widths[0] - widths[1]) % chunk  # padding that shifts a padded-column cut
-    config = dbtrimkv.DBTrimKVConfig(policy=policy, memory_size=4, prefill_chunk=chunk, buffer_size=0)
+    config = dbtrimkv.DBTrimKVConfig(policy=policy, memory_size=4, prefill_chunk=chunk, buffer_size=buffer)
     batched, kept, evictions = _run(model, processor, chats, config)
     assert evictions > 2
     for b, chat in enumerate(chats):
