@@ -61,6 +61,11 @@ def test_readme_main_command_answers_cleanly():
     assert result.stdout.strip() == "image:7"
     for noise in ("Warning", "warning", "Traceback", "deprecated", "Loading weights"):
         assert noise not in result.stderr, result.stderr
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```\nKV cache: ") + 4  # the README's copy of what the command prints about the cache
+    shown = readme[start : readme.index("```", start)].strip().splitlines()
+    printed = result.stderr.splitlines()
+    assert shown == printed[printed.index(shown[0]) : printed.index(shown[0]) + len(shown)]
 
 
 def test_readme_states_the_supported_transformers_range():
