@@ -103,6 +103,7 @@ def serve(args) -> None:
     torch.set_num_threads(1)
     config = dbtrimkv.DBTrimKVConfig(memory_size=MODELS[args.serve]["memory_size"], prefill_chunk=256)
     options = ServerOptions(model_name=args.serve, kv_memory=parse_kv_memory(args.kv_memory),
+                            stream_interval=args.stream_interval,
                             max_running=args.max_running, max_queue=256)
     if args.engine_process:
         from dbtrimkv.serving.engine_process import launch_server
@@ -318,6 +319,7 @@ def measure_model(args, model: str, rounds: list, traces: dict) -> None:
     requests = {c: (max(c, n // 2) if args.quick else n) for c, n in MODELS[model]["requests"].items()}
     kv = args.kv_memory or MODELS[model]["kv_memory"]
     servers = {mode: ServeProcess("--max-running", str(running), "--kv-memory", kv, *extra,
+                                  "--stream-interval", str(args.stream_interval),
                                   launcher=[__file__, "--serve", model], env={"OMP_NUM_THREADS": "1"})
                for mode, running, extra in (("batched", 16, ()), ("batched, engine process", 16, ("--engine-process",)),
                                             ("one-at-a-time", 1, ()))}
@@ -359,6 +361,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement, taken in turns")
     parser.add_argument("--kv-memory", default=None, help="pool size for every model (default: per model, above)")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="every server's --stream-interval (default 1: a chunk per token)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--static", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -393,6 +397,7 @@ def main() -> None:
 
     result = {"rows": rows, "rounds": rounds, "prompt_tokens": prompt_check, "occupancy_peaks": peaks,
               "occupancy_traces": traces, "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "stream_interval": args.stream_interval,
               "seconds": round(time.perf_counter() - started, 1),
               "kv_memory": {m: args.kv_memory or MODELS[m]["kv_memory"] for m in args.models},
               "env": {"python": platform.python_version(), "torch": torch.__version__,
@@ -400,7 +405,8 @@ def main() -> None:
                       "load_average": os.getloadavg()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    md = table(rows) + "\n\nPrompt tokens (server's usage vs the static batch's mask): " + "; ".join(
+    md = table(rows) + f"\n\nServers' --stream-interval: {args.stream_interval}; max tokens {args.max_tokens}; " + \
+        f"repeats {args.repeats}.\n\nPrompt tokens (server's usage vs the static batch's mask): " + "; ".join(
         f"{m}: {p['server_16_clients']} / {p['static_batch']}" for m, p in prompt_check.items())
     md += "\n\nKV memory under 16 clients (batched): " + "; ".join(
         f"{m} ({p['samples']} samples): peak {p['peak_in_use']:.0f} entries in use, {p['peak_reserved']:.0f} reserved, pool {p['pool']:.0f}, "

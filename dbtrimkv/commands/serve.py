@@ -58,6 +58,10 @@ def add_parser(sub) -> None:
     g.add_argument("--max-prefill-tokens-per-step", type=_positive_int, default=None, metavar="N",
                    help="prompt tokens one engine step may prefill; prefills beyond it wait a step while the running "
                         "requests keep decoding (default: max(2048, --prefill-chunk); at least --prefill-chunk)")
+    g.add_argument("--stream-interval", type=_positive_int, default=1, metavar="N",
+                   help="a streamed answer's text goes out every N tokens, the first token's at once (vLLM's "
+                        "option): fewer, larger chunks cost the server less per token with many clients "
+                        "(default: 1, every token)")
     g.add_argument("--max-sessions", type=_positive_int, default=64,
                    help="conversations (session_id) whose cache stays in the pool between requests; the least "
                         "recently used are dropped beyond this or when the pool needs room (default: 64)")
@@ -116,7 +120,8 @@ def options_from_args(args):
     return server.ServerOptions(
         model_name=args.served_model_name or args.model or "tiny-recall", kv_memory=admission.parse_kv_memory(args.kv_memory),
         max_running=args.max_running, max_queue=args.max_queue, max_sessions=args.max_sessions,
-        max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step, http=http,
+        max_tokens=args.max_tokens, max_prefill_tokens=args.max_prefill_tokens_per_step,
+        stream_interval=args.stream_interval, http=http,
         allow_media_dir=args.allow_media_dir,
         allow_remote_media=args.allow_remote_media, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
         session_store=args.session_store,

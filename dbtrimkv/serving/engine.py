@@ -47,9 +47,10 @@ class Engine:
 
     def __init__(self, model, processor, config: DBTrimKVConfig, kv_memory: int, max_running: int = 16,
                  max_queue: int = 64, max_sessions: int = 64, max_prefill_tokens: int | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, stream_interval: int = 1):
         """`kv_memory` bytes pay for the pool and (on CPU) the attention views; a step feeds at most
-        `max_prefill_tokens` prompt tokens (default: max(2048, the prefill chunk))."""
+        `max_prefill_tokens` prompt tokens (default: max(2048, the prefill chunk)); a streamed answer's
+        text goes out every `stream_interval` tokens (the first token's at once)."""
         text = text_config_of(model)
         self.model, self.processor, self.config = model, processor, config
         self.tokenizer = tokenizer_of(processor)
@@ -77,6 +78,9 @@ class Engine:
         self.sessions = SessionStore(max_sessions)
         self.metrics = metrics or Metrics()
         self.max_running, self.max_queue = max_running, max_queue
+        if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+            raise ConfigError(refusals.bad_stream_interval(stream_interval))
+        self.stream_interval = stream_interval
         self.scheduler = Scheduler(model, self.limits, self.pool, self.admission, self.sessions, self.metrics,
                                    max_running, max_queue, self.max_prefill_tokens)
         self.stepper = Stepper(model, self.tokenizer, self.stop_ids, self.scheduler,

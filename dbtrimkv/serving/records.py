@@ -51,6 +51,9 @@ class EngineRequest:
     continues: bool = False
     history: list[tuple] = field(default_factory=list)  # the request's messages, canonical (for its session)
     arrival: float = field(default_factory=time.monotonic)
+    # text goes to `sink` every `send_every` generated tokens (the first token's at once); None: the whole
+    # answer at the end (a request that is not streamed); see Stepper._accept
+    send_every: int | None = 1
     # set by the engine
     prompt_len: int = 0
     budget: int | None = None  # entries it keeps: resolved once, by Scheduler.submit
@@ -66,6 +69,8 @@ class EngineRequest:
     solo: bool = False  # runs in a batch of its own (restarted after its batch's forward failed)
     seed: int | None = None  # the seed its sampler drew (kept by a restart)
     emitted: int = 0  # characters of its answer already sent (by a run before a restart)
+    unsent: str = ""  # text the tracker gave that is not sent yet (send_every)
+    unsent_tokens: int = 0  # tokens generated since text was last sent
 
     def __post_init__(self):
         self.prompt_len = int(self.inputs["input_ids"].shape[1])
@@ -84,7 +89,8 @@ class EngineRequest:
     def restart(self) -> None:
         """Start again from the first prompt token, alone, with the same seed; what was sent is not sent again."""
         self.seed = self.row.sampler.seed if self.row is not None else self.seed
-        self.emitted = self.tracker.emitted if self.tracker is not None else self.emitted
+        self.emitted = self.tracker.emitted - len(self.unsent) if self.tracker is not None else self.emitted
+        self.unsent, self.unsent_tokens = "", 0
         self.prefilled, self.row, self.prompt = 0, None, None
         self.solo = True
 

@@ -24,6 +24,11 @@ def chunk_over_step_budget(chunk: int, step_budget: int) -> str:
             f"--prefill-chunk ({chunk}): a chunk is never split (that would change answers)")
 
 
+def bad_stream_interval(value) -> str:
+    """Text goes out every N tokens: N counts tokens."""
+    return f"--stream-interval must be a whole number of tokens >= 1, got {short(value)}"
+
+
 def budget_over_server(budget: int | None, server_budget: int) -> str:
     """A request may not keep more entries than the server's budget (its settings cap every request)."""
     return (f"eviction: a request may keep at most the server's budget of {server_budget} entries "

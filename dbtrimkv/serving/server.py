@@ -35,6 +35,7 @@ class ServerOptions:
     max_tokens: int = 4096
     default_max_tokens: int = 256
     max_prefill_tokens: int | None = None  # per engine step; None: max(2048, the prefill chunk)
+    stream_interval: int = 1  # a streamed answer's text goes out every N tokens (vLLM's --stream-interval)
     http: HTTPOptions = field(default_factory=HTTPOptions)
     allow_media_dir: Path | None = None
     allow_remote_media: bool = False
@@ -56,7 +57,8 @@ def create_engine(model, processor, config: DBTrimKVConfig, options: ServerOptio
     layers, heads = text.num_hidden_layers, text.num_key_value_heads
     param = next(model.parameters())
     engine = Engine(model, processor, config, memory_bytes(options.kv_memory, param.device), options.max_running,
-                    options.max_queue, options.max_sessions, options.max_prefill_tokens)
+                    options.max_queue, options.max_sessions, options.max_prefill_tokens,
+                    stream_interval=options.stream_interval)
     smallest = engine.bound_for(engine.budget, config, 1)
     one_token = Reservation(smallest, (), view_columns(smallest, layers * heads, 2, config.buffer_size))
     refusal = engine.admission.never_fits(one_token)

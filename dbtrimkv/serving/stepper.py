@@ -198,14 +198,18 @@ class Stepper:
             self.metrics.observe("time_per_output_token_seconds", now - request.last_token_at)
         request.last_token_at = now
         self.metrics.inc("generation_tokens_total")
-        piece = "" if request.row.stops_at(token) else request.tracker.add(token)
-        if piece:
-            request.sink(Event("token", text=piece))
+        first = not request.generated
+        request.unsent += "" if request.row.stops_at(token) else request.tracker.add(token)
+        request.unsent_tokens += 1
+        every = request.send_every
+        if request.unsent and every is not None and (first or request.unsent_tokens >= every):
+            request.sink(Event("token", text=request.unsent))  # (a streamed request's text: --stream-interval)
+            request.unsent, request.unsent_tokens = "", 0
         return request.row.record(token, request.sampling.max_tokens)  # the model runner's rule: stop, length
 
     def _retire(self, group: Batch, request: EngineRequest, reason: str | None, error: APIError | None = None) -> None:
         """Take a request out of its batch (the scheduler parks or frees its row) and tell the client."""
-        tail = request.tracker.flush() if error is None else ""  # (before a session keeps the reply's text)
+        tail = request.unsent + request.tracker.flush() if error is None else ""  # (before a session keeps the reply's text)
         self.scheduler.retire(group, request, reason)
         if error is not None:
             request.sink(Event("error", error=error))

@@ -63,6 +63,7 @@ def submit_chat(engine, chat: ChatRequest, sink, max_prompt_tokens: int, request
             inputs = prompt_inputs(engine.processor, engine.tokenizer, chat, max_prompt_tokens,
                                    session if continues else None, engine.stop_ids)
         job = EngineRequest(request_id or new_request_id(), inputs, chat.config, chat.sampling, sink,
+                            send_every=engine.stream_interval if chat.stream else None,  # not streamed: at the end
                             session_id=chat.session_id, session=session, continues=continues, history=chat.canonical,
                             **({} if arrival is None else {"arrival": arrival}))
         engine.submit(job)
