@@ -1,6 +1,6 @@
 """The events of one request, from the engine thread to the coroutine that answers its client.
 
-Why: the engine sends every request a token event per step; handing each to the event loop on its
+Why: the engine sends a streamed request a token event per step (per `--stream-interval` steps); handing each to the event loop on its
 own (a `call_soon_threadsafe` and an SSE write per token) had the loop, which shares the engine's
 GIL, take about a fifth of the server's time when 16 clients stream from the tiny model. Here the engine
 thread only appends to the request's list and wakes the loop when no wake-up is pending, and the
