@@ -14,7 +14,6 @@ import queue
 
 import httpx
 import pytest
-from helpers import randomize_gates
 from PIL import Image
 from serving_helpers import EXAMPLES, image_message, start_server
 
@@ -27,13 +26,6 @@ from dbtrimkv.serving.engine import Engine, EngineRequest
 from dbtrimkv.runner.sampling import SamplingParams
 
 CONFIG = DBTrimKVConfig(memory_size=4, buffer_size=4, prefill_chunk=8)
-
-
-@pytest.fixture(scope="module")
-def random_vl():
-    model, processor = load_model("tiny")
-    randomize_gates(model, seed=3)
-    return model, processor
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +70,10 @@ def test_the_text_goes_out_every_n_tokens_the_first_at_once_and_is_the_same_text
         engine.stop()
 
 
-def test_a_restart_sends_the_unsent_text_once(random_vl):
+def test_a_restart_sends_the_unsent_text_once(recall_model):
     """A request restarted (its batch's forward failed) with text generated but not yet sent: the
     restarted run sends that text, and nothing the client already has."""
-    model, processor = random_vl
+    model, processor = recall_model
     tokenizer = processor.tokenizer
     job = EngineRequest("x", build_inputs(processor, "hello"), CONFIG, SamplingParams(max_tokens=8), lambda e: None,
                         send_every=4)
@@ -114,9 +106,9 @@ def test_streamed_chunks_over_http_follow_the_interval(recall_pipeline):
 
 
 @pytest.mark.parametrize("value", [0, -2, True, 1.5])
-def test_a_bad_interval_is_one_clear_error(random_vl, value):
+def test_a_bad_interval_is_one_clear_error(recall_model, value):
     with pytest.raises(ConfigError, match="--stream-interval must be a whole number of tokens >= 1"):
-        Engine(*random_vl, CONFIG, kv_memory=64 * 2**20, stream_interval=value)
+        Engine(*recall_model, CONFIG, kv_memory=64 * 2**20, stream_interval=value)
 
 
 def test_the_flag_is_checked_before_the_model_loads(monkeypatch, capsys):
