@@ -1,8 +1,8 @@
 """Chunked prefill with eviction over a (left-padded) batch of prompts, each row cut where it would be cut alone.
 
 Why: `model(**inputs, cache=cache)` prefills the whole prompt in one forward, so its K/V must fit
-before anything can be evicted. Here the prompt goes to the language model `chunk` columns at a
-time through the one forward (`forward.forward_rows`); the cache evicts before each chunk, so a
+before anything can be evicted. Here each prompt goes to the language model `chunk` of its tokens at
+a time through the one forward (`forward.forward_rows`); the cache evicts before each chunk, so a
 sequence never holds more than `budget + L*H*max(buffer_size, chunk)` entries. M-RoPE positions are
 computed once for all new tokens and offset by where the cache's previous turns ended; images and
 video frame groups are encoded only when a chunk reaches them (`vision.VisionStream`); a cache that
@@ -85,7 +85,7 @@ class PromptBatch:
                 spans = [(cols[0], cols[-1] + 1) if cols else (0, 0) for cols in picked]  # (0, 0): sits it out
                 out = forward_rows(self.model, cache, self.rows_in(spans), width=width, keep_columns=True)
                 # a row's logits are those after its last token (a row with none in the range: the last forward's)
-                ended = [bool(cols) and cols[-1] == whole[-1] or not whole and k + 1 == steps
+                ended = [(bool(cols) and cols[-1] == whole[-1]) or (not whole and k + 1 == steps)
                          for cols, whole in zip(picked, real)]
                 logits = out if logits is None else torch.where(torch.tensor(ended, device=out.device)[:, None], out, logits)
                 done += width
