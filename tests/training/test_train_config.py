@@ -56,3 +56,12 @@ def test_gate_horizon_experiment_is_stage_3_with_the_two_long_sequence_settings(
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(stage3, f.name) != getattr(horizon, f.name)}
     assert changed == {"max_steps", "output_dir", "train_data", "decay_scale", "saturation_grad"}
     assert (horizon.max_steps, horizon.decay_scale, horizon.saturation_grad) == (60, 2.0, 0.01)
+
+
+def test_stage_4_experiment_is_stage_3_shorter_at_half_its_learning_rate():
+    import dataclasses
+
+    stage3, stage4 = TrainConfig.load("train-recall-gates-stage3"), TrainConfig.load("train-recall-gates-stage4")
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(stage3, f.name) != getattr(stage4, f.name)}
+    assert changed == {"max_steps", "lr", "output_dir", "train_data"}
+    assert (stage4.max_steps, stage4.lr) == (40, 0.00075)
