@@ -114,17 +114,21 @@ class VisionStream:
                 stream._encoded[i] = (embeds[k], [d[k] for d in deep])
                 k += 1
 
-    def reached(self, start: int, end: int) -> list[int]:
-        """The items columns [start, end) reach that are not encoded yet."""
-        return [r.item for r in self.runs if r.start < end and r.end > start and r.item not in self._encoded]
+    def _runs_in(self, spans: list[tuple[int, int]]) -> list[_VisualRun]:
+        """The runs row b's columns `spans[b]` = [start, end) reach."""
+        return [r for r in self.runs if r.start < spans[r.row][1] and r.end > spans[r.row][0]]
+
+    def reached(self, spans: list[tuple[int, int]]) -> list[int]:
+        """The items row b's columns `spans[b]` reach that are not encoded yet."""
+        return [r.item for r in self._runs_in(spans) if r.item not in self._encoded]
 
     def chunks(self, spans: list[tuple[int, int]], device, dtype) -> list[VisionChunk | None]:
         """Each row's visual features for its columns `spans[row]` = [start, end), encoding what they reach
         (all rows' items in one call of the tower); None for a row whose span holds no vision token."""
-        active = [r for r in self.runs if r.start < spans[r.row][1] and r.end > spans[r.row][0]]
+        active = self._runs_in(spans)
         if not active:
             return [None] * len(spans)
-        self._encode([r.item for r in active if r.item not in self._encoded])
+        self._encode(self.reached(spans))
         out: list[VisionChunk | None] = []
         for row, (start, end) in enumerate(spans):
             pieces = sorted((r for r in active if r.row == row), key=lambda r: r.start)

@@ -106,7 +106,7 @@ class Stepper:
         for request in requests:
             stream = request.prompt.stream
             if stream is not None and request.prefilled < request.prompt_len:
-                parts.append((stream, stream.reached(*request.next_chunk())))
+                parts.append((stream, stream.reached([request.next_chunk()])))
         if sum(bool(items) for _, items in parts) > 1:
             try:
                 VisionStream.encode(parts)

@@ -117,11 +117,11 @@ def test_encoding_streams_together_gives_each_the_features_it_gets_alone(random_
 
     with torch.no_grad():
         streams = [stream(i) for i in range(3)]
-        VisionStream.encode([(s, s.reached(0, s.mask.shape[1])) for s in streams])
+        VisionStream.encode([(s, s.reached([(0, s.mask.shape[1])])) for s in streams])
         together = [s._encoded[0] for s in streams]
         for i, s in enumerate(streams):
             fresh = stream(i)
-            VisionStream.encode([(fresh, fresh.reached(0, fresh.mask.shape[1]))])
+            VisionStream.encode([(fresh, fresh.reached([(0, fresh.mask.shape[1])]))])
             embeds, deep = fresh._encoded[0]
             assert embeds.shape == together[i][0].shape and embeds.shape[0] > 0
             torch.testing.assert_close(together[i][0], embeds, rtol=1e-5, atol=1e-5)
