@@ -4,6 +4,8 @@ sessions sticking to one replica, and a replica killed under load losing no sess
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,29 +20,49 @@ from dbtrimkv.serving.server import ServerOptions  # noqa: E402
 from serving_helpers import free_port, image_message, start_server  # noqa: E402
 
 KV = ("bytes", 2 * 2**20)
-LONG = 300  # tokens per request under load (ignore_eos): long enough to be in flight when the replica dies
+LONG = 1000  # tokens per request under load (ignore_eos): long enough to be in flight when the replica dies
 DIGITS = ["digit-911.png", "digit-912.png", "digit-913.png"]
 pytestmark = pytest.mark.timeout(300)
 
 
+def _ray(*args: str, env: dict | None = None) -> None:
+    """Run the `ray` command line (ray.scripts.scripts) in a fresh process."""
+    command = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", *args]
+    subprocess.run(command, env=env, check=True, timeout=180, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = ServerOptions(kv_memory=KV, session_store=tmp_path_factory.mktemp("store"), session_write_through=True)
-    eviction = {"config": None, "full_cache": False, "policy_options": None}
-    serve.run(build_application(ReplicaSpec(None, "cpu", None, eviction, options), 2), name="dbtrimkv",
-              route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while httpx.get(url + "/health", timeout=30).status_code != 200:  # both replicas up
-        assert time.monotonic() < deadline, "the replicas did not start"
-        time.sleep(0.5)
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    # The head starts in a fresh process (`ray start --head`), not through ray.init() here: ray.init() forks
+    # its GCS server with a Python preexec_fn, and a fork from this test process, which holds the threads
+    # of earlier tests' servers, can deadlock in the child before it execs (CI hung there for 300 s).
+    # Without token authentication on either end: Ray 2.60 turns it on for a head started where a token file
+    # exists, and this driver (RAY_AUTH_MODE read when ray was imported) connects without one. The head's
+    # node address is the loopback one.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "RAY_AUTH_MODE": "disabled"}
+    gcs = f"127.0.0.1:{free_port()}"
+    _ray("start", "--head", f"--port={gcs.rsplit(':', 1)[1]}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+         "--include-dashboard=false", "--disable-usage-stats", env=env)
+    try:
+        ray.init(address=gcs, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = ServerOptions(kv_memory=KV, session_store=tmp_path_factory.mktemp("store"),
+                                session_write_through=True)
+        eviction = {"config": None, "full_cache": False, "policy_options": None}
+        serve.run(build_application(ReplicaSpec(None, "cpu", None, eviction, options), 2), name="dbtrimkv",
+                  route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/health", timeout=30).status_code != 200:  # both replicas up
+            assert time.monotonic() < deadline, "the replicas did not start"
+            time.sleep(0.5)
+        yield url
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        _ray("stop", "--force")
 
 
 @pytest.fixture(scope="module")
