@@ -112,13 +112,9 @@ def build_app(engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()
         reason = engine.unavailable()
         if reason is not None:
             raise Unavailable(reason)
-        raw = await read_body(request, options.max_request_bytes)
-        body = await run_in_threadpool(parse_json, raw)
-        del raw
-        chat = await run_in_threadpool(parse_chat_request, body, limits)
-        del body
         events = EventChannel(asyncio.get_running_loop())
-        job, extra = await run_in_threadpool(engine.prepare, chat, events.put, options.max_prompt_tokens)
+        body = [await read_body(request, options.max_request_bytes)]  # (no other reference: see `_submit`)
+        chat, job, extra = await run_in_threadpool(_submit, engine, body, limits, events.put, options.max_prompt_tokens)
         completion = Completion(limits.model_name, extra)
         if chat.stream:
             return StreamingResponse(_stream(engine, job, events, completion, chat.include_usage),
@@ -126,6 +122,16 @@ def build_app(engine, limits: ServerLimits, options: HTTPOptions = HTTPOptions()
         return await _collect(engine, job, events, completion, request)
 
     return app
+
+
+def _submit(engine, body: list[bytes], limits: ServerLimits, sink, max_prompt_tokens: int):
+    """Parse and validate the body, build the prompt and submit it: one worker-thread hand-off per request
+    (three, one per stage, cost the event loop and the engine, which share the GIL, a wake-up each).
+    `body` holds the only reference to the raw bytes, taken out here so that they are freed once parsed
+    (a large body is not held while its images are decoded)."""
+    chat = parse_chat_request(parse_json(body.pop()), limits)
+    job, extra = engine.prepare(chat, sink, max_prompt_tokens)
+    return chat, job, extra
 
 
 async def _collect(engine, job: str, events: EventChannel, completion: Completion,
