@@ -17,6 +17,7 @@ import torch
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
 from ..errors import MediaError, PromptError
+from ..modeling.transformers_compat import lay_out_videos
 from .media import Video, frames_to_video, load_image, load_video
 from .modality import MODALITY_NAMES
 from .text_files import check_unicode
@@ -24,10 +25,13 @@ from .text_files import check_unicode
 
 @dataclass
 class VideoOptions:
-    """How video files are sampled before they reach the processor."""
+    """How video files are sampled before they reach the processor, and how videos are laid out in the
+    prompt (`layout`: "installed", the installed transformers' own; "wrapped", transformers <= 5.24's,
+    what training recipes pin: `transformers_compat.lay_out_videos`)."""
 
     fps: float = 2.0
     max_frames: int | None = 64
+    layout: str = "installed"
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -184,6 +188,8 @@ def build_inputs(processor, conversations, add_generation_prompt: bool = True,
     template_kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message)
     texts = [processor.apply_chat_template(_placeholders(chat), **template_kwargs) for chat in chats]
+    if is_multimodal(processor):
+        texts = [lay_out_videos(text, processor, video.layout) for text in texts]
     media = [_load_media(chat, video, processor, notes) for chat in chats]
     images = [img for imgs, _ in media for img in imgs]
     videos = [vid for _, vids in media for vid in vids]

@@ -7,7 +7,8 @@ its cap, (2) under which keyword a model call carries the KV cache (`past_key_va
 `cache` from 5.24, where the old name is a deprecated alias until 5.40), (3) which text of the chat
 template a Qwen3-VL processor replaces with a video's frames (from 5.25 the whole
 `<|vision_start|><|video_pad|><|vision_end|>`, since it wraps every frame itself; before, only the
-`<|video_pad|>` inside it, leaving an extra outer pair), and (4) how to say, in one sentence, that
+`<|video_pad|>` inside it, leaving an extra outer pair; `lay_out_videos` gives either layout on
+either release, for training recipes that pin one), and (4) how to say, in one sentence, that
 the installed release broke the integration contract. (From 5.25 transformers also imports the Hub's
 `kernels` package, which `_hub_kernels_compat` keeps reachable from a checkout.)
 """
@@ -72,6 +73,24 @@ def video_placeholder(processor) -> str:
     if VIDEO_WRAPPER_COLLAPSED:
         return processor.vision_start_token + processor.video_token + processor.vision_end_token
     return processor.video_token
+
+
+VIDEO_LAYOUTS = ("installed", "wrapped")  # a video in the prompt: as this release writes it, or as <= 5.24 did
+
+
+def lay_out_videos(text: str, processor, layout: str) -> str:
+    """The rendered chat-template `text`, before the processor expands its videos, such that each video
+    comes out in `layout`: "installed" (as the installed release writes it) or "wrapped" (as transformers
+    <= 5.24 wrote it: the timestamped frame groups inside one more `<|vision_start|>`...`<|vision_end|>`
+    pair, which 5.25 dropped). On 5.25 each placeholder is put inside that pair, which the processor
+    leaves around the frames it writes in its place: the inputs are then those of 5.24, token for token.
+    Training recipes pin "wrapped", so that they give the same batches on every supported release."""
+    if layout not in VIDEO_LAYOUTS:
+        raise ValueError(f"video layout must be one of {', '.join(VIDEO_LAYOUTS)}, got {layout!r}")
+    if layout == "installed" or not VIDEO_WRAPPER_COLLAPSED:
+        return text
+    placeholder = video_placeholder(processor)
+    return text.replace(placeholder, processor.vision_start_token + placeholder + processor.vision_end_token)
 
 
 def integration_error(what: str) -> IntegrationError:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from ..inputs.prompts import build_inputs
+from ..inputs.prompts import VideoOptions, build_inputs
 
 KEYS = string.ascii_uppercase
 DIGITS = string.digits
@@ -179,10 +179,11 @@ def answer_prefix(key: str) -> str:
     return key
 
 
-def prompt_inputs(processor, examples: list["RecallExample"]):
-    """Processor inputs of the prompts (left-padded batch), ending with the answer prefix."""
+def prompt_inputs(processor, examples: list["RecallExample"], video: VideoOptions | None = None):
+    """Processor inputs of the prompts (left-padded batch), ending with the answer prefix (`video`: how
+    videos are laid out, e.g. a training recipe's `video_layout`)."""
     return build_inputs(processor, [ex.messages for ex in examples], add_generation_prompt=False,
-                        continue_final_message=True)
+                        continue_final_message=True, video=video)
 
 
 # --- drawing --------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from ..loading import tiny
-from ..inputs.prompts import build_inputs
+from ..errors import ConfigError
+from ..inputs.prompts import VideoOptions, build_inputs
+from ..modeling.transformers_compat import VIDEO_LAYOUTS
 from .recall_model import build_model, load_recipe, save_model
 from .tasks import (
     DIGIT_HOLD, DIGITS, KEYS, TASK_KINDS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples,
@@ -203,12 +205,13 @@ def copy_positions(input_ids: torch.Tensor, header_ids: list[int], end_id: int) 
     return out
 
 
-def collate(processor, batch: list[RecallExample] | list[CopyChat]):
+def collate(processor, batch: list[RecallExample] | list[CopyChat], video: VideoOptions | None = None):
     """Model inputs for the chats with their answers, and the (row, column) of every supervised token:
     for card streams each answer digit, the `<|im_end|>` that closes it (the echoed key is given,
     not learned) and the digit of every recall inside the stream; for copy chats, clips and single
-    images every token of the assistant's reply."""
-    inputs = build_inputs(processor, [ex.training_messages() for ex in batch], add_generation_prompt=False)
+    images every token of the assistant's reply. `video`: the recipe's (`recipe_video`)."""
+    inputs = build_inputs(processor, [ex.training_messages() for ex in batch], add_generation_prompt=False,
+                          video=video)
     tokenizer = processor.tokenizer
     header = tokenizer(ASSISTANT_PREFIX, add_special_tokens=False).input_ids
     ids = inputs["input_ids"]
@@ -233,13 +236,14 @@ def answer_loss(model, inputs, targets: list[tuple[int, int]]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(model, processor, examples: list[RecallExample], batch_size: int = 16) -> float:
+def teacher_forced_accuracy(model, processor, examples: list[RecallExample], batch_size: int = 16,
+                            video: VideoOptions | None = None) -> float:
     """Fraction of examples whose last answer is the argmax at the answer position (full cache)."""
     model.eval()
     correct = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        inputs = prompt_inputs(processor, chunk).to(model.device)
+        inputs = prompt_inputs(processor, chunk, video).to(model.device)
         logits = model(**inputs).logits[:, -1]
         predicted = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
         correct += sum(p == ex.answer for p, ex in zip(predicted, chunk))
@@ -315,6 +319,16 @@ def load_checkpoint(directory: Path, model, optimizer) -> dict[str, Any]:
     return json.loads((directory / "state.json").read_text(encoding="utf-8"))
 
 
+def recipe_video(recipe: dict[str, Any]) -> VideoOptions:
+    """How the recipe's videos are laid out in its chats (`video_layout`: "installed" when absent; the
+    tiny-recall recipes pin "wrapped", the layout they were first run with, so that they give the same
+    batches, and so the same weights, on every supported transformers release)."""
+    layout = recipe.get("video_layout", "installed")
+    if layout not in VIDEO_LAYOUTS:
+        raise ConfigError(f"video_layout must be one of {', '.join(VIDEO_LAYOUTS)}, got {layout!r}")
+    return VideoOptions(layout=layout)
+
+
 def train(recipe_path: str | Path, output: str | Path | None = None, steps: int | None = None,
           threads: int | None = 1, device: str = "cpu", resume: bool = False,
           stop_at: int | None = None) -> dict[str, float]:
@@ -324,6 +338,7 @@ def train(recipe_path: str | Path, output: str | Path | None = None, steps: int 
     `stop_at`: end this session after that step with a checkpoint (the schedule stays the recipe's),
     to split a long CPU run into sessions; returns the held-out accuracy at that point."""
     recipe = load_recipe(recipe_path)
+    video = recipe_video(recipe)
     if threads:
         torch.set_num_threads(threads)
     opt_cfg, mixture, curriculum = recipe["train"], recipe["mixture"], recipe["curriculum"]
@@ -351,7 +366,7 @@ def train(recipe_path: str | Path, output: str | Path | None = None, steps: int 
     last = min(steps, stop_at) if stop_at else steps
     for step in range(state["step"], last):
         batch = sample_batch(seed0 + step * batch_size, batch_size, mixture, stages[stage])
-        inputs, targets = collate(processor, batch)
+        inputs, targets = collate(processor, batch, video)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, group["peak_lr"], opt_cfg["warmup"], opt_cfg["decay_fraction"],
                                  opt_cfg["final_lr_fraction"])
@@ -366,13 +381,13 @@ def train(recipe_path: str | Path, output: str | Path | None = None, steps: int 
             logger.info("step %d/%d stage %d %s loss %.3f lr %.2e %.0fs", step + 1, steps, stage, stages[stage],
                         smoothed, optimizer.param_groups[0]["lr"], time.perf_counter() - start)
         if stage + 1 < len(stages) and (step + 1) % curriculum["check_every"] == 0:
-            accuracy = teacher_forced_accuracy(model, processor, checks)
+            accuracy = teacher_forced_accuracy(model, processor, checks, video=video)
             if accuracy >= curriculum["advance_at"]:
                 stage += 1
                 checks = check_set(mixture, stages[stage], curriculum["check_examples"])
                 logger.info("step %d: stage accuracy %.2f -> stage %d %s", step + 1, accuracy, stage, stages[stage])
         if (step + 1) % opt_cfg["eval_every"] == 0 or step + 1 == steps:
-            scores = {k: teacher_forced_accuracy(model, processor, v) for k, v in heldout.items()}
+            scores = {k: teacher_forced_accuracy(model, processor, v, video=video) for k, v in heldout.items()}
             logger.info("step %d held-out accuracy %s", step + 1, {k: round(v, 3) for k, v in scores.items()})
             save_model(model.eval(), processor, output)
             model.train()
@@ -382,6 +397,6 @@ def train(recipe_path: str | Path, output: str | Path | None = None, steps: int 
                             {"step": step + 1, "stage": stage, "smoothed": smoothed,
                              "seconds": time.perf_counter() - start})
     if not scores:  # stopped between evaluations, or resumed at the end: report the current weights
-        scores = {k: teacher_forced_accuracy(model, processor, v) for k, v in heldout.items()}
+        scores = {k: teacher_forced_accuracy(model, processor, v, video=video) for k, v in heldout.items()}
     logger.info("saved %s after %.0fs", output, time.perf_counter() - start)
     return scores

@@ -16,6 +16,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..modeling.gates import GATE_TYPES
+from ..modeling.transformers_compat import VIDEO_LAYOUTS
 from ..settings.presets import load_yaml
 from .train_attention import BACKENDS
 from .capacity import CAPACITY_MODES
@@ -55,6 +56,9 @@ class TrainConfig:
     packing: bool = False  # text-only models
     video_fps: float = 2.0
     video_max_frames: int = 64
+    # videos in the prompt as the installed transformers writes them, or "wrapped" as <= 5.24 did (the same
+    # batches on every release: `transformers_compat.lay_out_videos`; the tiny-recall gate configs pin it)
+    video_layout: str = "installed"
     num_workers: int = 0
     # optimisation (AdamW on the gate parameters, cosine schedule with linear warm-up)
     batch_size: int = 1  # per process
@@ -79,7 +83,7 @@ class TrainConfig:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         choices = {"device": DEVICES, "gate_type": GATE_TYPES, "loss": LOSS_KINDS, "capacity": CAPACITY_MODES,
-                   "attention": BACKENDS}
+                   "attention": BACKENDS, "video_layout": VIDEO_LAYOUTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

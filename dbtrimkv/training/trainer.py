@@ -158,7 +158,8 @@ def _data_loader(config: TrainConfig, processor, accelerator) -> DataLoader:
             write_synthetic_dataset(path.parent, config.synthetic_examples, config.seed, images=multimodal)
         accelerator.wait_for_everyone()
     dataset = ChatDataset(read_chats(path), processor, config.max_length,
-                          VideoOptions(config.video_fps, config.video_max_frames), source=str(path))
+                          VideoOptions(config.video_fps, config.video_max_frames, config.video_layout),
+                          source=str(path))
     if config.packing:
         dataset = pack_examples(dataset.usable_examples(), config.max_length)
     pad = tokenizer_of(processor).pad_token_id

@@ -63,5 +63,5 @@ def test_stage_4_experiment_is_stage_3_shorter_at_half_its_learning_rate():
 
     stage3, stage4 = TrainConfig.load("train-recall-gates-stage3"), TrainConfig.load("train-recall-gates-stage4")
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(stage3, f.name) != getattr(stage4, f.name)}
-    assert changed == {"max_steps", "lr", "output_dir", "train_data"}
-    assert (stage4.max_steps, stage4.lr) == (40, 0.00075)
+    assert changed == {"max_steps", "lr", "output_dir", "train_data", "video_layout"}
+    assert (stage4.max_steps, stage4.lr, stage4.video_layout) == (40, 0.00075, "installed")  # 5.25's, as it ran
