@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
-from ..settings import presets
+from ..errors import ConfigError
+from ..inputs.prompts import VideoOptions
 from ..loading import tiny
+from ..modeling.transformers_compat import VIDEO_LAYOUTS
+from ..settings import presets
 
 RECIPE = "recall-tiny.yaml"
 
@@ -25,6 +28,16 @@ RECIPE = "recall-tiny.yaml"
 def load_recipe(name_or_path: str | Path = RECIPE) -> dict[str, Any]:
     """The training recipe (model sizes, task mixture, optimiser) from a preset name or YAML path."""
     return presets.load_yaml(name_or_path)
+
+
+def recipe_video(recipe: dict[str, Any]) -> VideoOptions:
+    """How the recipe's videos are laid out in its chats (`video_layout`: "installed" when absent; the
+    tiny-recall recipes pin "wrapped", the layout they were first run with, so that they give the same
+    batches, and so the same weights, on every supported transformers release)."""
+    layout = recipe.get("video_layout", "installed")
+    if layout not in VIDEO_LAYOUTS:
+        raise ConfigError(f"video_layout must be one of {', '.join(VIDEO_LAYOUTS)}, got {layout!r}")
+    return VideoOptions(layout=layout)
 
 
 def build_config(model_spec: dict[str, Any]):

@@ -50,10 +50,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from ..loading import tiny
-from ..errors import ConfigError
 from ..inputs.prompts import VideoOptions, build_inputs
-from ..modeling.transformers_compat import VIDEO_LAYOUTS
-from .recall_model import build_model, load_recipe, save_model
+from .recall_model import build_model, load_recipe, recipe_video, save_model
 from .tasks import (
     DIGIT_HOLD, DIGITS, KEYS, TASK_KINDS, TRAIN_SEED_BASE, ImageRecallTask, RecallExample, RecallTask, VideoRecallTask, examples,
     make_example, prompt_inputs,
@@ -317,16 +315,6 @@ def load_checkpoint(directory: Path, model, optimizer) -> dict[str, Any]:
     model.load_state_dict(load_file(directory / "model.safetensors"))
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     return json.loads((directory / "state.json").read_text(encoding="utf-8"))
-
-
-def recipe_video(recipe: dict[str, Any]) -> VideoOptions:
-    """How the recipe's videos are laid out in its chats (`video_layout`: "installed" when absent; the
-    tiny-recall recipes pin "wrapped", the layout they were first run with, so that they give the same
-    batches, and so the same weights, on every supported transformers release)."""
-    layout = recipe.get("video_layout", "installed")
-    if layout not in VIDEO_LAYOUTS:
-        raise ConfigError(f"video_layout must be one of {', '.join(VIDEO_LAYOUTS)}, got {layout!r}")
-    return VideoOptions(layout=layout)
 
 
 def train(recipe_path: str | Path, output: str | Path | None = None, steps: int | None = None,

@@ -13,10 +13,10 @@ from dbtrimkv.errors import ConfigError
 from dbtrimkv.inputs.prompts import VideoOptions, build_inputs
 from dbtrimkv.loading.tiny import build_processor
 from dbtrimkv.modeling.transformers_compat import VIDEO_WRAPPER_COLLAPSED, lay_out_videos
-from dbtrimkv.recall.recall_model import load_recipe
+from dbtrimkv.recall.recall_model import load_recipe, recipe_video
 from dbtrimkv.recall.tasks import ImageRecallTask, RecallTask, VideoRecallTask, image_example, recall_example, \
     video_example
-from dbtrimkv.recall.train_model import collate, recipe_video
+from dbtrimkv.recall.train_model import collate
 from dbtrimkv.training.train_config import TrainConfig
 
 # sha256 of a training batch's input ids, token types, mask and supervised positions, recorded under
