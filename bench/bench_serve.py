@@ -19,8 +19,12 @@ throughput is comparable. Clients are threads of this process sharing one keep-a
 (as a load generator holds one session; a new connection per request cost the client more CPU than
 the tiny model's server spent answering, on the same 2 cores). Reported per (model, mode, clients): the median over the rounds and the
 range of requests/s and generated tokens/s, p50 / p99 request latency, p50 time to first token
-(streamed); per round, the gain of batching over one-at-a-time and the server's tokens/s over the
-static batch's (ratios within a round: the machine is shared, its load moves between rounds).
+(streamed), the CPU seconds the run cost the server (user + system, its process and an engine process
+under it, from /proc) and the clients (this process), the static batch's own CPU seconds; per round,
+the gain of batching over one-at-a-time and the server's tokens/s over the static batch's (ratios
+within a round: the machine is shared, its load moves between rounds). The CPU columns say where a
+ratio comes from: a server that spends more CPU per wave than the static batch cannot match it on a
+machine whose cores the clients share.
 `--kv-memory` (pool and attention views together) admits all 16 requests at once (the static batch
 holds all 16 too). Before the rounds, one 16-client batched run of its own (not timed: sampling
 slows the server) samples `/metrics` every 50 ms: KV entries in use and reserved against the pool,
@@ -113,7 +117,9 @@ def serve(args) -> None:
                                            loader=functools.partial(load_served, args.serve)))
     else:
         app, _ = create_server(*load_served(args.serve), config, options)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    # Keep-alive past the client pool's (httpx: 5 s, as uvicorn's default): with equal timeouts the server can
+    # close an idle connection just as a client reuses it ("connection reset by peer" in a later round).
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_keep_alive=60)
 
 
 def static_worker(args) -> None:
@@ -130,14 +136,15 @@ def static_worker(args) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run(count: int, tokens: int) -> dict:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             inputs = build_inputs(processor, chats[:count])
             out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                  pad_token_id=pad)
         wall = time.perf_counter() - start
         generated = (out.shape[1] - inputs["input_ids"].shape[1]) * count
-        return {"seconds": round(wall, 3), "tokens": generated, "tokens_per_s": round(generated / wall, 2),
+        return {"seconds": round(wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
+                "tokens": generated, "tokens_per_s": round(generated / wall, 2),
                 "prompt_tokens": int(inputs["attention_mask"].sum()), "width": inputs["input_ids"].shape[1]}
 
     run(2, 2)  # warm-up
@@ -224,9 +231,12 @@ def sample_metrics(base: str, stop: threading.Event, out: list, t0: float) -> No
 
 
 def load(client: httpx.Client, base: str, model: str, clients: int, count: int, max_tokens: int,
-         trace: list | None = None) -> dict:
+         trace: list | None = None, server_cpu=None) -> dict:
+    """`count` requests from `clients` threads; `server_cpu` (a `ServeProcess.cpu_seconds`) adds the CPU seconds
+    the server spent meanwhile, beside this process's own (the clients')."""
     work = prompts(model, count)
     stop, sampler = threading.Event(), None
+    cpu0 = (server_cpu() if server_cpu else 0.0, time.process_time())
     t0 = time.perf_counter()
     if trace is not None:
         sampler = threading.Thread(target=sample_metrics, args=(base, stop, trace, t0))
@@ -234,6 +244,8 @@ def load(client: httpx.Client, base: str, model: str, clients: int, count: int, 
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda m: one_request(client, base, model, m, max_tokens), work))
     wall = time.perf_counter() - t0
+    cpu = {"server_cpu_s": round(server_cpu() - cpu0[0], 3)} if server_cpu else {}
+    cpu["client_cpu_s"] = round(time.process_time() - cpu0[1], 3)
     stop.set()
     if sampler is not None:
         sampler.join()
@@ -245,7 +257,8 @@ def load(client: httpx.Client, base: str, model: str, clients: int, count: int, 
             "latency_p50_s": round(statistics.median(latencies), 3),
             "latency_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
             # (a first token that is a stop token sends no text: that request has no TTFT)
-            "ttft_p50_s": round(statistics.median([r["ttft"] for r in results if r["ttft"] is not None] or [0.0]), 3)}
+            "ttft_p50_s": round(statistics.median([r["ttft"] for r in results if r["ttft"] is not None] or [0.0]), 3),
+            **cpu}
 
 
 def spread(values: list[float], digits: int = 2) -> str:
@@ -261,7 +274,8 @@ def summarize(rounds: list[dict]) -> list[dict]:
         mine = [r for r in rounds if (r["model"], r["mode"], r["clients"]) == (model, mode, clients)]
         row = {"model": model, "mode": mode, "clients": clients, "requests": mine[0]["requests"],
                "rounds": len(mine), "tokens_per_s": [r["tokens_per_s"] for r in mine]}
-        for key in ("requests_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s"):
+        for key in ("requests_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "server_cpu_s", "cpu_s",
+                    "client_cpu_s"):
             if key in mine[0]:
                 row[key] = statistics.median(r[key] for r in mine)
         if mode.startswith("batched"):
@@ -276,13 +290,14 @@ def summarize(rounds: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = ["model", "mode", "clients", "requests", "tok/s median (range)", "p50 latency s", "p99 latency s",
-            "p50 TTFT s", "batched / one-at-a-time", "batched / static batch"]
+            "p50 TTFT s", "server CPU s", "client CPU s", "batched / one-at-a-time", "batched / static batch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ratio = {k: spread(r[k]) + "x" if k in r else "" for k in ("gain_vs_one_at_a_time", "vs_static")}
         lines.append("| " + " | ".join(str(x) for x in (
             r["model"], r["mode"], r["clients"], r["requests"], spread(r["tokens_per_s"], 1),
             r.get("latency_p50_s", ""), r.get("latency_p99_s", ""), r.get("ttft_p50_s", ""),
+            r.get("server_cpu_s", r.get("cpu_s", "")), r.get("client_cpu_s", ""),
             ratio["gain_vs_one_at_a_time"], ratio["vs_static"])) + " |")
     return "\n".join(lines)
 
@@ -340,7 +355,8 @@ def measure_model(args, model: str, rounds: list, traces: dict) -> None:
                     if mode == "one-at-a-time" and clients == 1:
                         continue  # the same as batched with one client
                     row = dict(model=model, mode=mode, round=round_,
-                               **load(client, server.base_url, model, clients, requests[clients], args.max_tokens))
+                               **load(client, server.base_url, model, clients, requests[clients], args.max_tokens,
+                                      server_cpu=server.cpu_seconds))
                     rounds.append(row)
                     print(json.dumps(row), flush=True)
             row = dict(model=model, mode="static", round=round_, clients=16, requests=requests[16], **static.run())

@@ -57,6 +57,23 @@ KV_MEMORY = 2 * 2**20
 
 
 # --- the server process ------------------------------------------------------------------------
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its live descendants (/proc/PID/stat fields 14-15)."""
+    parents, ticks = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # (the command name may hold spaces)
+        except OSError:  # the process ended meanwhile
+            continue
+        child = int(stat.parent.name)
+        parents[child], ticks[child] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        frontier = [c for c, parent in parents.items() if parent in frontier and c not in tree]
+        tree.update(frontier)
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     import socket
 
@@ -104,6 +121,11 @@ class ServeProcess:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
         raise KeyError(key)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds spent so far by the server and every process under it (an engine
+        process included), from /proc: what one measured stretch cost the server, read before and after."""
+        return tree_cpu_seconds(self.proc.pid)
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
