@@ -26,12 +26,10 @@ def decode_rows(model, cache: DBTrimKVCache, tokens: Sequence[int | None]) -> li
     """The inputs of one decode step: cache row b feeds `tokens[b]` at its next position (None: sits out)."""
     device = next(model.parameters()).device
     positions = decode_positions(model, list(cache.requests), device)
-    return [_token_input(token, positions[..., b, :], device) for b, token in enumerate(tokens)]
-
-
-def _token_input(token: int | None, position: torch.Tensor, device) -> RowInput:
-    ids = torch.tensor([] if token is None else [token], dtype=torch.long, device=device)
-    return RowInput(ids, position[..., : ids.numel()], torch.zeros_like(ids))
+    fed = torch.tensor([0 if token is None else token for token in tokens], dtype=torch.long, device=device)
+    text = torch.zeros_like(fed)  # (the rows' slices of these tensors are views: one tensor each, not one per row)
+    return [RowInput(fed[b : b + n], positions[..., b, :n], text[b : b + n])
+            for b, n in enumerate(0 if token is None else 1 for token in tokens)]
 
 
 @dataclass

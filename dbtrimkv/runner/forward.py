@@ -40,23 +40,42 @@ def forward_rows(model, cache: DBTrimKVCache, rows: list[RowInput], width: int |
     otherwise it is cleared first (a serving batch, whose rows share no column count)."""
     device = next(model.parameters()).device
     counts = [r.ids.numel() for r in rows]
-    batch, width = len(rows), max(counts) if width is None else width
+    width = max(counts) if width is None else width
+    ids, mask, types, positions = pack_rows(rows, counts, width, is_vision_language(model), device)
+    embeds, kwargs = vision_inputs([r.vision for r in rows], counts, width, model.get_input_embeddings()(ids))
+    if not keep_columns:
+        cache.clear_columns()
+    history = torch.ones(len(rows), cache.get_seq_length(), dtype=mask.dtype, device=device)
+    cache.set_next_modality(types)
+    out = language_model_of(model)(inputs_embeds=embeds, attention_mask=torch.cat([history, mask], 1),
+                                   position_ids=positions, use_cache=True, **cache_kwargs(cache), **kwargs)
+    return model.get_output_embeddings()(out.last_hidden_state[:, -1])
+
+
+def pack_rows(rows: list[RowInput], counts: list[int], width: int, vision_language: bool, device):
+    """The rows as one batch: `ids`, `mask`, `types` `[B, width]` and `positions` (`[4, B, width]` with
+    M-RoPE, else `[B, width]`), each row left-padded to `width` (`counts[b]` real tokens; long tensors,
+    zeros in the padding). When no row needs padding (a decode step: one token each) the rows are
+    stacked in one call per tensor; otherwise `pad_rows` writes them row by row (the reference)."""
+    if counts and all(n == width for n in counts):
+        stack = lambda parts, dim=0: torch.stack(parts, dim).to(device, torch.long)  # noqa: E731
+        ids = stack([r.ids for r in rows])
+        return (ids, torch.ones_like(ids), stack([r.types for r in rows]),
+                stack([r.positions for r in rows], -2))
+    return pad_rows(rows, counts, width, vision_language, device)
+
+
+def pad_rows(rows: list[RowInput], counts: list[int], width: int, vision_language: bool, device):
+    """`pack_rows` one row at a time: each row's tokens at the right end of zeros."""
+    batch = len(rows)
     ids = torch.zeros(batch, width, dtype=torch.long, device=device)
     mask = torch.zeros(batch, width, dtype=torch.long, device=device)
     types = torch.zeros(batch, width, dtype=torch.long, device=device)
-    positions = torch.zeros((4, batch, width) if is_vision_language(model) else (batch, width), dtype=torch.long,
-                            device=device)
+    positions = torch.zeros((4, batch, width) if vision_language else (batch, width), dtype=torch.long, device=device)
     for b, (row, n) in enumerate(zip(rows, counts)):
         if n:
             ids[b, width - n :] = row.ids
             mask[b, width - n :] = 1
             types[b, width - n :] = row.types
             positions[..., b, width - n :] = row.positions
-    embeds, kwargs = vision_inputs([r.vision for r in rows], counts, width, model.get_input_embeddings()(ids))
-    if not keep_columns:
-        cache.clear_columns()
-    history = torch.ones(batch, cache.get_seq_length(), dtype=mask.dtype, device=device)
-    cache.set_next_modality(types)
-    out = language_model_of(model)(inputs_embeds=embeds, attention_mask=torch.cat([history, mask], 1),
-                                   position_ids=positions, use_cache=True, **cache_kwargs(cache), **kwargs)
-    return model.get_output_embeddings()(out.last_hidden_state[:, -1])
+    return ids, mask, types, positions
