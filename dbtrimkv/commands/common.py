@@ -138,6 +138,10 @@ def eviction_request(args) -> dict:
     another process, e.g. a Ray Serve replica, that resolves them against its own model)."""
     explicit = {k: getattr(args, k, None) for k in ("budget", "memory_size", "policy", "threshold", "buffer_size",
                                                    "prefill_chunk")}
+    limits = [f"--{k.replace('_', '-')}" for k in ("budget", "memory_size") if explicit[k] is not None]
+    if args.full_cache and limits:
+        raise ConfigError(f"--full-cache keeps every entry, so it cannot be combined with {' and '.join(limits)}; "
+                          "give one or the other")
     options = parse_policy_options(getattr(args, "policy_option", []))
     if "threshold" in options or "tau" in options:
         raise ConfigError(f"the threshold policy's tau is set with --threshold TAU, not --policy-option "

@@ -132,6 +132,8 @@ def test_every_command_that_can_draw_bars_takes_no_progress(command):
 
 @pytest.mark.parametrize("argv, wanted, unwanted", [
     (["--budget", "5", "--memory-size", "3"], ["--budget", "--memory-size"], ["memory_size"]),
+    (["--full-cache", "--budget", "5"], ["--full-cache", "--budget"], ["--memory-size"]),
+    (["--full-cache", "--memory-size", "3"], ["--full-cache", "--memory-size"], ["--budget"]),
     (["--policy", "threshold"], ["--threshold"], ["got None"]),
     (["--threshold", "0.5"], ["--threshold is only used by --policy threshold"], []),
     (["--policy-option", "tau=0.3"], ["--threshold TAU", "--policy-option"], []),
