@@ -13,6 +13,7 @@ torchvision importable on a CPU torch (just before torchvision is first imported
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from . import _import_hooks
 from ._hub_kernels_compat import ensure_hub_kernels_importable
@@ -37,6 +38,9 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # a subpackage on first use (PEP 562), so `dbtrimkv.cache.save_cache(...)` works after `import dbtrimkv`
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

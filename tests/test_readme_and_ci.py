@@ -84,3 +84,50 @@ def test_ci_reruns_the_oldest_supported_transformers():
     assert OLDEST_SUPPORTED == "5.17"
     for folder in ("tests/engine", "tests/training", "tests/test_pipeline.py"):
         assert folder in run
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_the_readme_python_imports_work():
+    """Every import line of the README's Python snippets runs as written (the snippets themselves need hub
+    models; their imports must not be what breaks)."""
+    lines = [line.strip() for block in _python_blocks((ROOT / "README.md").read_text()) for line in block.splitlines()
+             if re.match(r"\s*(from dbtrimkv[\w.]* import |import dbtrimkv)", line)]
+    assert lines
+    for line in lines:
+        exec(line, {})  # noqa: S102 - the README's own import lines
+
+
+def test_the_dotted_names_the_readme_gives_exist():
+    """`dbtrimkv.a.b` names in the README's text point at real modules, classes and functions."""
+    import importlib
+
+    names = set(re.findall(r"`(dbtrimkv(?:\.\w+)+)", (ROOT / "README.md").read_text()))
+    names -= {"dbtrimkv.notice"}  # a field of the server's JSON responses, not a Python name
+    assert len(names) > 5
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attr in parts[cut:]:
+            assert hasattr(obj, attr), f"README names {name}: {'.'.join(parts[:cut])} has no {attr}"
+            obj = getattr(obj, attr)
+
+
+def test_subpackages_load_on_first_use():
+    """After a plain `import dbtrimkv`, `dbtrimkv.cache.save_cache(...)` works (PEP 562), and the import stays
+    light until a subpackage is used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dbtrimkv; light = 'torch' not in sys.modules; "
+            "print(light, dbtrimkv.cache.save_cache.__name__, dbtrimkv.video_qa.VideoQA.__name__, "
+            "hasattr(dbtrimkv, 'no_such_thing'), hasattr(dbtrimkv, '_private'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.stdout.split() == ["True", "save_cache", "VideoQA", "False", "False"], out.stderr[-2000:]
