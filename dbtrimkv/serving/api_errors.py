@@ -25,9 +25,10 @@ class APIError(DBTrimKVError):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    scrubbed = True  # (False: a message that can hold no server detail, only the request's own path and routes)
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        message = scrub(message)
+        message = scrub(message) if self.scrubbed else message
         super().__init__(message)
         self.message, self.param = message, param
         if code is not None:
@@ -53,11 +54,11 @@ class ModelNotFound(APIError):
 
 
 class NotFound(APIError):
-    status, code = 404, "not_found"
+    status, code, scrubbed = 404, "not_found", False
 
 
 class MethodNotAllowed(APIError):
-    status, code = 405, "method_not_allowed"
+    status, code, scrubbed = 405, "method_not_allowed", False
 
     def __init__(self, message: str, allow: str | None = None):
         super().__init__(message)

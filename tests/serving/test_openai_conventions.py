@@ -40,9 +40,13 @@ def post(server, body):
 
 def test_every_path_answers_with_an_openai_error_object(server):
     url = server.base_url
-    assert error_of(httpx.get(url + "/v1/nothing-here"), 404)["code"] == "not_found"
+    missing = error_of(httpx.get(url + "/v1/nothing-here"), 404)
+    assert missing["code"] == "not_found"
+    # the message names the path asked for and the routes there are (no `<path>`: these hold no server detail)
+    assert missing["message"] == "no route GET /v1/nothing-here; see GET /v1/models, POST /v1/chat/completions"
     wrong = httpx.get(url + "/v1/chat/completions")
     assert error_of(wrong, 405)["code"] == "method_not_allowed" and "POST" in wrong.headers["allow"]
+    assert error_of(wrong, 405)["message"] == "GET is not allowed on /v1/chat/completions"
     assert error_of(httpx.post(url + "/v1/chat/completions", content=b"x" * 300_000), 413)["code"] == \
         "request_too_large"
     assert error_of(httpx.delete(url + "/v1/models"), 405)["type"] == "invalid_request_error"
