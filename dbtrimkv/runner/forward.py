@@ -57,12 +57,14 @@ def pack_rows(rows: list[RowInput], counts: list[int], width: int, vision_langua
     M-RoPE, else `[B, width]`), each row left-padded to `width` (`counts[b]` real tokens; long tensors,
     zeros in the padding). When no row needs padding (a decode step: one token each) the rows are
     stacked in one call per tensor; otherwise `pad_rows` writes them row by row (the reference)."""
-    if counts and all(n == width for n in counts):
-        stack = lambda parts, dim=0: torch.stack(parts, dim).to(device, torch.long)  # noqa: E731
-        ids = stack([r.ids for r in rows])
-        return (ids, torch.ones_like(ids), stack([r.types for r in rows]),
-                stack([r.positions for r in rows], -2))
-    return pad_rows(rows, counts, width, vision_language, device)
+    if not counts or any(n != width for n in counts):
+        return pad_rows(rows, counts, width, vision_language, device)
+
+    def stack(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        return torch.stack(parts, dim).to(device, torch.long)
+
+    ids = stack([r.ids for r in rows])
+    return ids, torch.ones_like(ids), stack([r.types for r in rows]), stack([r.positions for r in rows], -2)
 
 
 def pad_rows(rows: list[RowInput], counts: list[int], width: int, vision_language: bool, device):
