@@ -90,10 +90,13 @@ def _python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def test_the_readme_python_imports_work():
-    """Every import line of the README's Python snippets runs as written (the snippets themselves need hub
-    models; their imports must not be what breaks)."""
-    lines = [line.strip() for block in _python_blocks((ROOT / "README.md").read_text()) for line in block.splitlines()
+    """Every import line of the Python snippets in the README and docs runs as written (the snippets
+    themselves need hub models; their imports must not be what breaks)."""
+    lines = [line.strip() for doc in DOCS for block in _python_blocks(doc.read_text()) for line in block.splitlines()
              if re.match(r"\s*(from dbtrimkv[\w.]* import |import dbtrimkv)", line)]
     assert lines
     for line in lines:
@@ -101,10 +104,10 @@ def test_the_readme_python_imports_work():
 
 
 def test_the_dotted_names_the_readme_gives_exist():
-    """`dbtrimkv.a.b` names in the README's text point at real modules, classes and functions."""
+    """`dbtrimkv.a.b` names in the README's and the docs' text point at real modules, classes and functions."""
     import importlib
 
-    names = set(re.findall(r"`(dbtrimkv(?:\.\w+)+)", (ROOT / "README.md").read_text()))
+    names = {name for doc in DOCS for name in re.findall(r"`(dbtrimkv(?:\.\w+)+)", doc.read_text())}
     names -= {"dbtrimkv.notice"}  # a field of the server's JSON responses, not a Python name
     assert len(names) > 5
     for name in sorted(names):
