@@ -267,11 +267,20 @@ def _sized(frame_size, count: int, height: int, width: int) -> tuple[int, int]:
 
 
 def frames_to_video(frames, fps: float = 2.0, frames_indices: list[int] | None = None,
-                    total_num_frames: int | None = None, source: str = "frames") -> Video:
-    """A `Video` from a list of frames (PIL images, paths or HxWx3 arrays) at `fps`."""
+                    total_num_frames: int | None = None, source: str = "frames", max_frames: int | None = None) -> Video:
+    """A `Video` from a list of frames (PIL images, paths or HxWx3 arrays) at `fps`; with `max_frames`, a
+    longer list keeps `max_frames` frames spread evenly over it, as a video file does (the `sampling` note says so)."""
     if frames is None or len(frames) == 0:
         raise MediaError(f"video {source} has no frames")
-    _check_sampling(fps, None, every_frame_ok=False)
+    _check_sampling(fps, max_frames, every_frame_ok=False)
+    if max_frames is not None and len(frames) > max_frames:
+        given = list(range(len(frames))) if frames_indices is None else list(frames_indices)
+        keep = sample_indices(len(frames), fps, fps, max_frames)
+        video = frames_to_video([frames[i] for i in keep], fps, [given[min(i, len(given) - 1)] for i in keep],
+                                total_num_frames or len(frames), source)
+        video.sampling = (f"video {source}: {len(keep)} of the {len(frames)} frames given, spread over them "
+                          f"(within the {max_frames}-frame limit)")
+        return video
     arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f, VIDEO_MAX_FRAME_PIXELS)) for f in frames]
     shape = arrays[0].shape
     if any(a.shape != shape for a in arrays):

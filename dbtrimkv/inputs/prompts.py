@@ -34,6 +34,9 @@ class VideoOptions:
     layout: str = "installed"
 
 
+ROLES = ("system", "user", "assistant")  # what the chat template renders as turns (the server takes the same)
+
+
 def normalize_messages(messages) -> list[dict]:
     """Accept a plain string or a chat list; return a chat list with list-of-parts contents.
 
@@ -50,8 +53,8 @@ def normalize_messages(messages) -> list[dict]:
     for message in messages:
         if "role" not in message or "content" not in message:
             raise PromptError(f"each message needs 'role' and 'content', got keys {sorted(map(str, message))}")
-        if not isinstance(message["role"], str) or not message["role"]:
-            raise PromptError(f"a message role must be a string such as 'user', got {message['role']!r}")
+        if message["role"] not in ROLES:
+            raise PromptError(f"a message role must be one of {', '.join(ROLES)}, got {_describe(message['role'])}")
         content = message["content"]
         if isinstance(content, str):
             content = [content]
@@ -126,7 +129,7 @@ def _as_video(part: dict, options: VideoOptions, frame_size=None) -> Video:
     if isinstance(value, Video):
         return value
     if isinstance(value, (list, tuple)):
-        return frames_to_video(list(value), fps=fps)
+        return frames_to_video(list(value), fps=fps, max_frames=max_frames)
     if value is None:
         raise MediaError("video part has no 'video' value")
     return load_video(value, fps=fps, max_frames=max_frames, frame_size=frame_size)

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..inputs.prompts import ROLES
 from ..runner.sampling import InvalidSampling, SamplingParams
 from ..settings.config import DBTrimKVConfig
 from . import refusals
@@ -20,7 +21,6 @@ from .api_errors import BadRequest, ModelNotFound
 from .media_sources import MediaPolicy, load_image_url, load_video_url
 from .request_bounds import MediaBudget
 
-ROLES = ("system", "user", "assistant")
 # OpenAI fields this server cannot honour: refused (400 naming the field) unless absent, null or this value
 UNSUPPORTED = {"tools": ("tool calls", ()), "tool_choice": ("tool calls", "none"),
                "functions": ("function calls", ()), "function_call": ("function calls", "none"),

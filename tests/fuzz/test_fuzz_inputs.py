@@ -153,6 +153,33 @@ def test_bad_messages(recall_pipe, messages):
         recall_pipe(messages, max_new_tokens=1, progress=False)
 
 
+@pytest.mark.parametrize("role", ["wizard", "tool", "", "User", 5])
+def test_a_role_the_template_has_no_turn_for_is_refused(recall_pipe, role):
+    with pytest.raises(PromptError, match="role must be one of system, user, assistant"):
+        recall_pipe([{"role": role, "content": "hi"}], max_new_tokens=1, progress=False)
+
+
+def test_a_frame_list_keeps_at_most_max_frames_spread_over_it(recall_pipe):
+    from dbtrimkv.inputs.prompts import VideoOptions, _as_video
+
+    frames = [np.full((32, 32, 3), i, np.uint8) for i in range(20)]
+    video = _as_video({"type": "video", "video": frames, "max_frames": 4}, VideoOptions(fps=2.0))
+    assert list(video.frames_indices) == [0, 6, 13, 19] and [int(f[0, 0, 0]) for f in video.frames] == [0, 6, 13, 19]
+    assert "4 of the 20 frames" in video.sampling
+    assert video.total_num_frames == 20 and video.fps == 2.0  # timestamps stay those of the frames given
+    assert len(_as_video({"type": "video", "video": frames}, VideoOptions(max_frames=None)).frames) == 20
+    short = _as_video({"type": "video", "video": frames[:3]}, VideoOptions(max_frames=4))
+    assert len(short.frames) == 3 and short.sampling == ""
+    fewer = recall_pipe.build_inputs([{"role": "user", "content": [
+        {"type": "video", "video": frames, "max_frames": 4}, "what?"]}])
+    full = recall_pipe.build_inputs([{"role": "user", "content": [
+        {"type": "video", "video": frames, "max_frames": 20}, "what?"]}])
+    assert fewer["video_grid_thw"][0, 0] < full["video_grid_thw"][0, 0]
+    for bad in (0, -1, "3", True):
+        with pytest.raises(MediaError, match="max_frames"):
+            _as_video({"type": "video", "video": frames, "max_frames": bad}, VideoOptions())
+
+
 def test_api_conveniences(recall_pipe, tmp_path):
     data = encoded(SMALL, "PNG")
     path = tmp_path / "x.png"
