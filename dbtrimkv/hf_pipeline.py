@@ -14,6 +14,7 @@ import warnings
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .errors import ConfigError
 from .loading.checkpoints import UNTRAINED_WARNING
 from .settings.config import DBTrimKVConfig
 from .modeling.gates import attach_retention_gates, gate_spec_of
@@ -46,6 +47,9 @@ class DBTrimKVImageTextToTextPipeline(Pipeline):
 
     def __call__(self, messages, **kwargs):
         """`messages`: one chat (list of message dicts or a string) or a list of chats."""
+        if kwargs.get("stream"):
+            raise ConfigError("the transformers pipeline task returns whole answers; for a streamed answer call "
+                              "its DBTrimKVPipeline, `pipe.dbtrimkv(messages, stream=True)`")
         single = isinstance(messages, str) or (isinstance(messages, list) and messages and isinstance(messages[0], dict))
         chats = [messages] if single else messages
         results = self.postprocess(self._forward(messages, **kwargs), inputs=chats)

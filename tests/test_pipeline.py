@@ -8,7 +8,7 @@ import transformers
 from helpers import random_image
 
 import dbtrimkv
-from dbtrimkv.errors import MediaError
+from dbtrimkv.errors import ConfigError, MediaError
 from dbtrimkv.pipeline import DBTrimKVPipeline
 from dbtrimkv.inputs.prompts import tokens_by_modality
 
@@ -105,6 +105,8 @@ def test_transformers_pipeline_task(tmp_path):
     assert set(result[0]) == {"input_text", "generated_text", "stats"} and result[0]["input_text"] == chat
     assert result[0]["stats"]["prompt_tokens"]["image"] > 0 and isinstance(result[0]["generated_text"], str)
     assert hf.dbtrimkv.config.memory_size == 128
+    with pytest.raises(ConfigError, match="stream=True"):  # a task returns whole answers; the message says where to stream
+        hf(chat, max_new_tokens=3, stream=True)
     from dbtrimkv.loading.tiny import save_tiny
 
     save_tiny(tmp_path / "m", "qwen3_vl")
