@@ -100,7 +100,10 @@ def _fingerprint(model, text) -> str:
 def save_cache(model, cache, path: str | Path, extra: dict | None = None) -> int:
     """Write `cache` (every sequence it holds; made for `model`) to `path`; returns the file's size in
     bytes. `extra`: a JSON-able mapping stored beside it (returned by `load_cache`)."""
-    identity = ModelIdentity.of(model)
+    if not isinstance(cache, DBTrimKVCache):
+        raise ConfigError(f"save_cache needs a DBTrimKVCache, got {type(cache).__name__}")
+    path = _file_path(path)
+    identity = ModelIdentity.of(_module(model))
     if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != (identity.num_layers, identity.num_kv_heads,
                                                                    identity.head_dim):
         raise CacheMismatchError("this cache was not made for this model (layers, KV heads or head size differ)")
@@ -129,7 +132,30 @@ def save_parked(path: str | Path, identity: ModelIdentity, config: DBTrimKVConfi
     return _write(path, meta, tensors)
 
 
+def _file_path(path) -> Path:
+    """`path` as a Path, or `CacheFileError` for what cannot name a cache file (None, a number, a folder)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise CacheFileError(f"a cache file path must be a non-empty string or a Path, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise CacheFileError(f"{path} is a folder; give a file path, such as {path / 'cache.safetensors'}")
+    return path
+
+
+def _module(model):
+    """`model`, which must be the torch model a cache belongs to (ConfigError otherwise)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"a saved cache belongs to a model: pass the model, got {type(model).__name__}")
+    return model
+
+
 def _base_meta(identity: ModelIdentity, config: DBTrimKVConfig, extra: dict | None) -> dict:
+    if extra is not None and not isinstance(extra, dict):
+        raise ConfigError(f"extra must be a JSON-able dict, got {type(extra).__name__}")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"extra must be a JSON-able dict: {exc}") from None
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": asdict(identity), "settings": config.to_dict(),
             "rows": [], "extra": extra or {}}
 
@@ -146,16 +172,21 @@ def _entries(pool: SlotPool, slots: torch.Tensor, seg_len: torch.Tensor, scores:
 
 def _write(path: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> int:
     """Write atomically (a temporary file in the same folder, then a rename); missing folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _file_path(path)
     header = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CacheFileError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(handle)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk, a folder taken away meanwhile
+            raise CacheFileError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
     return path.stat().st_size
 
@@ -279,7 +310,7 @@ def read_saved(path: str | Path, identity: ModelIdentity) -> SavedCache:
 
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata of a cache file (no tensors read), after the format and version checks."""
-    path = Path(path)
+    path = _file_path(path)
     if not path.is_file():
         raise CacheFileError(f"cache file not found: {path}")
     try:
@@ -330,5 +361,5 @@ def _dtype(name) -> torch.dtype | None:
 
 def load_cache(model, path: str | Path):
     """`(cache, extra)`: the `DBTrimKVCache` saved at `path`, rebuilt for `model`, and its `extra`."""
-    saved = read_saved(path, ModelIdentity.of(model))
+    saved = read_saved(path, ModelIdentity.of(_module(model)))
     return saved.to_cache(model), saved.extra

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import dbtrimkv
 from dbtrimkv.cache.portable import FORMAT_VERSION, METADATA_KEY, load_cache, read_metadata, save_cache
 from dbtrimkv.settings.config import DBTrimKVConfig
-from dbtrimkv.errors import CacheFileError, CacheMismatchError
+from dbtrimkv.errors import CacheFileError, CacheMismatchError, ConfigError
 from dbtrimkv.generation import generate
 from dbtrimkv.policies import policy_names
 from dbtrimkv.inputs.prompts import build_inputs
@@ -186,3 +186,33 @@ def test_not_a_cache_file(models, tmp_path):
         load_cache(model, plain)
     with pytest.raises(CacheFileError, match="not found"):
         load_cache(model, tmp_path / "missing.dbkv")
+
+
+def test_bad_arguments_to_save_and_load_are_one_clear_error(models, tmp_path):
+    model = models[torch.float32][0]
+    path = _saved(models, tmp_path)
+    cache, _ = load_cache(model, path)
+    for bad_path, message in [(None, "must be a non-empty string or a Path, got NoneType"), (5, "got int"),
+                              ("", "non-empty"), (tmp_path, "is a folder")]:
+        with pytest.raises(CacheFileError, match=message):
+            save_cache(model, cache, bad_path)
+        if bad_path is not tmp_path:
+            with pytest.raises(CacheFileError, match=message):
+                load_cache(model, bad_path)
+    with pytest.raises(CacheFileError, match="is a folder"):
+        load_cache(model, tmp_path)
+    with pytest.raises(ConfigError, match="needs a DBTrimKVCache, got NoneType"):
+        save_cache(model, None, tmp_path / "x.dbkv")
+    with pytest.raises(ConfigError, match="pass the model, got NoneType"):
+        save_cache(None, cache, tmp_path / "x.dbkv")
+    with pytest.raises(ConfigError, match="pass the model, got NoneType"):
+        load_cache(None, path)
+    with pytest.raises(ConfigError, match="extra must be a JSON-able dict"):
+        save_cache(model, cache, tmp_path / "x.dbkv", extra={"a": {1, 2}})
+    with pytest.raises(ConfigError, match="extra must be a JSON-able dict, got list"):
+        save_cache(model, cache, tmp_path / "x.dbkv", extra=[1])
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(CacheFileError, match="cannot write"):
+        save_cache(model, cache, blocker / "sub" / "x.dbkv")
+    assert not list(tmp_path.glob("**/.x.dbkv*.tmp"))  # no temporary file left behind
