@@ -85,6 +85,16 @@ class StreamOptions:
                 raise ConfigError(f"{name} must be at least 1 and at most {high}, got {value}")
 
 
+def check_options(options) -> StreamOptions:
+    """`options` itself, or the defaults for None; ConfigError for anything but a `StreamOptions`."""
+    if options is None:
+        return StreamOptions()
+    if not isinstance(options, StreamOptions):
+        raise ConfigError(f"options must be a StreamOptions (or None for the defaults), got {type(options).__name__}; "
+                          f"e.g. StreamOptions(fps=1)")
+    return options
+
+
 def frame_size(processor, height: int, width: int, frame_tokens: int = DEFAULT_FRAME_TOKENS) -> tuple[int, int]:
     """(height, width) every frame is resized to: aspect ratio kept, sides multiples of
     patch_size x merge_size, at most `frame_tokens` merged tokens per frame (Qwen's own rounding)."""
@@ -104,7 +114,7 @@ class Window:
 
 def video_windows(processor, path: str | Path, options: StreamOptions | None = None) -> Iterator[Window]:
     """Decode `path` lazily and yield one `Window` per `window_frames` sampled frames."""
-    options = options or StreamOptions()
+    options = check_options(options)
     frames = iter_video_frames(path, fps=options.fps, max_frames=options.max_frames)
     return frame_windows(processor, frames, options, total=video_info(path)[1])
 
@@ -195,7 +205,7 @@ def encode_video(model, processor, path: str | Path, config: DBTrimKVConfig | No
     `config`: eviction settings; by default the checkpoint's, else `configs/default.yaml` (a long
     video must never land in an unbounded cache by accident; pass `DBTrimKVConfig()` for a full one).
     """
-    options = options or StreamOptions()
+    options = check_options(options)
     with _frame_bar(path, options, progress) as bar:
         return encode_windows(model, processor, video_windows(processor, path, options), config, name=str(path),
                               on_window=lambda cache, window: bar.update(len(window.frames_indices)))
@@ -248,12 +258,20 @@ def _frame_bar(path, options: StreamOptions, enabled: bool):
     return tqdm(total=expected, unit="frame", desc=Path(path).name, leave=False)
 
 
+def check_encoded(encoded) -> None:
+    """ConfigError unless `encoded` is what `encode_video` / `VideoQA.encode` returned (not a path, not None)."""
+    if not isinstance(encoded, EncodedVideo):
+        raise ConfigError(f"encoded must be the result of encode() (an EncodedVideo), got {type(encoded).__name__}; "
+                          f"encode the video first: ask(encode(path), question)")
+
+
 @torch.no_grad()
 def ask(model, processor, encoded: EncodedVideo, question: str, max_new_tokens: int = 64) -> VideoAnswer:
     """Answer one question (greedy) from a copy of the video cache; the video cache is left as it was.
 
     While it answers, the video cache and its copy are both alive: twice the bounded KV memory.
     """
+    check_encoded(encoded)
     prefix, suffix = prompt_parts(processor, question)
     if prefix != encoded.prefix:
         raise ConfigError("the chat template puts question-dependent text before the video; "
@@ -279,11 +297,12 @@ class VideoQA:
                  max_new_tokens: int = 64, progress: bool = False):
         check_takes_video(processor)
         self.model, self.processor = model, processor
-        self.config, self.options = config, options or StreamOptions()
+        self.config, self.options = config, check_options(options)
         self.max_new_tokens, self.progress = max_new_tokens, progress
 
     def encode(self, path: str | Path) -> EncodedVideo:
         return encode_video(self.model, self.processor, path, self.config, self.options, progress=self.progress)
 
     def ask(self, encoded: EncodedVideo, question: str) -> VideoAnswer:
+        """Answer `question` about `encoded`, the result of `encode(path)` (ConfigError for anything else)."""
         return ask(self.model, self.processor, encoded, question, self.max_new_tokens)
