@@ -156,6 +156,12 @@ class DBTrimKVPipeline:
                  video: VideoOptions | None = None):
         """`config`: eviction settings (a DBTrimKVConfig, a YAML/JSON path or a preset name), applied
         on top of the model's saved default by `dbtrimkv.settings.eviction_settings`."""
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a loaded model (e.g. from dbtrimkv.load_model), got {type(model).__name__}")
+        if not hasattr(tokenizer_of(processor), "apply_chat_template"):
+            raise ConfigError(f"processor must be the model's processor or tokenizer, got {type(processor).__name__}")
+        if video is not None and not isinstance(video, VideoOptions):
+            raise ConfigError(f"video must be a VideoOptions (or None for the defaults), got {type(video).__name__}")
         self.model, self.processor = model, processor
         self.config = resolve_eviction(model, _checked_source(config))
         self.video = video or VideoOptions()

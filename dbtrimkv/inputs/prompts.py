@@ -135,6 +135,17 @@ def _as_video(part: dict, options: VideoOptions, frame_size=None) -> Video:
     return load_video(value, fps=fps, max_frames=max_frames, frame_size=frame_size)
 
 
+def _check_continuation(chats: list[list[dict]], continue_final_message) -> None:
+    """`continue_final_message` must be a bool; when set, every chat must end with an assistant message whose
+    last part is text (the start of the answer the model continues), as the chat template needs."""
+    if not isinstance(continue_final_message, bool):
+        raise PromptError(f"continue_final_message must be True or False, got {_describe(continue_final_message)}")
+    if continue_final_message and any(chat[-1]["role"] != "assistant" or not chat[-1]["content"]
+                                      or chat[-1]["content"][-1]["type"] != "text" for chat in chats):
+        raise PromptError("continue_final_message needs every chat to end with an assistant message whose last "
+                          "part is text: the start of the answer to continue")
+
+
 def video_frame_size(processor):
     """`(num_frames, height, width) -> (height, width)`: the size Qwen3-VL's video processor would resize
     frames to, so videos are downscaled to it while they are decoded (None for other processors)."""
@@ -187,6 +198,7 @@ def build_inputs(processor, conversations, add_generation_prompt: bool = True,
                           f"{_describe(conversations)}")
     tokenizer = tokenizer_of(processor)
     chats = [escape_special_tokens(normalize_messages(c), tokenizer) for c in conversations]
+    _check_continuation(chats, continue_final_message)
     tokenizer.padding_side = "left"
     template_kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message)

@@ -230,3 +230,28 @@ def test_conversation_survives_a_bad_turn(recall_pipe, tmp_path):
         chat.send(None, max_new_tokens=1, progress=False)
     out = chat.send("which digit is in the image?", images=[SMALL], max_new_tokens=1, progress=False)
     assert out.stats.new_tokens == 1 and chat.turns == 1
+
+
+def test_continue_final_message_is_checked(recall_pipe):
+    with pytest.raises(PromptError, match="continue_final_message must be True or False"):
+        recall_pipe("hi", continue_final_message="yes", max_new_tokens=1, progress=False)
+    image_last = [{"role": "user", "content": "which digit?"},
+                  {"role": "assistant", "content": [{"type": "image", "image": SMALL}]}]
+    for chat in (image_last, [{"role": "user", "content": "hi"}]):
+        with pytest.raises(PromptError, match="end with an assistant message whose last part is text"):
+            recall_pipe(chat, continue_final_message=True, max_new_tokens=1, progress=False)
+    started = [{"role": "user", "content": "which digit?"}, {"role": "assistant", "content": "image:"}]
+    assert isinstance(recall_pipe(started, continue_final_message=True, max_new_tokens=1, progress=False).text, str)
+
+
+def test_a_pipeline_is_built_from_a_model_and_its_processor(recall_pipe):
+    from dbtrimkv.pipeline import DBTrimKVPipeline
+
+    model, processor = recall_pipe.model, recall_pipe.processor
+    for args, message in [((None, processor), "model must be a loaded model"), ((model, None), "processor must be"),
+                          ((model, 5), "processor must be")]:
+        with pytest.raises(ConfigError, match=message):
+            DBTrimKVPipeline(*args)
+    with pytest.raises(ConfigError, match="video must be a VideoOptions"):
+        DBTrimKVPipeline(model, processor, video=42)
+    assert DBTrimKVPipeline(model, processor.tokenizer).tokenizer is processor.tokenizer  # a tokenizer alone works
