@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -44,12 +45,21 @@ def _image_source(image):
         if not str(image):
             raise MediaError("image path is empty")
         if not path.exists():
-            raise MediaError(f"image not found: {path}")
+            raise not_found("image", image)
         if not path.is_file():
             raise MediaError(f"image path is not a file: {path}")
         return path, str(path)
     raise MediaError(f"an image must be a path, bytes, a binary file object, a PIL image or an HxWx3 array, "
                      f"got {type(image).__name__}")
+
+
+def not_found(kind: str, path) -> MediaError:
+    """The refusal of a missing media path, as given (a URL is not fetched: say so, and do not show it
+    mangled into a path)."""
+    if isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
+        return MediaError(f"{kind} not found: {path} (URLs are not fetched here: download the file and pass its "
+                          f"path, or its bytes)")
+    return MediaError(f"{kind} not found: {path}")
 
 
 def too_many_pixels(name: str, exc: Exception) -> MediaError:

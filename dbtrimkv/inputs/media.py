@@ -27,7 +27,7 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from ..errors import MediaError
-from .images import MAX_ASPECT_RATIO, check_image_size, fit_pixels, load_image
+from .images import MAX_ASPECT_RATIO, check_image_size, fit_pixels, load_image, not_found
 
 MAX_VIDEO_FRAME_PIXELS = 40_000_000  # source frame size a video may declare (8K UHD is 33 MP)
 VIDEO_MAX_FRAME_PIXELS = 768 * 32 * 32  # default per-frame ceiling after decoding (qwen-vl-utils' VIDEO_MAX_PIXELS)
@@ -62,9 +62,9 @@ def _open_video(path):
 
     if path is None or not isinstance(path, (str, os.PathLike)):
         raise MediaError(f"a video must be a path or a list of frames, got {type(path).__name__}")
+    if not Path(path).exists():
+        raise not_found("video", path)
     path = Path(path)
-    if not path.exists():
-        raise MediaError(f"video not found: {path}")
     if not path.is_file():
         raise MediaError(f"video path is not a file: {path}")
     try:

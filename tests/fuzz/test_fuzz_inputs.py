@@ -255,3 +255,14 @@ def test_a_pipeline_is_built_from_a_model_and_its_processor(recall_pipe):
     with pytest.raises(ConfigError, match="video must be a VideoOptions"):
         DBTrimKVPipeline(model, processor, video=42)
     assert DBTrimKVPipeline(model, processor.tokenizer).tokenizer is processor.tokenizer  # a tokenizer alone works
+
+
+def test_a_url_given_as_a_media_path_is_named_as_given():
+    from dbtrimkv.inputs.media import load_video
+
+    with pytest.raises(MediaError, match=r"image not found: http://127\.0\.0\.1:9/x\.png \(URLs are not fetched"):
+        load_image("http://127.0.0.1:9/x.png")
+    with pytest.raises(MediaError, match=r"video not found: https://example\.com/c\.mp4 \(URLs are not fetched"):
+        load_video("https://example.com/c.mp4")
+    with pytest.raises(MediaError, match=r"image not found: /no/such\.png$"):
+        load_image("/no/such.png")
