@@ -75,13 +75,15 @@ class StreamOptions:
     frame_tokens: int = DEFAULT_FRAME_TOKENS
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fps, (int, float)) or not math.isfinite(self.fps) or self.fps < 0:
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not math.isfinite(self.fps) \
+                or self.fps < 0:
             raise ConfigError(f"fps must be a finite number >= 0 (0 keeps every frame), got {self.fps}")
-        if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
+        if self.max_frames is not None and (isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int)
+                                            or self.max_frames < 1):
             raise ConfigError(f"max_frames must be at least 1, got {self.max_frames}")
         for name, high in (("window_frames", MAX_WINDOW_FRAMES), ("frame_tokens", MAX_FRAME_TOKENS)):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= high:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
                 raise ConfigError(f"{name} must be at least 1 and at most {high}, got {value}")
 
 
