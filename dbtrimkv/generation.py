@@ -52,10 +52,13 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
     cache.check_model(model)
     check_token_ids(model, inputs["input_ids"])
     check_inputs(model, inputs)
+    width = inputs["input_ids"].shape[1]
+    if upto is not None and (integer_value(upto) is None or not 1 <= integer_value(upto) <= width):
+        raise ConfigError(f"upto must be an integer in [1, {width}] (the input's columns) or None, got {upto!r}")
     chunk = chunk or cache.config.prefill_chunk
     inputs = with_input_defaults(inputs, next(model.parameters()).device)
     prompt = PromptBatch.after(model, cache, inputs)
-    upto = prompt.width if upto is None else upto
+    upto = prompt.width if upto is None else integer_value(upto)
     logits = prompt.run(cache, 0, upto, chunk, progress_reporter(progress, upto, chunk))
     prompt.finish(cache, upto)
     return logits
@@ -86,7 +89,10 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     _check_reporting(progress, timings)
     cache.check_model(model)
     check_token_ids(model, inputs["input_ids"])
-    check_inputs(model, inputs)
+    batch = inputs["input_ids"].shape[0]
+    fed_first = ([bool(row.pending) for row in cache.requests] if cache.has_pool and len(cache.requests) == batch
+                 else [])  # as runner.pending.with_pending_tokens: a row's pending token goes first
+    check_inputs(model, inputs, fed_first)
     rows, pad = decode_rows_for(model, inputs["input_ids"].shape[0], max_new_tokens, options)  # checks the options
     with model_lock(model):
         return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, options, rows, pad)
@@ -117,10 +123,11 @@ def _check_reporting(progress, timings) -> None:
         raise ConfigError(f"timings must be a dict or None, got {type(timings).__name__}")
 
 
-def check_inputs(model, inputs) -> None:
+def check_inputs(model, inputs, fed_first: list[bool] = ()) -> None:
     """ConfigError naming the key at fault when `inputs`' attention_mask, mm_token_type_ids, image or video
     placeholders, pixels and grids do not agree (a traceback deep inside the model, or a silently wrong
-    answer, otherwise). Cheap: counts and shapes only."""
+    answer, otherwise). Cheap: counts and shapes only. `fed_first[b]`: row b has a pending token that goes
+    first, so it may have no new real token."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     if mask is not None:
@@ -129,7 +136,7 @@ def check_inputs(model, inputs) -> None:
             raise ConfigError(f"attention_mask must have the shape of input_ids {list(ids.shape)}, got {shown}")
         if mask.dtype.is_complex or bool(((mask != 0) & (mask != 1)).any()):
             raise ConfigError("attention_mask must hold only 0 (padding) and 1 (a real token)")
-        empty = torch.nonzero(mask.sum(1) == 0).flatten().tolist()
+        empty = [b for b in torch.nonzero(mask.sum(1) == 0).flatten().tolist() if not (b < len(fed_first) and fed_first[b])]
         if empty:
             raise ConfigError(f"attention_mask has no real token (no 1) in row(s) {empty}: every row needs at least one")
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -202,6 +209,8 @@ def _token_ids(model, name: str, value, many: bool):
     """A caller's eos_token_id (an id or a list of ids; `many`) or pad_token_id (one id), as plain ints in the
     model's vocabulary; ConfigError naming `name` otherwise."""
     vocab = model.get_input_embeddings().num_embeddings
+    if many and isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = value.tolist()
     listed = many and isinstance(value, (list, tuple, set, frozenset))
     values = [integer_value(v) for v in (value if listed else [value])]
     if any(v is None or not 0 <= v < vocab for v in values):

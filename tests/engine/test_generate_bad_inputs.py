@@ -223,3 +223,36 @@ def test_sampling_params_take_numpy_and_torch_scalars():
         with pytest.raises(InvalidSampling) as error:
             SamplingParams(**{"max_tokens": 1, field: value})
         assert error.value.field == field
+
+
+def test_a_row_with_only_its_pending_token(text_model):
+    """A continued row with no new real token still feeds its pending token: not refused."""
+    model, inputs = text_model
+    cache = new_cache(model)
+    generate(model, inputs, cache, max_new_tokens=2)
+    ids = inputs["input_ids"][:, :2]
+    out = generate(model, {"input_ids": ids, "attention_mask": torch.zeros_like(ids)}, cache, max_new_tokens=2)
+    assert out.shape == (1, 2)
+
+
+def test_eos_ids_as_a_tensor(text_model):
+    model, inputs = text_model
+    out = generate(model, inputs, new_cache(model), max_new_tokens=2, eos_token_id=torch.tensor([1, 2]))
+    assert out.shape[0] == 1
+
+
+@pytest.mark.parametrize("upto", [0, 10**6, "x", 1.5])
+def test_bad_prefill_upto(text_model, upto):
+    model, inputs = text_model
+    cache = new_cache(model)
+    with pytest.raises(ConfigError, match="upto"):
+        dbtrimkv.prefill(model, inputs, cache, upto=upto)
+    assert list(cache.seen) == []
+
+
+def test_prefill_checks_its_inputs(gated_vl, image_inputs):
+    model, _ = gated_vl
+    with pytest.raises(ConfigError, match="pixel_values"):
+        dbtrimkv.prefill(model, dict(image_inputs, pixel_values=image_inputs["pixel_values"][:3]), new_cache(model))
+    with pytest.raises(ConfigError, match="progress"):
+        dbtrimkv.prefill(model, image_inputs, new_cache(model), progress=5)
