@@ -11,10 +11,9 @@ greedy decoding it gives the same tokens (tests/engine/test_native_generate.py).
 
 from __future__ import annotations
 
-import numbers
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 import torch
 
@@ -24,9 +23,9 @@ from .errors import ConfigError
 from .modeling.model_state import model_state
 from .runner.decode import DecodeRow, decode
 from .runner.pending import record_generation, with_pending_tokens
-from .runner.positions import check_token_ids, with_input_defaults
+from .runner.positions import check_token_ids, is_vision_language, with_input_defaults
 from .runner.prefill import PromptBatch, progress_reporter
-from .runner.sampling import LocalSampling, Sampler
+from .runner.sampling import SEED_RANGE, InvalidSampling, LocalSampling, Sampler, integer_value
 
 # `generate` keyword arguments of transformers' `generate` that the runner honours
 GENERATE_OPTIONS = {"do_sample", "temperature", "top_p", "top_k", "streamer", "logits_processor", "stopping_criteria",
@@ -48,13 +47,18 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
     """
     if not isinstance(cache, DBTrimKVCache):
         raise ConfigError("dbtrimkv.prefill needs a DBTrimKVCache")
-    _check_generate_arguments(inputs, cache, 1, chunk)
+    _, chunk = _check_generate_arguments(inputs, cache, 1, chunk)
+    _check_reporting(progress, None)
     cache.check_model(model)
     check_token_ids(model, inputs["input_ids"])
+    check_inputs(model, inputs)
+    width = inputs["input_ids"].shape[1]
+    if upto is not None and (integer_value(upto) is None or not 1 <= integer_value(upto) <= width):
+        raise ConfigError(f"upto must be an integer in [1, {width}] (the input's columns) or None, got {upto!r}")
     chunk = chunk or cache.config.prefill_chunk
     inputs = with_input_defaults(inputs, next(model.parameters()).device)
     prompt = PromptBatch.after(model, cache, inputs)
-    upto = prompt.width if upto is None else upto
+    upto = prompt.width if upto is None else integer_value(upto)
     logits = prompt.run(cache, 0, upto, chunk, progress_reporter(progress, upto, chunk))
     prompt.finish(cache, upto)
     return logits
@@ -81,21 +85,27 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     if unknown:
         raise ConfigError(f"dbtrimkv.generate does not take {', '.join(unknown)} (it takes "
                           f"{', '.join(sorted(GENERATE_OPTIONS))})")
-    _check_generate_arguments(inputs, cache, max_new_tokens, prefill_chunk)
+    max_new_tokens, prefill_chunk = _check_generate_arguments(inputs, cache, max_new_tokens, prefill_chunk)
+    _check_reporting(progress, timings)
     cache.check_model(model)
     check_token_ids(model, inputs["input_ids"])
+    batch = inputs["input_ids"].shape[0]
+    fed_first = ([bool(row.pending) for row in cache.requests] if cache.has_pool and len(cache.requests) == batch
+                 else [])  # as runner.pending.with_pending_tokens: a row's pending token goes first
+    check_inputs(model, inputs, fed_first)
+    rows, pad = decode_rows_for(model, inputs["input_ids"].shape[0], max_new_tokens, options)  # checks the options
     with model_lock(model):
-        return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, options)
+        return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, options, rows, pad)
 
 
-def _check_generate_arguments(inputs, cache: DBTrimKVCache, max_new_tokens, prefill_chunk) -> None:
-    """ConfigError for arguments that would otherwise fail deep inside torch or transformers."""
-    def whole(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    if not whole(max_new_tokens) or max_new_tokens < 1:
+def _check_generate_arguments(inputs, cache: DBTrimKVCache, max_new_tokens, prefill_chunk) -> tuple[int, int | None]:
+    """ConfigError for arguments that would otherwise fail deep inside torch or transformers; returns
+    `max_new_tokens` and `prefill_chunk` as plain ints (a numpy or torch integer is taken as the int it holds)."""
+    tokens = integer_value(max_new_tokens)
+    if tokens is None or tokens < 1:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if prefill_chunk is not None and (not whole(prefill_chunk) or not 1 <= prefill_chunk <= MAX_PREFILL_CHUNK):
+    chunk = None if prefill_chunk is None else integer_value(prefill_chunk)
+    if prefill_chunk is not None and (chunk is None or not 1 <= chunk <= MAX_PREFILL_CHUNK):
         raise ConfigError(f"prefill_chunk must be an integer in [1, {MAX_PREFILL_CHUNK}] or None, got {prefill_chunk!r}")
     ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -103,6 +113,91 @@ def _check_generate_arguments(inputs, cache: DBTrimKVCache, max_new_tokens, pref
     if cache.batch_size not in (-1, ids.shape[0]):
         raise ConfigError(f"this cache holds {cache.batch_size} sequences, but the input has {ids.shape[0]}: "
                           "use a new cache for a batch of another size")
+    return tokens, chunk
+
+
+def _check_reporting(progress, timings) -> None:
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise ConfigError(f"progress must be True, False or a callable (done, total), got {progress!r}")
+    if timings is not None and not isinstance(timings, MutableMapping):
+        raise ConfigError(f"timings must be a dict or None, got {type(timings).__name__}")
+
+
+def check_inputs(model, inputs, fed_first: list[bool] = ()) -> None:
+    """ConfigError naming the key at fault when `inputs`' attention_mask, mm_token_type_ids, image or video
+    placeholders, pixels and grids do not agree (a traceback deep inside the model, or a silently wrong
+    answer, otherwise). Cheap: counts and shapes only. `fed_first[b]`: row b has a pending token that goes
+    first, so it may have no new real token."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+            shown = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ConfigError(f"attention_mask must have the shape of input_ids {list(ids.shape)}, got {shown}")
+        if mask.dtype.is_complex or bool(((mask != 0) & (mask != 1)).any()):
+            raise ConfigError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        empty = [b for b in torch.nonzero(mask.sum(1) == 0).flatten().tolist() if not (b < len(fed_first) and fed_first[b])]
+        if empty:
+            raise ConfigError(f"attention_mask has no real token (no 1) in row(s) {empty}: every row needs at least one")
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    types = inputs.get("mm_token_type_ids")
+    if types is not None:
+        if not isinstance(types, torch.Tensor) or tuple(types.shape) != tuple(ids.shape):
+            shown = list(types.shape) if isinstance(types, torch.Tensor) else type(types).__name__
+            raise ConfigError(f"mm_token_type_ids must have the shape of input_ids {list(ids.shape)}, got {shown}")
+        if types.dtype.is_floating_point or types.dtype.is_complex or bool(((types < 0) | (types > 2)).any()):
+            raise ConfigError("mm_token_type_ids must hold 0 (text), 1 (image) or 2 (video) per token")
+        if types.shape[1] and bool(types[:, -1].any()):
+            raise ConfigError("the prompt must end with a text token (e.g. the chat template's generation prompt)")
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None)
+    for kind, code, pixels_key, grid_key in (("image", 1, "pixel_values", "image_grid_thw"),
+                                            ("video", 2, "pixel_values_videos", "video_grid_thw")):
+        token_id = getattr(config, f"{kind}_token_id", None) if is_vision_language(model) else None
+        placeholders = (ids == token_id) & real if token_id is not None else torch.zeros_like(real)
+        count = int(placeholders.sum())
+        pixels, grid = inputs.get(pixels_key), inputs.get(grid_key)
+        if pixels is None and grid is None:
+            if count:
+                raise ConfigError(f"input_ids hold {count} {kind} placeholder tokens (id {token_id}) but inputs have no "
+                                  f"{pixels_key} and {grid_key}: pass the processor's outputs for the {kind}s")
+            continue
+        if token_id is None:
+            raise ConfigError(f"inputs hold {pixels_key if pixels is not None else grid_key}, but this model "
+                              f"({type(model).__name__}) takes no {kind}s")
+        for key, value in ((pixels_key, pixels), (grid_key, grid)):
+            if value is None:
+                raise ConfigError(f"inputs hold {grid_key if key == pixels_key else pixels_key} but no {key}")
+            if not isinstance(value, torch.Tensor) or value.dim() != 2:
+                raise ConfigError(f"{key} must be a 2-d tensor, got "
+                                  f"{list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        if grid.shape[1] != 3 or grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool \
+                or not bool((grid >= 1).all()):
+            raise ConfigError(f"{grid_key} must be an integer tensor [{kind}s, 3] of positive (t, h, w), "
+                              f"got shape {list(grid.shape)}")
+        merge = getattr(vision, "spatial_merge_size", None) or model.model.visual.spatial_merge_size
+        t, h, w = grid.long().unbind(1)
+        if bool(((h % merge) != 0).any() or ((w % merge) != 0).any()):
+            raise ConfigError(f"{grid_key}: h and w must be multiples of the spatial merge size {merge}, "
+                              f"got {grid.tolist()}")
+        patches = int((t * h * w).sum())
+        if pixels.shape[0] != patches:
+            raise ConfigError(f"{pixels_key} has {pixels.shape[0]} patches, but {grid_key} {grid.tolist()} needs "
+                              f"{patches} (the sum of t*h*w)")
+        width = None
+        if vision is not None and all(hasattr(vision, a) for a in ("in_channels", "temporal_patch_size", "patch_size")):
+            width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        if width is not None and pixels.shape[1] != width:
+            raise ConfigError(f"{pixels_key} must have {width} values per patch (this model's vision config), "
+                              f"got {pixels.shape[1]}")
+        expected = int((t * h * w // merge**2).sum())
+        if count != expected:
+            raise ConfigError(f"input_ids hold {count} {kind} placeholder tokens (id {token_id}), but {grid_key} "
+                              f"{grid.tolist()} needs {expected} (t*h*w / {merge}**2 per {kind})")
+        marked = (types == code) & real if types is not None else torch.zeros_like(real)
+        if not torch.equal(marked, placeholders):
+            raise ConfigError(f"mm_token_type_ids must mark exactly the {count} {kind} placeholder tokens with {code} "
+                              "(pass the processor's mm_token_type_ids)")
 
 
 def _ids(value) -> frozenset[int]:
@@ -110,31 +205,63 @@ def _ids(value) -> frozenset[int]:
     return frozenset(int(v) for v in values if v is not None)
 
 
+def _token_ids(model, name: str, value, many: bool):
+    """A caller's eos_token_id (an id or a list of ids; `many`) or pad_token_id (one id), as plain ints in the
+    model's vocabulary; ConfigError naming `name` otherwise."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if many and isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = value.tolist()
+    listed = many and isinstance(value, (list, tuple, set, frozenset))
+    values = [integer_value(v) for v in (value if listed else [value])]
+    if any(v is None or not 0 <= v < vocab for v in values):
+        kind = "an integer token id or a list of them" if many else "an integer token id"
+        raise ConfigError(f"{name} must be {kind} in [0, {vocab - 1}] (the model's vocabulary), got {value!r}")
+    return values if listed else values[0]
+
+
 def decode_rows_for(model, batch: int, max_new_tokens: int, options: dict) -> tuple[list[DecodeRow], int]:
     """One `DecodeRow` per sequence from `generate`'s options (defaults: the model's generation config),
-    and the id that pads a row that stopped early."""
+    and the id that pads a row that stopped early. Checks the options: ConfigError naming the one at fault."""
     config = getattr(model, "generation_config", None)
 
     def setting(name, fallback):
         value = options.get(name)
         return value if value is not None else (getattr(config, name, None) if config is not None else None) or fallback
 
+    _check_callbacks(options, batch)
     seed = options.get("seed")
-    if options.get("do_sample", getattr(config, "do_sample", False) if config is not None else False):
-        params = LocalSampling(max_tokens=max_new_tokens, temperature=setting("temperature", 1.0),
-                               top_p=setting("top_p", 1.0), top_k=setting("top_k", 0), seed=seed)
+    if seed is not None:
+        whole = integer_value(seed)
+        if whole is None or not SEED_RANGE[0] <= whole <= SEED_RANGE[1]:
+            raise InvalidSampling("seed", f"'seed' must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed!r}")
+        seed = whole
+    sample = options.get("do_sample")
+    if sample is not None and not isinstance(sample, bool) and type(sample).__name__ != "bool_":
+        raise ConfigError(f"do_sample must be True, False or None, got {sample!r}")
+    try:
+        if sample if sample is not None else (getattr(config, "do_sample", False) if config is not None else False):
+            params = LocalSampling(max_tokens=max_new_tokens, temperature=setting("temperature", 1.0),
+                                   top_p=setting("top_p", 1.0), top_k=setting("top_k", 0), seed=seed)
+        else:
+            params = LocalSampling(max_tokens=max_new_tokens, temperature=0.0)
+    except InvalidSampling as error:
+        if error.field != "max_tokens":  # the other fields are spelled as generate takes them
+            raise
+        raise InvalidSampling("max_new_tokens", str(error).replace("'max_tokens'", "max_new_tokens")) from None
+    least = options.get("min_new_tokens")
+    least = 0 if least is None else integer_value(least)
+    if least is None or least < 0:
+        raise ConfigError(f"min_new_tokens must be a non-negative integer, got {options.get('min_new_tokens')!r}")
+    eos = options.get("eos_token_id")
+    stop = _ids(_token_ids(model, "eos_token_id", eos, many=True) if eos is not None else setting("eos_token_id", None))
+    pad = options.get("pad_token_id")
+    if pad is not None:
+        pad = _token_ids(model, "pad_token_id", pad, many=False)
     else:
-        params = LocalSampling(max_tokens=max_new_tokens, temperature=0.0)
-    least = options.get("min_new_tokens") or 0
-    if isinstance(least, bool) or not isinstance(least, int) or least < 0:
-        raise ConfigError(f"min_new_tokens must be a non-negative integer, got {least!r}")
-    stop = _ids(setting("eos_token_id", None))
-    pad = options.get("pad_token_id", getattr(config, "pad_token_id", None) if config is not None else None)
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
     pad = pad if pad is not None else (min(stop) if stop else 0)
     done = options.get("done")
     dones = list(done) if isinstance(done, (list, tuple)) else [done] * batch
-    if len(dones) != batch:
-        raise ConfigError(f"done takes one predicate, or one per row ({batch}), got {len(dones)}")
     rows = []
     for b in range(batch):
         drawn = None if seed is not None else int(torch.randint(2**62, (1,)))  # follows torch.manual_seed
@@ -142,7 +269,30 @@ def decode_rows_for(model, batch: int, max_new_tokens: int, options: dict) -> tu
     return rows, pad
 
 
-def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, options):
+def _check_callbacks(options: dict, batch: int) -> None:
+    """ConfigError for a streamer, done, logits_processor or stopping_criteria that could not be called."""
+    streamer = options.get("streamer")
+    if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
+        raise ConfigError(f"streamer must have put() and end() methods (e.g. transformers' TextStreamer), "
+                          f"got {type(streamer).__name__}")
+    done = options.get("done")
+    dones = list(done) if isinstance(done, (list, tuple)) else [done]
+    if isinstance(done, (list, tuple)) and len(dones) != batch:
+        raise ConfigError(f"done takes one predicate, or one per row ({batch}), got {len(dones)}")
+    if not all(d is None or callable(d) for d in dones):
+        raise ConfigError("done must be a callable (a row's generated ids -> bool), a list of them (one per row) "
+                          f"or None, got {done!r}")
+    processor = options.get("logits_processor")
+    if processor is not None and not callable(processor):
+        raise ConfigError(f"logits_processor must be a callable (ids, scores) -> scores, e.g. a transformers "
+                          f"LogitsProcessorList, got {type(processor).__name__}")
+    criteria = options.get("stopping_criteria")
+    if criteria is not None and (not isinstance(criteria, (list, tuple)) or not all(callable(c) for c in criteria)):
+        raise ConfigError("stopping_criteria must be a list of callables (ids, scores) -> [batch] bools, e.g. a "
+                          f"transformers StoppingCriteriaList, got {type(criteria).__name__}")
+
+
+def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, options, rows, pad):
     device = next(model.parameters()).device
     inputs = with_pending_tokens(cache, inputs, device)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -150,7 +300,6 @@ def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, tim
         raise ConfigError("the prompt is empty")
     if bool(inputs["mm_token_type_ids"][:, -1].any()):
         raise ConfigError("the prompt must end with a text token (e.g. the chat template's generation prompt)")
-    rows, pad = decode_rows_for(model, ids.shape[0], max_new_tokens, options)
     known_ids, known_mask = cache.known_tokens(ids.shape[0], device)
     history = torch.cat([known_ids[:, : cache.columns], ids], 1)
     history_mask = torch.cat([known_mask[:, : cache.columns], mask], 1)

@@ -13,6 +13,7 @@ evaluation paths' and the server's.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,12 +46,14 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        _integer("max_tokens", self.max_tokens, 1, None)
-        _real("temperature", self.temperature, 0.0, self.MAX_TEMPERATURE, f"[0, {self.MAX_TEMPERATURE:g}]")
-        _real("top_p", self.top_p, 0.0, 1.0, "(0, 1]", open_low=True)
-        _integer("top_k", self.top_k, 0, None)
+        # a numpy / torch scalar is taken as the plain number it holds (frozen: set through object)
+        object.__setattr__(self, "max_tokens", _integer("max_tokens", self.max_tokens, 1, None))
+        object.__setattr__(self, "temperature", _real("temperature", self.temperature, 0.0, self.MAX_TEMPERATURE,
+                                                      f"[0, {self.MAX_TEMPERATURE:g}]"))
+        object.__setattr__(self, "top_p", _real("top_p", self.top_p, 0.0, 1.0, "(0, 1]", open_low=True))
+        object.__setattr__(self, "top_k", _integer("top_k", self.top_k, 0, None))
         if self.seed is not None:
-            _integer("seed", self.seed, *SEED_RANGE)
+            object.__setattr__(self, "seed", _integer("seed", self.seed, *SEED_RANGE))
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidSampling("stop", "'stop' strings must be non-empty")
 
@@ -62,20 +65,47 @@ class LocalSampling(SamplingParams):
     MAX_TEMPERATURE: ClassVar[float] = 100.0
 
 
-def _integer(name: str, value, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def integer_value(value) -> int | None:
+    """`value` as a plain int if it is an integer: a Python, numpy or 0-d torch integer (never a bool); else None."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
+            return None
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or type(value).__name__ == "bool_":
+        return None
+    return int(value)
+
+
+def real_value(value) -> float | int | None:
+    """`value` as a plain int or float if it is a real number (Python, numpy or 0-d torch; never a bool); else None."""
+    whole = integer_value(value)
+    if whole is not None:
+        return whole
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.dim() == 0 and value.dtype.is_floating_point else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+        return None
+    return float(value)
+
+
+def _integer(name: str, value, low: int, high: int | None) -> int:
+    whole = integer_value(value)
+    if whole is None:
         raise InvalidSampling(name, f"'{name}' must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
+    if whole < low or (high is not None and whole > high):
         raise InvalidSampling(name, f"'{name}' must be in [{low}, {'inf' if high is None else high}], got {value!r}")
+    return whole
 
 
-def _real(name: str, value, low: float, high: float, shown: str, open_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _real(name: str, value, low: float, high: float, shown: str, open_low: bool = False) -> float | int:
+    number = real_value(value)
+    if number is None:
         raise InvalidSampling(name, f"'{name}' must be a number, got {value!r}")
-    if not math.isfinite(value):
+    if not math.isfinite(number):
         raise InvalidSampling(name, f"'{name}' must be a finite number, got {value!r}")
-    if value < low or value > high or (open_low and value == low):
+    if number < low or number > high or (open_low and number == low):
         raise InvalidSampling(name, f"'{name}' must be in {shown}, got {value!r}")
+    return number
 
 
 class Sampler:
