@@ -192,8 +192,6 @@ class DBTrimKVPipeline:
                             notes=notes, continue_final_message=continue_final_message)
 
     def _generation_kwargs(self, do_sample, temperature, top_p, max_new_tokens):
-        if not isinstance(do_sample, bool):
-            raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
         if do_sample:
             kwargs.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})

@@ -271,7 +271,7 @@ def test_a_url_given_as_a_media_path_is_named_as_given():
 def test_flags_given_as_other_truthy_values_are_refused(recall_pipe):
     from dbtrimkv.video_qa.streaming import StreamOptions
 
-    with pytest.raises(ConfigError, match="do_sample must be True or False"):
+    with pytest.raises(ConfigError, match="do_sample must be True, False"):  # (generate's rule)
         recall_pipe("hi", do_sample="yes", max_new_tokens=1, progress=False)
     for field in ("fps", "max_frames", "window_frames", "frame_tokens"):
         with pytest.raises(ConfigError, match=field):
