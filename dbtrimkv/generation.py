@@ -222,8 +222,6 @@ def _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, tim
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if ids.shape[1] == 0:
         raise ConfigError("the prompt is empty")
-    if bool(inputs["mm_token_type_ids"][:, -1].any()):
-        raise ConfigError("the prompt must end with a text token (e.g. the chat template's generation prompt)")
     known_ids, known_mask = cache.known_tokens(ids.shape[0], device)
     history = torch.cat([known_ids[:, : cache.columns], ids], 1)
     history_mask = torch.cat([known_mask[:, : cache.columns], mask], 1)
