@@ -256,3 +256,12 @@ def test_prefill_checks_its_inputs(gated_vl, image_inputs):
         dbtrimkv.prefill(model, dict(image_inputs, pixel_values=image_inputs["pixel_values"][:3]), new_cache(model))
     with pytest.raises(ConfigError, match="progress"):
         dbtrimkv.prefill(model, image_inputs, new_cache(model), progress=5)
+
+
+def test_a_prompt_that_ends_on_an_image_token_is_refused(gated_vl, image_inputs):
+    model = gated_vl[0]
+    types = image_inputs["mm_token_type_ids"]
+    last = int(torch.nonzero(types[0] == 1).flatten()[-1]) + 1  # cut the prompt just after its last image token
+    cut = {k: (v[:, :last] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+           for k, v in image_inputs.items()}
+    refused(model, cut, "must end with a text token")
