@@ -27,7 +27,6 @@ scaled by 255, floats up to 255 taken as they are, bools are black and white).
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from dataclasses import dataclass
 
@@ -43,26 +42,30 @@ from ..settings.eviction_settings import resolve_eviction
 from ..generation import generate, model_lock, prefill
 from ..pipeline import GenerationStats, collect_stats
 from ..inputs.prompts import tokenizer_of
+from ..runner.sampling import integer_value, real_value
 from .streaming import StreamOptions, check_options, check_takes_video, frame_windows, prompt_parts, text_inputs
 
 
 def _check_max_new_tokens(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    whole = integer_value(value)
+    if whole is None or whole < 1:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {value!r}")
-    return int(value)
+    return whole
 
 
 def _check_index(index) -> int:
-    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+    whole = integer_value(index)
+    if whole is None or whole < 0:
         raise ConfigError(f"index must be a non-negative integer (the frame's number; index / fps is its time), "
                           f"got {index!r}")
-    return int(index)
+    return whole
 
 
 def _check_fps(fps) -> float:
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps) or fps <= 0:
+    number = real_value(fps)
+    if number is None or not math.isfinite(number) or number <= 0:
         raise ConfigError(f"fps must be a finite number > 0 (index / fps is the frame's time in seconds), got {fps!r}")
-    return float(fps)
+    return float(number)
 
 
 def as_frame(frame) -> np.ndarray:
