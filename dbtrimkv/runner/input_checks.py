@@ -83,11 +83,25 @@ def check_inputs(model, inputs, fed_first: list[bool] = ()) -> None:
         if width is not None and pixels.shape[1] != width:
             raise ConfigError(f"{pixels_key} must have {width} values per patch (this model's vision config), "
                               f"got {pixels.shape[1]}")
-        expected = int((t * h * w // merge**2).sum())
-        if count != expected:
+        sizes = (t * h * w // merge**2).tolist()
+        if count != sum(sizes):
             raise ConfigError(f"input_ids hold {count} {kind} placeholder tokens (id {token_id}), but {grid_key} "
-                              f"{grid.tolist()} needs {expected} (t*h*w / {merge}**2 per {kind})")
+                              f"{grid.tolist()} needs {sum(sizes)} (t*h*w / {merge}**2 per {kind})")
+        _check_rows(placeholders.sum(1).tolist(), sizes, kind, grid_key)
         marked = (types == code) & real if types is not None else torch.zeros_like(real)
         if not torch.equal(marked, placeholders):
             raise ConfigError(f"mm_token_type_ids must mark exactly the {count} {kind} placeholder tokens with {code} "
                               "(pass the processor's mm_token_type_ids)")
+
+
+def _check_rows(per_row: list[int], sizes: list[int], kind: str, grid_key: str) -> None:
+    """The grid's items, taken in order, fill each row's placeholders exactly (the vision merge assigns them
+    so): ConfigError naming the first row that would take part of an item, or another row's."""
+    item = 0
+    for row, wanted in enumerate(per_row):
+        taken = 0
+        while taken < wanted and item < len(sizes):
+            taken, item = taken + sizes[item], item + 1
+        if taken != wanted:
+            raise ConfigError(f"row {row} holds {wanted} {kind} placeholder tokens, which are not whole {kind}s of "
+                              f"{grid_key} taken in order (the {kind}s of each row must follow one another)")

@@ -265,3 +265,14 @@ def test_a_prompt_that_ends_on_an_image_token_is_refused(gated_vl, image_inputs)
     cut = {k: (v[:, :last] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
            for k, v in image_inputs.items()}
     refused(model, cut, "must end with a text token")
+
+
+def test_a_batch_whose_rows_split_the_grid_otherwise_is_refused(gated_vl):
+    model, processor = gated_vl
+    chats = [image_chat(random_image(1, 32, 32), "What?"), image_chat(random_image(2, 64, 96), "What?")]
+    inputs = dict(build_inputs(processor, chats))
+    grid = inputs["image_grid_thw"]
+    assert not torch.equal(grid[0], grid[1])  # two sizes: swapping them keeps every total, not the rows
+    swapped = dict(inputs, image_grid_thw=grid.flip(0))
+    refused(model, swapped, "row 0", "image_grid_thw")
+    assert generate(model, inputs, new_cache(model), max_new_tokens=1).shape[0] == 2  # the real batch runs
