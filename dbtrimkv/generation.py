@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, MutableMapping
 
+import numpy as np
 import torch
 
 from .cache import DBTrimKVCache
@@ -22,7 +23,7 @@ from .settings.config import MAX_PREFILL_CHUNK
 from .errors import ConfigError
 from .modeling.model_state import model_state
 from .runner.decode import DecodeRow, decode
-from .runner.pending import record_generation, with_pending_tokens
+from .runner.pending import pending_rows, record_generation, with_pending_tokens
 from .runner.input_checks import check_inputs
 from .runner.positions import check_token_ids, with_input_defaults
 from .runner.prefill import PromptBatch, progress_reporter
@@ -53,13 +54,14 @@ def prefill(model, inputs, cache: DBTrimKVCache, chunk: int | None = None, upto:
     cache.check_model(model)
     check_token_ids(model, inputs["input_ids"])
     check_inputs(model, inputs)
-    width = inputs["input_ids"].shape[1]
-    if upto is not None and (integer_value(upto) is None or not 1 <= integer_value(upto) <= width):
-        raise ConfigError(f"upto must be an integer in [1, {width}] (the input's columns) or None, got {upto!r}")
+    width, given = inputs["input_ids"].shape[1], upto
+    upto = None if upto is None else integer_value(upto)
+    if given is not None and (upto is None or not 1 <= upto <= width):
+        raise ConfigError(f"upto must be an integer in [1, {width}] (the input's columns) or None, got {given!r}")
     chunk = chunk or cache.config.prefill_chunk
     inputs = with_input_defaults(inputs, next(model.parameters()).device)
     prompt = PromptBatch.after(model, cache, inputs)
-    upto = prompt.width if upto is None else integer_value(upto)
+    upto = prompt.width if upto is None else upto
     logits = prompt.run(cache, 0, upto, chunk, progress_reporter(progress, upto, chunk))
     prompt.finish(cache, upto)
     return logits
@@ -91,10 +93,8 @@ def generate(model, inputs, cache: DBTrimKVCache, max_new_tokens: int = 64, pref
     cache.check_model(model)
     check_token_ids(model, inputs["input_ids"])
     batch = inputs["input_ids"].shape[0]
-    fed_first = ([bool(row.pending) for row in cache.requests] if cache.has_pool and len(cache.requests) == batch
-                 else [])  # as runner.pending.with_pending_tokens: a row's pending token goes first
-    check_inputs(model, inputs, fed_first)
-    rows, pad = decode_rows_for(model, inputs["input_ids"].shape[0], max_new_tokens, options)  # checks the options
+    check_inputs(model, inputs, [bool(row.pending) for row in pending_rows(cache, batch)])  # (fed first)
+    rows, pad = decode_rows_for(model, batch, max_new_tokens, options)  # checks the options
     with model_lock(model):
         return _generate(model, inputs, cache, max_new_tokens, prefill_chunk, progress, timings, options, rows, pad)
 
@@ -160,7 +160,7 @@ def decode_rows_for(model, batch: int, max_new_tokens: int, options: dict) -> tu
             raise InvalidSampling("seed", f"'seed' must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed!r}")
         seed = whole
     sample = options.get("do_sample")
-    if sample is not None and not isinstance(sample, bool) and type(sample).__name__ != "bool_":
+    if sample is not None and not isinstance(sample, (bool, np.bool_)):
         raise ConfigError(f"do_sample must be True, False or None, got {sample!r}")
     try:
         if sample if sample is not None else (getattr(config, "do_sample", False) if config is not None else False):

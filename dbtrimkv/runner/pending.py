@@ -30,12 +30,18 @@ def pending_ids(state: SequenceState) -> list[int]:
     return list(state.pending)
 
 
+def pending_rows(cache: DBTrimKVCache, batch: int) -> list[SequenceState]:
+    """The request-table rows whose pending ids go before a `batch`-row input (none: a cache that holds no
+    sequences yet, or one of another batch size)."""
+    return list(cache.requests) if cache.has_pool and len(cache.requests) == batch else []
+
+
 def with_pending_tokens(cache: DBTrimKVCache, inputs, device) -> dict:
     """`inputs` on `device` with defaults filled in, each row preceded by its sequence's pending ids
     (which the rows hand over: they are fed now)."""
     inputs = with_input_defaults(inputs, device)
     ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
-    rows = list(cache.requests) if cache.has_pool and len(cache.requests) == ids.shape[0] else []
+    rows = pending_rows(cache, ids.shape[0])
     width = max((len(row.pending) for row in rows), default=0)
     if width:
         pending = torch.zeros(ids.shape[0], width, dtype=ids.dtype, device=device)

@@ -71,7 +71,7 @@ def integer_value(value) -> int | None:
         if value.dim() != 0 or value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
             return None
         return int(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # (numpy's bool is not Integral)
         return None
     return int(value)
 
@@ -83,7 +83,7 @@ def real_value(value) -> float | int | None:
         return whole
     if isinstance(value, torch.Tensor):
         return float(value.item()) if value.dim() == 0 and value.dtype.is_floating_point else None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return float(value)
 
